@@ -1,0 +1,344 @@
+"""The Mamba-3 mixer, parameter-compatible with the official ``mamba_ssm`` module.
+
+Parameter names, shapes and dtypes follow docs/mamba3.md §1.2, so an official state_dict loads with
+``strict=True``. The spec switches beyond the official module (``a_activation``,
+``discretization``, ``rotation``, ``bc_bias``, ``conv_kernel``, ``out_norm``) only add or drop
+slices of ``in_proj`` and small parameters when they are set away from the official defaults.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.blocks.norms import RMSNorm
+from hybridlm.errors import ShapeError
+from hybridlm.kernels import dispatch
+from hybridlm.kernels.reference import Mamba3State, causal_conv1d
+
+OUT_NORMS = ("none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default")
+
+
+@dataclass
+class Mamba3Cache:
+    """Decode state of one Mamba-3 layer, updated in place (official cache layout, docs §4.1)."""
+
+    angle: Tensor  # (B, H, S) fp32
+    ssm: Tensor  # (B, H, P, N) fp32
+    k: Tensor  # (B, R, H, N)
+    v: Tensor  # (B, H, P)
+    conv: Tensor | None = None  # (B, K-1, conv channels) when the layer has a short conv
+
+    @property
+    def state(self) -> Mamba3State:
+        return Mamba3State(self.angle, self.ssm, self.k, self.v)
+
+    def update(self, state: Mamba3State, conv: Tensor | None = None) -> None:
+        for dst, src in zip(self.state, state):
+            dst.copy_(src.detach())
+        if conv is not None:
+            self.conv.copy_(conv.detach())
+
+    def zero_(self) -> "Mamba3Cache":
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None:
+                t.zero_()
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+
+def heavy_tail(x: Tensor) -> Tensor:
+    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous, C¹ (docs §2.1 item 3)."""
+    return 1 + F.relu(x) + (1 / (1 - x.clamp(max=0)) - 1)
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer: (batch, seq, d_model) -> (batch, seq, d_model), or packed with ``cu_seqlens``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        rope_fraction: float = 0.5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_floor: float = 1e-4,
+        is_outproj_norm: bool = False,
+        is_mimo: bool = False,
+        mimo_rank: int = 4,
+        fuse_pregate_headwise_norm: bool = True,  # official kernel-fusion switch; same math
+        chunk_size: int = 64,
+        dropout: float = 0.0,  # accepted and ignored, as in the official module
+        n_layer: int | None = None,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        a_activation: Literal["heavy_tail", "softplus"] = "heavy_tail",
+        discretization: Literal["trapezoid", "euler", "half"] = "trapezoid",
+        rotation: bool = True,
+        bc_bias: bool = True,
+        conv_kernel: int = 0,
+        out_norm: str | None = None,
+        norm_eps: float = 1e-5,
+        backend: str | None = None,
+        **kwargs,
+    ):
+        super().__init__()
+        if rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction must be 0.5 or 1.0, got {rope_fraction}")
+        if out_norm is None:
+            out_norm = "pregate_grouped" if is_outproj_norm else "none"
+        elif is_outproj_norm and out_norm != "pregate_grouped":
+            raise ValueError(f"is_outproj_norm=True means out_norm='pregate_grouped'; got out_norm={out_norm!r}")
+        if out_norm not in OUT_NORMS:
+            raise ValueError(f"out_norm must be one of {OUT_NORMS}, got {out_norm!r}")
+        if a_activation not in ("heavy_tail", "softplus"):
+            raise ValueError(f"a_activation must be 'heavy_tail' or 'softplus', got {a_activation!r}")
+        if discretization not in ("trapezoid", "euler", "half"):
+            raise ValueError(f"discretization must be trapezoid | euler | half, got {discretization!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.expand = expand
+        self.headdim = headdim
+        self.ngroups = ngroups
+        self.rope_fraction = rope_fraction
+        self.d_inner = int(expand * d_model)
+        if self.d_inner % headdim:
+            raise ValueError(f"d_inner ({self.d_inner}) must be a multiple of headdim ({headdim})")
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({self.nheads})")
+        self.is_mimo = is_mimo
+        self.mimo_rank = mimo_rank if is_mimo else 1
+        self.pair_layout = "half" if is_mimo else "interleaved"
+        self.rotary_dim_divisor = int(2 / rope_fraction)
+        split = int(d_state * rope_fraction)
+        split -= split % 2
+        self.num_rope_angles = split // 2 if rotation else 0
+        if rotation and self.num_rope_angles == 0:
+            raise ValueError(f"d_state={d_state} leaves no pair to rotate at rope_fraction={rope_fraction}")
+        self.dt_min, self.dt_max, self.dt_init_floor, self.A_floor = dt_min, dt_max, dt_init_floor, A_floor
+        self.chunk_size = chunk_size
+        self.layer_idx = layer_idx
+        self.a_activation = a_activation
+        self.discretization = discretization
+        self.rotation = rotation
+        self.bc_bias = bc_bias
+        self.conv_kernel = conv_kernel
+        self.out_norm = out_norm
+        self.is_outproj_norm = out_norm == "pregate_grouped"
+        self.norm_eps = norm_eps
+        self.backend = backend
+
+        H, R, G, N, P = self.nheads, self.mimo_rank, ngroups, d_state, headdim
+        self.bc_width = R * G * N
+        self.split_sizes = [self.d_inner, self.d_inner, self.bc_width, self.bc_width, H, H]
+        if discretization == "trapezoid":
+            self.split_sizes.append(H)
+        if self.num_rope_angles:
+            self.split_sizes.append(self.num_rope_angles)
+        factory = {"device": device, "dtype": dtype}
+        fp32 = {"device": device, "dtype": torch.float32}
+        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False, **factory)
+        if conv_kernel:
+            conv_dim = self.d_inner + 2 * self.bc_width
+            self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=0, **factory)
+        self.dt_bias = nn.Parameter(torch.empty(H, **fp32))
+        self.dt_bias._no_weight_decay = True
+        if bc_bias:
+            self.B_bias = nn.Parameter(torch.empty(H, R, N, **fp32))
+            self.C_bias = nn.Parameter(torch.empty(H, R, N, **fp32))
+        self.B_norm = RMSNorm(N, eps=1e-5, **factory)
+        self.C_norm = RMSNorm(N, eps=1e-5, **factory)
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.empty(H, R, P, **fp32))
+            self.mimo_z = nn.Parameter(torch.empty(H, R, P, **fp32))
+            self.mimo_o = nn.Parameter(torch.empty(H, R, P, **fp32))
+        self.D = nn.Parameter(torch.empty(H, **fp32))
+        self.D._no_weight_decay = True
+        if out_norm != "none":
+            self.norm = RMSNorm(self.d_inner, eps=norm_eps, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # -- init --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official init (docs §1.2)."""
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        if self.conv_kernel:
+            self.conv1d.reset_parameters()
+        u = torch.rand(self.nheads, device=self.dt_bias.device, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = dt.clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        if self.bc_bias:
+            self.B_bias.fill_(1.0)
+            self.C_bias.fill_(1.0)
+        self.B_norm.reset_parameters()
+        self.C_norm.reset_parameters()
+        if self.is_mimo:
+            self.mimo_x.fill_(1.0 / self.mimo_rank)
+            self.mimo_z.fill_(1.0)
+            self.mimo_o.fill_(1.0 / self.mimo_rank)
+        self.D.fill_(1.0)
+        if self.out_norm != "none":
+            self.norm.reset_parameters()
+
+    # -- projections -------------------------------------------------------------------------------
+    def _project(self, u: Tensor, cu_seqlens: Tensor | None, conv_state: Tensor | None):
+        """in_proj and the per-token scalars. u (B, L, d) -> kernel inputs (+ the new conv state)."""
+        Bsz, L, _ = u.shape
+        H, R, G, N, P = self.nheads, self.mimo_rank, self.ngroups, self.d_state, self.headdim
+        parts = list(torch.split(self.in_proj(u), self.split_sizes, dim=-1))
+        z, x, b, c, dd_dt, dd_a = parts[:6]
+        rest = parts[6:]
+        trap = rest.pop(0) if self.discretization == "trapezoid" else None
+        angle = rest.pop(0) if self.num_rope_angles else None
+        new_conv = None
+        if self.conv_kernel:
+            xbc = torch.cat([x, b, c], dim=-1)
+            xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                          initial_state=conv_state, cu_seqlens=cu_seqlens, return_final_state=True)
+            x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
+        b = self.B_norm(b.unflatten(-1, (R, G, N)))
+        c = self.C_norm(c.unflatten(-1, (R, G, N)))
+        dt = F.softplus(dd_dt.float() + self.dt_bias)
+        a_map = heavy_tail if self.a_activation == "heavy_tail" else F.softplus
+        A = -torch.clamp(a_map(dd_a.float()), min=self.A_floor)
+        if trap is not None:
+            lam = torch.sigmoid(trap.float())
+        else:
+            lam = torch.full_like(dt, 1.0 if self.discretization == "euler" else 0.5)
+        return dict(
+            q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=A * dt, lam=lam,
+            angle_rate=None if angle is None else angle.float(),
+        ), z.unflatten(-1, (H, P)), new_conv
+
+    def _kernel_kwargs(self) -> dict:
+        return dict(
+            q_bias=self.C_bias if self.bc_bias else None,
+            k_bias=self.B_bias if self.bc_bias else None,
+            D=self.D,
+            mimo_x=self.mimo_x if self.is_mimo else None,
+            mimo_z=self.mimo_z if self.is_mimo else None,
+            mimo_o=self.mimo_o if self.is_mimo else None,
+            norm_weight=self.norm.weight if self.out_norm != "none" else None,
+            out_norm=self.out_norm,
+            norm_eps=self.norm_eps,
+            pair_layout=self.pair_layout,
+        )
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        u: Tensor,
+        cu_seqlens: Tensor | None = None,
+        *,
+        cache: Mamba3Cache | None = None,
+        initial_state: Mamba3State | None = None,
+        return_final_state: bool = False,
+        **kwargs,
+    ):
+        """u (B, L, d_model), or (1, T, d_model) packed with ``cu_seqlens`` (NS+1 offsets).
+
+        ``cache``: start from it and write the final state back into it (decode / chunked prefill).
+        ``initial_state`` / ``return_final_state``: the same, functionally and differentiably.
+        """
+        if u.dim() != 3 or u.shape[-1] != self.d_model:
+            raise ShapeError(f"Mamba3 expects (batch, seq, {self.d_model}); got {tuple(u.shape)}")
+        conv_state = None
+        if cache is not None:
+            if initial_state is not None:
+                raise ValueError("pass either cache or initial_state, not both")
+            initial_state, conv_state = cache.state, cache.conv
+        inputs, z, new_conv = self._project(u, cu_seqlens, conv_state)
+        want_state = return_final_state or cache is not None
+        if u.shape[1] == 1 and cu_seqlens is None and initial_state is not None:
+            y, state = dispatch.mamba3_step(
+                *(t[:, 0] if t is not None else None for t in inputs.values()), initial_state,
+                z=z[:, 0], backend=self.backend, **self._kernel_kwargs())
+            y = y.unsqueeze(1)
+        else:
+            result = dispatch.mamba3_scan(
+                **inputs, z=z, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
+                return_final_state=want_state, backend=self.backend, **self._kernel_kwargs())
+            y, state = result if want_state else (result, None)
+        out = self.out_proj(y.flatten(-2).to(self.out_proj.weight.dtype))
+        if cache is not None:
+            cache.update(state, new_conv)
+        if return_final_state:
+            return out, state
+        return out
+
+    # -- decode (official API) ---------------------------------------------------------------------
+    def allocate_cache(self, batch_size: int, max_seqlen: int = 0, device=None, dtype=None) -> Mamba3Cache:
+        """A zero state: fp32 angle and SSM state; k and v in the module dtype (as the official cache)."""
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        H, R, N, P, S = self.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
+        conv = None
+        if self.conv_kernel:
+            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.d_inner + 2 * self.bc_width,
+                               device=device, dtype=dtype)
+        return Mamba3Cache(
+            angle=torch.zeros(batch_size, H, S, device=device, dtype=state_dtype),
+            ssm=torch.zeros(batch_size, H, P, N, device=device, dtype=state_dtype),
+            k=torch.zeros(batch_size, R, H, N, device=device, dtype=dtype),
+            v=torch.zeros(batch_size, H, P, device=device, dtype=dtype),
+            conv=conv,
+        )
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, device=None, dtype=None, **kwargs):
+        """Official signature: returns ``(angle_state, ssm_state, k_state, v_state)``."""
+        cache = self.allocate_cache(batch_size, max_seqlen, device=device, dtype=dtype)
+        return cache.angle, cache.ssm, cache.k, cache.v
+
+    def step(self, u: Tensor, angle_state: Tensor, ssm_state: Tensor, k_state: Tensor, v_state: Tensor):
+        """Official signature: one token ``u (B, d_model)`` (or ``(B, 1, d_model)``); updates the states
+        in place and returns ``(out, angle_state, ssm_state, k_state, v_state)``."""
+        if self.conv_kernel:
+            raise ValueError("this layer has a short conv: use forward(u, cache=layer.allocate_cache(...))")
+        squeeze = u.dim() == 2
+        cache = Mamba3Cache(angle_state, ssm_state, k_state, v_state)
+        out = self.forward(u.unsqueeze(1) if squeeze else u, cache=cache)
+        return (out.squeeze(1) if squeeze else out), angle_state, ssm_state, k_state, v_state
+
+    # -- accounting --------------------------------------------------------------------------------
+    def state_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of decode state per sequence (fp32 angle/SSM state, k/v/conv in ``dtype``)."""
+        item = torch.empty((), dtype=dtype or self.in_proj.weight.dtype).element_size()
+        H, R, N, P, S = self.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
+        conv = (self.conv_kernel - 1) * (self.d_inner + 2 * self.bc_width) if self.conv_kernel else 0
+        return 4 * (H * S + H * P * N) + item * (R * H * N + H * P + conv)
+
+    def scan_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token of the chunked scan (matmul-like terms, multiply-add = 2)."""
+        H, R, N, P = self.nheads, self.mimo_rank, self.d_state, self.headdim
+        C = min(self.chunk_size, max(seq_len, 1))
+        intra = 2 * C * R * R * N + 2 * C * R * R * P  # q·k scores, then weights·v (half is masked)
+        inter = 2 * R * N * P * 2  # chunk state build + state read-out
+        return H * (intra // 2 + inter)
+
+    def extra_repr(self) -> str:
+        bits = [f"d_model={self.d_model}", f"d_state={self.d_state}", f"headdim={self.headdim}",
+                f"nheads={self.nheads}", f"ngroups={self.ngroups}"]
+        if self.is_mimo:
+            bits.append(f"mimo_rank={self.mimo_rank}")
+        bits.append(f"out_norm={self.out_norm}")
+        return ", ".join(bits)

@@ -1,0 +1,192 @@
+"""Per-block spec models: one pydantic model per block kind.
+
+Per-field rules live on the fields; rules that need the model width (``d_model``) live in
+``problems()``, which the model spec calls on every resolved block so that an error names the
+YAML path of the field that has to change.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hybridlm.layouts.registry import register_block_spec
+
+OutNorm = Literal["none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default"]
+
+
+class BlockSpec(BaseModel):
+    """Base of every block spec. Subclasses set ``kind`` to a Literal of their kind name."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    kind: str
+    # Short label used in tables (``hybridlm show``).
+    label: ClassVar[str] = "block"
+
+    def problems(self, d_model: int) -> Iterator[tuple[str, str]]:
+        """Yield ``(field, reason)`` for each rule this block breaks at width ``d_model``."""
+        return iter(())
+
+    def describe(self, d_model: int) -> str:
+        """One-line summary for tables."""
+        return self.kind
+
+
+class Mamba3Spec(BlockSpec):
+    """A Mamba-3 mixer. Defaults follow the official ``Mamba3`` constructor."""
+
+    kind: Literal["mamba3"] = "mamba3"
+    label: ClassVar[str] = "Mamba-3"
+
+    d_state: int = Field(128, ge=2, description="N, the state size (head dim of B and C)")
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model")
+    headdim: int = Field(64, ge=1, description="P, head dim of x, z and y")
+    ngroups: int = Field(1, ge=1, description="number of B/C groups shared across heads")
+    rope_fraction: float = Field(0.5, description="share of the state dims rotated: 0.5 or 1.0")
+    mimo_rank: int = Field(1, ge=1, description="R; 1 = SISO")
+    a_activation: Literal["heavy_tail", "softplus"] = Field(
+        "heavy_tail", description="map from the A projection to -A (softplus = mamba_ssm <= 2.3.2)")
+    discretization: Literal["trapezoid", "euler", "half"] = Field(
+        "trapezoid", description="lambda = sigmoid(projection) | 1 (exponential Euler) | 1/2")
+    rotation: bool = Field(True, description="data-dependent rotation of B/C (complex state)")
+    bc_bias: bool = Field(True, description="learned per-head B/C biases")
+    conv_kernel: int = Field(0, ge=0, description="short causal conv width on x/B/C; 0 = none")
+    out_norm: OutNorm = Field("none", description="norm before the output projection")
+    chunk_size: int = Field(64, ge=1, description="chunk length of the chunked scan")
+    dt_min: float = Field(0.001, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, ge=0)
+    A_floor: float = Field(1e-4, gt=0)
+
+    @field_validator("rope_fraction")
+    @classmethod
+    def _rope_fraction(cls, v: float) -> float:
+        if v not in (0.5, 1.0):
+            raise ValueError("rope_fraction must be 0.5 or 1.0")
+        return float(v)
+
+    @field_validator("d_state")
+    @classmethod
+    def _even_state(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("d_state must be even (the rotation acts on pairs of state dims)")
+        return v
+
+    # -- derived sizes ---------------------------------------------------------------------
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def nheads(self, d_model: int) -> int:
+        return self.d_inner(d_model) // self.headdim
+
+    @property
+    def num_rope_angles(self) -> int:
+        if not self.rotation:
+            return 0
+        split = int(self.d_state * self.rope_fraction)
+        split -= split % 2
+        return split // 2
+
+    def problems(self, d_model: int) -> Iterator[tuple[str, str]]:
+        d_inner = self.d_inner(d_model)
+        if d_inner % self.headdim:
+            yield "headdim", f"d_inner = expand * d_model = {d_inner} is not a multiple of headdim"
+            return
+        nheads = d_inner // self.headdim
+        if nheads % self.ngroups:
+            yield "ngroups", f"must divide the number of heads ({nheads} = d_inner / headdim)"
+        if self.rotation and self.num_rope_angles == 0:
+            yield "d_state", "too small to rotate any pair at this rope_fraction (set rotation: false)"
+        if self.dt_min > self.dt_max:
+            yield "dt_min", f"must not exceed dt_max ({self.dt_max})"
+
+    def describe(self, d_model: int) -> str:
+        parts = [f"N={self.d_state}", f"P={self.headdim}", f"H={self.nheads(d_model)}"]
+        if self.ngroups > 1:
+            parts.append(f"G={self.ngroups}")
+        if self.mimo_rank > 1:
+            parts.append(f"MIMO R={self.mimo_rank}")
+        if self.discretization != "trapezoid":
+            parts.append(self.discretization)
+        if not self.rotation:
+            parts.append("no-rotation")
+        if self.out_norm != "none":
+            parts.append(self.out_norm)
+        if self.conv_kernel:
+            parts.append(f"conv{self.conv_kernel}")
+        return " ".join(parts)
+
+
+class AttentionSpec(BlockSpec):
+    """Causal grouped-query attention."""
+
+    kind: Literal["attention"] = "attention"
+    label: ClassVar[str] = "Attention"
+
+    n_heads: int = Field(..., ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="defaults to n_heads (plain MHA)")
+    head_dim: int | None = Field(None, ge=1, description="defaults to d_model / n_heads")
+    position: Literal["rope", "nope"] = "rope"
+    rope_theta: float = Field(10000.0, gt=0)
+    qk_norm: bool = False
+    window: int | None = Field(None, ge=1, description="sliding window in tokens; null = full")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def resolved_head_dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def problems(self, d_model: int) -> Iterator[tuple[str, str]]:
+        if self.head_dim is None and d_model % self.n_heads:
+            yield "n_heads", f"must divide d_model ({d_model}) unless head_dim is set"
+        if self.n_heads % self.kv_heads:
+            yield "n_kv_heads", f"must divide n_heads ({self.n_heads})"
+        if self.position == "rope" and self.resolved_head_dim(d_model) % 2:
+            yield "head_dim", "must be even for rope"
+
+    def describe(self, d_model: int) -> str:
+        parts = [f"heads={self.n_heads}/{self.kv_heads}", f"hd={self.resolved_head_dim(d_model)}",
+                 self.position]
+        if self.qk_norm:
+            parts.append("qk-norm")
+        if self.window:
+            parts.append(f"window={self.window}")
+        return " ".join(parts)
+
+
+class SwiGLUSpec(BlockSpec):
+    """A SwiGLU feed-forward block."""
+
+    kind: Literal["swiglu"] = "swiglu"
+    label: ClassVar[str] = "SwiGLU"
+
+    hidden: int | None = Field(None, ge=1, description="defaults to 8/3 d_model rounded up to 64")
+
+    def resolved_hidden(self, d_model: int) -> int:
+        if self.hidden is not None:
+            return self.hidden
+        return -(-(8 * d_model // 3) // 64) * 64
+
+    def describe(self, d_model: int) -> str:
+        return f"hidden={self.resolved_hidden(d_model)}"
+
+
+BUILTIN_BLOCK_SPECS: dict[str, type[BlockSpec]] = {
+    "mamba3": Mamba3Spec,
+    "attention": AttentionSpec,
+    "swiglu": SwiGLUSpec,
+}
+for _kind, _cls in BUILTIN_BLOCK_SPECS.items():
+    register_block_spec(_kind, _cls)
+
+
+def block_fields(spec_cls: type[BlockSpec]) -> set[str]:
+    return set(spec_cls.model_fields) - {"kind"}
+
+
+def dump_block(block: BlockSpec, *, exclude_defaults: bool = True) -> dict[str, Any]:
+    data = block.model_dump(mode="json", exclude_defaults=exclude_defaults)
+    return {"kind": block.kind, **{k: v for k, v in data.items() if k != "kind"}}
