@@ -104,7 +104,8 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
 
 
 def human(n: float, unit: str = "") -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+    """3 significant digits with a K / M / B / T suffix (counts, FLOPs)."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
@@ -134,7 +135,7 @@ def format_account(acc: ModelAccount, *, per_block: bool = True) -> str:
         f"parameters        {acc.total_params:,} ({human(acc.total_params)})",
         f"  embedding       {acc.embedding_params:,} ({tied})",
         f"  non-embedding   {acc.non_embedding_params:,} ({human(acc.non_embedding_params)})",
-        f"train FLOPs/token {human(acc.train_flops_per_token)} at seq_len {acc.seq_len}",
+        f"train FLOPs/token {human(acc.train_flops_per_token)} at seq_len {acc.seq_len} (fwd + bwd)",
         f"inference memory per sequence ({acc.state_dtype} k/v, fp32 SSM state):",
         f"  SSM state       {human_bytes(acc.ssm_state_bytes)} (constant in length)",
         f"  KV cache        {human_bytes(acc.kv_cache_bytes)} at {acc.context} tokens",
