@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.attention import causal_attention
-from hybridlm.kernels.reference import rotate_pairs
+from hybridlm.kernels.reference import rotate_pairs, upcast
 
 
 @dataclass
@@ -99,8 +99,8 @@ class Attention(nn.Module):
         if self.position == "rope":
             ang = rope_angles(self._positions(L, cu_seqlens, offset, x.device), self.head_dim, self.rope_theta)
             ang = ang[:, None, :]  # broadcast over heads
-            q = rotate_pairs(q.float(), ang.float(), "half").to(q.dtype)
-            k = rotate_pairs(k.float(), ang.float(), "half").to(k.dtype)
+            q = rotate_pairs(upcast(q), ang.to(upcast(q).dtype), "half").to(q.dtype)
+            k = rotate_pairs(upcast(k), ang.to(upcast(k).dtype), "half").to(k.dtype)
         if cache is not None:
             k, v = cache.append(k, v)
         out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, q_offset=offset, window=self.window,

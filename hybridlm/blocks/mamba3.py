@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import dispatch
-from hybridlm.kernels.reference import Mamba3State, causal_conv1d
+from hybridlm.kernels.reference import Mamba3State, causal_conv1d, upcast
 
 OUT_NORMS = ("none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default")
 
@@ -217,16 +217,16 @@ class Mamba3(nn.Module):
             x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
         b = self.B_norm(b.unflatten(-1, (R, G, N)))
         c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt = F.softplus(dd_dt.float() + self.dt_bias)
+        dt = F.softplus(upcast(dd_dt) + self.dt_bias)
         a_map = heavy_tail if self.a_activation == "heavy_tail" else F.softplus
-        A = -torch.clamp(a_map(dd_a.float()), min=self.A_floor)
+        A = -torch.clamp(a_map(upcast(dd_a)), min=self.A_floor)
         if trap is not None:
-            lam = torch.sigmoid(trap.float())
+            lam = torch.sigmoid(upcast(trap))
         else:
             lam = torch.full_like(dt, 1.0 if self.discretization == "euler" else 0.5)
         return dict(
             q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=A * dt, lam=lam,
-            angle_rate=None if angle is None else angle.float(),
+            angle_rate=None if angle is None else upcast(angle),
         ), z.unflatten(-1, (H, P)), new_conv
 
     def _kernel_kwargs(self) -> dict:

@@ -49,6 +49,11 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def upcast(t: Tensor) -> Tensor:
+    """At least float32: bf16/fp16 go to fp32, fp32 and fp64 stay."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, dims: int = 1) -> Tensor:
     """RMSNorm over the last ``dims`` axes, computed in fp32 (or fp64) and returned in x's dtype."""
     cd = compute_dtype(x)
@@ -408,6 +413,13 @@ def mamba3_chunked(
     if initial_state is not None and initial_state.ssm.shape[0] != B:
         raise ShapeError(f"initial_state has {initial_state.ssm.shape[0]} rows; expected one per sequence ({B})")
 
+    if L == 0:  # nothing to scan: the state passes through
+        out = x.new_zeros(B, 0, H, P)
+        if not return_final_state:
+            return out
+        start = initial_state or zero_state(B, H, P, N, S, R, device=x.device, dtype=cd)
+        return out, Mamba3State(*(t.to(cd) if i else t for i, t in enumerate(start)))
+
     dt_, adt_, lam_ = dt.to(cd), adt.to(cd), lam.to(cd)
     theta0 = torch.zeros(B, H, S, dtype=torch.float64, device=x.device)
     if initial_state is not None:
@@ -438,7 +450,7 @@ def mamba3_chunked(
 
     last = (lengths - 1).clamp(min=0)
     rows = torch.arange(B, device=x.device)
-    final = Mamba3State(angle=theta[rows, last].float() if cd == torch.float32 else theta[rows, last],
+    final = Mamba3State(angle=theta[rows, last],
                         ssm=ssm, k=k_rot[rows, last], v=x[rows, last].to(cd))
     if initial_state is not None or bool((lengths == 0).any()):
         start = initial_state or zero_state(B, H, P, N, S, R, device=x.device, dtype=cd)

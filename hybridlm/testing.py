@@ -1,0 +1,43 @@
+"""Helpers for tests that compare Mamba-3 implementations (ours, the reference, the official one).
+
+The default init hides layout bugs (biases all 1, D 1, mimo_x = 1/R for every rank): randomize
+every such parameter before comparing (docs/mamba3.md §10).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Norm-wise relative error ||actual - expected|| / ||expected|| in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def randomize_mamba3_(module: nn.Module, seed: int = 0, angle_scale: float = 8.0) -> nn.Module:
+    """Give every constant-at-init parameter of a Mamba-3 module distinct random values, and
+    enlarge the angle rows of ``in_proj`` so that rotations matter."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(t: Tensor, lo: float, hi: float) -> Tensor:
+        return (torch.rand(t.shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(t)
+
+    for name in ("B_bias", "C_bias"):
+        if hasattr(module, name):
+            p = getattr(module, name)
+            p.copy_(rand(p, -1.0, 2.0))
+    module.D.copy_(rand(module.D, -1.0, 2.0))
+    module.dt_bias.add_(rand(module.dt_bias, -0.5, 0.5))
+    for norm in ("B_norm", "C_norm", "norm"):
+        if hasattr(module, norm):
+            w = getattr(module, norm).weight
+            w.copy_(rand(w, 0.5, 1.5))
+    for name in ("mimo_x", "mimo_z", "mimo_o"):
+        if hasattr(module, name):
+            p = getattr(module, name)
+            p.copy_(rand(p, -1.0, 1.0))
+    if getattr(module, "num_rope_angles", 0):
+        module.in_proj.weight[-module.num_rope_angles:] *= angle_scale
+    return module
