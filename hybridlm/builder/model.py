@@ -49,13 +49,23 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(d, eps=spec.norm_eps, **factory)
         self.output = nn.Linear(d, spec.vocab_size, bias=False, **factory)
-        if spec.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the spec says so (``to_empty`` unties them)."""
+        if self.spec.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> "HybridLM":
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Apply the init recipe (hybridlm.builder.init); safe after ``to_empty`` from the meta device."""
         from hybridlm.builder.init import init_weights
 
+        self.tie_weights()
         init_weights(self)
 
     # -- forward ------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Attention: against an explicit softmax implementation, packing and the KV cache."""
+import math
+
+import pytest
+import torch
+
+from hybridlm.blocks import Attention
+from hybridlm.errors import ShapeError
+from hybridlm.testing import rel_err
+
+
+def naive_attention(m: Attention, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Written independently: HF-style rotate_half RoPE, repeated KV heads, explicit softmax, float64."""
+    x = x.double()
+    B, L, _ = x.shape
+    H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
+    q = (x @ m.wq.weight.double().T).view(B, L, H, D)
+    k = (x @ m.wk.weight.double().T).view(B, L, Hkv, D)
+    v = (x @ m.wv.weight.double().T).view(B, L, Hkv, D)
+    if m.qk_norm:
+        q = q / q.pow(2).mean(-1, keepdim=True).add(m.q_norm.eps).sqrt() * m.q_norm.weight.double()
+        k = k / k.pow(2).mean(-1, keepdim=True).add(m.k_norm.eps).sqrt() * m.k_norm.weight.double()
+    if m.position == "rope":
+        pos = torch.arange(L, dtype=torch.float64) if positions is None else positions.double()
+        freqs = pos[:, None] / (m.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))[None]
+        cos = torch.cat([freqs.cos(), freqs.cos()], -1)[None, :, None]
+        sin = torch.cat([freqs.sin(), freqs.sin()], -1)[None, :, None]
+
+        def rotate_half(t):
+            return torch.cat([-t[..., D // 2:], t[..., : D // 2]], -1)
+
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    keep = j <= i
+    if m.window:
+        keep &= (i - j) < m.window
+    scores = scores.masked_fill(~keep, float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(B, L, H * D)
+    return out @ m.wo.weight.double().T
+
+
+CASES = {
+    "mha-rope": dict(n_heads=4),
+    "gqa-nope": dict(n_heads=4, n_kv_heads=2, position="nope"),
+    "mqa-rope-window": dict(n_heads=4, n_kv_heads=1, window=5),
+    "gqa-qknorm-headdim": dict(n_heads=2, n_kv_heads=1, head_dim=12, qk_norm=True, rope_theta=500.0),
+}
+
+
+def make(case, **extra):
+    torch.manual_seed(0)
+    m = Attention(32, **{**CASES[case], **extra})
+    if m.qk_norm:
+        with torch.no_grad():
+            m.q_norm.weight.uniform_(0.5, 1.5)
+            m.k_norm.weight.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_explicit_softmax(case):
+    m = make(case)
+    x = torch.randn(2, 19, 32)
+    assert rel_err(m(x), naive_attention(m, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_equals_separate(case):
+    m = make(case)
+    lengths = [5, 11, 1, 8]
+    x = torch.randn(1, sum(lengths), 32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    packed = m(x, cu_seqlens=cu)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert rel_err(packed[:, s:e], m(x[:, s:e])) <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kv_cache_prefill_then_decode(case):
+    m = make(case)
+    x = torch.randn(2, 17, 32)
+    whole = m(x)
+    cache = m.allocate_cache(2, 20)
+    outs = [m(x[:, :6], cache=cache), m(x[:, 6:10], cache=cache)]
+    outs += [m(x[:, t: t + 1], cache=cache) for t in range(10, 17)]
+    assert cache.length == 17
+    assert rel_err(torch.cat(outs, 1), whole) <= 1e-5
+
+
+def test_cache_overflow_and_packed_cache_errors():
+    m = make("gqa-nope")
+    cache = m.allocate_cache(1, 4)
+    with pytest.raises(ShapeError, match="Allocate a larger cache"):
+        m(torch.randn(1, 5, 32), cache=cache)
+    with pytest.raises(ShapeError, match="cu_seqlens"):
+        m(torch.randn(1, 4, 32), cu_seqlens=torch.tensor([0, 2, 4]), cache=m.allocate_cache(1, 4))
+
+
+def test_state_bytes_respects_window():
+    m = make("mqa-rope-window")
+    assert m.state_bytes(1000, torch.bfloat16) == 2 * 5 * 1 * 8 * 2
+    assert make("mha-rope").state_bytes(1000, torch.bfloat16) == 2 * 1000 * 4 * 8 * 2
