@@ -6,23 +6,53 @@ YAML path of the field that has to change.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Literal
+import types
+from typing import Any, ClassVar, Iterator, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hybridlm.layouts.registry import register_block_spec
 
 OutNorm = Literal["none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default"]
 
 
+def _numeric(tp: Any) -> bool:
+    """Whether a field annotated ``tp`` takes numbers only (int, float, Literal[1], int | None, list[int])."""
+    if tp in (int, float):
+        return True
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return all(type(a) in (int, float) for a in args)
+    if origin in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return bool(rest) and all(_numeric(a) for a in rest)
+    if origin is list:
+        return bool(args) and _numeric(args[0])
+    return False
+
+
+def reject_bool_for_number(model_cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Pydantic's lax mode reads ``True`` as 1, so YAML's ``yes``/``on``/``true`` would pass for a count;
+    a spec treats a boolean where a number belongs as a wrong type."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) for v in items) and _numeric(model_cls.model_fields[info.field_name].annotation):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
 class BlockSpec(BaseModel):
     """Base of every block spec. Subclasses set ``kind`` to a Literal of their kind name."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     kind: str
     # Short label used in tables (``hybridlm show``).
     label: ClassVar[str] = "block"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        return reject_bool_for_number(cls, v, info)
 
     def problems(self, d_model: int) -> Iterator[tuple[str, str]]:
         """Yield ``(field, reason)`` for each rule this block breaks at width ``d_model``."""

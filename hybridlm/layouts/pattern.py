@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 MAX_BLOCKS = 100_000
+MAX_DEPTH = 64  # nesting of groups; deeper would exhaust Python's recursion limit
 
 _TOKEN = re.compile(r"\s*(?:(?P<sym>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>\d+)|(?P<op>[()*])|(?P<bad>\S))")
 
@@ -54,6 +55,7 @@ class _Parser:
     def __init__(self, pattern: str):
         self.toks = _tokenize(pattern)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -80,7 +82,11 @@ class _Parser:
         if tok.kind == "sym":
             seq = [tok.text]
         elif tok.kind == "(":
+            if self.depth >= MAX_DEPTH:
+                raise PatternError(f"groups nested deeper than {MAX_DEPTH}", tok.col)
+            self.depth += 1
             seq = self.sequence(tok)
+            self.depth -= 1
             close = self.take()
             if not seq:
                 raise PatternError("empty group '()'", tok.col)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from hybridlm.errors import SpecError
-from hybridlm.layouts.blocks import BlockSpec, block_fields, dump_block
+from hybridlm.layouts.blocks import BlockSpec, block_fields, dump_block, reject_bool_for_number
 from hybridlm.layouts.pattern import PatternError, compress_symbols, expand_pattern
 from hybridlm.layouts.registry import block_kinds, block_spec_class
 
@@ -62,8 +63,9 @@ class Override(BaseModel):
 
     @field_validator("at", mode="before")
     @classmethod
-    def _single_index(cls, v: Any) -> Any:
-        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    def _single_index(cls, v: Any, info: ValidationInfo) -> Any:
+        v = reject_bool_for_number(cls, v, info)
+        return [v] if isinstance(v, int) else v
 
 
 class ResolvedBlock(NamedTuple):
@@ -76,7 +78,7 @@ class ResolvedBlock(NamedTuple):
 class ModelSpec(BaseModel):
     """A whole model: width, vocabulary, block definitions, their layout and overrides."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     version: Literal[1] = Field(SPEC_VERSION, description="spec format version")
     name: str = "hybrid"
@@ -105,6 +107,11 @@ class ModelSpec(BaseModel):
             return super().model_validate(obj, **kwargs)
         except ValidationError as err:
             raise spec_error_from_validation(err) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        return reject_bool_for_number(cls, v, info)
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -153,6 +160,12 @@ class ModelSpec(BaseModel):
                                         f"block {idx} ({symbols[idx]}, kind {block.kind}) has no such field "
                                         f"(fields: {', '.join(sorted(allowed))})")
                     updates.setdefault(idx, {})[field] = (value, k)
+                if j == 0 or symbols[idx] != symbols[ov.at[0]]:
+                    # Check this override's values by type now: a later override may replace them.
+                    try:
+                        type(block).model_validate({**block.model_dump(), **ov.set})
+                    except ValidationError as err:
+                        raise spec_error_from_validation(err, f"overrides.{k}.set") from None
         out = []
         for idx, symbol in enumerate(symbols):
             base = self.blocks[symbol]
