@@ -83,7 +83,7 @@ class Attention(nn.Module):
         starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
         return torch.arange(L, device=device) - starts
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"Attention expects (batch, seq, {self.d_model}); got {tuple(x.shape)}")
         if cache is not None and cu_seqlens is not None:

@@ -252,7 +252,7 @@ class Mamba3(nn.Module):
         cache: Mamba3Cache | None = None,
         initial_state: Mamba3State | None = None,
         return_final_state: bool = False,
-        **kwargs,
+        seq_idx: Tensor | None = None,  # accepted and ignored, as by the official module
     ):
         """u (B, L, d_model), or (1, T, d_model) packed with ``cu_seqlens`` (NS+1 offsets).
 
@@ -320,8 +320,9 @@ class Mamba3(nn.Module):
         return (out.squeeze(1) if squeeze else out), angle_state, ssm_state, k_state, v_state
 
     # -- accounting --------------------------------------------------------------------------------
-    def state_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of decode state per sequence (fp32 angle/SSM state, k/v/conv in ``dtype``)."""
+    def state_bytes(self, context: int = 0, dtype: torch.dtype | None = None) -> int:
+        """Bytes of decode state per sequence, whatever the ``context`` (fp32 angle/SSM state,
+        k/v/conv in ``dtype``)."""
         item = torch.empty((), dtype=dtype or self.in_proj.weight.dtype).element_size()
         H, R, N, P, S = self.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
         conv = (self.conv_kernel - 1) * (self.d_inner + 2 * self.bc_width) if self.conv_kernel else 0

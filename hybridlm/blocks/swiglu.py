@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int, device=None, dtype=None, **kwargs):
+    def __init__(self, d_model: int, hidden: int, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
@@ -15,5 +15,6 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_model, hidden, bias=False, **factory)  # value
         self.w2 = nn.Linear(hidden, d_model, bias=False, **factory)  # down
 
-    def forward(self, x: Tensor, cu_seqlens=None, *, cache=None, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache=None) -> Tensor:
+        # position-wise: packing and caches do not change it
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -58,13 +58,8 @@ def _sequence_flops(mixer: nn.Module, seq_len: int) -> int:
 
 
 def _state_bytes(mixer: nn.Module, context: int, dtype: torch.dtype) -> int:
-    fn = getattr(mixer, "state_bytes", None)
-    if fn is None:
-        return 0
-    try:
-        return fn(context, dtype)  # attention: depends on context
-    except TypeError:
-        return fn(dtype)
+    fn = getattr(mixer, "state_bytes", None)  # state_bytes(context, dtype): decode state per sequence
+    return 0 if fn is None else fn(context, dtype)
 
 
 def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: int | None = None,

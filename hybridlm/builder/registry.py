@@ -35,9 +35,13 @@ def register_block(kind: str, spec_cls: type[BlockSpec], build: BuildFn | type[n
 
     ``build`` is called as ``build(spec, d_model=..., layer_idx=..., device=..., dtype=..., norm_eps=...)``
     and returns an ``nn.Module`` whose ``forward(x, cu_seqlens=None, cache=None)`` maps
-    (batch, seq, d_model) to the same shape. A module that keeps state across tokens must also
-    define ``allocate_cache(batch, max_len, device=None, dtype=None)``; otherwise it is treated as
-    position-wise during generation.
+    (batch, seq, d_model) to the same shape. Optional methods:
+
+    * ``allocate_cache(batch, max_len, device=None, dtype=None)`` for a block that keeps state
+      across tokens (without it, the block is treated as position-wise during generation);
+    * ``reset_parameters()`` to initialize parameters that are not Linear weights (needed when the
+      model is built on the meta device; Linear weights get the recipe of hybridlm.builder.init);
+    * ``state_bytes(context, dtype)`` for the inference-memory accounting.
     """
     spec_kind = spec_cls.model_fields["kind"].default
     if spec_kind != kind:
