@@ -1,7 +1,6 @@
 """The pre-norm residual block: h + mixer(norm(h))."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm

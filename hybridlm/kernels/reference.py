@@ -345,30 +345,39 @@ def _chunk_scan(q_rot: Tensor, k_rot: Tensor, v: Tensor, dt: Tensor, adt: Tensor
     if pad:  # padded tokens carry Δ = 0 and A·Δ = 0: they neither decay nor feed the state
         q_rot, k_rot, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (q_rot, k_rot, v))
         gamma, scale, adt = (F.pad(t, (0, 0, 0, pad)) for t in (gamma, scale, adt))
-    qc, kc, vc = (t.unflatten(1, (nc, chunk)) for t in (q_rot, k_rot, v))
-    gc, sc, ac = (t.unflatten(1, (nc, chunk)) for t in (gamma, scale, adt))
-    cs = ac.cumsum(dim=2)  # (B, nc, C, H), A_t − A_{chunk start − 1}
 
-    # within a chunk
+    # Heads become a batch axis and the (token, rank) pairs of a chunk one axis of length C·R, so
+    # that every contraction below is a batched matmul.
+    def chunks(t: Tensor) -> Tensor:  # (B, Lp, R, H, X) -> (B, H, nc, C·R, X)
+        return t.permute(0, 3, 1, 2, 4).reshape(B, H, nc, chunk * R, t.shape[-1])
+
+    def per_rank(t: Tensor) -> Tensor:  # (..., C) -> (..., C·R): one value per token, for every rank
+        return t.repeat_interleave(R, dim=-1) if R > 1 else t
+
+    qc, kc, vc = chunks(q_rot), chunks(k_rot), chunks(v)
+    gc, sc, ac = (t.permute(0, 2, 1).reshape(B, H, nc, chunk) for t in (gamma, scale, adt))
+    cs = ac.cumsum(dim=-1)  # (B, H, nc, C): A_t − A_{chunk start − 1}
+
+    # within a chunk: token j feeds token i > j with scale_j·e^{cs_i − cs_j}, itself with γ_i
     strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=cs.device).tril(-1)
-    diff = cs.unsqueeze(3) - cs.unsqueeze(2)  # (B, nc, i, j, H)
-    decay = torch.where(strictly_lower[None, None, :, :, None], diff, float("-inf")).exp()
-    weight = decay * sc.unsqueeze(2) + torch.diag_embed(gc.transpose(-1, -2)).permute(0, 1, 3, 4, 2)
-    scores = torch.einsum("bcirhn,bcjshn->bcijrsh", qc, kc)
-    y = torch.einsum("bcijrsh,bcijh,bcjshp->bcirhp", scores, weight, vc)
+    decay = torch.where(strictly_lower, cs.unsqueeze(-1) - cs.unsqueeze(-2), float("-inf")).exp()
+    weight = decay * sc.unsqueeze(-2) + torch.diag_embed(gc)  # (B, H, nc, C, C)
+    if R > 1:
+        weight = weight.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
+    y = ((qc @ kc.transpose(-1, -2)) * weight) @ vc  # (B, H, nc, C·R, P)
 
-    # across chunks
-    decay_to_end = (cs[:, :, -1:] - cs).exp() * sc  # (B, nc, C, H)
-    chunk_states = torch.einsum("bcjh,bcjrhp,bcjrhn->bchpn", decay_to_end, vc, kc)
-    chunk_decay = cs[:, :, -1].exp()  # (B, nc, H)
+    # across chunks: the state entering each chunk
+    to_end = per_rank((cs[..., -1:] - cs).exp() * sc)  # (B, H, nc, C·R)
+    chunk_states = (vc * to_end.unsqueeze(-1)).transpose(-1, -2) @ kc  # (B, H, nc, P, N)
+    chunk_decay = cs[..., -1].exp()  # (B, H, nc)
     ssm = ssm0
     entering = []
     for c in range(nc):
         entering.append(ssm)
-        ssm = chunk_decay[:, c, :, None, None] * ssm + chunk_states[:, c]
-    entering = torch.stack(entering, dim=1)  # (B, nc, H, P, N)
-    y = y + torch.einsum("bcih,bchpn,bcirhn->bcirhp", cs.exp(), entering, qc)
-    y = y.flatten(1, 2)[:, :L]
+        ssm = chunk_decay[:, :, c, None, None] * ssm + chunk_states[:, :, c]
+    entering = torch.stack(entering, dim=2)  # (B, H, nc, P, N)
+    y = y + per_rank(cs.exp()).unsqueeze(-1) * (qc @ entering.transpose(-1, -2))
+    y = y.reshape(B, H, nc, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(B, nc * chunk, R, H, P)[:, :L]
     if D is not None:
         y = y + D.to(y.dtype)[:, None] * v[:, :L]
     return y, ssm
