@@ -76,10 +76,13 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
     context = seq_len if context is None else context
     blocks = []
     seq_flops = 0
+    matmul = model.output.weight.numel()  # the LM head is a matmul even when tied
     for layer, resolved in zip(model.layers, spec.resolve()):
         mixer = layer.mixer
-        flops = 2 * _matmul_params(mixer) + _sequence_flops(mixer, seq_len)
-        seq_flops += _sequence_flops(mixer, seq_len)
+        block_matmul, block_seq = _matmul_params(mixer), _sequence_flops(mixer, seq_len)
+        matmul += block_matmul
+        seq_flops += block_seq
+        flops = 2 * block_matmul + block_seq
         blocks.append(BlockAccount(
             index=resolved.index, symbol=resolved.symbol, kind=resolved.spec.kind,
             summary=resolved.spec.describe(spec.d_model),
@@ -89,7 +92,6 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
     total = sum(p.numel() for p in unique.values())
     embedding = model.tok_embeddings.weight.numel()
     head = 0 if spec.tie_embeddings else model.output.weight.numel()
-    matmul = sum(_matmul_params(layer.mixer) for layer in model.layers) + model.output.weight.numel()
     ssm = sum(b.state_bytes for b in blocks if b.kind != "attention")
     kv = sum(b.state_bytes for b in blocks if b.kind == "attention")
     return ModelAccount(

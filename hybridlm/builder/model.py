@@ -1,7 +1,7 @@
 """HybridLM: embedding, residual blocks in pattern order, final norm, LM head."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ class HybridCache:
     batch_size: int
     max_len: int
     seqlen_offset: int = 0
-    extra: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers if c is not None)

@@ -427,7 +427,7 @@ def mamba3_chunked(
         if not return_final_state:
             return out
         start = initial_state or zero_state(B, H, P, N, S, R, device=x.device, dtype=cd)
-        return out, Mamba3State(*(t.to(cd) if i else t for i, t in enumerate(start)))
+        return out, Mamba3State(*(t.to(cd) for t in start))
 
     dt_, adt_, lam_ = dt.to(cd), adt.to(cd), lam.to(cd)
     theta0 = torch.zeros(B, H, S, dtype=torch.float64, device=x.device)
