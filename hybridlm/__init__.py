@@ -36,6 +36,10 @@ _EXPORTS = {
     "HybridLMError": "hybridlm.errors",
     "BackendUnavailable": "hybridlm.errors",
     "ByteTokenizer": "hybridlm.tokenizer",
+    "load_tokenizer": "hybridlm.tokenizer",
+    "save_pretrained": "hybridlm.builder.pretrained",
+    "load_pretrained": "hybridlm.builder.pretrained",
+    "load": "hybridlm.builder.pretrained:load_pretrained",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -43,7 +47,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")
+        return getattr(import_module(module), attr or name)
     raise AttributeError(f"module 'hybridlm' has no attribute {name!r}")
 
 

@@ -74,6 +74,13 @@ class HybridLM(nn.Module):
         With ``cache`` the tokens continue from the cached state (prefill, chunked prefill or a
         decode step) and the cache advances by L tokens.
         """
+        return self.output(self.features(ids, cu_seqlens, cache))
+
+    def features(self, ids: Tensor, cu_seqlens: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
+        """The final-normed hidden states (B, L, d_model) that ``output`` maps to logits.
+
+        Scorers apply ``output`` only where they need logits, which saves the (B, L, vocab) tensor.
+        """
         if ids.dim() != 2:
             raise ShapeError(f"ids must be (batch, seq); got shape {tuple(ids.shape)}")
         if cache is not None:
@@ -88,8 +95,7 @@ class HybridLM(nn.Module):
             h = layer(h, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seqlen_offset += ids.shape[1]
-        h = self.norm(h).to(self.output.weight.dtype)
-        return self.output(h)
+        return self.norm(h).to(self.output.weight.dtype)
 
     # -- decode -------------------------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> HybridCache:
