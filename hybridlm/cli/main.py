@@ -5,6 +5,7 @@
     hybridlm schema             JSON Schema of the spec format
     hybridlm presets            list the built-in presets
     hybridlm generate SPEC --prompt TEXT
+    hybridlm eval MODEL... --task niah-1,mqar --lengths 1x,2x,4x,8x
 
 SPEC is a YAML file or a preset name (``hybridlm presets``). Errors in a spec are printed as one
 line naming the YAML path, without a traceback, and the command exits with status 2.
@@ -20,14 +21,9 @@ from hybridlm.errors import HybridLMError, SpecError
 
 
 def resolve_spec(arg: str):
-    from hybridlm.layouts import load_spec
-    from hybridlm.layouts.presets import PRESETS, get_preset
+    from hybridlm.layouts.presets import spec_or_preset
 
-    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
-        return load_spec(arg)
-    if arg in PRESETS:
-        return get_preset(arg)
-    raise SpecError("", f"{arg!r} is neither a spec file nor a preset (presets: {', '.join(PRESETS)})")
+    return spec_or_preset(arg)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -91,6 +87,36 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from hybridlm.eval import (evaluate, format_table, load_eval_model, parse_lengths, plot_results,
+                               results_document, write_json)
+    from hybridlm.eval.tasks import parse_tasks
+
+    parse_tasks(args.task)  # fail on a bad task before loading any model
+    lengths = parse_lengths(args.lengths)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    models = [load_eval_model(m, device=device, dtype=dtype, seed=args.seed, train_seq_len=args.train_len,
+                              tokenizer=args.tokenizer) for m in args.models]
+    names = [m.name for m in models]
+    for i, m in enumerate(models):  # two models with one name would share a table row
+        if names.count(m.name) > 1:
+            m.name = f"{m.name}#{i + 1}"
+    cells = evaluate(models, args.task, lengths, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                     progress=None if args.quiet else tqdm)
+    print(format_table(cells))
+    out = Path(args.out)
+    settings = {"tasks": args.task, "lengths": args.lengths, "samples": args.samples, "seed": args.seed,
+                "batch_size": args.batch_size, "device": device, "dtype": args.dtype}
+    json_path = write_json(results_document(cells, models, settings), out / "results.json")
+    plot_path = None if args.no_plot else plot_results(cells, out / "results.png")
+    print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridlm", description="Build and study Mamba-3 hybrid language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="retrieval / state-tracking / perplexity at several lengths",
+                       description="Score models on tasks at several lengths; print a table, write "
+                                   "results.json and results.png. MODEL is a model folder or a spec "
+                                   "(random weights, for smoke runs).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folder, spec file or preset")
+    p.add_argument("--task", required=True,
+                   help="comma-separated tasks with options, e.g. niah-1,niah-2:digits=4,mqar:pairs=8 "
+                        "(niah-1, niah-2, niah-3, mqar, parity, arith, arith-brackets, ppl:file=PATH)")
+    p.add_argument("--lengths", required=True, help="e.g. 1x,2x,4x,8x (times the training length) or 256,512")
+    p.add_argument("--samples", type=int, default=100, help="examples per task and length (default 100)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seeds the examples and random-weight models")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--train-len", type=int, default=None,
+                   help="training length for Nx lengths when a model does not record one")
+    p.add_argument("--tokenizer", default=None, help="byte or a tokenizer.json (default: the model folder's, else byte)")
+    p.add_argument("--out", default="eval-results", help="folder for results.json and results.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -131,6 +131,18 @@ def get_preset(name: str) -> ModelSpec:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
+def spec_or_preset(arg: str) -> ModelSpec:
+    """A YAML spec file, or a preset name (what every command's SPEC argument accepts)."""
+    from hybridlm.errors import SpecError
+    from hybridlm.layouts.io import load_spec
+
+    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
+        return load_spec(arg)
+    if arg in PRESETS:
+        return get_preset(arg)
+    raise SpecError("", f"{arg!r} is neither a spec file nor a preset (presets: {', '.join(PRESETS)})")
+
+
 def write_presets(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
