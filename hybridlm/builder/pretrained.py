@@ -87,13 +87,32 @@ def load_pretrained(folder: str | Path, device: torch.device | str = "cpu",
     spec = load_spec(folder / SPEC_FILE)
     model = HybridLM(spec, device="meta")
     model.to_empty(device=device)
-    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
-    if missing or unexpected:
-        raise HybridLMError(f"{folder / WEIGHTS_FILE} does not match {SPEC_FILE}: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}")
+    _check_weights(folder / WEIGHTS_FILE, model)
+    load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)
     tokenizer = load_tokenizer(meta.get("tokenizer"), folder)
     check_vocab(tokenizer, spec.vocab_size)
     return Pretrained(model.eval(), spec, tokenizer, meta.get("train_seq_len"), meta.get("metadata", {}), folder)
+
+
+def _check_weights(path: Path, model: HybridLM) -> None:
+    """Names and shapes on disk against the spec's model, as one readable error (not torch's)."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if model.spec.tie_embeddings:  # stored once, under either name
+        expected.pop("output.weight", None)
+        if "tok_embeddings.weight" not in stored and "output.weight" in stored:
+            stored["tok_embeddings.weight"] = stored.pop("output.weight")
+        stored.pop("output.weight", None)
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(stored))]
+    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(expected))]
+    problems += [f"{k} is {list(stored[k])}, the spec needs {list(expected[k])}"
+                 for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise HybridLMError(f"{path} does not match {SPEC_FILE}: {'; '.join(problems[:5])}{more}")

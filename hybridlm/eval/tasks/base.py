@@ -33,8 +33,8 @@ class Example:
 
 
 def example_rng(seed: int, *parts: Any) -> random.Random:
-    """A generator seeded from the seed and a description (task, length, index): every model and
-    every run sees the same examples, and examples do not depend on how many were asked for."""
+    """A generator seeded from the seed and a description (task, options, length, index): every
+    model and every run sees the same examples, whatever the batch size."""
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 

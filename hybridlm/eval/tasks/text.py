@@ -9,6 +9,7 @@ import importlib
 import inspect
 import random
 import re
+import warnings
 from functools import lru_cache
 from itertools import cycle, islice
 from typing import Iterator
@@ -52,6 +53,12 @@ def _clean_doc(doc: str) -> list[str]:
 @lru_cache(maxsize=1)
 def stdlib_sentences() -> tuple[str, ...]:
     """Sentences from the docstrings of :data:`DOC_MODULES` and their public members, in a fixed order."""
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when their docs are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _collect_sentences()
+
+
+def _collect_sentences() -> tuple[str, ...]:
     out: list[str] = []
     for name in DOC_MODULES:
         try:
