@@ -179,7 +179,7 @@ def test_bad_inputs_give_clear_errors():
         Mamba3(d_model=32, d_state=8, headdim=8, ngroups=3)
     with pytest.raises(ValueError, match="rope_fraction"):
         Mamba3(d_model=32, d_state=8, headdim=8, rope_fraction=0.25)
-    m.backend = "triton"
+    m.backend = "cute"  # planned, not built: a clear error naming the way out
     with pytest.raises(BackendUnavailable, match="reference"):
         m(torch.randn(1, 3, 32))
     m.backend = "nonsense"

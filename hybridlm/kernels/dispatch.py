@@ -1,9 +1,11 @@
 """The one place that picks a kernel backend.
 
 Backends: ``reference`` (plain PyTorch, chunked; every device), ``sequential`` (the token-by-token
-ground truth; slow, for debugging). Fused GPU backends register here as they land. The choice, in
-order: the ``backend`` argument (a block's spec/constructor field), the ``HYBRIDLM_BACKEND``
-environment variable, then the best backend available for the tensors' device.
+ground truth; slow, for debugging) and ``triton`` (fused chunked scan, forward and backward; CUDA,
+or the CPU under ``TRITON_INTERPRET=1``). The choice, in order: the ``backend`` argument (a
+block's constructor field), the ``HYBRIDLM_BACKEND`` environment variable, then ``auto``: Triton
+for CUDA tensors when Triton imports, the reference otherwise. The Triton backend itself falls
+back to the reference, with one warning naming the reason, on inputs its kernels do not cover.
 """
 from __future__ import annotations
 
@@ -25,13 +27,32 @@ _STEPS: dict[str, Callable] = {
 }
 # Backends that will exist but are not built yet, with what to do instead.
 _PLANNED = {
-    "triton": "the Triton Mamba-3 kernels are not part of this release yet; use backend='reference'",
     "cute": "the CuTe-DSL step kernel is not part of this release yet; use backend='reference'",
 }
+_import_errors: dict[str, str] = {}
+
+
+def _load_triton() -> bool:
+    """Register the Triton backend on first use (importing it imports Triton). False if it cannot."""
+    if "triton" in _SCANS:
+        return True
+    if "triton" in _import_errors:
+        return False
+    try:
+        from hybridlm.kernels import triton as triton_kernels
+    except ImportError as e:
+        _import_errors["triton"] = f"Triton does not import ({e})"
+        return False
+    # The decode step stays the reference step until the CuTe step lands.
+    register_backend("triton", triton_kernels.mamba3_chunked, reference.mamba3_step)
+    return True
+
+
+_LAZY: dict[str, Callable[[], bool]] = {"triton": _load_triton}
 
 
 def available_backends() -> list[str]:
-    return sorted(_SCANS)
+    return sorted(set(_SCANS) | set(_LAZY))
 
 
 def register_backend(name: str, scan: Callable, step: Callable) -> None:
@@ -43,9 +64,13 @@ def register_backend(name: str, scan: Callable, step: Callable) -> None:
 def resolve_backend(requested: str | None, device_type: str) -> str:
     name = requested or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
-        return "reference"
+        return "triton" if device_type == "cuda" and _load_triton() else "reference"
     if name in _SCANS:
         return name
+    if name in _LAZY:
+        if _LAZY[name]():
+            return name
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {_import_errors[name]}")
     if name in _PLANNED:
         raise BackendUnavailable(f"backend {name!r} is unavailable: {_PLANNED[name]}")
     raise BackendUnavailable(f"unknown kernel backend {name!r} (from {'argument' if requested else ENV_VAR}); "

@@ -1,0 +1,75 @@
+"""How the Triton kernels see a batch: packed tokens cut into chunks.
+
+Every input is flattened to one token axis of length T = Σ lengths (a dense (B, L) batch is B
+sequences of length L, so dense and packed inputs share one code path). Chunks never cross a
+sequence boundary; chunk ``c`` of sequence ``s`` has the global index ``cu_chunks[s] + c``, which
+addresses the per-chunk state buffers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    chunk: int  # tokens per chunk
+    n_seqs: int
+    n_chunks: int
+    cu_seqlens: Tensor  # (NS + 1,) int32, token offsets
+    cu_chunks: Tensor  # (NS + 1,) int32, chunk offsets
+    chunk_seq: Tensor  # (n_chunks,) int32, the sequence of each chunk
+    chunk_start: Tensor  # (n_chunks,) int32, the first token of each chunk
+    last_token: Tensor  # (NS,) int64, last token of each sequence (clamped to 0 for empty ones)
+    empty: Tensor  # (NS,) bool, sequences of length 0
+    nonempty_last_token: Tensor  # last tokens of the sequences that have one
+    has_empty: bool
+
+    @property
+    def first_token(self) -> Tensor:
+        return self.cu_seqlens[:-1].long()
+
+
+def kernel_chunk(chunk_size: int, rank: int) -> int:
+    """Tokens per chunk: the caller's chunk size rounded down to a power of two, capped so that a
+    chunk has at most 64 token-rank rows (64/R tokens, as the paper tiles MIMO) and at least 16
+    (the smallest matrix tile)."""
+    chunk = 1 << (max(1, chunk_size).bit_length() - 1)
+    chunk = min(chunk, max(1, 64 // rank))
+    return max(chunk, -(-16 // rank))
+
+
+def build_layout(lengths: list[int], chunk: int, device: torch.device) -> ChunkLayout:
+    n_chunks_per_seq = [-(-n // chunk) for n in lengths]
+    cu_seqlens, cu_chunks, chunk_seq, chunk_start = [0], [0], [], []
+    for s, (n, nc) in enumerate(zip(lengths, n_chunks_per_seq)):
+        chunk_seq += [s] * nc
+        chunk_start += [cu_seqlens[-1] + i * chunk for i in range(nc)]
+        cu_seqlens.append(cu_seqlens[-1] + n)
+        cu_chunks.append(cu_chunks[-1] + nc)
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    ends = torch.tensor(cu_seqlens[1:], dtype=torch.long)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    return ChunkLayout(
+        chunk=chunk, n_seqs=len(lengths), n_chunks=cu_chunks[-1],
+        cu_seqlens=i32(cu_seqlens), cu_chunks=i32(cu_chunks), chunk_seq=i32(chunk_seq), chunk_start=i32(chunk_start),
+        last_token=(ends - 1).clamp(min=0).to(device), empty=(lens == 0).to(device),
+        nonempty_last_token=(ends - 1)[lens > 0].to(device), has_empty=bool((lens == 0).any()))
+
+
+@functools.lru_cache(maxsize=64)
+def dense_layout(batch: int, seqlen: int, chunk: int, device: torch.device) -> ChunkLayout:
+    """Cached: a training loop builds the same layout every step."""
+    return build_layout([seqlen] * batch, chunk, device)
+
+
+def packed_layout(cu_seqlens: Tensor, chunk: int) -> ChunkLayout:
+    """One host sync (the lengths decide the grid)."""
+    offsets = cu_seqlens.tolist()
+    return build_layout([b - a for a, b in zip(offsets, offsets[1:])], chunk, cu_seqlens.device)

@@ -1,0 +1,169 @@
+"""``mamba3_chunked`` on the Triton kernels: same signature and results as
+:func:`hybridlm.kernels.reference.mamba3_chunked`.
+
+The kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights, the
+intra-chunk product, the state passing, D) and the cumulative angle. The cheap per-token glue —
+γ and the shifted scale, the MIMO value expansion, folding the initial state, the final k/v
+states — and the output gate / norm / rank contraction run as plain torch ops around them, so
+autograd chains everything. Inputs the kernels do not cover fall back to the reference with one
+warning that names the reason.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from hybridlm.errors import ShapeError
+from hybridlm.kernels import reference
+from hybridlm.kernels.reference import Mamba3State, heads_from_groups, mamba3_output, rotate_pairs, zero_state
+from hybridlm.kernels.triton.angles import AngleCumsum
+from hybridlm.kernels.triton.core import ChunkScan
+from hybridlm.kernels.triton.layout import dense_layout, kernel_chunk, packed_layout
+from hybridlm.kernels.triton.spec import ScanSpec
+
+MAX_D_STATE = 256
+MAX_HEADDIM = 128
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned: set[str] = set()
+
+
+def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None when they can."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors are on {x.device.type}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    for name, t in (("q", q), ("x", x)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return f"{name} is {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    R, N, P = q.shape[2], q.shape[-1], x.shape[-1]
+    if N % 2 or N > MAX_D_STATE:
+        return f"d_state {N} (the kernels need an even d_state <= {MAX_D_STATE})"
+    if P > MAX_HEADDIM:
+        return f"headdim {P} (the kernels take headdim <= {MAX_HEADDIM})"
+    if R & (R - 1) or R > 64:
+        return f"mimo rank {R} (the kernels take a power of two)"
+    if angle_rate is not None and angle_rate.shape[-1] > N // 2:
+        return f"{angle_rate.shape[-1]} angle pairs for d_state {N}"
+    return None
+
+
+def warn_fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"Mamba-3 Triton backend: falling back to the reference scan: {reason}", stacklevel=3)
+
+
+def mamba3_chunked(
+    q: Tensor, k: Tensor, x: Tensor, dt: Tensor, adt: Tensor, lam: Tensor, angle_rate: Tensor | None,
+    *,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    mimo_x: Tensor | None = None,
+    mimo_z: Tensor | None = None,
+    mimo_o: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    out_norm: reference.OutNormKind = "none",
+    norm_eps: float = 1e-5,
+    pair_layout: reference.PairLayout = "interleaved",
+    initial_state: Mamba3State | None = None,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+    return_final_state: bool = False,
+):
+    """The chunked Mamba-3 scan on the Triton kernels (arguments as the reference's)."""
+    kwargs = dict(q_bias=q_bias, k_bias=k_bias, D=D, z=z, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
+                  norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps, pair_layout=pair_layout,
+                  initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                  return_final_state=return_final_state)
+    reference._check_shapes(q, k, x, dt, adt, lam, angle_rate)
+    if pair_layout not in ("interleaved", "half"):
+        raise ValueError(f"unknown pair layout {pair_layout!r} (interleaved | half)")
+    reason = unsupported_reason(q, x, angle_rate)
+    if reason is None and x.shape[1] == 0:
+        reason = "empty sequence axis"
+    if reason is not None:
+        warn_fallback(reason)
+        return reference.mamba3_chunked(q, k, x, dt, adt, lam, angle_rate, **kwargs)
+
+    B, L, R, G, N = q.shape
+    H, P = x.shape[-2:]
+    S = 0 if angle_rate is None else angle_rate.shape[-1]
+    heads_from_groups(q[:1, :0], H, None)  # raises ShapeError if G does not divide H
+    chunk = kernel_chunk(chunk_size, R)
+    if cu_seqlens is not None:
+        reference._check_cu_seqlens(cu_seqlens, L, B)
+        layout = packed_layout(cu_seqlens.to(torch.int32), chunk)
+    else:
+        layout = dense_layout(B, L, chunk, x.device)
+    NS, T = layout.n_seqs, B * L
+    if initial_state is not None and initial_state.ssm.shape[0] != NS:
+        raise ShapeError(f"initial_state has {initial_state.ssm.shape[0]} rows; expected one per sequence ({NS})")
+
+    def tokens(t: Tensor) -> Tensor:  # (B, L, ...) -> (T, ...), last axis contiguous
+        t = t.reshape(T, *t.shape[2:])
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    mm_dtype = torch.float32 if x.dtype == torch.float32 and q.dtype == torch.float32 else (
+        torch.float16 if torch.float16 in (x.dtype, q.dtype) else torch.bfloat16)
+    qf, kf, xf = tokens(q).contiguous(), tokens(k).contiguous(), tokens(x)
+    dt_, adt_, lam_ = (tokens(t).float().contiguous() for t in (dt, adt, lam))
+
+    # per-token weights: γ_t = λ_tΔ_t and scale_t = γ_t + (1 − λ_{t+1})Δ_{t+1} (0 past a sequence's end)
+    gamma = lam_ * dt_
+    not_last = torch.ones(T, 1, dtype=torch.float32, device=x.device)
+    not_last[layout.nonempty_last_token] = 0
+    shifted = torch.cat([(dt_ * (1 - lam_))[1:], dt_.new_zeros(1, H)]) * not_last
+    scale = gamma + shifted
+
+    if S:
+        delta = math.pi * torch.tanh(tokens(angle_rate).float()).unsqueeze(1) * dt_.unsqueeze(-1)
+        theta0 = None if initial_state is None else initial_state.angle
+        theta = AngleCumsum.apply(delta, theta0, layout.cu_seqlens)
+    else:
+        theta = torch.zeros(T, H, 0, dtype=torch.float32, device=x.device)
+
+    if mimo_x is not None:
+        v = xf.unsqueeze(1) * mimo_x.transpose(0, 1).to(xf.dtype)  # (T, R, H, P)
+    else:
+        v = xf.unsqueeze(1).expand(T, R, H, P)
+
+    ssm0 = None
+    if initial_state is not None:
+        first = layout.first_token.clamp(max=max(T - 1, 0))
+        pending = ((1 - lam_[first]) * dt_[first]).masked_fill(layout.empty[:, None], 0)  # (NS, H)
+        prev_v = reference.expand_ranks(initial_state.v.float(), None if mimo_x is None else mimo_x.float(), R)
+        ssm0 = (initial_state.ssm.float() + pending[..., None, None]
+                * torch.einsum("srhp,srhn->shpn", prev_v, initial_state.k.float())).contiguous()
+
+    spec = ScanSpec(layout=layout, rank=R, n_groups=G, n_heads=H, d_state=N, headdim=P, n_angles=S,
+                    interleaved=pair_layout == "interleaved", matmul_dtype=mm_dtype)
+    qb = None if q_bias is None else q_bias.float().contiguous()
+    kb = None if k_bias is None else k_bias.float().contiguous()
+    y, ssm_final = ChunkScan.apply(qf, kf, qb, kb, theta, v, adt_, gamma, scale,
+                                   None if D is None else D.float().contiguous(), ssm0, spec)
+    out = mamba3_output(y, None if z is None else tokens(z).float(), mimo_z=mimo_z, mimo_o=mimo_o,
+                        norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps).to(x.dtype)
+    out = out.view(B, L, H, P)
+    if not return_final_state:
+        return out
+
+    last = layout.last_token
+    if S:
+        angle = theta[last]
+    else:
+        angle = torch.zeros(NS, H, 0, dtype=torch.float32, device=x.device)
+    k_last = heads_from_groups(kf[last].float(), H, k_bias)  # (NS, R, H, N)
+    final = Mamba3State(angle=angle, ssm=ssm_final,
+                        k=rotate_pairs(k_last, angle.unsqueeze(1), pair_layout), v=xf[last].float())
+    if initial_state is not None or layout.has_empty:
+        start = initial_state or zero_state(NS, H, P, N, S, R, device=x.device, dtype=torch.float32)
+        final = Mamba3State(*(torch.where(layout.empty.view(-1, *([1] * (f.dim() - 1))), s.to(f.dtype), f)
+                              for f, s in zip(final, start)))
+    return out, final
+
+

@@ -1,0 +1,47 @@
+"""The shape and tiling of one scan call, shared by the forward and backward launches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.kernels.triton.layout import ChunkLayout
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    layout: ChunkLayout
+    rank: int  # R
+    n_groups: int  # G
+    n_heads: int  # H
+    d_state: int  # N
+    headdim: int  # P
+    n_angles: int  # S
+    interleaved: bool
+    matmul_dtype: torch.dtype  # operand dtype of the tensor-core products (fp32 inputs: fp32 "ieee")
+
+    @property
+    def block_half(self) -> int:
+        return max(16, triton.next_power_of_2(self.d_state // 2))
+
+    @property
+    def block_p(self) -> int:
+        return max(16, triton.next_power_of_2(self.headdim))
+
+    @property
+    def block_p_sequential(self) -> int:
+        """The P tile of the chunk-sequential kernels (more programs for a short batch)."""
+        return min(self.block_p, 32)
+
+    def dims(self) -> tuple[int, ...]:
+        """The runtime sizes every chunk kernel takes, in its argument order."""
+        return (self.n_heads, self.n_heads // self.n_groups, self.n_groups, self.d_state, self.d_state // 2,
+                self.headdim, self.n_angles)
+
+    def constexprs(self) -> dict:
+        fp32 = self.matmul_dtype == torch.float32
+        return dict(R=self.rank, CHUNK=self.layout.chunk, BLOCK_HALF=self.block_half, INTERLEAVED=self.interleaved,
+                    MM_DTYPE=tl.float32 if fp32 else (tl.bfloat16 if self.matmul_dtype == torch.bfloat16 else tl.float16),
+                    PRECISION="ieee" if fp32 else "tf32")
