@@ -204,3 +204,17 @@ def test_collate_aligns_labels_with_logits():
     packed = collate(short, loss_on="all", packed=True)
     assert packed["cu_seqlens"].tolist() == [0, 7, 18]
     assert packed["labels"][0, 6].item() == IGNORE_INDEX  # no label crosses the boundary
+
+
+def test_training_streams_are_resumable_and_follow_a_curriculum():
+    from itertools import islice
+
+    task = make_task("parity", BYTE)
+    cur = LengthCurriculum(steps_per_stage=4, stages=2, first_max=10, last_max=20)
+    lengths = lambda i, rng: cur.sample_length(i, rng)  # noqa: E731  (index = step here)
+    full = list(islice(task.stream(lengths, seed=1), 10))
+    resumed = list(islice(task.stream(lengths, seed=1, start=6), 4))
+    assert [e.ids for e in full[6:]] == [e.ids for e in resumed]
+    assert all(3 <= len(e) - 2 <= 10 for e in full[:4]) and all(3 <= len(e) - 2 <= 20 for e in full[4:])
+    niah = list(islice(make_task("niah-1", BYTE).stream(400), 3))
+    assert all(len(e) == 400 for e in niah) and len({e.meta["needle_depth"] for e in niah}) == 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from hybridlm.errors import HybridLMError
 
@@ -74,6 +74,20 @@ class Task:
 
     def examples(self, length: int, n: int, seed: int = 0) -> list[Example]:
         return [self.example(length, example_rng(seed, self.name, self.options, length, i), i, n) for i in range(n)]
+
+    def stream(self, length: "int | Callable[[int, random.Random], int]", seed: int = 0,
+               start: int = 0) -> Iterator[Example]:
+        """Endless training examples from index ``start`` (resumable: example i depends only on i).
+
+        ``length`` is fixed or a function of (index, rng), e.g. a :class:`LengthCurriculum` step.
+        Needle depths are random here (there is no count to spread them over).
+        """
+        index = start
+        while True:
+            rng = example_rng(seed, self.name, self.options, "train", index)
+            n = length(index, rng) if callable(length) else length
+            yield self.example(n, rng, index, 0)
+            index += 1
 
     def describe(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
