@@ -1,6 +1,7 @@
 """The shape and tiling of one scan call, shared by the forward and backward launches."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,9 @@ class ScanSpec:
                 self.headdim, self.n_angles)
 
     def constexprs(self) -> dict:
-        fp32 = self.matmul_dtype == torch.float32
+        # Triton 3.6's interpreter multiplies bf16/fp16 operands wrongly (numpy has no bf16), so on
+        # the CPU the products run in fp32; the compiled kernels use the tensor cores' dtype.
+        fp32 = self.matmul_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
         return dict(R=self.rank, CHUNK=self.layout.chunk, BLOCK_HALF=self.block_half, INTERLEAVED=self.interleaved,
                     MM_DTYPE=tl.float32 if fp32 else (tl.bfloat16 if self.matmul_dtype == torch.bfloat16 else tl.float16),
                     PRECISION="ieee" if fp32 else "tf32")
