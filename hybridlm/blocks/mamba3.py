@@ -182,7 +182,7 @@ class Mamba3(nn.Module):
         self.out_proj.reset_parameters()
         if self.conv_kernel:
             self.conv1d.reset_parameters()
-        u = torch.rand(self.nheads, device=self.dt_bias.device, dtype=torch.float32)
+        u = torch.rand_like(self.dt_bias, dtype=torch.float32)  # a DTensor when sharded: copy_ below stays legal
         dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
         dt = dt.clamp(min=self.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
