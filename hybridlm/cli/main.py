@@ -6,6 +6,8 @@
     hybridlm presets            list the built-in presets
     hybridlm generate SPEC --prompt TEXT
     hybridlm eval MODEL... --task niah-1,mqar --lengths 1x,2x,4x,8x
+    hybridlm train SPEC [--config cpu-debug] [--nproc N] [torchtitan flags]
+    hybridlm export CHECKPOINT --out DIR
 
 SPEC is a YAML file or a preset name (``hybridlm presets``). Errors in a spec are printed as one
 line naming the YAML path, without a traceback, and the command exits with status 2.
@@ -169,13 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
+
+    from hybridlm.cli.train import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except SpecError as err:
         print(f"error: invalid spec: {err}", file=sys.stderr)
         return 2

@@ -50,6 +50,8 @@ _NOISE = ("Peak flops undefined", "lspci", "HF assets path", "tokenizer_path")
 
 class _CompactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("RANK", "0") != "0" and record.levelno < logging.ERROR:
+            return False  # every rank logs the same global metrics: show rank 0's
         message = record.getMessage()
         if record.levelno >= logging.WARNING:
             return not any(n in message for n in _NOISE)
@@ -60,7 +62,9 @@ def _quiet_library_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*set_vital.*")
-    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+    for message in ("In CPU autocast, but the target dtype is not supported", "DTensor random operators",
+                    "Set timeout is now only supported", "torch.distributed is disabled"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _compact_logging(argv: list[str]) -> bool:

@@ -1,0 +1,85 @@
+"""``hybridlm train`` and ``hybridlm export``: torchtitan under the hood, started the right way.
+
+    hybridlm train SPEC [--config cpu-debug|1gpu|2gpu-fsdp|FILE.toml] [--nproc N] [torchtitan flags...]
+    hybridlm export CHECKPOINT --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hybridlm.errors import HybridLMError
+
+CONFIG_DIRS = (Path("specs/train"), Path(__file__).resolve().parents[2] / "specs" / "train")
+
+
+def resolve_config(name: str | None) -> Path:
+    """A TOML path, or a config name looked up in ./specs/train and the source tree's specs/train."""
+    if name is None:
+        import torch
+
+        name = "1gpu" if torch.cuda.is_available() else "cpu-debug"
+    path = Path(name)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise HybridLMError(f"--config {name}: no such file")
+        return path
+    for folder in CONFIG_DIRS:
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    raise HybridLMError(f"--config {name}: not a .toml file nor a known config ({', '.join(known) or 'none found'})")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a spec with torchtitan (CPU, one GPU, several GPUs)",
+                       description="Train SPEC with torchtitan. Flags this command does not know go to torchtitan "
+                                   "(e.g. --training.steps 200 --hybrid.data task:niah-1).")
+    p.add_argument("spec", help="YAML spec or preset name")
+    p.add_argument("--config", default=None,
+                   help="cpu-debug, 1gpu, 2gpu-fsdp or a .toml file (default: 1gpu with CUDA, else cpu-debug)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath when > 1)")
+    p.set_defaults(func=train, passthrough=True)
+
+    p = sub.add_parser("export", help="turn a training checkpoint into a model folder",
+                       description="Write safetensors + spec + tokenizer + training length (+ config.json) from a "
+                                   "DCP checkpoint: a step-N folder, or a run's dump folder (its newest step).")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.set_defaults(func=export)
+
+
+def titan_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    from hybridlm.layouts.presets import spec_or_preset
+
+    spec_or_preset(args.spec)  # a bad spec fails here, in one line, not inside torchtitan
+    return ["--job.config_file", str(resolve_config(args.config)), "--hybrid.spec", args.spec, *extra]
+
+
+def train(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = titan_argv(args, extra)
+    if args.nproc < 1:
+        raise HybridLMError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc == 1 and "LOCAL_RANK" not in os.environ:
+        from hybridlm.titan.launch import main as launch
+
+        launch(argv)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "hybridlm.titan.launch", *argv]
+    return subprocess.call(cmd)
+
+
+def export(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    import torch
+
+    from hybridlm.titan.export import export_checkpoint
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
+    out = export_checkpoint(args.checkpoint, args.out, dtype=dtype)
+    print(f"wrote {out}")
+    return 0
