@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def _import_mamba_ssm(args: argparse.Namespace) -> int:
     from hybridlm.builder.convert_mamba_ssm import import_mamba_ssm
+    from hybridlm.builder.pretrained import META_FILE, SPEC_FILE
     from hybridlm.layouts import load_spec
 
     out = import_mamba_ssm(args.src, args.out, train_seq_len=args.train_len, tokenizer=args.tokenizer)
-    spec = load_spec(out / "spec.yaml")
+    spec = load_spec(out / SPEC_FILE)
+    # Say which tokenizer was recorded: without SRC/tokenizer.json or --tokenizer it is the byte one.
+    tokenizer = json.loads((out / META_FILE).read_text())["tokenizer"]["kind"]
     print(f"imported {args.src} -> {out}: {spec.n_blocks} blocks, pattern {spec.compact_pattern()}, "
-          f"vocab {spec.vocab_size}")
+          f"vocab {spec.vocab_size}, tokenizer {tokenizer}")
     return 0
 
 
