@@ -20,6 +20,11 @@ from hybridlm.errors import ShapeError
 from hybridlm.kernels import dispatch
 from hybridlm.kernels.reference import Mamba3State, causal_conv1d, upcast
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()
+
 OUT_NORMS = ("none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default")
 
 
@@ -52,6 +57,14 @@ class Mamba3Cache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a parameter that tensor parallelism made a DTensor, else ``t``.
+
+    hybridlm/titan/tensor_parallel.py shards the mixer by heads (and sets ``nheads``, ``ngroups``,
+    ``d_inner``, ``split_sizes`` to this rank's counts); the kernels compute with the local heads."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def heavy_tail(x: Tensor) -> Tensor:
@@ -217,7 +230,7 @@ class Mamba3(nn.Module):
             x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
         b = self.B_norm(b.unflatten(-1, (R, G, N)))
         c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt = F.softplus(upcast(dd_dt) + self.dt_bias)
+        dt = F.softplus(upcast(dd_dt) + _local(self.dt_bias))
         a_map = heavy_tail if self.a_activation == "heavy_tail" else F.softplus
         A = -torch.clamp(a_map(upcast(dd_a)), min=self.A_floor)
         if trap is not None:
@@ -231,13 +244,13 @@ class Mamba3(nn.Module):
 
     def _kernel_kwargs(self) -> dict:
         return dict(
-            q_bias=self.C_bias if self.bc_bias else None,
-            k_bias=self.B_bias if self.bc_bias else None,
-            D=self.D,
-            mimo_x=self.mimo_x if self.is_mimo else None,
-            mimo_z=self.mimo_z if self.is_mimo else None,
-            mimo_o=self.mimo_o if self.is_mimo else None,
-            norm_weight=self.norm.weight if self.out_norm != "none" else None,
+            q_bias=_local(self.C_bias) if self.bc_bias else None,
+            k_bias=_local(self.B_bias) if self.bc_bias else None,
+            D=_local(self.D),
+            mimo_x=_local(self.mimo_x) if self.is_mimo else None,
+            mimo_z=_local(self.mimo_z) if self.is_mimo else None,
+            mimo_o=_local(self.mimo_o) if self.is_mimo else None,
+            norm_weight=_local(self.norm.weight) if self.out_norm != "none" else None,
             out_norm=self.out_norm,
             norm_eps=self.norm_eps,
             pair_layout=self.pair_layout,
