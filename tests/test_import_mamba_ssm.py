@@ -325,6 +325,9 @@ def test_untied_folder_without_lm_head_fails_clearly(tmp_path):
 def test_folders_without_config_or_weights_fail_clearly(tmp_path):
     with pytest.raises(HybridLMError, match="no config.json"):
         import_mamba_ssm(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "attn_cfg": {"num_heads": 4}}))
+    with pytest.raises(MambaConfigUnsupported, match="attn_cfg.causal"):  # the config is refused first
+        import_mamba_ssm(tmp_path, tmp_path / "out")
     (tmp_path / "config.json").write_text(json.dumps(BASE))
     with pytest.raises(HybridLMError, match="no weights: expected one of model.safetensors, pytorch_model.bin"):
         import_mamba_ssm(tmp_path, tmp_path / "out")

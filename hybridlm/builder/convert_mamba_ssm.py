@@ -324,26 +324,29 @@ def _drop_zero_bias(source: dict[str, torch.Tensor], key: str, field: str) -> No
 
 
 # -- folders ----------------------------------------------------------------------------------------
-def read_mamba_folder(src_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``config.json`` and the state_dict of a mamba_ssm model folder."""
-    src = Path(src_dir)
-    config_path = src / CONFIG_FILE
+def read_mamba_config(src_dir: str | Path) -> dict:
+    """The ``config.json`` of a mamba_ssm model folder."""
+    config_path = Path(src_dir) / CONFIG_FILE
     if not config_path.is_file():
-        raise HybridLMError(f"{src} is not a mamba_ssm model folder: no {CONFIG_FILE}")
+        raise HybridLMError(f"{src_dir} is not a mamba_ssm model folder: no {CONFIG_FILE}")
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise HybridLMError(f"{config_path} is not valid JSON: {err}") from None
+
+
+def read_mamba_weights(src_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict of a mamba_ssm model folder (``model.safetensors`` or ``pytorch_model.bin``)."""
     for name in WEIGHT_FILES:
-        path = src / name
+        path = Path(src_dir) / name
         if not path.is_file():
             continue
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return config, load_file(str(path))
-        return config, torch.load(path, map_location="cpu", weights_only=True)
-    raise HybridLMError(f"{src} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise HybridLMError(f"{src_dir} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def import_mamba_ssm(src_dir: str | Path, out_dir: str | Path, *, train_seq_len: int | None = None,
@@ -357,8 +360,9 @@ def import_mamba_ssm(src_dir: str | Path, out_dir: str | Path, *, train_seq_len:
     from hybridlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     src = Path(src_dir)
-    config, official = read_mamba_folder(src)
-    spec = spec_from_mamba_config(config, name=name or src.resolve().name)
+    config = read_mamba_config(src)
+    spec = spec_from_mamba_config(config, name=name or src.resolve().name)  # refuse a config before reading weights
+    official = read_mamba_weights(src)
     _check_vocab_rows(official, spec, config)
     weights = convert_state_dict(official, spec)
     model = HybridLM(spec, device="meta").to_empty(device="cpu")
