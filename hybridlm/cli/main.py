@@ -8,6 +8,7 @@
     hybridlm eval MODEL... --task niah-1,mqar --lengths 1x,2x,4x,8x
     hybridlm train SPEC [--config cpu-debug] [--nproc N] [torchtitan flags]
     hybridlm export CHECKPOINT --out DIR
+    hybridlm import-mamba-ssm SRC --out DIR
 
 SPEC is a YAML file or a preset name (``hybridlm presets``). Errors in a spec are printed as one
 line naming the YAML path, without a traceback, and the command exits with status 2.
@@ -175,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hybridlm.cli.train import add_parsers as add_train_parsers
 
     add_train_parsers(sub)
+
+    from hybridlm.cli.import_mamba_ssm import add_parser as add_import_mamba_ssm_parser
+
+    add_import_mamba_ssm_parser(sub)
     return parser
 
 
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except HybridLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hybridlm show ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
