@@ -20,14 +20,20 @@ from pathlib import Path
 LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?tps:\s*([\d,]+)\s+tflops:\s*([\d.,]+)\s+mfu:\s*([\d.]+)%")
 
 
-def run(spec: str, nproc: int, steps: int, batch: int, seq_len: int, dump: Path, extra: list[str]) -> dict:
+def run(spec: str, nproc: int, steps: int, batch: int, seq_len: int, dump: Path, extra: list[str],
+        timeout: float = 600) -> dict:
     cmd = [sys.executable, "-m", "hybridlm.cli.main", "train", spec, "--config", "1gpu", "--nproc", str(nproc),
            "--training.steps", str(steps), "--training.local_batch_size", str(batch),
            "--training.seq_len", str(seq_len), "--metrics.log_freq", "10", "--metrics.no-enable-tensorboard",
            "--checkpoint.no-enable", "--job.dump_folder", str(dump), "--hybrid.data", "task:niah-1",
            "--hybrid.loss_on", "all", *extra]
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(cmd, -9, e.stdout or "", e.stderr or "")
+        proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
+        proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
     wall = time.time() - start
     rows = [(int(s), float(loss), float(tps.replace(",", "")), float(tf.replace(",", "")), float(mfu))
             for s, loss, tps, tf, mfu in LINE.findall(proc.stdout)]
@@ -53,14 +59,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dump", default="/tmp/titan-bench")
     parser.add_argument("--out", default="titan_throughput.json")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     args, extra = parser.parse_known_args()
     results = []
     for spec in args.specs.split(","):
         for nproc in map(int, args.nprocs.split(",")):
-            r = run(spec, nproc, args.steps, args.batch, args.seq_len, Path(args.dump) / f"{spec}-{nproc}", extra)
+            r = run(spec, nproc, args.steps, args.batch, args.seq_len, Path(args.dump) / f"{spec}-{nproc}", extra,
+                    args.timeout)
             print(json.dumps(r), flush=True)
             results.append(r)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # keep what finished
 
 
 if __name__ == "__main__":
