@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torchtitan colours its log on a terminal
 LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?tps:\s*([\d,]+)\s+tflops:\s*([\d.,]+)\s+mfu:\s*([\d.]+)%")
 
 
@@ -36,7 +37,7 @@ def run(spec: str, nproc: int, steps: int, batch: int, seq_len: int, dump: Path,
         proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
     wall = time.time() - start
     rows = [(int(s), float(loss), float(tps.replace(",", "")), float(tf.replace(",", "")), float(mfu))
-            for s, loss, tps, tf, mfu in LINE.findall(proc.stdout)]
+            for s, loss, tps, tf, mfu in LINE.findall(ANSI.sub("", proc.stdout))]
     steady = [r for r in rows if r[0] > max(20, steps // 5)]  # skip compile and warm-up
     result = {"spec": spec, "nproc": nproc, "steps": steps, "local_batch": batch, "seq_len": seq_len,
               "returncode": proc.returncode, "wall_s": round(wall, 1), "logged_steps": len(rows)}
