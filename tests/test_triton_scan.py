@@ -24,8 +24,8 @@ CONFIGS = {
     # name: (R, G, H, N, P, rope_fraction, layout, out_norm)
     "siso": (1, 1, 4, 16, 8, 0.5, "interleaved", "none"),
     "siso-groups-rope1-norm": (1, 2, 4, 16, 8, 1.0, "interleaved", "pregate_grouped"),
-    "mimo2-groups": (2, 2, 4, 16, 8, 0.5, "half", "postgate_default"),
-    "mimo4-rope1": (4, 1, 2, 16, 8, 1.0, "half", "none"),
+    "mimo2-groups": (2, 2, 4, 16, 8, 0.5, "half", "postgate_grouped"),
+    "mimo4-rope1": (4, 1, 2, 16, 8, 1.0, "half", "pregate_default"),  # a norm across heads: the torch path
 }
 
 

@@ -9,7 +9,9 @@ output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M 
     dk̄_b  = Σ_a P_ab M_ab q̄_a + e^{cs_end − cs_b} scale_b Gᵀ v_b
 and the per-token scalars get dM = P ⊙ A through M, plus the inter-chunk and state terms; dA·Δ is
 the reverse cumsum of d cs inside the chunk plus d cs_end on every token. dq̄, dk̄ are rotated back
-(giving dq, dk per head) and give dθ.
+per head (the caller sums the heads of a group) and give dθ. The q-side kernel writes the
+per-token gradients, the k-side kernel, launched after it, adds its terms. N is walked in blocks of
+rotation pairs; the q side needs A over all of N first, so it walks the blocks twice.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.triton.chunk_fwd import value_strides
 from hybridlm.kernels.triton.rows import (
-    chunk_rows, intra_weights, load_rotated, load_rows, mm, pair_dims, row_scalars, rotation, rows_to_tokens,
-    rows_to_tokens_2d, state_offsets,
+    chunk_rotation, chunk_scalars, intra_weights, load_pairs, load_rotated, load_rows, mm, rows_to_tokens,
+    rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
 
@@ -28,215 +31,287 @@ from hybridlm.kernels.triton.spec import ScanSpec
 @triton.jit
 def _state_bwd_kernel(
     Q, Q_BIAS, THETA, DY, ADT, DFINAL, DSTATES, DSSM0, CU_SEQLENS, CU_CHUNKS,
-    dy_st, dy_sr, dy_sh,
+    dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stores the gradient of the state leaving every chunk, and of the initial state."""
-    seq, h, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_p_blocks = tl.cdiv(headdim, BLOCK_P)
+    pid_p, pid_pairs = pid % n_p_blocks, pid // n_p_blocks
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
     first_chunk = tl.load(CU_CHUNKS + seq).to(tl.int64)
-    dim_a, dim_b, half_mask = pair_dims(half_n, BLOCK_HALF, INTERLEAVED)
+    i0 = pid_pairs * BLOCK_PAIRS
+
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < headdim
-    off_a, off_b = state_offsets(p, dim_a, dim_b, d_state)
-    s_mask = p_mask[:, None] & half_mask[None, :]
     head_size = headdim * d_state
-    row = (seq * n_heads + h).to(tl.int64) * head_size
+    at_seq = (seq * n_heads + h).to(tl.int64) * head_size
     if HAS_DFINAL:
-        grad_a = tl.load(DFINAL + row + off_a, mask=s_mask, other=0.0).to(tl.float32)
-        grad_b = tl.load(DFINAL + row + off_b, mask=s_mask, other=0.0).to(tl.float32)
+        grad_a, grad_b = load_pairs(DFINAL + at_seq, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     else:
-        grad_a = tl.zeros([BLOCK_P, BLOCK_HALF], dtype=tl.float32)
-        grad_b = tl.zeros([BLOCK_P, BLOCK_HALF], dtype=tl.float32)
+        grad_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
+        grad_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    k_row = n_groups * d_state
     q_group = Q + (h // heads_per_group) * d_state
     q_bias = Q_BIAS + h * R * d_state
     n_chunks = tl.cdiv(end - start, CHUNK)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i
+    for j in range(n_chunks):
+        c = n_chunks - 1 - j
+        tok0 = start + c * CHUNK
         out = DSTATES + ((first_chunk + c) * n_heads + h) * head_size
-        tl.store(out + off_a, grad_a, mask=s_mask)
-        tl.store(out + off_b, grad_b, mask=s_mask)
-        tok_local, rank, tok, valid = chunk_rows(start + c * CHUNK, end, CHUNK, R)
-        cos, sin = rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF)
-        qa, qb = load_rotated(q_group, q_bias, tok, rank, valid, R * n_groups * d_state, n_groups * d_state,
-                              d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
-        dy = load_rows(DY, tok, rank, valid, h, dy_st, dy_sr, dy_sh, p, p_mask)
-        cs, cs_end, _, _ = row_scalars(ADT, ADT, ADT, tok, rank, valid, h, n_heads)
-        dye = tl.trans(dy * tl.exp(cs)[:, None])
+        store_pairs(out, d_state, p, p_mask, i0, half_n, grad_a, grad_b, BLOCK_PAIRS, INTERLEAVED)
+        valid = tok0 + tok_local < end
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(q_group + tok0.to(tl.int64) * (R * k_row), k_row, q_bias, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
+        cs, cs_end, _, _ = chunk_scalars(ADT, ADT, ADT, tok0, end, h, n_heads, CHUNK, R)
+        dyt = tl.trans(dy)
+        growth = tl.exp(cs)[:, None]
         decay = tl.exp(cs_end)
-        grad_a = grad_a * decay + mm(dye, qa, MM_DTYPE, PRECISION)
-        grad_b = grad_b * decay + mm(dye, qb, MM_DTYPE, PRECISION)
-    tl.store(DSSM0 + row + off_a, grad_a, mask=s_mask)
-    tl.store(DSSM0 + row + off_b, grad_b, mask=s_mask)
+        grad_a = grad_a * decay + mm(dyt, qa * growth, MM_DTYPE, PRECISION)
+        grad_b = grad_b * decay + mm(dyt, qb * growth, MM_DTYPE, PRECISION)
+    store_pairs(DSSM0 + at_seq, d_state, p, p_mask, i0, half_n, grad_a, grad_b, BLOCK_PAIRS, INTERLEAVED)
 
 
 @triton.jit
 def _dv_kernel(
     Q, K, Q_BIAS, K_BIAS, THETA, DY, ADT, GAMMA, SCALE, D, DSTATES, DV, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    dy_st, dy_sr, dy_sh,
+    dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     c, h = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(CHUNK_SEQ + c)
-    end = tl.load(CU_SEQLENS + seq + 1)
-    tok_local, rank, tok, valid = chunk_rows(tl.load(CHUNK_START + c), end, CHUNK, R)
-    dim_a, dim_b, half_mask = pair_dims(half_n, BLOCK_HALF, INTERLEAVED)
-    cos, sin = rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF)
-    group = (h // heads_per_group) * d_state
-    qa, qb = load_rotated(Q + group, Q_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
-    ka, kb = load_rotated(K + group, K_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
+    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
+    tok0 = tl.load(CHUNK_START + c)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    valid = tok0 + tok_local < end
+    k_row = n_groups * d_state
+    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
     p = tl.arange(0, BLOCK_P)
     p_mask = p < headdim
-    dy = load_rows(DY, tok, rank, valid, h, dy_st, dy_sr, dy_sh, p, p_mask)
-    cs, cs_end, gamma, scale = row_scalars(ADT, GAMMA, SCALE, tok, rank, valid, h, n_heads)
-    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
-    scores = mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
-    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION)
-    off_a, off_b = state_offsets(p, dim_a, dim_b, d_state)
-    s_mask = p_mask[:, None] & half_mask[None, :]
     grad = DSTATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    grad_a = tl.load(grad + off_a, mask=s_mask, other=0.0)
-    grad_b = tl.load(grad + off_b, mask=s_mask, other=0.0)
-    to_end = tl.exp(cs_end - cs) * scale
-    dv += to_end[:, None] * (mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION)
-                             + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION))
+    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
+    k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+        grad_a, grad_b = load_pairs(grad, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
+    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
+    dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
+    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + (tl.exp(cs_end - cs) * scale)[:, None] * k_grad
     if HAS_D:
-        dv += tl.load(D + h) * dy
-    tl.store(DV + tok[:, None] * (R * n_heads * headdim) + rank[:, None] * (n_heads * headdim) + h * headdim
-             + p[None, :], dv, mask=valid[:, None] & p_mask[None, :])
+        dv += tl.load(D + h) * dy.to(tl.float32)
+    dv_row = n_heads * headdim
+    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
+             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
 
 
 @triton.jit
-def _dqk_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
-    DQ, DK, DTHETA, DADT, DGAMMA, DSCALE, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    v_st, v_sr, v_sh, dy_st, dy_sr, dy_sh,
+def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da, db, cos, sin,
+                     R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotate the gradient of one pair block back and store it for head h in DX (T, R, H, N)."""
+    out = DX + tok0.to(tl.int64) * (R * n_heads * d_state) + h * d_state
+    store_pairs(out, n_heads * d_state, rows, valid, i0, half_n, da * cos + db * sin, db * cos - da * sin,
+                BLOCK_PAIRS, INTERLEAVED)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES,
+    DQ, DTHETA, DADT, DGAMMA, DSCALE, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Per head: dq, the q-side dθ, dγ, and the q-side d scale and dA·Δ."""
     c, h = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(CHUNK_SEQ + c)
-    end = tl.load(CU_SEQLENS + seq + 1)
+    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
     tok0 = tl.load(CHUNK_START + c)
-    tok_local, rank, tok, valid = chunk_rows(tok0, end, CHUNK, R)
-    dim_a, dim_b, half_mask = pair_dims(half_n, BLOCK_HALF, INTERLEAVED)
-    cos, sin = rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF)
-    group = (h // heads_per_group) * d_state
-    qa, qb = load_rotated(Q + group, Q_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
-    ka, kb = load_rotated(K + group, K_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    valid = tok0 + tok_local < end
+    t = tl.arange(0, CHUNK)
+    t_valid = tok0 + t < end
+    k_row = n_groups * d_state
+    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
     p = tl.arange(0, BLOCK_P)
     p_mask = p < headdim
-    v = load_rows(V, tok, rank, valid, h, v_st, v_sr, v_sh, p, p_mask)
-    dy = load_rows(DY, tok, rank, valid, h, dy_st, dy_sr, dy_sh, p, p_mask)
-    cs, cs_end, gamma, scale = row_scalars(ADT, GAMMA, SCALE, tok, rank, valid, h, n_heads)
+    state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
+    at_token = (tok0 + t).to(tl.int64) * n_heads + h
+
+    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
-    scores = mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+    dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
-    dscores = dprod * weights
     dweights = dprod * scores
-
-    off_a, off_b = state_offsets(p, dim_a, dim_b, d_state)
-    s_mask = p_mask[:, None] & half_mask[None, :]
-    at_chunk = (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    state_a = tl.load(STATES + at_chunk + off_a, mask=s_mask, other=0.0).to(tl.float32)
-    state_b = tl.load(STATES + at_chunk + off_b, mask=s_mask, other=0.0).to(tl.float32)
-    grad_a = tl.load(DSTATES + at_chunk + off_a, mask=s_mask, other=0.0)
-    grad_b = tl.load(DSTATES + at_chunk + off_b, mask=s_mask, other=0.0)
-
-    # q̄: intra and inter terms; the inter term also gives d cs_a = q̄_a · (its dq̄)
-    growth = tl.exp(cs)
-    dqa_inter = growth[:, None] * mm(dy, state_a, MM_DTYPE, PRECISION)
-    dqb_inter = growth[:, None] * mm(dy, state_b, MM_DTYPE, PRECISION)
-    dcs = tl.sum(qa * dqa_inter + qb * dqb_inter, 1)
-    dqa = mm(dscores, ka, MM_DTYPE, PRECISION) + dqa_inter
-    dqb = mm(dscores, kb, MM_DTYPE, PRECISION) + dqb_inter
-
-    # k̄: intra and state terms; ratio_b = e^{cs_end − cs_b} k̄_b·(Gᵀ v_b) is d scale_b of the state term
-    vg_a = mm(v, grad_a, MM_DTYPE, PRECISION)
-    vg_b = mm(v, grad_b, MM_DTYPE, PRECISION)
-    to_end = tl.exp(cs_end - cs)
-    ratio = to_end * tl.sum(ka * vg_a + kb * vg_b, 1)
-    dka = mm(tl.trans(dscores), qa, MM_DTYPE, PRECISION) + (to_end * scale)[:, None] * vg_a
-    dkb = mm(tl.trans(dscores), qb, MM_DTYPE, PRECISION) + (to_end * scale)[:, None] * vg_b
-
-    # the per-token scalars
+    dscores = dprod * weights
     ddecay = dweights * decay
-    dscale = tl.sum(ddecay, 0) + ratio
     through_decay = ddecay * scale[None, :]
+    dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0)
+    tl.store(DSCALE + at_token, rows_to_tokens(tl.sum(ddecay, 0), CHUNK, R), mask=t_valid)
+    tl.store(DGAMMA + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
+
+    growth = tl.exp(cs)[:, None]
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
+        dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
+        dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
+        dcs += tl.sum(qa * dqa + qb * dqb, 1)
+        dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
+        dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
+        i = i0 + tl.arange(0, BLOCK_PAIRS)
+        tl.store(DTHETA + at_token[:, None] * n_angles + i[None, :],
+                 rows_to_tokens_2d(dqb * qa - dqa * qb, CHUNK, R, BLOCK_PAIRS),
+                 mask=t_valid[:, None] & (i < n_angles)[None, :])
+        _store_unrotated(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, cos, sin,
+                         R, BLOCK_PAIRS, INTERLEAVED)
+    tl.store(DADT + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True), mask=t_valid)
+
+
+@triton.jit
+def _dk_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
+    DK, DTHETA, DADT, DSCALE, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    v_row, v_head, dy_row, dy_head,
+    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per head: dk, the k-side dθ, d scale and dA·Δ (added to what the q-side kernel wrote)."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
+    tok0 = tl.load(CHUNK_START + c)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    valid = tok0 + tok_local < end
+    t = tl.arange(0, CHUNK)
+    t_valid = tok0 + t < end
+    k_row = n_groups * d_state
+    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < headdim
+    at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+    at_token = (tok0 + t).to(tl.int64) * n_heads + h
+
+    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
+    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
+    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+    dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
+    dscores_t = tl.trans(mm(dy, tl.trans(v), MM_DTYPE, PRECISION) * weights)
+    to_end = tl.exp(cs_end - cs)
+    w = (to_end * scale)[:, None]
+    k_dot_vg = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b)
+    entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩, accumulated
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        entering += state_a * grad_a + state_b * grad_b
+        vg_a = mm(v, grad_a, MM_DTYPE, PRECISION)
+        vg_b = mm(v, grad_b, MM_DTYPE, PRECISION)
+        k_dot_vg += tl.sum(ka * vg_a + kb * vg_b, 1)
+        dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * vg_a
+        dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * vg_b
+        i = i0 + tl.arange(0, BLOCK_PAIRS)
+        theta_mask = t_valid[:, None] & (i < n_angles)[None, :]
+        at_theta = at_token[:, None] * n_angles + i[None, :]
+        tl.store(DTHETA + at_theta, tl.load(DTHETA + at_theta, mask=theta_mask, other=0.0)
+                 + rows_to_tokens_2d(dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS), mask=theta_mask)
+        _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
+                         R, BLOCK_PAIRS, INTERLEAVED)
+    # the state term: ratio_b = e^{cs_end − cs_b} k̄_b·(Gᵀ v_b) is its d scale_b
+    ratio = to_end * k_dot_vg
     state_term = ratio * scale
-    dcs += tl.sum(through_decay, 1) - tl.sum(through_decay, 0) - state_term
-    dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * (tl.sum(tl.sum(state_a * grad_a, 1), 0)
-                                                        + tl.sum(tl.sum(state_b * grad_b, 1), 0))
-    dgamma = tl.sum(tl.where(same, dweights, 0.0), 1)
-    dtheta = (dqb * qa - dqa * qb) + (dkb * ka - dka * kb)
-
-    # back through the rotation: per-head dq, dk (the caller sums the heads of a group)
-    mask = valid[:, None] & half_mask[None, :]
-    rows = tok[:, None] * (R * n_heads * d_state) + rank[:, None] * (n_heads * d_state) + h * d_state
-    tl.store(DQ + rows + dim_a[None, :], dqa * cos + dqb * sin, mask=mask)
-    tl.store(DQ + rows + dim_b[None, :], dqb * cos - dqa * sin, mask=mask)
-    tl.store(DK + rows + dim_a[None, :], dka * cos + dkb * sin, mask=mask)
-    tl.store(DK + rows + dim_b[None, :], dkb * cos - dka * sin, mask=mask)
-
-    t = tok0 + tl.arange(0, CHUNK)
-    t_valid = t < end
-    at_token = t.to(tl.int64) * n_heads + h
-    dcs_tok = rows_to_tokens(dcs, CHUNK, R)
-    tl.store(DADT + at_token, tl.cumsum(dcs_tok, 0, reverse=True) + dcs_end, mask=t_valid)
-    tl.store(DGAMMA + at_token, rows_to_tokens(dgamma, CHUNK, R), mask=t_valid)
-    tl.store(DSCALE + at_token, rows_to_tokens(dscale, CHUNK, R), mask=t_valid)
-    i = tl.arange(0, BLOCK_HALF)
-    tl.store(DTHETA + at_token[:, None] * n_angles + i[None, :], rows_to_tokens_2d(dtheta, CHUNK, R, BLOCK_HALF),
-             mask=t_valid[:, None] & (i < n_angles)[None, :])
+    dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * tl.sum(tl.sum(entering, 1), 0)
+    dadt = tl.cumsum(rows_to_tokens(-state_term, CHUNK, R), 0, reverse=True) + dcs_end
+    tl.store(DADT + at_token, tl.load(DADT + at_token, mask=t_valid, other=0.0) + dadt, mask=t_valid)
+    tl.store(DSCALE + at_token, tl.load(DSCALE + at_token, mask=t_valid, other=0.0)
+             + rows_to_tokens(ratio, CHUNK, R), mask=t_valid)
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
-    """Gradients of the chunk scan. Returns a dict of per-head dq, dk (T, R, H, N), dtheta, dv,
-    dadt, dgamma, dscale and dssm0 (or None)."""
+    """Gradients of the chunk scan. Returns a dict: dq, dk (T, R, G, N) and dq_bias, dk_bias
+    (H, R, N) or None, all fp32; dtheta, dv (v's dtype), dadt, dgamma, dscale and dssm0 (or None)."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))
-    T, H, P, N, R, S = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles
+    T, H, P, N, R, S, G = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles, spec.n_groups
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     dstates = torch.empty(lay.n_chunks, H, P, N, **f32)
     dssm0 = torch.empty(lay.n_seqs, H, P, N, **f32)
-    dq, dk = torch.empty(T, R, H, N, **f32), torch.empty(T, R, H, N, **f32)
-    dv = torch.empty(T, R, H, P, **f32)
-    dtheta = torch.empty(T, H, S, **f32)
-    dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
+    # per-head dq, dk in q's dtype: the group sum and the bias sums are torch reductions in fp32
+    dq_heads = torch.zeros(T, R, H, N, device=dev, dtype=q.dtype)
+    dk_heads = torch.zeros(T, R, H, N, device=dev, dtype=q.dtype)
+    dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
+    dtheta = torch.zeros(T, H, S, **f32)
+    dadt, dgamma, dscale = (torch.zeros(T, H, **f32) for _ in range(3))
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
     common = dict(HAS_BIAS=has_bias, **spec.constexprs())
-    dys = (dy.stride(0), dy.stride(1), dy.stride(2))
+    dys = (dy.stride(1), dy.stride(2))
+    vs = value_strides(v)
     if lay.n_seqs:
         bp = spec.block_p_sequential
-        _state_bwd_kernel[(lay.n_seqs, H, triton.cdiv(P, bp))](
+        tiles = triton.cdiv(P, bp) * triton.cdiv(N // 2, spec.block_pairs)
+        _state_bwd_kernel[(lay.n_seqs, H, tiles)](
             q, qb, theta, dy, adt, dfinal if dfinal is not None else dssm0, dstates, dssm0,
-            lay.cu_seqlens, lay.cu_chunks, *dys, *spec.dims(), BLOCK_P=bp, HAS_DFINAL=dfinal is not None, **common)
+            lay.cu_seqlens, lay.cu_chunks, *dys, *spec.dims(), BLOCK_P=bp, HAS_DFINAL=dfinal is not None,
+            num_warps=8, **common)
     if lay.n_chunks:
+        warps = spec.parallel_warps
         grid = (lay.n_chunks, H)
         _dv_kernel[grid](
             q, k, qb, kb, theta, dy, adt, gamma, scale, D if D is not None else adt, dstates, dv,
             lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *dys, *spec.dims(),
-            BLOCK_P=spec.block_p, HAS_D=D is not None, **common)
-        _dqk_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates,
-            dq, dk, dtheta, dadt, dgamma, dscale, lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
-            v.stride(0), v.stride(1), v.stride(2), *dys, *spec.dims(), BLOCK_P=spec.block_p, **common)
-    return dict(dq=dq, dk=dk, dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma, dscale=dscale,
-                dssm0=dssm0 if need_dssm0 else None)
+            BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=warps, **common)
+        _dq_kernel[grid](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dq_heads, dtheta, dadt, dgamma, dscale,
+            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p,
+            num_warps=warps, **common)
+        _dk_kernel[grid](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates, dk_heads, dtheta, dadt, dscale,
+            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p,
+            num_warps=warps, **common)
+
+    def group_sum(per_head: Tensor) -> Tensor:  # (T, R, H, N) -> (T, R, G, N): head h reads group h // (H/G)
+        return per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)
+
+    def bias_grad(per_head: Tensor) -> Tensor:  # (T, R, H, N) -> (H, R, N)
+        return per_head.sum(0, dtype=torch.float32).transpose(0, 1)
+
+    return dict(dq=group_sum(dq_heads), dk=group_sum(dk_heads),
+                dq_bias=bias_grad(dq_heads) if has_bias else None, dk_bias=bias_grad(dk_heads) if has_bias else None,
+                dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma, dscale=dscale, dssm0=dssm0 if need_dssm0 else None)

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.triton.rows import (
-    chunk_rows, intra_weights, load_rotated, load_rows, mm, pair_dims, row_scalars, rotation, state_offsets,
+    chunk_rotation, chunk_scalars, intra_weights, load_pairs, load_rotated, load_rows, mm, store_pairs,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
 
@@ -16,114 +16,128 @@ from hybridlm.kernels.triton.spec import ScanSpec
 @triton.jit
 def _state_fwd_kernel(
     K, K_BIAS, THETA, V, ADT, SCALE, SSM0, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
-    v_st, v_sr, v_sh,
+    v_row, v_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """S_{c+1} = e^{cs_end} S_c + Σ_b e^{cs_end − cs_b} scale_b v_b k̄_bᵀ; stores every S_c."""
-    seq, h, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """S_{c+1} = e^{cs_end} S_c + Σ_b e^{cs_end − cs_b} scale_b v_b k̄_bᵀ; stores every S_c.
+    One program owns a (P block) × (pair block) tile of one head's state."""
+    seq, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_p_blocks = tl.cdiv(headdim, BLOCK_P)
+    pid_p, pid_pairs = pid % n_p_blocks, pid // n_p_blocks
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
     first_chunk = tl.load(CU_CHUNKS + seq).to(tl.int64)
-    dim_a, dim_b, half_mask = pair_dims(half_n, BLOCK_HALF, INTERLEAVED)
+    i0 = pid_pairs * BLOCK_PAIRS
+
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < headdim
-    off_a, off_b = state_offsets(p, dim_a, dim_b, d_state)
-    s_mask = p_mask[:, None] & half_mask[None, :]
     head_size = headdim * d_state
     if HAS_INIT:
         init = SSM0 + (seq * n_heads + h).to(tl.int64) * head_size
-        state_a = tl.load(init + off_a, mask=s_mask, other=0.0).to(tl.float32)
-        state_b = tl.load(init + off_b, mask=s_mask, other=0.0).to(tl.float32)
+        state_a, state_b = load_pairs(init, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     else:
-        state_a = tl.zeros([BLOCK_P, BLOCK_HALF], dtype=tl.float32)
-        state_b = tl.zeros([BLOCK_P, BLOCK_HALF], dtype=tl.float32)
+        state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
+        state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    k_row = n_groups * d_state
     k_group = K + (h // heads_per_group) * d_state
     k_bias = K_BIAS + h * R * d_state
     for c in range(tl.cdiv(end - start, CHUNK)):
+        tok0 = start + c * CHUNK
         out = STATES + ((first_chunk + c) * n_heads + h) * head_size
-        tl.store(out + off_a, state_a.to(STATES.dtype.element_ty), mask=s_mask)
-        tl.store(out + off_b, state_b.to(STATES.dtype.element_ty), mask=s_mask)
-        tok_local, rank, tok, valid = chunk_rows(start + c * CHUNK, end, CHUNK, R)
-        cos, sin = rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF)
-        ka, kb = load_rotated(k_group, k_bias, tok, rank, valid, R * n_groups * d_state, n_groups * d_state,
-                              d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
-        v = load_rows(V, tok, rank, valid, h, v_st, v_sr, v_sh, p, p_mask)
-        cs, cs_end, _, scale = row_scalars(ADT, SCALE, SCALE, tok, rank, valid, h, n_heads)
-        vw = tl.trans(v * (tl.exp(cs_end - cs) * scale)[:, None])
+        store_pairs(out, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
+        valid = tok0 + tok_local < end
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        ka, kb = load_rotated(k_group + tok0.to(tl.int64) * (R * k_row), k_row, k_bias, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+        cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
+        to_end = (tl.exp(cs_end - cs) * scale)[:, None]
+        vt = tl.trans(v)
         decay = tl.exp(cs_end)
-        state_a = state_a * decay + mm(vw, ka, MM_DTYPE, PRECISION)
-        state_b = state_b * decay + mm(vw, kb, MM_DTYPE, PRECISION)
+        state_a = state_a * decay + mm(vt, ka * to_end, MM_DTYPE, PRECISION)
+        state_b = state_b * decay + mm(vt, kb * to_end, MM_DTYPE, PRECISION)
     final = FINAL + (seq * n_heads + h).to(tl.int64) * head_size
-    tl.store(final + off_a, state_a, mask=s_mask)
-    tl.store(final + off_b, state_b, mask=s_mask)
+    store_pairs(final, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
 
 
 @triton.jit
 def _output_fwd_kernel(
     Q, K, Q_BIAS, K_BIAS, THETA, V, ADT, GAMMA, SCALE, D, STATES, Y, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    v_st, v_sr, v_sh, y_st, y_sr, y_sh,
+    v_row, v_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """y_a = Σ_b (q̄_a·k̄_b) M_ab v_b + e^{cs_a} S_c q̄_a + D v_a for the rows of one chunk and head."""
     c, h = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(CHUNK_SEQ + c)
-    end = tl.load(CU_SEQLENS + seq + 1)
-    tok_local, rank, tok, valid = chunk_rows(tl.load(CHUNK_START + c), end, CHUNK, R)
-    dim_a, dim_b, half_mask = pair_dims(half_n, BLOCK_HALF, INTERLEAVED)
-    cos, sin = rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF)
-    group = (h // heads_per_group) * d_state
-    qa, qb = load_rotated(Q + group, Q_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
-    ka, kb = load_rotated(K + group, K_BIAS + h * R * d_state, tok, rank, valid, R * n_groups * d_state,
-                          n_groups * d_state, d_state, dim_a, dim_b, half_mask, cos, sin, HAS_BIAS)
+    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
+    tok0 = tl.load(CHUNK_START + c)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    valid = tok0 + tok_local < end
+    k_row = n_groups * d_state
+    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
     p = tl.arange(0, BLOCK_P)
     p_mask = p < headdim
-    v = load_rows(V, tok, rank, valid, h, v_st, v_sr, v_sh, p, p_mask)
-    cs, cs_end, gamma, scale = row_scalars(ADT, GAMMA, SCALE, tok, rank, valid, h, n_heads)
-    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
-    scores = mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
-    y = mm(scores * weights, v, MM_DTYPE, PRECISION)
-    off_a, off_b = state_offsets(p, dim_a, dim_b, d_state)
-    s_mask = p_mask[:, None] & half_mask[None, :]
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    state_a = tl.load(state + off_a, mask=s_mask, other=0.0)
-    state_b = tl.load(state + off_b, mask=s_mask, other=0.0)
-    inter = mm(qa, tl.trans(state_a), MM_DTYPE, PRECISION) + mm(qb, tl.trans(state_b), MM_DTYPE, PRECISION)
-    y += tl.exp(cs)[:, None] * inter
+    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
+    inter = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+        state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        inter += mm(qa, tl.trans(state_a), MM_DTYPE, PRECISION) + mm(qb, tl.trans(state_b), MM_DTYPE, PRECISION)
+    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
+    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
+    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+    y = mm(scores * weights, v, MM_DTYPE, PRECISION) + tl.exp(cs)[:, None] * inter
     if HAS_D:
-        y += tl.load(D + h) * v
-    tl.store(Y + tok[:, None] * y_st + rank[:, None] * y_sr + h * y_sh + p[None, :], y,
-             mask=valid[:, None] & p_mask[None, :])
+        y += tl.load(D + h) * v.to(tl.float32)
+    y_row = n_heads * headdim
+    tl.store(Y + tok0.to(tl.int64) * (R * y_row) + h * headdim + rows[:, None] * y_row + p[None, :],
+             y.to(Y.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
+
+
+def value_strides(v: Tensor) -> tuple[int, int]:
+    """(row stride, head stride) of v (T, R, H, P): rows must be evenly strided."""
+    R = v.shape[1]
+    row = v.stride(0) if R == 1 else v.stride(1)
+    assert R == 1 or v.stride(0) == R * v.stride(1), "v rows must be evenly strided"
+    assert v.stride(-1) == 1
+    return row, v.stride(2)
 
 
 def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None,
                  theta: Tensor, v: Tensor, adt: Tensor, gamma: Tensor, scale: Tensor, D: Tensor | None,
-                 ssm0: Tensor | None, states_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns y (T, R, H, P) fp32, the states entering every chunk, and the final state (NS, H, P, N) fp32."""
+                 ssm0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns y (T, R, H, P) in v's dtype, the states entering every chunk (matmul dtype), and the
+    final state (NS, H, P, N) fp32."""
     lay = spec.layout
     T, H, P, N, R = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank
     dev = q.device
-    states = torch.empty(lay.n_chunks, H, P, N, device=dev, dtype=states_dtype)
+    states = torch.empty(lay.n_chunks, H, P, N, device=dev, dtype=spec.matmul_dtype)
     final = torch.empty(lay.n_seqs, H, P, N, device=dev, dtype=torch.float32)
-    y = torch.empty(T, R, H, P, device=dev, dtype=torch.float32)
+    y = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     common = dict(HAS_BIAS=k_bias is not None, **spec.constexprs())
-    vs = (v.stride(0), v.stride(1), v.stride(2))
+    vs = value_strides(v)
     if lay.n_seqs:
         bp = spec.block_p_sequential
-        _state_fwd_kernel[(lay.n_seqs, H, triton.cdiv(P, bp))](
+        tiles = triton.cdiv(P, bp) * triton.cdiv(N // 2, spec.block_pairs)
+        _state_fwd_kernel[(lay.n_seqs, H, tiles)](
             k, k_bias if k_bias is not None else k, theta, v, adt, scale,
             ssm0 if ssm0 is not None else final, states, final, lay.cu_seqlens, lay.cu_chunks,
-            *vs, *spec.dims(), BLOCK_P=bp, HAS_INIT=ssm0 is not None, **common)
+            *vs, *spec.dims(), BLOCK_P=bp, HAS_INIT=ssm0 is not None, num_warps=8, **common)
     if lay.n_chunks:
         _output_fwd_kernel[(lay.n_chunks, H)](
             q, k, q_bias if q_bias is not None else q, k_bias if k_bias is not None else k, theta, v, adt, gamma,
             scale, D if D is not None else adt, states, y, lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
-            *vs, y.stride(0), y.stride(1), y.stride(2), *spec.dims(),
-            BLOCK_P=spec.block_p, HAS_D=D is not None, **common)
+            *vs, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=spec.parallel_warps, **common)
     return y, states, final

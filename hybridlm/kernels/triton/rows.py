@@ -1,100 +1,36 @@
 """Triton helpers shared by the chunk kernels: one chunk as a block of token-rank rows.
 
 A chunk of C tokens and R ranks is a block of C·R rows, row ``a`` = token ``a // R``, rank
-``a % R`` (the MIMO token-rank axis; SISO has R = 1). The d_state axis of q, k and the state is
-split into the two halves of the rotation pairs — ``a`` dims and ``b`` dims, (2i, 2i+1) for the
-interleaved layout and (i, i + N/2) for the half layout — so that a rotation is elementwise and
-a dot product over N is the sum of two dot products over N/2.
+``a % R`` (the MIMO token-rank axis; SISO has R = 1). In every rank-major tensor — q, k (T, R, G, N),
+v and y (T, R, H, P) — the rows of one group or head are evenly strided, so a chunk is addressed
+as one scalar base pointer (64-bit) plus 32-bit offsets inside the chunk. Per-token values (the
+angle, A·Δ, γ, scale) are loaded once per token and repeated for the R rows.
 
-Layouts (all contiguous): q, k (T, R, G, N); biases (H, R, N); theta (T, H, S); per-token
-scalars (T, H) fp32; v, y (T, R, H, P) with strides passed in; states (·, H, P, N).
+The d_state axis of q, k and the state is walked in blocks of rotation pairs; a block's pairs
+have ``a`` dims and ``b`` dims, (2i, 2i+1) for the interleaved layout and (i, i + N/2) for the half
+layout, so a rotation is elementwise and a dot product over N is a sum over blocks of two
+products. Blocking N keeps the registers of a program bounded whatever d_state is.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def chunk_rows(tok0, end, CHUNK: tl.constexpr, R: tl.constexpr):
-    """Token (local, global) and rank of each row; rows past the sequence end are invalid."""
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    tok = tok0 + tok_local
-    return tok_local, rows % R, tok.to(tl.int64), tok < end
-
-
-@triton.jit
-def pair_dims(half_n, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    i = tl.arange(0, BLOCK_HALF)
-    if INTERLEAVED:
-        dim_a = 2 * i
-        dim_b = 2 * i + 1
+def expand_rows(x, CHUNK: tl.constexpr, R: tl.constexpr):
+    """Per token -> per row: (C,) -> (C·R,), each value repeated for its R ranks."""
+    if R == 1:
+        return x
     else:
-        dim_a = i
-        dim_b = i + half_n
-    return dim_a, dim_b, i < half_n
+        return tl.reshape(tl.broadcast_to(x[:, None], (CHUNK, R)), (CHUNK * R,))
 
 
 @triton.jit
-def rotation(THETA, tok, valid, h, n_heads, n_angles, BLOCK_HALF: tl.constexpr):
-    """cos and sin of each row's angles (C·R, BLOCK_HALF); pairs i >= S are not rotated."""
-    i = tl.arange(0, BLOCK_HALF)
-    mask = valid[:, None] & (i < n_angles)[None, :]
-    theta = tl.load(THETA + (tok[:, None] * n_heads + h) * n_angles + i[None, :], mask=mask, other=0.0)
-    return tl.cos(theta), tl.sin(theta)
-
-
-@triton.jit
-def load_rotated(X, XB, tok, rank, valid, row_stride, rank_stride, d_state, dim_a, dim_b, half_mask, cos, sin,
-                 HAS_BIAS: tl.constexpr):
-    """Rows of X (+ bias), rotated: the a and b halves, fp32, zero on invalid rows.
-    X points at the row's group, XB at the head's bias (R, N)."""
-    mask = valid[:, None] & half_mask[None, :]
-    base = X + tok[:, None] * row_stride + rank[:, None] * rank_stride
-    a = tl.load(base + dim_a[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(base + dim_b[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = XB + rank[:, None] * d_state
-        a += tl.load(bias + dim_a[None, :], mask=mask, other=0.0)
-        b += tl.load(bias + dim_b[None, :], mask=mask, other=0.0)
-    return a * cos - b * sin, a * sin + b * cos
-
-
-@triton.jit
-def row_scalars(ADT, GAMMA, SCALE, tok, rank, valid, h, n_heads):
-    """Per row: cs (chunk-local inclusive cumsum of A·Δ), γ, scale; and cs at the chunk's last token.
-    Only rank-0 rows carry A·Δ into the cumsum, so every rank of a token sees that token's cs."""
-    offs = tok * n_heads + h
-    adt = tl.load(ADT + offs, mask=valid & (rank == 0), other=0.0)
-    gamma = tl.load(GAMMA + offs, mask=valid, other=0.0)
-    scale = tl.load(SCALE + offs, mask=valid, other=0.0)
-    return tl.cumsum(adt, 0), tl.sum(adt, 0), gamma, scale
-
-
-@triton.jit
-def intra_weights(tok_local, cs, gamma, scale):
-    """M[a, b]: how much row b feeds row a inside the chunk — scale_b·e^{cs_a − cs_b} for an earlier
-    token, γ for the same token (every rank pair), 0 after. Also the strictly-earlier decay E."""
-    earlier = tok_local[:, None] > tok_local[None, :]
-    same = tok_local[:, None] == tok_local[None, :]
-    decay = tl.where(earlier, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    return decay * scale[None, :] + tl.where(same, gamma[:, None], 0.0), decay, same
-
-
-@triton.jit
-def load_rows(X, tok, rank, valid, h, row_stride, rank_stride, head_stride, p, p_mask):
-    return tl.load(X + tok[:, None] * row_stride + rank[:, None] * rank_stride + h * head_stride + p[None, :],
-                   mask=valid[:, None] & p_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def state_offsets(p, dim_a, dim_b, d_state):
-    return p[:, None] * d_state + dim_a[None, :], p[:, None] * d_state + dim_b[None, :]
-
-
-@triton.jit
-def mm(a, b, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with operands in the matmul dtype, accumulated in fp32."""
-    return tl.dot(a.to(MM_DTYPE), b.to(MM_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+def expand_rows_2d(x, CHUNK: tl.constexpr, R: tl.constexpr, WIDTH: tl.constexpr):
+    """(C, W) -> (C·R, W)."""
+    if R == 1:
+        return x
+    else:
+        return tl.reshape(tl.broadcast_to(x[:, None, :], (CHUNK, R, WIDTH)), (CHUNK * R, WIDTH))
 
 
 @triton.jit
@@ -113,3 +49,108 @@ def rows_to_tokens_2d(x, CHUNK: tl.constexpr, R: tl.constexpr, WIDTH: tl.constex
         return x
     else:
         return tl.sum(tl.reshape(x, (CHUNK, R, WIDTH)), axis=1)
+
+
+@triton.jit
+def load_pairs(X, row_stride, rows, valid, i0, half_n, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The a and b halves of pairs i0 … i0 + BLOCK_PAIRS − 1 of some rows of X (fp32, zero outside).
+    Interleaved pairs are read as one contiguous tile and split in registers."""
+    if INTERLEAVED:
+        d = 2 * i0 + tl.arange(0, 2 * BLOCK_PAIRS)
+        x = tl.load(X + rows[:, None] * row_stride + d[None, :], mask=valid[:, None] & (d < 2 * half_n)[None, :],
+                    other=0.0)
+        a, b = tl.split(tl.reshape(x, (x.shape[0], BLOCK_PAIRS, 2)))
+    else:
+        i = i0 + tl.arange(0, BLOCK_PAIRS)
+        mask = valid[:, None] & (i < half_n)[None, :]
+        a = tl.load(X + rows[:, None] * row_stride + i[None, :], mask=mask, other=0.0)
+        b = tl.load(X + rows[:, None] * row_stride + half_n + i[None, :], mask=mask, other=0.0)
+    return a.to(tl.float32), b.to(tl.float32)
+
+
+@triton.jit
+def store_pairs(X, row_stride, rows, valid, i0, half_n, a, b, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Inverse of :func:`load_pairs` (values cast to X's dtype)."""
+    a = a.to(X.dtype.element_ty)
+    b = b.to(X.dtype.element_ty)
+    if INTERLEAVED:
+        d = 2 * i0 + tl.arange(0, 2 * BLOCK_PAIRS)
+        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * BLOCK_PAIRS))
+        tl.store(X + rows[:, None] * row_stride + d[None, :], x, mask=valid[:, None] & (d < 2 * half_n)[None, :])
+    else:
+        i = i0 + tl.arange(0, BLOCK_PAIRS)
+        mask = valid[:, None] & (i < half_n)[None, :]
+        tl.store(X + rows[:, None] * row_stride + i[None, :], a, mask=mask)
+        tl.store(X + rows[:, None] * row_stride + half_n + i[None, :], b, mask=mask)
+
+
+@triton.jit
+def chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK: tl.constexpr, R: tl.constexpr):
+    """Per row: cs (chunk-local inclusive cumsum of A·Δ), γ, scale; and cs at the chunk's last token."""
+    t = tl.arange(0, CHUNK)
+    t_valid = tok0 + t < end
+    offs = (tok0 + t).to(tl.int64) * n_heads + h
+    adt = tl.load(ADT + offs, mask=t_valid, other=0.0)
+    gamma = tl.load(GAMMA + offs, mask=t_valid, other=0.0)
+    scale = tl.load(SCALE + offs, mask=t_valid, other=0.0)
+    cs = tl.cumsum(adt, 0)
+    return (expand_rows(cs, CHUNK, R), tl.sum(adt, 0), expand_rows(gamma, CHUNK, R),
+            expand_rows(scale, CHUNK, R))
+
+
+@triton.jit
+def chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i, CHUNK: tl.constexpr, R: tl.constexpr,
+                   BLOCK_PAIRS: tl.constexpr):
+    """cos and sin of every row's angles for pairs ``i`` (C·R, BLOCK_PAIRS); pairs i >= S are not rotated."""
+    t = tl.arange(0, CHUNK)
+    base = THETA + (tok0.to(tl.int64) * n_heads + h) * n_angles
+    theta = tl.load(base + t[:, None] * (n_heads * n_angles) + i[None, :],
+                    mask=(tok0 + t < end)[:, None] & (i < n_angles)[None, :], other=0.0)
+    return (expand_rows_2d(tl.cos(theta), CHUNK, R, BLOCK_PAIRS),
+            expand_rows_2d(tl.sin(theta), CHUNK, R, BLOCK_PAIRS))
+
+
+@triton.jit
+def load_rotated(X, row_stride, XB, d_state, rows, valid, i0, half_n, cos, sin, CHUNK: tl.constexpr,
+                 R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The chunk's rows of X (+ the head's bias (R, N)), pairs i0…, rotated: the a and b halves in
+    fp32, zero on invalid rows. X points at the chunk's first row of the right group."""
+    a, b = load_pairs(X, row_stride, rows, valid, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+    if HAS_BIAS:
+        ranks = tl.arange(0, R)
+        bias_a, bias_b = load_pairs(XB, d_state, ranks, ranks < R, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        if R == 1:
+            a = tl.where(valid[:, None], a + bias_a, 0.0)
+            b = tl.where(valid[:, None], b + bias_b, 0.0)
+        else:
+            a = tl.where(valid[:, None], a + expand_ranks(bias_a, CHUNK, R, BLOCK_PAIRS), 0.0)
+            b = tl.where(valid[:, None], b + expand_ranks(bias_b, CHUNK, R, BLOCK_PAIRS), 0.0)
+    return a * cos - b * sin, a * sin + b * cos
+
+
+@triton.jit
+def expand_ranks(x, CHUNK: tl.constexpr, R: tl.constexpr, WIDTH: tl.constexpr):
+    """Per rank -> per row: (R, W) -> (C·R, W)."""
+    return tl.reshape(tl.broadcast_to(x[None, :, :], (CHUNK, R, WIDTH)), (CHUNK * R, WIDTH))
+
+
+@triton.jit
+def intra_weights(tok_local, cs, gamma, scale):
+    """M[a, b]: how much row b feeds row a inside the chunk — scale_b·e^{cs_a − cs_b} for an earlier
+    token, γ for the same token (every rank pair), 0 after. Also the strictly-earlier decay E."""
+    earlier = tok_local[:, None] > tok_local[None, :]
+    same = tok_local[:, None] == tok_local[None, :]
+    decay = tl.where(earlier, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    return decay * scale[None, :] + tl.where(same, gamma[:, None], 0.0), decay, same
+
+
+@triton.jit
+def load_rows(X, row_stride, rows, valid, p, p_mask):
+    """(C·R, BLOCK_P) rows of a (…, P) tensor; X points at the chunk's first row of the head."""
+    return tl.load(X + rows[:, None] * row_stride + p[None, :], mask=valid[:, None] & p_mask[None, :], other=0.0)
+
+
+@triton.jit
+def mm(a, b, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with operands in the matmul dtype, accumulated in fp32."""
+    return tl.dot(a.to(MM_DTYPE), b.to(MM_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)

@@ -1,11 +1,12 @@
 """``mamba3_chunked`` on the Triton kernels: same signature and results as
 :func:`hybridlm.kernels.reference.mamba3_chunked`.
 
-The kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights, the
-intra-chunk product, the state passing, D) and the cumulative angle. The cheap per-token glue —
-γ and the shifted scale, the MIMO value expansion, folding the initial state, the final k/v
-states — and the output gate / norm / rank contraction run as plain torch ops around them, so
-autograd chains everything. Inputs the kernels do not cover fall back to the reference with one
+Triton kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights,
+the intra-chunk product, the state passing, D), the cumulative angle, and the output stage (gate,
+grouped norms, rank contraction). The cheap per-token glue — γ and the shifted scale, the MIMO
+value expansion, folding the initial state, the final k/v states — and the two "default" output
+norms (a reduction across heads) run as plain torch ops around them, so autograd chains
+everything. Inputs the kernels do not cover fall back to the reference with one
 warning that names the reason.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hybridlm.kernels.reference import Mamba3State, heads_from_groups, mamba3_ou
 from hybridlm.kernels.triton.angles import AngleCumsum
 from hybridlm.kernels.triton.core import ChunkScan
 from hybridlm.kernels.triton.layout import dense_layout, kernel_chunk, packed_layout
+from hybridlm.kernels.triton.output import FUSED_NORMS, GatedOutput
 from hybridlm.kernels.triton.spec import ScanSpec
 
 MAX_D_STATE = 256
@@ -48,6 +50,10 @@ def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str |
     if angle_rate is not None and angle_rate.shape[-1] > N // 2:
         return f"{angle_rate.shape[-1]} angle pairs for d_state {N}"
     return None
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()
 
 
 def warn_fallback(reason: str) -> None:
@@ -127,10 +133,9 @@ def mamba3_chunked(
     else:
         theta = torch.zeros(T, H, 0, dtype=torch.float32, device=x.device)
 
-    if mimo_x is not None:
-        v = xf.unsqueeze(1) * mimo_x.transpose(0, 1).to(xf.dtype)  # (T, R, H, P)
-    else:
-        v = xf.unsqueeze(1).expand(T, R, H, P)
+    v = xf.unsqueeze(1)  # (T, R, H, P): SISO reads x in place; MIMO rows must be evenly strided
+    if R > 1:
+        v = (v * mimo_x.transpose(0, 1).to(xf.dtype) if mimo_x is not None else v.expand(T, R, H, P)).contiguous()
 
     ssm0 = None
     if initial_state is not None:
@@ -146,8 +151,12 @@ def mamba3_chunked(
     kb = None if k_bias is None else k_bias.float().contiguous()
     y, ssm_final = ChunkScan.apply(qf, kf, qb, kb, theta, v, adt_, gamma, scale,
                                    None if D is None else D.float().contiguous(), ssm0, spec)
-    out = mamba3_output(y, None if z is None else tokens(z).float(), mimo_z=mimo_z, mimo_o=mimo_o,
-                        norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps).to(x.dtype)
+    zt = None if z is None else tokens(z)
+    if out_norm in FUSED_NORMS and (out_norm == "none" or norm_weight is not None):
+        out = GatedOutput.apply(y, zt, _fp32(mimo_z), _fp32(mimo_o), norm_weight, out_norm, norm_eps)
+    else:  # the "default" norms reduce over all heads: torch ops
+        out = mamba3_output(y.float(), None if zt is None else zt.float(), mimo_z=mimo_z, mimo_o=mimo_o,
+                            norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps).to(x.dtype)
     out = out.view(B, L, H, P)
     if not return_final_state:
         return out

@@ -24,8 +24,9 @@ class ScanSpec:
     matmul_dtype: torch.dtype  # operand dtype of the tensor-core products (fp32 inputs: fp32 "ieee")
 
     @property
-    def block_half(self) -> int:
-        return max(16, triton.next_power_of_2(self.d_state // 2))
+    def block_pairs(self) -> int:
+        """Rotation pairs per block of the d_state axis (a block spans twice as many dims)."""
+        return min(32, max(16, triton.next_power_of_2(self.d_state // 2)))
 
     @property
     def block_p(self) -> int:
@@ -36,6 +37,11 @@ class ScanSpec:
         """The P tile of the chunk-sequential kernels (more programs for a short batch)."""
         return min(self.block_p, 32)
 
+    @property
+    def parallel_warps(self) -> int:
+        """Warps of the chunk-parallel kernels: 8 once a chunk's tiles are 64 wide."""
+        return 8 if self.rank * self.layout.chunk >= 64 and self.block_p >= 64 else 4
+
     def dims(self) -> tuple[int, ...]:
         """The runtime sizes every chunk kernel takes, in its argument order."""
         return (self.n_heads, self.n_heads // self.n_groups, self.n_groups, self.d_state, self.d_state // 2,
@@ -45,6 +51,6 @@ class ScanSpec:
         # Triton 3.6's interpreter multiplies bf16/fp16 operands wrongly (numpy has no bf16), so on
         # the CPU the products run in fp32; the compiled kernels use the tensor cores' dtype.
         fp32 = self.matmul_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-        return dict(R=self.rank, CHUNK=self.layout.chunk, BLOCK_HALF=self.block_half, INTERLEAVED=self.interleaved,
+        return dict(R=self.rank, CHUNK=self.layout.chunk, BLOCK_PAIRS=self.block_pairs, INTERLEAVED=self.interleaved,
                     MM_DTYPE=tl.float32 if fp32 else (tl.bfloat16 if self.matmul_dtype == torch.bfloat16 else tl.float16),
                     PRECISION="ieee" if fp32 else "tf32")

@@ -1,0 +1,196 @@
+"""Mamba-3 prefill (training-shaped) throughput on the GPU: our Triton path next to the official
+``mamba_ssm`` module, in one process, same weights, bf16.
+
+    python benchmarks/prefill.py --peer-configs benchmarks/peer_autotune_h100.json [--tune]
+        [--d-state 64,128] [--seqlen 2048,8192,16384] [--batch 8] [--d-model 2048] [--headdim 64]
+        [--mimo-rank 4] [--json out.json] [--profile]
+
+Times the whole layer (projections, norms, scan, gate, output projection) forward and
+forward+backward with ``triton.testing.do_bench`` (median). The official kernels run only with the
+configs its own autotuner picked: ``--tune`` runs its full autotune (minutes on a fresh machine)
+and writes the chosen configs to ``--peer-configs``; without ``--tune`` that file is loaded and
+pinned, so no config is ever picked by hand. The autotune keys hold no sequence length or batch,
+so one tuning per d_state covers every length.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import pkgutil
+import sys
+from pathlib import Path
+
+import torch
+
+PEER_PACKAGES = ("mamba_ssm.ops.triton.mamba3", "mamba_ssm.ops.triton.layernorm_gated")
+
+
+def peer_autotuners() -> dict:
+    """Every autotuned Triton kernel of the official Mamba-3 path, by qualified name."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for package in PEER_PACKAGES:
+        mod = importlib.import_module(package)
+        mods = [mod]
+        if hasattr(mod, "__path__"):
+            mods += [importlib.import_module(f"{package}.{m.name}") for m in pkgutil.iter_modules(mod.__path__)]
+        for m in mods:
+            for attr, obj in vars(m).items():
+                if isinstance(obj, Autotuner):
+                    found[f"{m.__name__}.{attr}"] = obj
+    return found
+
+
+def save_peer_configs(path: Path) -> None:
+    chosen = {}
+    for name, tuner in peer_autotuners().items():
+        if tuner.cache:
+            chosen[name] = {repr(key): {"kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                        "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg}
+                            for key, cfg in tuner.cache.items()}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    for name, entries in chosen.items():
+        old.setdefault(name, {}).update(entries)
+    path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    print(f"saved the official autotuner's choices for {len(chosen)} kernels to {path}")
+
+
+def pin_peer_configs(path: Path) -> int:
+    import triton
+
+    tuners = peer_autotuners()
+    pinned = 0
+    for name, entries in json.loads(path.read_text()).items():
+        for key, c in entries.items():
+            tuners[name].cache[ast.literal_eval(key)] = triton.Config(
+                c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"],
+                maxnreg=c["maxnreg"])
+            pinned += 1
+    return pinned
+
+
+def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool):
+    from hybridlm.blocks import Mamba3
+    from hybridlm.testing import randomize_mamba3_
+
+    kw = dict(d_model=d_model, d_state=d_state, headdim=headdim, chunk_size=64 // mimo_rank)
+    if mimo_rank > 1:
+        kw.update(is_mimo=True, mimo_rank=mimo_rank)
+    torch.manual_seed(0)
+    ours = Mamba3(**kw, a_activation="softplus", backend="triton", device="cuda", dtype=torch.bfloat16)
+    randomize_mamba3_(ours, seed=1)
+    peer = None
+    if with_peer:
+        from mamba_ssm.modules.mamba3 import Mamba3 as Official
+
+        peer = Official(**kw, layer_idx=0, device="cuda", dtype=torch.bfloat16)
+        peer.load_state_dict(ours.state_dict(), strict=True)
+    return ours, peer
+
+
+def time_layer(layer, batch: int, seqlen: int, d_model: int) -> dict:
+    from triton.testing import do_bench
+
+    u = torch.randn(batch, seqlen, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(u)
+
+    def forward():
+        with torch.no_grad():
+            layer(u)
+
+    def forward_backward():
+        layer(u).backward(grad)
+        u.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    fwd = do_bench(forward, warmup=100, rep=400, return_mode="median")
+    fwd_bwd = do_bench(forward_backward, warmup=100, rep=400, return_mode="median")
+    return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "tokens_per_s_fwd_bwd": batch * seqlen / fwd_bwd * 1e3}
+
+
+def profile_layer(layer, batch: int, seqlen: int, d_model: int, top: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    u = torch.randn(batch, seqlen, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(u)
+    for _ in range(3):
+        layer(u).backward(grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            layer(u).backward(grad)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-state", default="64,128")
+    parser.add_argument("--seqlen", default="2048,8192,16384")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
+    parser.add_argument("--peer-configs", type=Path, default=None, help="the official autotuner's choices (JSON)")
+    parser.add_argument("--tune", action="store_true", help="run the official full autotune, save to --peer-configs")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="print a CUDA kernel table per layer (first shape)")
+    args = parser.parse_args()
+
+    with_peer = not args.no_peer
+    if with_peer:
+        if args.peer_configs is None:
+            sys.exit("--peer-configs is required with the official module (use --no-peer to skip it)")
+        if not args.tune:
+            print(f"pinned {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
+          f"headdim {args.headdim}  bf16")
+    rows = []
+    for n in map(int, args.d_state.split(",")):
+        ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
+        mimo = build_pair(args.d_model, n, args.headdim, args.mimo_rank, False)[0] if args.mimo_rank > 1 else None
+        for i, L in enumerate(map(int, args.seqlen.split(","))):
+            row = {"d_state": n, "seqlen": L, "ours": time_layer(ours, args.batch, L, args.d_model)}
+            if peer is not None:
+                row["official"] = time_layer(peer, args.batch, L, args.d_model)
+                if args.tune and i == 0:
+                    save_peer_configs(args.peer_configs)
+            if mimo is not None:
+                row[f"ours_mimo{args.mimo_rank}"] = time_layer(mimo, args.batch, L, args.d_model)
+            rows.append(row)
+            print(json.dumps(row))
+            if args.profile and i == 0:
+                for name, layer in (("ours", ours), ("official", peer), ("ours MIMO", mimo)):
+                    if layer is not None:
+                        print(f"--- {name}, d_state {n}, L {L}\n{profile_layer(layer, args.batch, L, args.d_model)}")
+        del ours, peer, mimo
+        torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print_table(rows, args.mimo_rank)
+
+
+def print_table(rows: list[dict], mimo_rank: int) -> None:
+    head = "| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms | speed-up fwd+bwd | ours Mtok/s |"
+    if mimo_rank > 1:
+        head += f" MIMO R={mimo_rank} fwd+bwd ms | MIMO / SISO |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        o, p = r["ours"], r.get("official")
+        cells = [r["d_state"], r["seqlen"], f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
+                 f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
+                 f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—", f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}"]
+        m = r.get(f"ours_mimo{mimo_rank}")
+        if m:
+            cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()

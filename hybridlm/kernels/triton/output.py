@@ -1,0 +1,192 @@
+"""The output stage as one fused kernel each way: per-rank gate silu(z ⊙ mimo_z), the grouped RMS
+norms (over each head's P values, before or after the gate), and the rank contraction with mimo_o.
+
+y (T, R, H, P) -> out (T, H, P), the same function as :func:`reference.mamba3_output` for
+``out_norm`` in none | pregate_grouped | postgate_grouped. The "default" norms take the RMS over
+all H·P values of a token, across the heads of a program; they stay on the torch path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FUSED_NORMS = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2}
+BLOCK_T = 32
+
+
+@triton.jit
+def _silu_parts(z):
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    return z * sig, sig * (1.0 + z * (1.0 - sig))  # silu(z), silu'(z)
+
+
+@triton.jit
+def _gate_fwd_kernel(
+    Y, Z, MIMO_Z, MIMO_O, NORM_W, OUT, n_tokens, n_heads, headdim, z_row, eps,
+    R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
+):
+    pid_t, h = tl.program_id(0), tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < headdim
+    mask = (t < n_tokens)[:, None] & p_mask[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    if HAS_Z:
+        z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM != 0:
+        w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+    out = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
+    for r in tl.static_range(R):
+        y = tl.load(Y + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_Z:
+            zr = z
+            if HAS_MIMO_Z:
+                zr = z * tl.load(MIMO_Z + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+            gate, _ = _silu_parts(zr)
+        else:
+            gate = 1.0
+        if NORM == 1:
+            o = y * tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None] * w * gate
+        elif NORM == 2:
+            m = y * gate
+            o = m * tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None] * w
+        else:
+            o = y * gate
+        if HAS_MIMO_O:
+            o = o * tl.load(MIMO_O + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+        out += o
+    tl.store(OUT + t64 * (n_heads * headdim) + h * headdim + p[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    Y, Z, MIMO_Z, MIMO_O, NORM_W, DOUT, DY, DZ, DMIMO_Z, DMIMO_O, DNORM_W,
+    n_tokens, n_heads, headdim, z_row, dout_row, eps,
+    R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
+):
+    """dy per rank, dz, and this block's partial sums of d mimo_z, d mimo_o (R, P) and d norm weight (P)."""
+    pid_t, h = tl.program_id(0), tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < headdim
+    mask = (t < n_tokens)[:, None] & p_mask[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    dout = tl.load(DOUT + t64 * dout_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
+    if NORM != 0:
+        w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros([BLOCK_P], dtype=tl.float32)
+    partial = (pid_t * n_heads + h).to(tl.int64)
+    for r in tl.static_range(R):
+        y = tl.load(Y + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_Z:
+            zr = z
+            if HAS_MIMO_Z:
+                mz = tl.load(MIMO_Z + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+                zr = z * mz
+            gate, dgate = _silu_parts(zr)
+        else:
+            gate = 1.0
+        do = dout
+        if HAS_MIMO_O:
+            do = dout * tl.load(MIMO_O + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+        if NORM == 1:  # o = n·gate, n = y·rstd·w
+            rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
+            n = y * rstd * w
+            o = n * gate
+            dn = do * gate
+            dw += tl.sum(dn * y * rstd, 0)
+            dyhat = dn * w
+            dy = rstd * (dyhat - y * rstd * rstd * (tl.sum(dyhat * y, 1) / headdim)[:, None])
+            dgated = do * n
+        elif NORM == 2:  # o = m·rstd·w, m = y·gate
+            m = y * gate
+            rstd = tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None]
+            o = m * rstd * w
+            dw += tl.sum(do * m * rstd, 0)
+            dmhat = do * w
+            dm = rstd * (dmhat - m * rstd * rstd * (tl.sum(dmhat * m, 1) / headdim)[:, None])
+            dy = dm * gate
+            dgated = dm * y
+        else:
+            o = y * gate
+            dy = do * gate
+            dgated = do * y
+        tl.store(DY + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], dy.to(DY.dtype.element_ty),
+                 mask=mask)
+        if HAS_MIMO_O:
+            tl.store(DMIMO_O + (partial * R + r) * headdim + p, tl.sum(dout * o, 0), mask=p_mask)
+        if HAS_Z:
+            dzr = dgated * dgate
+            if HAS_MIMO_Z:
+                tl.store(DMIMO_Z + (partial * R + r) * headdim + p, tl.sum(dzr * z, 0), mask=p_mask)
+                dz += dzr * mz
+            else:
+                dz += dzr
+    if HAS_Z:
+        tl.store(DZ + t64 * (n_heads * headdim) + h * headdim + p[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    if NORM != 0:
+        tl.store(DNORM_W + partial * headdim + p, dw, mask=p_mask)
+
+
+class GatedOutput(torch.autograd.Function):
+    """y (T, R, H, P), z (T, H, P) or None, mimo_z / mimo_o (H, R, P) or None, norm_weight (H·P) or
+    None -> out (T, H, P) in y's dtype."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
+                norm_weight: Tensor | None, out_norm: str, eps: float) -> Tensor:
+        T, R, H, P = y.shape
+        y = y.contiguous()
+        if z is not None and z.stride(-1) != 1 or z is not None and z.stride(1) != P:
+            z = z.contiguous()
+        out = torch.empty(T, H, P, device=y.device, dtype=y.dtype)
+        consts = _constants(R, P, out_norm, z, mimo_z, mimo_o)
+        if T:
+            _gate_fwd_kernel[(triton.cdiv(T, BLOCK_T), H)](
+                y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), out, T, H, P,
+                z.stride(0) if z is not None else 0, eps, **consts)
+        ctx.save_for_backward(y, z, mimo_z, mimo_o, norm_weight)
+        ctx.out_norm, ctx.eps = out_norm, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        y, z, mimo_z, mimo_o, norm_weight = ctx.saved_tensors
+        T, R, H, P = y.shape
+        dout = dout if dout.stride(-1) == 1 and dout.stride(1) == P else dout.contiguous()
+        n_blocks = triton.cdiv(T, BLOCK_T)
+        f32 = dict(device=y.device, dtype=torch.float32)
+        dy = torch.empty_like(y)
+        dz = torch.empty(T, H, P, device=y.device, dtype=z.dtype) if z is not None else None
+        dmimo_z = torch.zeros(n_blocks, H, R, P, **f32) if mimo_z is not None and z is not None else None
+        dmimo_o = torch.zeros(n_blocks, H, R, P, **f32) if mimo_o is not None else None
+        dnorm = torch.zeros(n_blocks, H, P, **f32) if ctx.out_norm != "none" else None
+        if T:
+            _gate_bwd_kernel[(n_blocks, H)](
+                y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
+                _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
+                z.stride(0) if z is not None else 0, dout.stride(0), ctx.eps,
+                **_constants(R, P, ctx.out_norm, z, mimo_z, mimo_o))
+        return (dy, dz, None if dmimo_z is None else dmimo_z.sum(0).to(mimo_z.dtype),
+                None if dmimo_o is None else dmimo_o.sum(0).to(mimo_o.dtype),
+                None if dnorm is None or norm_weight is None else dnorm.sum(0).flatten().to(norm_weight.dtype),
+                None, None)
+
+
+def _or(t: Tensor | None, fallback: Tensor) -> Tensor:
+    """A pointer argument the kernel does not read (its flag is off)."""
+    return t if t is not None else fallback
+
+
+def _constants(R: int, P: int, out_norm: str, z, mimo_z, mimo_o) -> dict:
+    return dict(R=R, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(P)), NORM=FUSED_NORMS[out_norm],
+                HAS_Z=z is not None, HAS_MIMO_Z=mimo_z is not None, HAS_MIMO_O=mimo_o is not None)
