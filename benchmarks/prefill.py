@@ -158,20 +158,20 @@ def main() -> None:
             row = {"d_state": n, "seqlen": L, "ours": time_layer(ours, args.batch, L, args.d_model)}
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
-                if args.tune and i == 0:
+                if args.tune:
                     save_peer_configs(args.peer_configs)
             if mimo is not None:
                 row[f"ours_mimo{args.mimo_rank}"] = time_layer(mimo, args.batch, L, args.d_model)
             rows.append(row)
             print(json.dumps(row))
+            if args.json:  # after every shape, so a run cut short keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1) + "\n")
             if args.profile and i == 0:
                 for name, layer in (("ours", ours), ("official", peer), ("ours MIMO", mimo)):
                     if layer is not None:
                         print(f"--- {name}, d_state {n}, L {L}\n{profile_layer(layer, args.batch, L, args.d_model)}")
         del ours, peer, mimo
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows, args.mimo_rank)
 
 

@@ -115,6 +115,8 @@ def test_bfloat16_inputs_accumulate_in_fp32():
 
 def test_unsupported_input_falls_back_with_one_warning():
     args, kw = make_inputs(B=1, L=6, H=2, N=8, P=4, S=2, dtype=torch.float64)
+    args = tuple(to_device(t) for t in args)
+    kw = {n: to_device(v) for n, v in kw.items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = triton_scan(*args, **kw)

@@ -271,12 +271,13 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     f32 = dict(device=dev, dtype=torch.float32)
     dstates = torch.empty(lay.n_chunks, H, P, N, **f32)
     dssm0 = torch.empty(lay.n_seqs, H, P, N, **f32)
-    # per-head dq, dk in q's dtype: the group sum and the bias sums are torch reductions in fp32
-    dq_heads = torch.zeros(T, R, H, N, device=dev, dtype=q.dtype)
-    dk_heads = torch.zeros(T, R, H, N, device=dev, dtype=q.dtype)
+    # Every token belongs to one chunk, so the chunk kernels write all of these. dq, dk are per head
+    # in q's dtype; the group sum and the bias sums are torch reductions in fp32.
+    dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
+    dk_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
-    dtheta = torch.zeros(T, H, S, **f32)
-    dadt, dgamma, dscale = (torch.zeros(T, H, **f32) for _ in range(3))
+    dtheta = torch.empty(T, H, S, **f32)
+    dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k

@@ -16,6 +16,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hybridlm.errors import ShapeError
@@ -123,7 +124,7 @@ def mamba3_chunked(
     gamma = lam_ * dt_
     not_last = torch.ones(T, 1, dtype=torch.float32, device=x.device)
     not_last[layout.nonempty_last_token] = 0
-    shifted = torch.cat([(dt_ * (1 - lam_))[1:], dt_.new_zeros(1, H)]) * not_last
+    shifted = F.pad((dt_ * (1 - lam_))[1:], (0, 0, 0, 1)) * not_last
     scale = gamma + shifted
 
     if S:
