@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 from hybridlm.builder.model import HybridLM
 from hybridlm.titan.args import HybridModelArgs
@@ -27,9 +29,20 @@ class TitanHybridLM(HybridLM):
         self.model_args = model_args
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        # Same values as hybridlm.build_model(spec, seed=...) on one device.
+        """The values of ``hybridlm.build_model(spec, seed=...)``, whatever the sharding.
+
+        Sharded (DTensor) parameters are filled from an unsharded copy initialized on the CPU: each
+        rank keeps its own part. Random init directly on DTensors would differ between layouts, and
+        on CPU meshes it repeats one stream in every tensor-parallel shard (identical heads)."""
         torch.manual_seed(self.model_args.seed)
-        super().init_weights(buffer_device)
+        if not any(isinstance(p, DTensor) for p in self.parameters()):
+            super().init_weights(buffer_device)
+            return
+        full = HybridLM(self.spec, device="cpu")
+        torch.manual_seed(self.model_args.seed)
+        full.init_weights()
+        with torch.no_grad(), implicit_replication():
+            self.load_state_dict(full.state_dict())
 
     def forward(self, tokens: Tensor, doc_starts: Tensor | None = None, **unused) -> Tensor:
         if doc_starts is None or not bool(doc_starts[:, 1:].any()):
