@@ -3,7 +3,7 @@
 With G the gradient of the state leaving a chunk (S_{c+1}) and dy the gradient of the pre-gate
 output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M the intra weights):
 
-    G_c   = e^{cs_end} G_{c+1} + Σ_a e^{cs_a} dy_a q̄_aᵀ                       (sequential, reversed)
+    G_c   = e^{cs_end} G_{c+1} + Σ_a e^{cs_a} dy_a q̄_aᵀ                       (states.py, reversed)
     dv_b  = Σ_a A_ab M_ab dy_a + e^{cs_end − cs_b} scale_b G k̄_b + D dy_b
     dq̄_a  = Σ_b P_ab M_ab k̄_b + e^{cs_a} S_cᵀ dy_a
     dk̄_b  = Σ_a P_ab M_ab q̄_a + e^{cs_end − cs_b} scale_b Gᵀ v_b
@@ -26,57 +26,7 @@ from hybridlm.kernels.triton.rows import (
     rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
-
-
-@triton.jit
-def _state_bwd_kernel(
-    Q, Q_BIAS, THETA, DY, ADT, DFINAL, DSTATES, DSSM0, CU_SEQLENS, CU_CHUNKS,
-    dy_row, dy_head,
-    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Stores the gradient of the state leaving every chunk, and of the initial state."""
-    seq, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_p_blocks = tl.cdiv(headdim, BLOCK_P)
-    pid_p, pid_pairs = pid % n_p_blocks, pid // n_p_blocks
-    start = tl.load(CU_SEQLENS + seq)
-    end = tl.load(CU_SEQLENS + seq + 1)
-    first_chunk = tl.load(CU_CHUNKS + seq).to(tl.int64)
-    i0 = pid_pairs * BLOCK_PAIRS
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
-    head_size = headdim * d_state
-    at_seq = (seq * n_heads + h).to(tl.int64) * head_size
-    if HAS_DFINAL:
-        grad_a, grad_b = load_pairs(DFINAL + at_seq, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-    else:
-        grad_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
-        grad_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    k_row = n_groups * d_state
-    q_group = Q + (h // heads_per_group) * d_state
-    q_bias = Q_BIAS + h * R * d_state
-    n_chunks = tl.cdiv(end - start, CHUNK)
-    for j in range(n_chunks):
-        c = n_chunks - 1 - j
-        tok0 = start + c * CHUNK
-        out = DSTATES + ((first_chunk + c) * n_heads + h) * head_size
-        store_pairs(out, d_state, p, p_mask, i0, half_n, grad_a, grad_b, BLOCK_PAIRS, INTERLEAVED)
-        valid = tok0 + tok_local < end
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(q_group + tok0.to(tl.int64) * (R * k_row), k_row, q_bias, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
-        cs, cs_end, _, _ = chunk_scalars(ADT, ADT, ADT, tok0, end, h, n_heads, CHUNK, R)
-        dyt = tl.trans(dy)
-        growth = tl.exp(cs)[:, None]
-        decay = tl.exp(cs_end)
-        grad_a = grad_a * decay + mm(dyt, qa * growth, MM_DTYPE, PRECISION)
-        grad_b = grad_b * decay + mm(dyt, qb * growth, MM_DTYPE, PRECISION)
-    store_pairs(DSSM0 + at_seq, d_state, p, p_mask, i0, half_n, grad_a, grad_b, BLOCK_PAIRS, INTERLEAVED)
+from hybridlm.kernels.triton.states import chunk_deltas, pass_states
 
 
 @triton.jit
@@ -132,13 +82,13 @@ def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da,
 @triton.jit
 def _dq_kernel(
     Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES,
-    DQ, DTHETA, DADT, DGAMMA, DSCALE, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    DQ, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per head: dq, the q-side dθ, dγ, and the q-side d scale and dA·Δ."""
+    """Per head: dq, the q-side dθ, dγ, the q-side d scale and dA·Δ, and this chunk's share of dD."""
     c, h = tl.program_id(0), tl.program_id(1)
     end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
     tok0 = tl.load(CHUNK_START + c)
@@ -166,6 +116,7 @@ def _dq_kernel(
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
+    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
     dweights = dprod * scores
     dscores = dprod * weights
     ddecay = dweights * decay
@@ -262,15 +213,13 @@ def _dk_kernel(
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
     """Gradients of the chunk scan. Returns a dict: dq, dk (T, R, G, N) and dq_bias, dk_bias
-    (H, R, N) or None, all fp32; dtheta, dv (v's dtype), dadt, dgamma, dscale and dssm0 (or None)."""
+    (H, R, N) or None, all fp32; dtheta, dv (v's dtype), dadt, dgamma, dscale, dD and dssm0 (or None)."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))
     T, H, P, N, R, S, G = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles, spec.n_groups
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    dstates = torch.empty(lay.n_chunks, H, P, N, **f32)
-    dssm0 = torch.empty(lay.n_seqs, H, P, N, **f32)
     # Every token belongs to one chunk, so the chunk kernels write all of these. dq, dk are per head
     # in q's dtype; the group sum and the bias sums are torch reductions in fp32.
     dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
@@ -278,19 +227,15 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     dtheta = torch.empty(T, H, S, **f32)
     dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
+    dd = torch.empty(lay.n_chunks, H, **f32)  # per chunk: Σ dy·v, the gradient of D
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
     common = dict(HAS_BIAS=has_bias, **spec.constexprs())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
-    if lay.n_seqs:
-        bp = spec.block_p_sequential
-        tiles = triton.cdiv(P, bp) * triton.cdiv(N // 2, spec.block_pairs)
-        _state_bwd_kernel[(lay.n_seqs, H, tiles)](
-            q, qb, theta, dy, adt, dfinal if dfinal is not None else dssm0, dstates, dssm0,
-            lay.cu_seqlens, lay.cu_chunks, *dys, *spec.dims(), BLOCK_P=bp, HAS_DFINAL=dfinal is not None,
-            num_warps=8, **common)
+    gdelta, decay = chunk_deltas(spec, q, q_bias, theta, dy, adt, adt, False, dys)
+    dstates, dssm0 = pass_states(spec, gdelta, decay, dfinal, True, torch.float32)
     if lay.n_chunks:
         warps = spec.parallel_warps
         grid = (lay.n_chunks, H)
@@ -299,7 +244,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
             lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *dys, *spec.dims(),
             BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=warps, **common)
         _dq_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dq_heads, dtheta, dadt, dgamma, dscale,
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dq_heads, dtheta, dadt, dgamma, dscale, dd,
             lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p,
             num_warps=warps, **common)
         _dk_kernel[grid](
@@ -315,4 +260,5 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
 
     return dict(dq=group_sum(dq_heads), dk=group_sum(dk_heads),
                 dq_bias=bias_grad(dq_heads) if has_bias else None, dk_bias=bias_grad(dk_heads) if has_bias else None,
-                dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma, dscale=dscale, dssm0=dssm0 if need_dssm0 else None)
+                dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma, dscale=dscale, dD=dd.sum(0),
+                dssm0=dssm0 if need_dssm0 else None)

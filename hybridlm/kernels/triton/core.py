@@ -35,8 +35,6 @@ class ChunkScan(torch.autograd.Function):
         dy = torch.zeros(v.shape, dtype=v.dtype, device=v.device) if dy is None else dy.to(v.dtype).contiguous()
         g = scan_backward(spec, saved, dy, None if dfinal is None else dfinal.float().contiguous(),
                           need_dssm0=ctx.has_ssm0 and ctx.needs_input_grad[10])
-        dD = None
-        if D is not None and ctx.needs_input_grad[9]:
-            dD = torch.einsum("trhp,trhp->h", dy.float(), v.float())
+        dD = g["dD"] if D is not None and ctx.needs_input_grad[9] else None
         return (g["dq"].to(saved["q"].dtype), g["dk"].to(saved["k"].dtype), g["dq_bias"], g["dk_bias"],
                 g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], dD, g["dssm0"], None)

@@ -25,21 +25,19 @@ class ScanSpec:
 
     @property
     def block_pairs(self) -> int:
-        """Rotation pairs per block of the d_state axis (a block spans twice as many dims)."""
-        return min(32, max(16, triton.next_power_of_2(self.d_state // 2)))
+        """Rotation pairs per block of the d_state axis (a block spans twice as many dims). 16 keeps
+        the chunk kernels nearly free of register spills on Hopper (benchmarks/kernel_report.py)."""
+        return int(os.environ.get("HYBRIDLM_TRITON_BLOCK_PAIRS", 16))
 
     @property
     def block_p(self) -> int:
         return max(16, triton.next_power_of_2(self.headdim))
 
     @property
-    def block_p_sequential(self) -> int:
-        """The P tile of the chunk-sequential kernels (more programs for a short batch)."""
-        return min(self.block_p, 32)
-
-    @property
     def parallel_warps(self) -> int:
         """Warps of the chunk-parallel kernels: 8 once a chunk's tiles are 64 wide."""
+        if "HYBRIDLM_TRITON_WARPS" in os.environ:
+            return int(os.environ["HYBRIDLM_TRITON_WARPS"])
         return 8 if self.rank * self.layout.chunk >= 64 and self.block_p >= 64 else 4
 
     def dims(self) -> tuple[int, ...]:
