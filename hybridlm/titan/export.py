@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +54,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     state = model.state_dict()
     if spec.tie_embeddings:
         state.pop("output.weight")  # the same tensor as the embedding
-    dcp.load(state, checkpoint_id=str(step_folder))
+    with warnings.catch_warnings():  # "no process group: loading in one process" is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(step_folder))
     model.load_state_dict(state, strict=not spec.tie_embeddings)
     model.tie_weights()
     if dtype is not None:

@@ -90,7 +90,7 @@ class Task:
             index += 1
 
     def describe(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        opts = ":".join(f"{k}={v}" for k, v in sorted(self.options.items()))  # the --task syntax
         return f"{self.name}:{opts}" if opts else self.name
 
     # -- helpers for subclasses -------------------------------------------------------------------
