@@ -237,7 +237,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     gdelta, decay = chunk_deltas(spec, q, q_bias, theta, dy, adt, adt, False, dys)
     dstates, dssm0 = pass_states(spec, gdelta, decay, dfinal, True, torch.float32)
     if lay.n_chunks:
-        warps = spec.parallel_warps
+        warps = spec.backward_warps
         grid = (lay.n_chunks, H)
         _dv_kernel[grid](
             q, k, qb, kb, theta, dy, adt, gamma, scale, D if D is not None else adt, dstates, dv,
