@@ -34,7 +34,7 @@ demo: $(STAMP)
 	  $(VENV)/bin/hybridlm export runs/demo/$$m --out runs/demo/models/$$m-demo || exit 1; \
 	done
 	$(VENV)/bin/hybridlm eval $(foreach m,$(DEMO_MODELS),runs/demo/models/$(m)-demo) \
-	  --task $(DEMO_TASK) --lengths 1x,2x,4x,8x --samples 64 --batch-size 16 --out runs/demo/eval
+	  --task $(DEMO_TASK) --lengths 1x,2x,4x,8x --samples 32 --batch-size 16 --out runs/demo/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -92,6 +92,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
+    from functools import partial
+
     from tqdm.auto import tqdm
 
     from hybridlm.eval import (evaluate, format_table, load_eval_model, parse_lengths, plot_results,
@@ -109,7 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
         if names.count(m.name) > 1:
             m.name = f"{m.name}#{i + 1}"
     cells = evaluate(models, args.task, lengths, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                     progress=None if args.quiet else tqdm)
+                     progress=None if args.quiet else partial(tqdm, disable=None))  # no bar when not a terminal
     print(format_table(cells))
     out = Path(args.out)
     settings = {"tasks": args.task, "lengths": args.lengths, "samples": args.samples, "seed": args.seed,
