@@ -176,7 +176,8 @@ def main() -> None:
 
 
 def print_table(rows: list[dict], mimo_rank: int) -> None:
-    head = "| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms | speed-up fwd+bwd | ours Mtok/s |"
+    head = ("| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms | speed-up fwd+bwd "
+            "| ours Mtok/s |")
     if mimo_rank > 1:
         head += f" MIMO R={mimo_rank} fwd+bwd ms | MIMO / SISO |"
     print(head)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hybridlm.kernels.triton.chunk_fwd import value_strides
 from hybridlm.kernels.triton.rows import (
-    chunk_rotation, chunk_scalars, intra_weights, load_pairs, load_rotated, load_rows, mm, rows_to_tokens,
+    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk, rows_to_tokens,
     rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
@@ -39,23 +39,15 @@ def _dv_kernel(
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     c, h = tl.program_id(0), tl.program_id(1)
-    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
-    tok0 = tl.load(CHUNK_START + c)
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    valid = tok0 + tok_local < end
-    k_row = n_groups * d_state
-    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     grad = DSTATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
     for i0 in range(0, half_n, BLOCK_PAIRS):
-        
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                              INTERLEAVED, HAS_BIAS)
         scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
         grad_a, grad_b = load_pairs(grad, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
@@ -90,26 +82,18 @@ def _dq_kernel(
 ):
     """Per head: dq, the q-side dθ, dγ, the q-side d scale and dA·Δ, and this chunk's share of dD."""
     c, h = tl.program_id(0), tl.program_id(1)
-    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
-    tok0 = tl.load(CHUNK_START + c)
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    valid = tok0 + tok_local < end
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     t = tl.arange(0, CHUNK)
     t_valid = tok0 + t < end
-    k_row = n_groups * d_state
-    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     at_token = (tok0 + t).to(tl.int64) * n_heads + h
 
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     for i0 in range(0, half_n, BLOCK_PAIRS):
-        
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                              INTERLEAVED, HAS_BIAS)
         scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
@@ -127,10 +111,9 @@ def _dq_kernel(
 
     growth = tl.exp(cs)[:, None]
     for i0 in range(0, half_n, BLOCK_PAIRS):
-        
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                              INTERLEAVED, HAS_BIAS)
         state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
         dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
@@ -158,17 +141,10 @@ def _dk_kernel(
 ):
     """Per head: dk, the k-side dθ, d scale and dA·Δ (added to what the q-side kernel wrote)."""
     c, h = tl.program_id(0), tl.program_id(1)
-    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
-    tok0 = tl.load(CHUNK_START + c)
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    valid = tok0 + tok_local < end
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     t = tl.arange(0, CHUNK)
     t_valid = tok0 + t < end
-    k_row = n_groups * d_state
-    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
     at_token = (tok0 + t).to(tl.int64) * n_heads + h
 
@@ -182,10 +158,9 @@ def _dk_kernel(
     k_dot_vg = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b)
     entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩, accumulated
     for i0 in range(0, half_n, BLOCK_PAIRS):
-        
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                              INTERLEAVED, HAS_BIAS)
         grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         entering += state_a * grad_a + state_b * grad_b

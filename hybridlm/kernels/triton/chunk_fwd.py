@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.triton.rows import (
-    chunk_rotation, chunk_scalars, intra_weights, load_pairs, load_rotated, load_rows, mm, store_pairs,
+    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
 from hybridlm.kernels.triton.states import chunk_deltas, pass_states
@@ -25,23 +25,15 @@ def _output_fwd_kernel(
 ):
     """y_a = Σ_b (q̄_a·k̄_b) M_ab v_b + e^{cs_a} S_c q̄_a + D v_a for the rows of one chunk and head."""
     c, h = tl.program_id(0), tl.program_id(1)
-    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
-    tok0 = tl.load(CHUNK_START + c)
-    rows = tl.arange(0, CHUNK * R)
-    tok_local = rows // R
-    valid = tok0 + tok_local < end
-    k_row = n_groups * d_state
-    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     inter = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
     for i0 in range(0, half_n, BLOCK_PAIRS):
-        
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R, BLOCK_PAIRS)
-        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                              INTERLEAVED, HAS_BIAS)
         scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
         state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         inter += mm(qa, tl.trans(state_a), MM_DTYPE, PRECISION) + mm(qb, tl.trans(state_b), MM_DTYPE, PRECISION)
@@ -71,7 +63,7 @@ def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_
     """Returns y (T, R, H, P) in v's dtype, the states entering every chunk (matmul dtype), and the
     final state (NS, H, P, N) fp32."""
     lay = spec.layout
-    T, H, P, N, R = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank
+    T, H, P, R = q.shape[0], spec.n_heads, spec.headdim, spec.rank
     dev = q.device
     y = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     common = dict(HAS_BIAS=k_bias is not None, **spec.constexprs())

@@ -23,17 +23,22 @@ def _silu_parts(z):
 
 
 @triton.jit
+def _token_block(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A program's block of tokens of one head: token offsets (BLOCK_T, 1), p, and the masks."""
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < headdim
+    return t.to(tl.int64)[:, None], p, p_mask, (t < n_tokens)[:, None] & p_mask[None, :]
+
+
+@triton.jit
 def _gate_fwd_kernel(
     Y, Z, MIMO_Z, MIMO_O, NORM_W, OUT, n_tokens, n_heads, headdim, z_row, eps,
     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
 ):
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
-    mask = (t < n_tokens)[:, None] & p_mask[None, :]
-    t64 = t.to(tl.int64)[:, None]
+    t64, p, p_mask, mask = _token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     if HAS_Z:
         z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM != 0:
@@ -71,11 +76,7 @@ def _gate_bwd_kernel(
 ):
     """dy per rank, dz, and this block's partial sums of d mimo_z, d mimo_o (R, P) and d norm weight (P)."""
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
-    mask = (t < n_tokens)[:, None] & p_mask[None, :]
-    t64 = t.to(tl.int64)[:, None]
+    t64, p, p_mask, mask = _token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     dout = tl.load(DOUT + t64 * dout_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)

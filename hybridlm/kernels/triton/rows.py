@@ -135,6 +135,36 @@ def expand_ranks(x, CHUNK: tl.constexpr, R: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def chunk_of(CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim,
+             CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """What a chunk-parallel program (chunk c, head h) addresses: the chunk's first token, its
+    sequence's end, its rows (local token, validity), the q/k row stride and the chunk's offset in
+    q/k at the head's group, and the P lanes."""
+    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
+    tok0 = tl.load(CHUNK_START + c)
+    rows = tl.arange(0, CHUNK * R)
+    tok_local = rows // R
+    k_row = n_groups * d_state
+    at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
+    p = tl.arange(0, BLOCK_P)
+    return tok0, end, rows, tok_local, tok0 + tok_local < end, k_row, at_chunk, p, p < headdim
+
+
+@triton.jit
+def rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles, d_state, half_n,
+               rows, valid, i0, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Pair block i0 of the chunk's rotated q̄ and k̄ for head h (a and b halves), with the cos and sin."""
+    cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R,
+                              BLOCK_PAIRS)
+    qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
+                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+    ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
+                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+    return qa, qb, ka, kb, cos, sin
+
+
+@triton.jit
 def intra_weights(tok_local, cs, gamma, scale):
     """M[a, b]: how much row b feeds row a inside the chunk — scale_b·e^{cs_a − cs_b} for an earlier
     token, γ for the same token (every rank pair), 0 after. Also the strictly-earlier decay E."""

@@ -58,6 +58,6 @@ class ScanSpec:
         # Triton 3.6's interpreter multiplies bf16/fp16 operands wrongly (numpy has no bf16), so on
         # the CPU the products run in fp32; the compiled kernels use the tensor cores' dtype.
         fp32 = self.matmul_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+        half = tl.bfloat16 if self.matmul_dtype == torch.bfloat16 else tl.float16
         return dict(R=self.rank, CHUNK=self.layout.chunk, BLOCK_PAIRS=self.block_pairs, INTERLEAVED=self.interleaved,
-                    MM_DTYPE=tl.float32 if fp32 else (tl.bfloat16 if self.matmul_dtype == torch.bfloat16 else tl.float16),
-                    PRECISION="ieee" if fp32 else "tf32")
+                    MM_DTYPE=tl.float32 if fp32 else half, PRECISION="ieee" if fp32 else "tf32")

@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.triton.rows import chunk_rotation, chunk_scalars, load_rotated, load_rows, mm, store_pairs
+from hybridlm.kernels.triton.rows import (
+    chunk_of, chunk_rotation, chunk_scalars, load_rotated, load_rows, mm, store_pairs,
+)
 from hybridlm.kernels.triton.spec import ScanSpec
 
 BLOCK_ELEMENTS = 1024
@@ -36,18 +38,12 @@ def _chunk_delta_kernel(
     """One pair block of a chunk's ΔS (X = k, LEFT = v) or ΔG (X = q, LEFT = dy), all of P."""
     c, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i0 = pid * BLOCK_PAIRS
-    end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
-    tok0 = tl.load(CHUNK_START + c)
-    rows = tl.arange(0, CHUNK * R)
-    valid = tok0 + rows // R < end
-    k_row = n_groups * d_state
+    tok0, end, rows, _, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R,
                               BLOCK_PAIRS)
-    xa, xb = load_rotated(X + tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state, k_row,
-                          X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin, CHUNK, R,
-                          BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
+    xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
+                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
     left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
                               p, p_mask))
     cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
