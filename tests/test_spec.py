@@ -492,3 +492,19 @@ overrides:
     with pytest.raises(SpecError) as info:
         spec_from_yaml(text)
     assert info.value.path == "overrides.0.set.d_state" and info.value.value == "bad"
+
+
+def test_backend_field_reaches_the_mixer():
+    from hybridlm.builder import build_model
+
+    text = """
+vocab_size: 256
+d_model: 64
+blocks:
+  M: {kind: mamba3, d_state: 16, headdim: 16, backend: sequential}
+pattern: M
+"""
+    model = build_model(spec_from_yaml(text), seed=0)
+    assert model.layers[0].mixer.backend == "sequential"
+    with pytest.raises(SpecError, match="backend"):
+        spec_from_yaml(text.replace("sequential", "cuda"))

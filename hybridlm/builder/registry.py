@@ -68,7 +68,7 @@ def _mamba3(spec: Mamba3Spec, d_model: int, layer_idx: int, **ctx: Any) -> Mamba
         mimo_rank=spec.mimo_rank, chunk_size=spec.chunk_size, layer_idx=layer_idx,
         a_activation=spec.a_activation, discretization=spec.discretization, rotation=spec.rotation,
         bc_bias=spec.bc_bias, conv_kernel=spec.conv_kernel, out_norm=spec.out_norm,
-        norm_eps=ctx.get("norm_eps", 1e-5), device=ctx.get("device"), dtype=ctx.get("dtype"))
+        backend=None if spec.backend == "auto" else spec.backend, norm_eps=ctx.get("norm_eps", 1e-5), device=ctx.get("device"), dtype=ctx.get("dtype"))
 
 
 def _attention(spec: AttentionSpec, d_model: int, layer_idx: int, **ctx: Any) -> Attention:

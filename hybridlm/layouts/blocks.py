@@ -84,6 +84,9 @@ class Mamba3Spec(BlockSpec):
     conv_kernel: int = Field(0, ge=0, description="short causal conv width on x/B/C; 0 = none")
     out_norm: OutNorm = Field("none", description="norm before the output projection")
     chunk_size: int = Field(64, ge=1, description="chunk length of the chunked scan")
+    backend: Literal["auto", "reference", "sequential", "triton"] = Field(
+        "auto", description="scan kernels: auto (Triton on CUDA, the reference on CPU) or a forced one; "
+                            "it wins over the HYBRIDLM_BACKEND environment variable")
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, ge=0)

@@ -39,6 +39,12 @@ class HybridModelArgs(BaseModelArgs):
         self.n_layers = spec.n_blocks
         self.vocab_size = spec.vocab_size
         self.backend = job_config.hybrid.backend
+        if self.backend:  # for Mamba-3 layers whose spec leaves the backend on "auto"
+            import os
+
+            from hybridlm.kernels.dispatch import ENV_VAR
+
+            os.environ[ENV_VAR] = self.backend
         self.seed = job_config.hybrid.seed
         par = job_config.parallelism
         if par.context_parallel_degree > 1:

@@ -26,7 +26,8 @@ class Hybrid:
     """Seed of the data stream (examples are resumable by index) and of the initial weights."""
 
     backend: str = ""
-    """Kernel backend for Mamba-3 (reference, triton, ...); empty = automatic."""
+    """Kernel backend for Mamba-3 layers whose spec says `auto` (reference, triton, sequential); empty = automatic
+    (Triton on CUDA, the reference on CPU). Sets HYBRIDLM_BACKEND for this run."""
 
     log: str = "compact"
     """`compact`: one line per step and warnings only; `torchtitan`: torchtitan's own logging."""
