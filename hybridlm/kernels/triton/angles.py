@@ -64,35 +64,57 @@ def _angle_cumsum_bwd_kernel(DTHETA, DDELTA, DTHETA0, CU, s_t, s_h, n_angles,
     tl.store(DTHETA0 + (seq * tl.num_programs(1) + h) * n_angles + s, carry, mask=s_mask)
 
 
-class AngleCumsum(torch.autograd.Function):
+@torch.library.custom_op("hybridlm::angle_cumsum_fwd", mutates_args=())
+def angle_cumsum_fwd(delta: Tensor, theta0: Tensor | None, cu_seqlens: Tensor) -> Tensor:
     """delta (T, H, S) fp32, theta0 (NS, H, S) or None, cu_seqlens (NS+1,) int32 -> theta (T, H, S)."""
+    delta = delta.contiguous()
+    T, H, S = delta.shape
+    theta = torch.empty_like(delta)
+    if T and S:
+        init = theta0.float().contiguous() if theta0 is not None else delta
+        _angle_cumsum_fwd_kernel[(cu_seqlens.numel() - 1, H)](
+            delta, init, theta, cu_seqlens, delta.stride(0), delta.stride(1),
+            init.stride(0) if theta0 is not None else 0, init.stride(1) if theta0 is not None else 0, S,
+            HAS_INIT=theta0 is not None, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
+    return theta
 
-    @staticmethod
-    def forward(ctx, delta: Tensor, theta0: Tensor | None, cu_seqlens: Tensor) -> Tensor:
-        delta = delta.contiguous()
-        T, H, S = delta.shape
-        n_seqs = cu_seqlens.numel() - 1
-        theta = torch.empty_like(delta)
-        if T and S:
-            init = theta0.float().contiguous() if theta0 is not None else delta
-            _angle_cumsum_fwd_kernel[(n_seqs, H)](
-                delta, init, theta, cu_seqlens, delta.stride(0), delta.stride(1),
-                init.stride(0) if theta0 is not None else 0, init.stride(1) if theta0 is not None else 0, S,
-                HAS_INIT=theta0 is not None, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
-        ctx.save_for_backward(cu_seqlens)
-        ctx.shape = (T, H, S, n_seqs)
-        ctx.has_init = theta0 is not None
-        return theta
 
-    @staticmethod
-    def backward(ctx, dtheta: Tensor):
-        (cu_seqlens,) = ctx.saved_tensors
-        T, H, S, n_seqs = ctx.shape
-        dtheta = dtheta.float().contiguous()
-        ddelta = torch.zeros_like(dtheta)
-        dtheta0 = torch.zeros(n_seqs, H, S, dtype=torch.float32, device=dtheta.device)
-        if S and n_seqs:
-            _angle_cumsum_bwd_kernel[(n_seqs, H)](
-                dtheta, ddelta, dtheta0, cu_seqlens, dtheta.stride(0), dtheta.stride(1), S,
-                BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
-        return ddelta, (dtheta0 if ctx.has_init else None), None
+@angle_cumsum_fwd.register_fake
+def _(delta, theta0, cu_seqlens):
+    return torch.empty_like(delta, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hybridlm::angle_cumsum_bwd", mutates_args=())
+def angle_cumsum_bwd(dtheta: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """dtheta (T, H, S) -> d delta (T, H, S) and d theta0 (NS, H, S), fp32."""
+    dtheta = dtheta.float().contiguous()
+    T, H, S = dtheta.shape
+    n_seqs = cu_seqlens.numel() - 1
+    ddelta = torch.zeros_like(dtheta)
+    dtheta0 = torch.zeros(n_seqs, H, S, dtype=torch.float32, device=dtheta.device)
+    if S and n_seqs:
+        _angle_cumsum_bwd_kernel[(n_seqs, H)](
+            dtheta, ddelta, dtheta0, cu_seqlens, dtheta.stride(0), dtheta.stride(1), S,
+            BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
+    return ddelta, dtheta0
+
+
+@angle_cumsum_bwd.register_fake
+def _(dtheta, cu_seqlens):
+    T, H, S = dtheta.shape
+    return dtheta.new_empty(T, H, S, dtype=torch.float32), dtheta.new_empty(cu_seqlens.shape[0] - 1, H, S,
+                                                                            dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.has_init = inputs[1] is not None
+
+
+def _backward(ctx, dtheta: Tensor):
+    (cu_seqlens,) = ctx.saved_tensors
+    ddelta, dtheta0 = angle_cumsum_bwd(dtheta, cu_seqlens)
+    return ddelta, (dtheta0 if ctx.has_init else None), None
+
+
+angle_cumsum_fwd.register_autograd(_backward, setup_context=_setup_context)

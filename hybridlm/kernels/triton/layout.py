@@ -51,21 +51,31 @@ def build_layout(lengths: list[int], chunk: int, device: torch.device) -> ChunkL
         cu_seqlens.append(cu_seqlens[-1] + n)
         cu_chunks.append(cu_chunks[-1] + nc)
 
-    def i32(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
+    def tensor(values, dtype=torch.int32):
+        return torch.tensor(values, dtype=dtype, device=device)
 
-    ends = torch.tensor(cu_seqlens[1:], dtype=torch.long)
-    lens = torch.tensor(lengths, dtype=torch.long)
+    # Everything from the Python lengths, no tensor reductions: no host sync, and nothing
+    # data-dependent for torch.compile to break the graph on.
+    ends = cu_seqlens[1:]
     return ChunkLayout(
         chunk=chunk, n_seqs=len(lengths), n_chunks=cu_chunks[-1],
-        cu_seqlens=i32(cu_seqlens), cu_chunks=i32(cu_chunks), chunk_seq=i32(chunk_seq), chunk_start=i32(chunk_start),
-        last_token=(ends - 1).clamp(min=0).to(device), empty=(lens == 0).to(device),
-        nonempty_last_token=(ends - 1)[lens > 0].to(device), has_empty=bool((lens == 0).any()))
+        cu_seqlens=tensor(cu_seqlens), cu_chunks=tensor(cu_chunks), chunk_seq=tensor(chunk_seq),
+        chunk_start=tensor(chunk_start), last_token=tensor([max(e - 1, 0) for e in ends], torch.long),
+        empty=tensor([n == 0 for n in lengths], torch.bool),
+        nonempty_last_token=tensor([e - 1 for e, n in zip(ends, lengths) if n], torch.long),
+        has_empty=0 in lengths)
+
+
+def dense_layout(batch: int, seqlen: int, chunk: int, device: torch.device) -> ChunkLayout:
+    """Cached in eager (a training loop builds the same layout every step). Under torch.compile
+    the layout's tensors are built inside the graph instead: dynamo does not honour the cache."""
+    if torch.compiler.is_compiling():
+        return build_layout([seqlen] * batch, chunk, device)
+    return _cached_dense_layout(batch, seqlen, chunk, device)
 
 
 @functools.lru_cache(maxsize=64)
-def dense_layout(batch: int, seqlen: int, chunk: int, device: torch.device) -> ChunkLayout:
-    """Cached: a training loop builds the same layout every step."""
+def _cached_dense_layout(batch: int, seqlen: int, chunk: int, device: torch.device) -> ChunkLayout:
     return build_layout([seqlen] * batch, chunk, device)
 
 

@@ -138,49 +138,93 @@ def _gate_bwd_kernel(
         tl.store(DNORM_W + partial * headdim + p, dw, mask=p_mask)
 
 
-class GatedOutput(torch.autograd.Function):
+@torch.library.custom_op("hybridlm::gated_output_fwd", mutates_args=())
+def gated_output_fwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
+                     norm_weight: Tensor | None, out_norm: str, eps: float) -> Tensor:
     """y (T, R, H, P), z (T, H, P) or None, mimo_z / mimo_o (H, R, P) or None, norm_weight (H·P) or
     None -> out (T, H, P) in y's dtype."""
+    T, R, H, P = y.shape
+    y, z = y.contiguous(), _rows_of_heads(z, P)
+    out = torch.empty(T, H, P, device=y.device, dtype=y.dtype)
+    if T:
+        _gate_fwd_kernel[(triton.cdiv(T, BLOCK_T), H)](
+            y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), out, T, H, P,
+            z.stride(0) if z is not None else 0, eps, **_constants(R, P, out_norm, z, mimo_z, mimo_o))
+    return out
 
-    @staticmethod
-    def forward(ctx, y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
-                norm_weight: Tensor | None, out_norm: str, eps: float) -> Tensor:
-        T, R, H, P = y.shape
-        y = y.contiguous()
-        if z is not None and z.stride(-1) != 1 or z is not None and z.stride(1) != P:
-            z = z.contiguous()
-        out = torch.empty(T, H, P, device=y.device, dtype=y.dtype)
-        consts = _constants(R, P, out_norm, z, mimo_z, mimo_o)
-        if T:
-            _gate_fwd_kernel[(triton.cdiv(T, BLOCK_T), H)](
-                y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), out, T, H, P,
-                z.stride(0) if z is not None else 0, eps, **consts)
-        ctx.save_for_backward(y, z, mimo_z, mimo_o, norm_weight)
-        ctx.out_norm, ctx.eps = out_norm, eps
-        return out
 
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        y, z, mimo_z, mimo_o, norm_weight = ctx.saved_tensors
-        T, R, H, P = y.shape
-        dout = dout if dout.stride(-1) == 1 and dout.stride(1) == P else dout.contiguous()
-        n_blocks = triton.cdiv(T, BLOCK_T)
-        f32 = dict(device=y.device, dtype=torch.float32)
-        dy = torch.empty_like(y)
-        dz = torch.empty(T, H, P, device=y.device, dtype=z.dtype) if z is not None else None
-        dmimo_z = torch.zeros(n_blocks, H, R, P, **f32) if mimo_z is not None and z is not None else None
-        dmimo_o = torch.zeros(n_blocks, H, R, P, **f32) if mimo_o is not None else None
-        dnorm = torch.zeros(n_blocks, H, P, **f32) if ctx.out_norm != "none" else None
-        if T:
-            _gate_bwd_kernel[(n_blocks, H)](
-                y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
-                _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
-                z.stride(0) if z is not None else 0, dout.stride(0), ctx.eps,
-                **_constants(R, P, ctx.out_norm, z, mimo_z, mimo_o))
-        return (dy, dz, None if dmimo_z is None else dmimo_z.sum(0).to(mimo_z.dtype),
-                None if dmimo_o is None else dmimo_o.sum(0).to(mimo_o.dtype),
-                None if dnorm is None or norm_weight is None else dnorm.sum(0).flatten().to(norm_weight.dtype),
-                None, None)
+@gated_output_fwd.register_fake
+def _(y, z, mimo_z, mimo_o, norm_weight, out_norm, eps):
+    T, R, H, P = y.shape
+    return y.new_empty(T, H, P)
+
+
+@torch.library.custom_op("hybridlm::gated_output_bwd", mutates_args=())
+def gated_output_bwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
+                     norm_weight: Tensor | None, dout: Tensor, out_norm: str, eps: float) -> list[Tensor]:
+    """[dy, dz, d mimo_z, d mimo_o, d norm_weight]; the gradient of an absent input is an empty
+    placeholder (op schemas cannot return None)."""
+    T, R, H, P = y.shape
+    y, z = y.contiguous(), _rows_of_heads(z, P)
+    dout = dout if dout.stride(-1) == 1 and dout.stride(1) == P else dout.contiguous()
+    n_blocks = triton.cdiv(T, BLOCK_T)
+    f32 = dict(device=y.device, dtype=torch.float32)
+    dy = torch.empty_like(y)
+    dz = torch.empty(T, H, P, device=y.device, dtype=z.dtype) if z is not None else None
+    dmimo_z = torch.zeros(n_blocks, H, R, P, **f32) if mimo_z is not None and z is not None else None
+    dmimo_o = torch.zeros(n_blocks, H, R, P, **f32) if mimo_o is not None else None
+    dnorm = torch.zeros(n_blocks, H, P, **f32) if out_norm != "none" else None
+    if T:
+        _gate_bwd_kernel[(n_blocks, H)](
+            y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
+            _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
+            z.stride(0) if z is not None else 0, dout.stride(0), eps,
+            **_constants(R, P, out_norm, z, mimo_z, mimo_o))
+    return [dy, dz if dz is not None else _absent(y),
+            dmimo_z.sum(0).to(mimo_z.dtype) if dmimo_z is not None else _absent(y),
+            dmimo_o.sum(0).to(mimo_o.dtype) if dmimo_o is not None else _absent(y),
+            dnorm.sum(0).flatten().to(norm_weight.dtype) if dnorm is not None and norm_weight is not None
+            else _absent(y)]
+
+
+@gated_output_bwd.register_fake
+def _(y, z, mimo_z, mimo_o, norm_weight, dout, out_norm, eps):
+    has_norm = out_norm != "none" and norm_weight is not None
+    return [torch.empty_like(y, memory_format=torch.contiguous_format),
+            z.new_empty(z.shape) if z is not None else _absent(y),
+            mimo_z.new_empty(mimo_z.shape) if mimo_z is not None and z is not None else _absent(y),
+            mimo_o.new_empty(mimo_o.shape) if mimo_o is not None else _absent(y),
+            norm_weight.new_empty(norm_weight.numel()) if has_norm else _absent(y)]
+
+
+def _setup_context(ctx, inputs, output):
+    y, z, mimo_z, mimo_o, norm_weight, out_norm, eps = inputs
+    ctx.save_for_backward(y, z, mimo_z, mimo_o, norm_weight)
+    ctx.out_norm, ctx.eps = out_norm, eps
+
+
+def _backward(ctx, dout: Tensor):
+    y, z, mimo_z, mimo_o, norm_weight = ctx.saved_tensors
+    grads = gated_output_bwd(y, z, mimo_z, mimo_o, norm_weight, dout, ctx.out_norm, ctx.eps)
+    present = (True, z is not None, mimo_z is not None and z is not None, mimo_o is not None,
+               ctx.out_norm != "none" and norm_weight is not None)
+    return (*(g if p else None for g, p in zip(grads, present)), None, None)
+
+
+gated_output_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _absent(like: Tensor) -> Tensor:
+    """Stands for the gradient of an absent input (op schemas cannot return None); a fresh tensor
+    each time, since custom-op outputs may not alias one another."""
+    return like.new_empty(0)
+
+
+def _rows_of_heads(z: Tensor | None, P: int) -> Tensor | None:
+    """z as the kernels read it: unit stride along P and heads P apart."""
+    if z is not None and (z.stride(-1) != 1 or z.stride(1) != P):
+        return z.contiguous()
+    return z
 
 
 def _or(t: Tensor | None, fallback: Tensor) -> Tensor:

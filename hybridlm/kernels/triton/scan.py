@@ -22,10 +22,10 @@ from torch import Tensor
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import reference
 from hybridlm.kernels.reference import Mamba3State, heads_from_groups, mamba3_output, rotate_pairs, zero_state
-from hybridlm.kernels.triton.angles import AngleCumsum
-from hybridlm.kernels.triton.core import ChunkScan
+from hybridlm.kernels.triton.angles import angle_cumsum_fwd
+from hybridlm.kernels.triton.core import chunk_scan
 from hybridlm.kernels.triton.layout import dense_layout, kernel_chunk, packed_layout
-from hybridlm.kernels.triton.output import FUSED_NORMS, GatedOutput
+from hybridlm.kernels.triton.output import FUSED_NORMS, gated_output_fwd
 from hybridlm.kernels.triton.spec import ScanSpec
 
 MAX_D_STATE = 256
@@ -130,7 +130,7 @@ def mamba3_chunked(
     if S:
         delta = math.pi * torch.tanh(tokens(angle_rate).float()).unsqueeze(1) * dt_.unsqueeze(-1)
         theta0 = None if initial_state is None else initial_state.angle
-        theta = AngleCumsum.apply(delta, theta0, layout.cu_seqlens)
+        theta = angle_cumsum_fwd(delta, theta0, layout.cu_seqlens)
     else:
         theta = torch.zeros(T, H, 0, dtype=torch.float32, device=x.device)
 
@@ -150,11 +150,11 @@ def mamba3_chunked(
                     interleaved=pair_layout == "interleaved", matmul_dtype=mm_dtype)
     qb = None if q_bias is None else q_bias.float().contiguous()
     kb = None if k_bias is None else k_bias.float().contiguous()
-    y, ssm_final = ChunkScan.apply(qf, kf, qb, kb, theta, v, adt_, gamma, scale,
-                                   None if D is None else D.float().contiguous(), ssm0, spec)
+    y, ssm_final = chunk_scan(qf, kf, qb, kb, theta, v, adt_, gamma, scale,
+                              None if D is None else D.float().contiguous(), ssm0, spec)
     zt = None if z is None else tokens(z)
     if out_norm in FUSED_NORMS and (out_norm == "none" or norm_weight is not None):
-        out = GatedOutput.apply(y, zt, _fp32(mimo_z), _fp32(mimo_o), norm_weight, out_norm, norm_eps)
+        out = gated_output_fwd(y, zt, _fp32(mimo_z), _fp32(mimo_o), norm_weight, out_norm, norm_eps)
     else:  # the "default" norms reduce over all heads: torch ops
         out = mamba3_output(y.float(), None if zt is None else zt.float(), mimo_z=mimo_z, mimo_o=mimo_o,
                             norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps).to(x.dtype)
