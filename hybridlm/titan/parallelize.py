@@ -17,6 +17,15 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_
 from hybridlm.errors import HybridLMError
 
 
+def _sac_save_list() -> set:
+    """torchtitan's ops plus our Triton custom ops: SAC keeps their outputs (re-running a scan costs its forward)."""
+    try:
+        from hybridlm.kernels.triton import SAC_SAVE_OPS
+    except ImportError:  # no Triton: the reference scan is plain aten ops
+        return _op_sac_save_list
+    return _op_sac_save_list | SAC_SAVE_OPS
+
+
 def parallelize_hybrid(model: nn.Module, parallel_dims, job_config) -> nn.Module:
     if parallel_dims.tp_enabled:
         from hybridlm.titan.tensor_parallel import apply_tensor_parallel
@@ -29,7 +38,7 @@ def parallelize_hybrid(model: nn.Module, parallel_dims, job_config) -> nn.Module
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(model, job_config.activation_checkpoint, model_compile_enabled=compile_model,
-                 op_sac_save_list=_op_sac_save_list, base_folder=job_config.job.dump_folder)
+                 op_sac_save_list=_sac_save_list(), base_folder=job_config.job.dump_folder)
     if compile_model:
         for name, block in model.layers.named_children():
             model.layers.register_module(name, torch.compile(block, backend=job_config.compile.backend))

@@ -74,7 +74,7 @@ def chunk_bwd(q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None
                  states=states)
     g = scan_backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
     return [g["dq"].to(q.dtype), g["dk"].to(k.dtype),
-            *(g[n] if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
+            *(g[n].contiguous() if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
             g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], g["dD"],
             g["dssm0"] if g["dssm0"] is not None else _absent(q)]
 
