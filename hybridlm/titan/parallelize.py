@@ -1,7 +1,9 @@
 """torchtitan's parallelize_fn for hybrid models: TP -> activation checkpointing -> compile -> FSDP2.
 
 Follows torchtitan's llama3 order. Differences: blocks are compiled without ``fullgraph`` (the
-Mamba-3 path may break the graph at kernel dispatch), tied embeddings stay in the root FSDP unit
+Triton scan is a set of torch.library custom ops, opaque to dynamo, but packed batches read their
+``cu_seqlens`` on the host to size the launch grid, which breaks the graph there; dense batches
+compile whole), tied embeddings stay in the root FSDP unit
 (one parameter cannot belong to two units), and on CPU (gloo) FSDP reduces with plain sums
 (gloo has no PREMUL_SUM).
 """
