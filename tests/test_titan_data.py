@@ -119,3 +119,38 @@ def test_build_rows_reads_the_hybrid_section(tmp_path):
                              training=SimpleNamespace(seq_len=200, steps=8, local_batch_size=2))
     rows = build_rows(config, BYTE)
     assert isinstance(rows, TaskRows) and rows.curriculum.steps_per_stage == 4 and rows.seed == 3
+
+
+def test_text_rows_with_a_tokenizer_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "alpha": 1, "beta": 2, "gamma": 3, "delta": 4}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    file_tok = hybridlm.load_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "a.txt").write_text("alpha beta gamma")
+    (tmp_path / "b.txt").write_text("delta delta alpha beta")
+    inputs, labels = next(iter(TextRows(str(tmp_path), file_tok, 5)))
+    assert inputs["input"].tolist() == [1, 2, 3, 4, 4]
+    assert inputs["doc_starts"].tolist() == [True, False, False, True, False]
+    assert labels.tolist() == [2, 3, IGNORE_INDEX, 4, 1]
+
+
+def test_hybrid_backend_flag_sets_the_dispatch_default(monkeypatch):
+    from hybridlm.kernels.dispatch import ENV_VAR
+    from hybridlm.titan.args import HybridModelArgs
+
+    monkeypatch.setenv(ENV_VAR, "auto")  # recorded, so the value set below is undone after the test
+    config = SimpleNamespace(
+        hybrid=SimpleNamespace(spec="specs/demo/hybrid-demo.yaml", backend="sequential", seed=0),
+        training=SimpleNamespace(seq_len=64),
+        parallelism=SimpleNamespace(context_parallel_degree=1, pipeline_parallel_degree=1))
+    args = HybridModelArgs()
+    args.update_from_config(config)
+    assert args.max_seq_len == 64 and args.n_layers == 8 and args.spec["name"] == "hybrid-demo"
+    import os
+
+    assert os.environ[ENV_VAR] == "sequential"
+    config.parallelism.context_parallel_degree = 2
+    with pytest.raises(hybridlm.HybridLMError, match="context parallelism"):
+        HybridModelArgs().update_from_config(config)
