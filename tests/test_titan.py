@@ -90,10 +90,8 @@ def test_two_rank_fsdp_and_kill_and_resume(tmp_path):
 
 
 def test_optimizer_keeps_decay_off_scalars_norms_and_biases():
-    from hybridlm.titan.optim import param_groups
-
-    model = torch.nn.Module()
     import hybridlm
+    from hybridlm.titan.optim import param_groups
 
     model = hybridlm.build_model(hybridlm.get_preset("mamba3-mimo-tiny"), seed=0)
     decay, no_decay = param_groups(model, 0.1)

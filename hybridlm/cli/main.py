@@ -21,18 +21,13 @@ import sys
 from pathlib import Path
 
 from hybridlm.errors import HybridLMError, SpecError
-
-
-def resolve_spec(arg: str):
-    from hybridlm.layouts.presets import spec_or_preset
-
-    return spec_or_preset(arg)
+from hybridlm.layouts.presets import spec_or_preset
 
 
 def _show(args: argparse.Namespace) -> int:
     from hybridlm.builder import account, format_account
 
-    spec = resolve_spec(args.spec)
+    spec = spec_or_preset(args.spec)
     print(f"{spec.name}: d_model {spec.d_model}, vocab {spec.vocab_size}, {spec.n_blocks} blocks, "
           f"pattern {spec.compact_pattern()}")
     print(format_account(account(spec, seq_len=args.seq_len, context=args.context), per_block=not args.summary))
@@ -41,7 +36,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     for arg in args.specs:
-        spec = resolve_spec(arg)
+        spec = spec_or_preset(arg)
         print(f"ok  {arg}: {spec.name}, {spec.n_blocks} blocks")
     return 0
 
@@ -74,7 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
     from hybridlm.builder import build_model
     from hybridlm.tokenizer import ByteTokenizer
 
-    spec = resolve_spec(args.spec)
+    spec = spec_or_preset(args.spec)
     tok = ByteTokenizer()
     if spec.vocab_size < tok.vocab_size:
         raise SpecError("vocab_size", f"the byte tokenizer needs at least {tok.vocab_size} tokens", spec.vocab_size)

@@ -111,9 +111,7 @@ class Cell:
         return (self.accuracy - self.chance) / (1 - self.chance) if self.chance < 1 else 0.0
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items()}
-        out["scaled_accuracy"] = self.scaled_accuracy
-        return out
+        return {**self.__dict__, "scaled_accuracy": self.scaled_accuracy}
 
 
 def evaluate(models: list[EvalModel], task_arg: str, lengths: list[LengthArg], *, samples: int = 100,
@@ -127,7 +125,7 @@ def evaluate(models: list[EvalModel], task_arg: str, lengths: list[LengthArg], *
             task = TASKS[name](m.tokenizer, **options)
             for length in lengths:
                 plan.append((m, task, length, length.resolve(m.train_seq_len, m.name)))
-    total = sum(math.ceil(samples / batch_size) for _ in plan)
+    total = len(plan) * math.ceil(samples / batch_size)
     bar = progress(total=total, desc="eval", unit="batch") if progress else None
     for m, task, length, n_tokens in plan:
         examples = task.examples(n_tokens, samples, seed=seed)

@@ -55,8 +55,7 @@ class TaskRows(IterableDataset, Stateful):
     def _example(self):
         global_index = self.index * self.dp_world_size + self.dp_rank
         self.index += 1
-        stream = self.task.stream(self._length, seed=self.seed, start=global_index)
-        return next(stream)
+        return self.task.training_example(global_index, self._length, self.seed)
 
     def __iter__(self) -> Iterator:
         while True:

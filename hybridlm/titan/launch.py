@@ -22,12 +22,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _KEEP = re.compile(r"^(validate )?step:|Training completed|Training starts|Model hybrid spec size")
 
 
+def _flag_name(arg: str) -> str:
+    """``--job.custom-config-module=x`` -> ``job.custom_config_module`` (torchtitan takes both spellings)."""
+    return arg[2:].split("=", 1)[0].replace("-", "_")
+
+
 def with_defaults(argv: list[str]) -> list[str]:
-    given = {a.split("=", 1)[0].replace("-", "_").replace("__", "--", 1) for a in argv if a.startswith("--")}
-    extra = []
-    for flag, value in DEFAULT_FLAGS.items():
-        if flag.replace("-", "_").replace("__", "--", 1) not in given:
-            extra += [flag, value]
+    given = {_flag_name(a) for a in argv if a.startswith("--")}
+    extra = [item for flag, value in DEFAULT_FLAGS.items() if _flag_name(flag) not in given for item in (flag, value)]
     return extra + argv
 
 

@@ -34,8 +34,8 @@ class TitanHybridLM(HybridLM):
         Sharded (DTensor) parameters are filled from an unsharded copy initialized on the CPU: each
         rank keeps its own part. Random init directly on DTensors would differ between layouts, and
         on CPU meshes it repeats one stream in every tensor-parallel shard (identical heads)."""
-        torch.manual_seed(self.model_args.seed)
         if not any(isinstance(p, DTensor) for p in self.parameters()):
+            torch.manual_seed(self.model_args.seed)
             super().init_weights(buffer_device)
             return
         full = HybridLM(self.spec, device="cpu")

@@ -16,8 +16,6 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_ddp
 
-from hybridlm.errors import HybridLMError
-
 
 def _sac_save_list() -> set:
     """torchtitan's ops plus our Triton custom ops: SAC keeps their outputs (re-running a scan costs its forward)."""
@@ -34,8 +32,6 @@ def parallelize_hybrid(model: nn.Module, parallel_dims, job_config) -> nn.Module
 
         apply_tensor_parallel(model, parallel_dims.get_mesh("tp"),
                               loss_parallel=not job_config.parallelism.disable_loss_parallel)
-    if parallel_dims.cp_enabled or parallel_dims.pp_enabled:
-        raise HybridLMError("context and pipeline parallelism are not supported for hybrid models")
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":

@@ -75,18 +75,21 @@ class Task:
     def examples(self, length: int, n: int, seed: int = 0) -> list[Example]:
         return [self.example(length, example_rng(seed, self.name, self.options, length, i), i, n) for i in range(n)]
 
+    def training_example(self, index: int, length: "int | Callable[[int, random.Random], int]",
+                         seed: int = 0) -> Example:
+        """Training example ``index``: it depends only on (seed, task, options, index), so runs resume
+        anywhere. ``length`` is fixed or a function of (index, rng), e.g. a :class:`LengthCurriculum`.
+        Needle depths are random here (there is no count to spread them over)."""
+        rng = example_rng(seed, self.name, self.options, "train", index)
+        n = length(index, rng) if callable(length) else length
+        return self.example(n, rng, index, 0)
+
     def stream(self, length: "int | Callable[[int, random.Random], int]", seed: int = 0,
                start: int = 0) -> Iterator[Example]:
-        """Endless training examples from index ``start`` (resumable: example i depends only on i).
-
-        ``length`` is fixed or a function of (index, rng), e.g. a :class:`LengthCurriculum` step.
-        Needle depths are random here (there is no count to spread them over).
-        """
+        """Endless training examples from index ``start`` (see :meth:`training_example`)."""
         index = start
         while True:
-            rng = example_rng(seed, self.name, self.options, "train", index)
-            n = length(index, rng) if callable(length) else length
-            yield self.example(n, rng, index, 0)
+            yield self.training_example(index, length, seed)
             index += 1
 
     def describe(self) -> str:
