@@ -112,6 +112,25 @@ def time_layer(layer, batch: int, seqlen: int, d_model: int) -> dict:
     return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "tokens_per_s_fwd_bwd": batch * seqlen / fwd_bwd * 1e3}
 
 
+def time_projections(layer, batch: int, seqlen: int, d_model: int) -> float:
+    """Forward+backward ms of the layer's in_proj and out_proj GEMMs alone: the floor every
+    implementation of the layer shares, so (layer − projections) is the scan's own cost."""
+    from triton.testing import do_bench
+
+    u = torch.randn(batch, seqlen, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(batch, seqlen, layer.out_proj.in_features, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+
+    def forward_backward():
+        layer.in_proj(u).backward(torch.ones((), device="cuda").expand(batch, seqlen, layer.in_proj.out_features))
+        layer.out_proj(h).backward(torch.ones((), device="cuda").expand(batch, seqlen, d_model))
+        u.grad = h.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    return do_bench(forward_backward, warmup=50, rep=200, return_mode="median")
+
+
 def profile_layer(layer, batch: int, seqlen: int, d_model: int, top: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +174,8 @@ def main() -> None:
         ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
         mimo = build_pair(args.d_model, n, args.headdim, args.mimo_rank, False)[0] if args.mimo_rank > 1 else None
         for i, L in enumerate(map(int, args.seqlen.split(","))):
-            row = {"d_state": n, "seqlen": L, "ours": time_layer(ours, args.batch, L, args.d_model)}
+            row = {"d_state": n, "seqlen": L, "ours": time_layer(ours, args.batch, L, args.d_model),
+                   "projections_fwd_bwd_ms": time_projections(ours, args.batch, L, args.d_model)}
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
                 if args.tune:
@@ -177,7 +197,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], mimo_rank: int) -> None:
     head = ("| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms | speed-up fwd+bwd "
-            "| ours Mtok/s |")
+            "| ours Mtok/s | projections fwd+bwd ms | scan speed-up (layer − projections) |")
     if mimo_rank > 1:
         head += f" MIMO R={mimo_rank} fwd+bwd ms | MIMO / SISO |"
     print(head)
@@ -187,6 +207,8 @@ def print_table(rows: list[dict], mimo_rank: int) -> None:
         cells = [r["d_state"], r["seqlen"], f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
                  f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
                  f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—", f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}"]
+        gemm = r["projections_fwd_bwd_ms"]
+        cells += [f"{gemm:.2f}", f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
         m = r.get(f"ours_mimo{mimo_rank}")
         if m:
             cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]

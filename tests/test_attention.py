@@ -105,3 +105,41 @@ def test_state_bytes_respects_window():
     m = make("mqa-rope-window")
     assert m.state_bytes(1000, torch.bfloat16) == 2 * 5 * 1 * 8 * 2
     assert make("mha-rope").state_bytes(1000, torch.bfloat16) == 2 * 1000 * 4 * 8 * 2
+
+
+def test_attention_backend_choice_on_cpu(monkeypatch):
+    from hybridlm.errors import BackendUnavailable
+    from hybridlm.kernels.attention import resolve_attention_backend
+
+    q = k = torch.randn(1, 4, 2, 8)
+    monkeypatch.delenv("HYBRIDLM_ATTENTION", raising=False)
+    assert resolve_attention_backend(None, q, k) == "sdpa"
+    with pytest.raises(BackendUnavailable, match="FA4 needs CUDA.*'sdpa'"):
+        resolve_attention_backend("fa4", q, k)
+    monkeypatch.setenv("HYBRIDLM_ATTENTION", "fa4")
+    with pytest.raises(BackendUnavailable, match="FA4 needs CUDA"):
+        make("gqa-nope")(torch.randn(1, 4, 32))
+    assert resolve_attention_backend("sdpa", q, k) == "sdpa"  # the argument (spec field) wins over the variable
+    monkeypatch.setenv("HYBRIDLM_ATTENTION", "flash")
+    with pytest.raises(BackendUnavailable, match="unknown attention backend 'flash' .*HYBRIDLM_ATTENTION"):
+        resolve_attention_backend(None, q, k)
+
+
+def test_attention_backend_spec_field():
+    from hybridlm.builder import build_model
+    from hybridlm.errors import SpecError
+    from hybridlm.layouts import spec_from_yaml as load_spec_text
+
+    text = """
+version: 1
+name: fa
+d_model: 32
+vocab_size: 64
+pattern: "A"
+blocks:
+  A: {kind: attention, n_heads: 4, backend: %s}
+"""
+    model = build_model(load_spec_text(text % "sdpa"))
+    assert [m.backend for m in model.modules() if isinstance(m, Attention)] == ["sdpa"]
+    with pytest.raises(SpecError, match="backend"):
+        load_spec_text(text % "flash")

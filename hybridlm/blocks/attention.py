@@ -52,7 +52,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  position: str = "rope", rope_theta: float = 10000.0, qk_norm: bool = False,
                  window: int | None = None, norm_eps: float = 1e-5, layer_idx: int | None = None,
-                 device=None, dtype=None):
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.d_model = d_model
         self.n_heads = n_heads
@@ -66,6 +66,7 @@ class Attention(nn.Module):
         self.rope_theta = rope_theta
         self.window = window
         self.layer_idx = layer_idx
+        self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/attention.py)
         factory = {"device": device, "dtype": dtype}
         hd = self.head_dim
         self.wq = nn.Linear(d_model, n_heads * hd, bias=False, **factory)
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, q_offset=offset, window=self.window,
-                               scale=1.0 / math.sqrt(self.head_dim))
+                               scale=1.0 / math.sqrt(self.head_dim), backend=self.backend)
         return self.wo(out.flatten(-2))
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> KVCache:

@@ -75,7 +75,8 @@ def _attention(spec: AttentionSpec, d_model: int, layer_idx: int, **ctx: Any) ->
     return Attention(
         d_model, spec.n_heads, spec.kv_heads, spec.resolved_head_dim(d_model), position=spec.position,
         rope_theta=spec.rope_theta, qk_norm=spec.qk_norm, window=spec.window,
-        norm_eps=ctx.get("norm_eps", 1e-5), layer_idx=layer_idx, device=ctx.get("device"), dtype=ctx.get("dtype"))
+        norm_eps=ctx.get("norm_eps", 1e-5), layer_idx=layer_idx, backend=None if spec.backend == "auto" else spec.backend,
+        device=ctx.get("device"), dtype=ctx.get("dtype"))
 
 
 def _swiglu(spec: SwiGLUSpec, d_model: int, layer_idx: int, **ctx: Any) -> SwiGLU:

@@ -164,6 +164,9 @@ class AttentionSpec(BlockSpec):
     rope_theta: float = Field(10000.0, gt=0)
     qk_norm: bool = False
     window: int | None = Field(None, ge=1, description="sliding window in tokens; null = full")
+    backend: Literal["auto", "fa4", "sdpa"] = Field(
+        "auto", description="attention kernels: auto (FA4 where installed and the GPU takes it, SDPA otherwise) "
+                            "or a forced one; it wins over the HYBRIDLM_ATTENTION environment variable")
 
     @property
     def kv_heads(self) -> int:

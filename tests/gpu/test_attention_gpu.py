@@ -1,0 +1,96 @@
+"""FA4 attention on the GPU against fp32 SDPA on the same bf16 inputs: outputs and all gradients,
+dense and packed, GQA, sliding window, KV-cache offsets. Set HYBRIDLM_RESULTS_ATTENTION=path.json
+to write the measured errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from hybridlm.kernels import fa4
+from hybridlm.kernels.attention import causal_attention, resolve_attention_backend, sdpa_attention
+from hybridlm.testing import rel_err
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a GPU", allow_module_level=True)
+if fa4.import_error():
+    pytest.skip(fa4.import_error(), allow_module_level=True)
+
+RESULTS: dict = {}
+# bf16 inputs, fp32 accumulation in both; the bound covers bf16 rounding of the output and of the
+# backward's P and dS tiles (FA4 and SDPA's flash kernel both round them), measured ≤ 4e-3.
+OUT_TOL, GRAD_TOL = 1e-2, 2e-2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    path = os.environ.get("HYBRIDLM_RESULTS_ATTENTION")
+    if path and RESULTS:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=2)
+
+
+CASES = {
+    "mha-hd64": dict(B=2, L=1000, H=8, Hkv=8, D=64),
+    "gqa-hd128": dict(B=2, L=777, H=8, Hkv=2, D=128),
+    "mqa-window": dict(B=1, L=1500, H=4, Hkv=1, D=64, window=256),
+    "packed-gqa": dict(B=1, L=1200, H=8, Hkv=4, D=64, lengths=[300, 17, 640, 1, 242]),
+    "packed-window": dict(B=1, L=900, H=4, Hkv=4, D=128, window=100, lengths=[450, 450]),
+}
+
+
+def inputs(B, L, H, Hkv, D, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, L, h, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv)]
+
+
+def run(fn, q, k, v, **kw):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    (out.float() * torch.randn(out.shape, generator=g, device="cuda")).sum().backward()
+    return out.float(), [t.grad.float() for t in leaves]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fa4_matches_fp32_attention(case):
+    c = dict(CASES[case])
+    lengths, window = c.pop("lengths", None), c.pop("window", None)
+    q, k, v = inputs(**c)
+    assert resolve_attention_backend(None, q, k) == "fa4"
+    cu = None
+    if lengths:
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    kw = dict(cu_seqlens=cu, window=window, scale=c["D"] ** -0.5)
+    out, grads = run(lambda *t, **a: causal_attention(*t, backend="fa4", **a), q, k, v, **kw)
+    ref_out, ref_grads = run(lambda *t, **a: sdpa_attention(*(x.float() for x in t), **a), q, k, v, **kw)
+    errs = dict(out=rel_err(out, ref_out), **{f"d{n}": rel_err(a, b) for n, a, b in zip("qkv", grads, ref_grads)})
+    RESULTS[case] = errs
+    assert errs["out"] <= OUT_TOL, errs
+    assert max(errs[n] for n in ("dq", "dk", "dv")) <= GRAD_TOL, errs
+
+
+def test_fa4_decode_from_a_kv_cache():
+    """Queries at the end of the keys (prefill chunk, then single tokens) as the KV cache gives them."""
+    q, k, v = inputs(B=3, L=300, H=8, Hkv=2, D=64, seed=2)
+    whole = sdpa_attention(q.float(), k.float(), v.float(), scale=0.125)
+    errs = []
+    for start, stop in ((0, 200), (200, 264), (264, 265), (265, 266), (266, 300)):
+        assert resolve_attention_backend(None, q[:, start:stop], k[:, :stop], start) == "fa4"
+        out = causal_attention(q[:, start:stop], k[:, :stop], v[:, :stop], q_offset=start, scale=0.125)
+        errs.append(rel_err(out.float(), whole[:, start:stop]))
+    RESULTS["kv-cache"] = max(errs)
+    assert max(errs) <= OUT_TOL, errs
+
+
+def test_fa4_refuses_what_it_cannot_take():
+    q, k, v = inputs(B=1, L=64, H=2, Hkv=2, D=64)
+    assert "FA4 takes bfloat16" in fa4.unsupported_reason(q.float(), k.float(), 0)
+    # keys past the queries' end (a cache read without slicing): FA4's bottom-right mask would be wrong
+    assert "end where the keys end" in fa4.unsupported_reason(q[:, :4], k, 2)
+    with pytest.warns(UserWarning, match="using SDPA"):
+        out = causal_attention(q[:, :4], k, v, q_offset=2)
+    ref = sdpa_attention(q[:, :4].float(), k.float(), v.float(), q_offset=2)
+    assert rel_err(out.float(), ref) <= OUT_TOL
