@@ -1,4 +1,4 @@
-"""Backward chunk kernels.
+"""Backward chunk kernel.
 
 With G the gradient of the state leaving a chunk (S_{c+1}) and dy the gradient of the pre-gate
 output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M the intra weights):
@@ -9,9 +9,12 @@ output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M 
     dk̄_b  = Σ_a P_ab M_ab q̄_a + e^{cs_end − cs_b} scale_b Gᵀ v_b
 and the per-token scalars get dM = P ⊙ A through M, plus the inter-chunk and state terms; dA·Δ is
 the reverse cumsum of d cs inside the chunk plus d cs_end on every token. dq̄, dk̄ are rotated back
-per head (the caller sums the heads of a group) and give dθ. The q-side kernel writes the
-per-token gradients, the k-side kernel, launched after it, adds its terms. N is walked in blocks of
-rotation pairs; the q side needs A over all of N first, so it walks the blocks twice.
+per head (the caller sums the heads of a group) and give dθ.
+
+One program per (chunk, head) computes all of it. N is walked in blocks of rotation pairs twice:
+the first walk builds A and G k̄ (for dv, and k̄_b·(Gᵀ v_b) = v_b·(G k̄_b) for the state term);
+then the C×C tiles are formed once; the second walk recomputes the rotated q̄, k̄ blocks (keeping
+all of N in registers does not fit) and writes dq, dk and dθ. Every output is written once.
 """
 from __future__ import annotations
 
@@ -30,39 +33,6 @@ from hybridlm.kernels.triton.states import chunk_deltas, pass_states
 
 
 @triton.jit
-def _dv_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, DY, ADT, GAMMA, SCALE, D, DSTATES, DV, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    dy_row, dy_head,
-    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    c, h = tl.program_id(0), tl.program_id(1)
-    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
-        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    grad = DSTATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
-    k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                              INTERLEAVED, HAS_BIAS)
-        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
-        grad_a, grad_b = load_pairs(grad, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
-    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
-    dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
-    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + (tl.exp(cs_end - cs) * scale)[:, None] * k_grad
-    if HAS_D:
-        dv += tl.load(D + h) * dy.to(tl.float32)
-    dv_row = n_heads * headdim
-    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
-             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
-
-
-@triton.jit
 def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da, db, cos, sin,
                      R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Rotate the gradient of one pair block back and store it for head h in DX (T, R, H, N)."""
@@ -72,74 +42,16 @@ def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da,
 
 
 @triton.jit
-def _dq_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES,
-    DQ, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+def _chunk_bwd_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, STATES, DSTATES,
+    DQ, DK, DV, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per head: dq, the q-side dθ, dγ, the q-side d scale and dA·Δ, and this chunk's share of dD."""
-    c, h = tl.program_id(0), tl.program_id(1)
-    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
-        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    t = tl.arange(0, CHUNK)
-    t_valid = tok0 + t < end
-    state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    at_token = (tok0 + t).to(tl.int64) * n_heads + h
-
-    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                              INTERLEAVED, HAS_BIAS)
-        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
-    cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
-    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
-    dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
-    dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
-    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
-    dweights = dprod * scores
-    dscores = dprod * weights
-    ddecay = dweights * decay
-    through_decay = ddecay * scale[None, :]
-    dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0)
-    tl.store(DSCALE + at_token, rows_to_tokens(tl.sum(ddecay, 0), CHUNK, R), mask=t_valid)
-    tl.store(DGAMMA + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
-
-    growth = tl.exp(cs)[:, None]
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                              INTERLEAVED, HAS_BIAS)
-        state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
-        dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
-        dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
-        dcs += tl.sum(qa * dqa + qb * dqb, 1)
-        dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
-        dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
-        i = i0 + tl.arange(0, BLOCK_PAIRS)
-        tl.store(DTHETA + at_token[:, None] * n_angles + i[None, :],
-                 rows_to_tokens_2d(dqb * qa - dqa * qb, CHUNK, R, BLOCK_PAIRS),
-                 mask=t_valid[:, None] & (i < n_angles)[None, :])
-        _store_unrotated(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, cos, sin,
-                         R, BLOCK_PAIRS, INTERLEAVED)
-    tl.store(DADT + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True), mask=t_valid)
-
-
-@triton.jit
-def _dk_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
-    DK, DTHETA, DADT, DSCALE, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    v_row, v_head, dy_row, dy_head,
-    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Per head: dk, the k-side dθ, d scale and dA·Δ (added to what the q-side kernel wrote)."""
+    """Per chunk and head: dv, dq and dk of the head, dθ, dγ, d scale, dA·Δ and the chunk's share of dD."""
     c, h = tl.program_id(0), tl.program_id(1)
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
@@ -148,42 +60,75 @@ def _dk_kernel(
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
     at_token = (tok0 + t).to(tl.int64) * n_heads + h
 
+    # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
+    scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
+    k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)  # row b: G k̄_b
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                          n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                          INTERLEAVED, HAS_BIAS)
+        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+
+    # the C×C tiles, dv and the per-token scalars that need no second walk
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
+    weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
-    dscores_t = tl.trans(mm(dy, tl.trans(v), MM_DTYPE, PRECISION) * weights)
     to_end = tl.exp(cs_end - cs)
-    w = (to_end * scale)[:, None]
-    k_dot_vg = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b)
+    w = to_end * scale
+    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
+    if HAS_D:
+        dv += tl.load(D + h) * dy.to(tl.float32)
+    dv_row = n_heads * headdim
+    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
+             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
+    # the state term: ratio_b = e^{cs_end − cs_b} k̄_b·(Gᵀ v_b) is its d scale_b
+    ratio = to_end * tl.sum(v.to(tl.float32) * k_grad, 1)
+    state_term = ratio * scale
+    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
+    dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
+    dweights = dprod * scores
+    dscores = (dprod * weights).to(MM_DTYPE)
+    ddecay = dweights * decay
+    through_decay = ddecay * scale[None, :]
+    dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0) - state_term
+    tl.store(DSCALE + at_token, rows_to_tokens(tl.sum(ddecay, 0) + ratio, CHUNK, R), mask=t_valid)
+    tl.store(DGAMMA + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
+
+    # walk 2: dq̄, dk̄ block by block, rotated back; dθ from both sides
+    growth = tl.exp(cs)[:, None]
+    w = w[:, None]
+    dscores_t = tl.trans(dscores)
+    dy = dy.to(MM_DTYPE)
+    v = v.to(MM_DTYPE)
     entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩, accumulated
     for i0 in range(0, half_n, BLOCK_PAIRS):
         qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
                                               n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
                                               INTERLEAVED, HAS_BIAS)
-        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         entering += state_a * grad_a + state_b * grad_b
-        vg_a = mm(v, grad_a, MM_DTYPE, PRECISION)
-        vg_b = mm(v, grad_b, MM_DTYPE, PRECISION)
-        k_dot_vg += tl.sum(ka * vg_a + kb * vg_b, 1)
-        dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * vg_a
-        dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * vg_b
+        # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
+        dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
+        dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
+        dcs += tl.sum(qa * dqa + qb * dqb, 1)
+        dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
+        dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
+        dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * mm(v, grad_a, MM_DTYPE, PRECISION)
+        dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * mm(v, grad_b, MM_DTYPE, PRECISION)
         i = i0 + tl.arange(0, BLOCK_PAIRS)
-        theta_mask = t_valid[:, None] & (i < n_angles)[None, :]
-        at_theta = at_token[:, None] * n_angles + i[None, :]
-        tl.store(DTHETA + at_theta, tl.load(DTHETA + at_theta, mask=theta_mask, other=0.0)
-                 + rows_to_tokens_2d(dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS), mask=theta_mask)
+        tl.store(DTHETA + at_token[:, None] * n_angles + i[None, :],
+                 rows_to_tokens_2d(dqb * qa - dqa * qb + dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS),
+                 mask=t_valid[:, None] & (i < n_angles)[None, :])
+        _store_unrotated(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, cos, sin,
+                         R, BLOCK_PAIRS, INTERLEAVED)
         _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
                          R, BLOCK_PAIRS, INTERLEAVED)
-    # the state term: ratio_b = e^{cs_end − cs_b} k̄_b·(Gᵀ v_b) is its d scale_b
-    ratio = to_end * k_dot_vg
-    state_term = ratio * scale
     dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * tl.sum(tl.sum(entering, 1), 0)
-    dadt = tl.cumsum(rows_to_tokens(-state_term, CHUNK, R), 0, reverse=True) + dcs_end
-    tl.store(DADT + at_token, tl.load(DADT + at_token, mask=t_valid, other=0.0) + dadt, mask=t_valid)
-    tl.store(DSCALE + at_token, tl.load(DSCALE + at_token, mask=t_valid, other=0.0)
-             + rows_to_tokens(ratio, CHUNK, R), mask=t_valid)
+    tl.store(DADT + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
@@ -195,7 +140,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     T, H, P, N, R, S, G = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles, spec.n_groups
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    # Every token belongs to one chunk, so the chunk kernels write all of these. dq, dk are per head
+    # Every token belongs to one chunk, so the chunk kernel writes all of these. dq, dk are per head
     # in q's dtype; the group sum and the bias sums are torch reductions in fp32.
     dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dk_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
@@ -212,20 +157,11 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     gdelta, decay = chunk_deltas(spec, q, q_bias, theta, dy, adt, adt, False, dys)
     dstates, dssm0 = pass_states(spec, gdelta, decay, dfinal, True, torch.float32)
     if lay.n_chunks:
-        warps = spec.backward_warps
-        grid = (lay.n_chunks, H)
-        _dv_kernel[grid](
-            q, k, qb, kb, theta, dy, adt, gamma, scale, D if D is not None else adt, dstates, dv,
-            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *dys, *spec.dims(),
-            BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=warps, **common)
-        _dq_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dq_heads, dtheta, dadt, dgamma, dscale, dd,
-            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p,
-            num_warps=warps, **common)
-        _dk_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates, dk_heads, dtheta, dadt, dscale,
-            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p,
-            num_warps=warps, **common)
+        _chunk_bwd_kernel[(lay.n_chunks, H)](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D if D is not None else adt, states, dstates,
+            dq_heads, dk_heads, dv, dtheta, dadt, dgamma, dscale, dd, lay.cu_seqlens, lay.chunk_seq,
+            lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None,
+            num_warps=spec.backward_warps, **common)
 
     def group_sum(per_head: Tensor) -> Tensor:  # (T, R, H, N) -> (T, R, G, N): head h reads group h // (H/G)
         return per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)
