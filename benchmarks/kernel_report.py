@@ -46,6 +46,7 @@ def launches(run) -> list:
 def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) -> str:
     num_warps = kwargs.pop("num_warps", 4)
     num_stages = kwargs.pop("num_stages", 3)
+    maxnreg = kwargs.pop("maxnreg", None)
     bound = dict(zip(fn.arg_names, args)) | kwargs
     signature, constexprs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -63,7 +64,8 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
             signature[name] = "fp32"
     src = ASTSource(fn, signature, constexprs)
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                   **({"maxnreg": maxnreg} if maxnreg else {})))
     # ptxas as Triton runs it (same flags), for its resource and spill report
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:

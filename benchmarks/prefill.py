@@ -131,7 +131,7 @@ def time_projections(layer, batch: int, seqlen: int, d_model: int) -> float:
     return do_bench(forward_backward, warmup=50, rep=200, return_mode="median")
 
 
-def profile_layer(layer, batch: int, seqlen: int, d_model: int, top: int = 25) -> str:
+def profile_layer(layer, batch: int, seqlen: int, d_model: int, top: int = 45) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     u = torch.randn(batch, seqlen, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)

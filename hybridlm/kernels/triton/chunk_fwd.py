@@ -11,7 +11,7 @@ from hybridlm.kernels.triton.rows import (
     chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
-from hybridlm.kernels.triton.states import chunk_deltas, pass_states
+from hybridlm.kernels.triton.states import chunk_states
 
 
 @triton.jit
@@ -68,8 +68,7 @@ def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_
     y = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     common = dict(HAS_BIAS=k_bias is not None, **spec.constexprs())
     vs = value_strides(v)
-    delta, decay = chunk_deltas(spec, k, k_bias, theta, v, adt, scale, True, vs)
-    states, final = pass_states(spec, delta, decay, ssm0, False, spec.matmul_dtype)
+    states, final = chunk_states(spec, k, k_bias, theta, v, adt, scale, ssm0, True, vs, spec.matmul_dtype)
     if lay.n_chunks:
         _output_fwd_kernel[(lay.n_chunks, H)](
             q, k, q_bias if q_bias is not None else q, k_bias if k_bias is not None else k, theta, v, adt, gamma,
