@@ -43,11 +43,19 @@ class ScanSpec:
     @property
     def backward_warps(self) -> int:
         """Warps of the fused backward chunk kernel. Measured on an H100 (B 8, L 2048, d_model 2048,
-        P 64, bf16): 4 warps take 3.0 / 4.2 / 15.9 ms at d_state 64 / 128 / 128 with R 4, 8 warps
-        2.8 / 4.3 / 20.9 ms (both spill; 255 registers)."""
+        P 64, bf16, 3 stages): 4 warps take 3.0 / 4.2 / 15.9 ms at d_state 64 / 128 / 128 with R 4,
+        8 warps 2.8 / 4.3 / 20.9 ms (both at 255 registers and spilling)."""
         if "HYBRIDLM_TRITON_WARPS" in os.environ:
             return int(os.environ["HYBRIDLM_TRITON_WARPS"])
         return 4
+
+    @property
+    def backward_stages(self) -> int:
+        """Software-pipeline stages of the backward chunk kernel's pair-block loops. It is
+        latency-bound at 255 registers, and prefetching the next block only adds live values:
+        on the H100 above (4 warps) 1 / 2 / 3 stages take 2.0 / 2.3 / 2.8 ms at d_state 64,
+        3.2 / 3.4 / 4.4 ms at 128 and 12.9 / 15.2 / 16.5 ms at 128 with R 4."""
+        return int(os.environ.get("HYBRIDLM_TRITON_BACKWARD_STAGES", 1))
 
     def dims(self) -> tuple[int, ...]:
         """The runtime sizes every chunk kernel takes, in its argument order."""
