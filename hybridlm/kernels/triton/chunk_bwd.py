@@ -34,7 +34,7 @@ from hybridlm.kernels.triton.rows import (
     rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.triton.spec import ScanSpec
-from hybridlm.kernels.triton.states import chunk_deltas, pass_states
+from hybridlm.kernels.triton.states import chunk_states
 
 
 @triton.jit
@@ -159,8 +159,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     common = dict(HAS_BIAS=has_bias, **spec.constexprs())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
-    gdelta, decay = chunk_deltas(spec, q, q_bias, theta, dy, adt, adt, False, dys)
-    dstates, dssm0 = pass_states(spec, gdelta, decay, dfinal, True, torch.float32)
+    dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
     if lay.n_chunks:
         _chunk_bwd_kernel[(lay.n_chunks, H)](
             q, k, qb, kb, theta, v, dy, adt, gamma, scale, D if D is not None else adt, states, dstates,

@@ -1,15 +1,16 @@
-"""The states between chunks, in two steps (as Mamba-2's SSD does):
+"""The states between chunks. Per chunk, its own contribution (a P × N matrix product)
 
-1. every chunk's own contribution in parallel over (chunk, head) — a (P × N) matrix product,
        forward:   ΔS_c = Σ_b e^{cs_end − cs_b} scale_b v_b k̄_bᵀ
        backward:  ΔG_c = Σ_a e^{cs_a} dy_a q̄_aᵀ
-   together with the chunk's decay e^{cs_end};
-2. the recurrence over a sequence's chunks, elementwise over the P·N entries of a head's state:
+
+enters the recurrence over a sequence's chunks
+
        forward:   S_{c+1} = e^{cs_end} S_c + ΔS_c           (stores every S_c, returns the last)
        backward:  G_c = e^{cs_end} G_{c+1} + ΔG_c           (stores every G_{c+1}, returns G_0)
 
-Step 2 is the only sequential part of the scan and it carries no matrix product, so it runs at
-memory speed; step 1 has the parallelism of the chunk kernels.
+Both happen in one kernel: a program owns one block of rotation pairs of one head's state (all of
+P) in fp32 registers and walks the chunks of its sequence, so the ΔS never go to memory (Mamba-2's
+SSD writes them, then passes states in a second kernel).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from hybridlm.kernels.triton.rows import (
 )
 from hybridlm.kernels.triton.spec import ScanSpec
 
-BLOCK_ELEMENTS = 1024
 
 
 @triton.jit
@@ -98,95 +98,4 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
             *spec.dims(), BLOCK_P=spec.block_p, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
             FORWARD=forward, num_warps=4, num_stages=2 if spec.rank == 1 else 1,
             **spec.constexprs())
-    return states, final
-
-
-@triton.jit
-def _chunk_delta_kernel(
-    X, X_BIAS, THETA, LEFT, ADT, SCALE, DELTA, DECAY, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    left_row, left_head,
-    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One pair block of a chunk's ΔS (X = k, LEFT = v) or ΔG (X = q, LEFT = dy), all of P."""
-    c, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i0 = pid * BLOCK_PAIRS
-    tok0, end, rows, _, valid, k_row, at_chunk, p, p_mask = chunk_of(
-        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R,
-                              BLOCK_PAIRS)
-    xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
-                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-    left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
-                              p, p_mask))
-    cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    if FORWARD:
-        w = (tl.exp(cs_end - cs) * scale)[:, None]
-    else:
-        w = tl.exp(cs)[:, None]
-    at_chunk = (c.to(tl.int64) * n_heads + h)
-    store_pairs(DELTA + at_chunk * headdim * d_state, d_state, p, p_mask, i0, half_n,
-                mm(left, xa * w, MM_DTYPE, PRECISION), mm(left, xb * w, MM_DTYPE, PRECISION), BLOCK_PAIRS, INTERLEAVED)
-    if pid == 0:
-        tl.store(DECAY + at_chunk, tl.exp(cs_end))
-
-
-@triton.jit
-def _state_passing_kernel(
-    DELTA, DECAY, START, STATES, FINAL, CU_CHUNKS, n_heads, head_size,
-    HAS_START: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Walk one sequence's chunks (backwards when REVERSE), storing the state before each update."""
-    seq, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first = tl.load(CU_CHUNKS + seq).to(tl.int64)
-    n_chunks = tl.load(CU_CHUNKS + seq + 1).to(tl.int64) - first
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = e < head_size
-    at_seq = (seq * n_heads + h).to(tl.int64) * head_size
-    if HAS_START:
-        state = tl.load(START + at_seq + e, mask=mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(n_chunks):
-        if REVERSE:
-            c = first + n_chunks - 1 - j
-        else:
-            c = first + j
-        at_chunk = c * n_heads + h
-        tl.store(STATES + at_chunk * head_size + e, state.to(STATES.dtype.element_ty), mask=mask)
-        delta = tl.load(DELTA + at_chunk * head_size + e, mask=mask, other=0.0).to(tl.float32)
-        state = tl.load(DECAY + at_chunk) * state + delta
-    tl.store(FINAL + at_seq + e, state, mask=mask)
-
-
-def chunk_deltas(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor, left: Tensor, adt: Tensor,
-                 scale: Tensor, forward: bool, left_strides: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Every chunk's ΔS (forward) or ΔG (backward), in the matmul dtype, and its decay (n_chunks, H)."""
-    lay = spec.layout
-    H, P, N = spec.n_heads, spec.headdim, spec.d_state
-    delta = torch.empty(lay.n_chunks, H, P, N, device=x.device, dtype=spec.matmul_dtype)
-    decay = torch.empty(lay.n_chunks, H, device=x.device, dtype=torch.float32)
-    if lay.n_chunks:
-        _chunk_delta_kernel[(lay.n_chunks, H, triton.cdiv(N // 2, spec.block_pairs))](
-            x, x_bias if x_bias is not None else x, theta, left, adt, scale, delta, decay,
-            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start, *left_strides, *spec.dims(),
-            BLOCK_P=spec.block_p, HAS_BIAS=x_bias is not None, FORWARD=forward, num_warps=spec.parallel_warps,
-            **spec.constexprs())
-    return delta, decay
-
-
-def pass_states(spec: ScanSpec, delta: Tensor, decay: Tensor, start: Tensor | None, reverse: bool,
-                states_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The recurrence over chunks: the state at every chunk boundary (n_chunks, H, P, N) and the
-    state after the last chunk (forward) or before the first (reverse), fp32 (NS, H, P, N)."""
-    lay = spec.layout
-    H, P, N = spec.n_heads, spec.headdim, spec.d_state
-    states = torch.empty(lay.n_chunks, H, P, N, device=delta.device, dtype=states_dtype)
-    final = torch.empty(lay.n_seqs, H, P, N, device=delta.device, dtype=torch.float32)
-    if lay.n_seqs:
-        _state_passing_kernel[(lay.n_seqs, H, triton.cdiv(P * N, BLOCK_ELEMENTS))](
-            delta, decay, start if start is not None else final, states, final, lay.cu_chunks, H, P * N,
-            HAS_START=start is not None, REVERSE=reverse, BLOCK=BLOCK_ELEMENTS, num_warps=4)
     return states, final
