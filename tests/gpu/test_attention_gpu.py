@@ -1,15 +1,13 @@
 """FA4 attention on the GPU against fp32 SDPA on the same bf16 inputs: outputs and all gradients,
 dense and packed, GQA, sliding window, KV-cache offsets. Set HYBRIDLM_RESULTS_ATTENTION=path.json
 to write the measured errors."""
-import json
-import os
 
 import pytest
 import torch
 
 from hybridlm.kernels import fa4
 from hybridlm.kernels.attention import causal_attention, resolve_attention_backend, sdpa_attention
-from hybridlm.testing import rel_err
+from hybridlm.testing import rel_err, write_results
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -26,10 +24,7 @@ OUT_TOL, GRAD_TOL = 1e-2, 2e-2
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    path = os.environ.get("HYBRIDLM_RESULTS_ATTENTION")
-    if path and RESULTS:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
+    write_results("HYBRIDLM_RESULTS_ATTENTION", RESULTS)
 
 
 CASES = {

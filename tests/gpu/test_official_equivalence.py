@@ -8,16 +8,14 @@ our fp32 reference vs exact ≤ 6.1e-7; the wrong pair layout 0.36–0.47. (The 
 ≤ 1.05e-2 came from milder randomization; here biases span U(-1, 2) and angle rows are scaled ×8.)
 Set HYBRIDLM_RESULTS=path.json to write the measured errors.
 """
-import json
 import math
-import os
 import types
 
 import pytest
 import torch
 
 from hybridlm.blocks import Mamba3
-from hybridlm.testing import randomize_mamba3_, rel_err
+from hybridlm.testing import randomize_mamba3_, rel_err, write_results
 
 pytestmark = pytest.mark.gpu
 
@@ -33,10 +31,7 @@ RESULTS: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    path = os.environ.get("HYBRIDLM_RESULTS")
-    if path and RESULTS:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
+    write_results("HYBRIDLM_RESULTS", RESULTS)
 
 
 def build(name):

@@ -1,14 +1,12 @@
 """The Triton Mamba-3 kernels on the GPU: against the reference in fp32 at realistic shapes,
 against the official module (bf16, same weights) relative to exact fp64 math, and one 64K-token
 sequence. Set HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
-import json
-import os
 
 import pytest
 import torch
 
 from hybridlm.kernels import reference
-from hybridlm.testing import rel_err
+from hybridlm.testing import rel_err, write_results
 from test_official_equivalence import CONFIGS as OFFICIAL_CONFIGS
 from test_official_equivalence import build
 
@@ -20,10 +18,7 @@ RESULTS: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    path = os.environ.get("HYBRIDLM_RESULTS_TRITON")
-    if path and RESULTS:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
+    write_results("HYBRIDLM_RESULTS_TRITON", RESULTS)
 
 
 def kernel_inputs(B, L, R, G, H, N, P, S, layout, dtype=torch.float32, seed=0, out_norm="none"):
