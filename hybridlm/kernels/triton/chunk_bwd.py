@@ -63,7 +63,8 @@ def _chunk_bwd_kernel(
     t = tl.arange(0, CHUNK)
     t_valid = tok0 + t < end
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    at_token = (tok0 + t).to(tl.int64) * n_heads + h
+    at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
+    at_token = at_token0 + t * n_heads
 
     # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
@@ -124,10 +125,10 @@ def _chunk_bwd_kernel(
         dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
         dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * mm(v, grad_a, MM_DTYPE, PRECISION)
         dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * mm(v, grad_b, MM_DTYPE, PRECISION)
-        i = i0 + tl.arange(0, BLOCK_PAIRS)
-        tl.store(DTHETA + at_token[:, None] * n_angles + i[None, :],
+        j = tl.arange(0, BLOCK_PAIRS)
+        tl.store((DTHETA + (at_token0 * n_angles + i0)) + (t[:, None] * (n_heads * n_angles) + j[None, :]),
                  rows_to_tokens_2d(dqb * qa - dqa * qb + dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS),
-                 mask=t_valid[:, None] & (i < n_angles)[None, :])
+                 mask=t_valid[:, None] & (j < n_angles - i0)[None, :])
         _store_unrotated(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, cos, sin,
                          R, BLOCK_PAIRS, INTERLEAVED)
         _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,

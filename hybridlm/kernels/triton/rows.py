@@ -56,15 +56,16 @@ def load_pairs(X, row_stride, rows, valid, i0, half_n, BLOCK_PAIRS: tl.constexpr
     """The a and b halves of pairs i0 … i0 + BLOCK_PAIRS − 1 of some rows of X (fp32, zero outside).
     Interleaved pairs are read as one contiguous tile and split in registers."""
     if INTERLEAVED:
-        d = 2 * i0 + tl.arange(0, 2 * BLOCK_PAIRS)
-        x = tl.load(X + rows[:, None] * row_stride + d[None, :], mask=valid[:, None] & (d < 2 * half_n)[None, :],
-                    other=0.0)
+        d = tl.arange(0, 2 * BLOCK_PAIRS)
+        x = tl.load((X + 2 * i0) + (rows[:, None] * row_stride + d[None, :]),
+                    mask=valid[:, None] & (d < 2 * (half_n - i0))[None, :], other=0.0)
         a, b = tl.split(tl.reshape(x, (x.shape[0], BLOCK_PAIRS, 2)))
     else:
-        i = i0 + tl.arange(0, BLOCK_PAIRS)
-        mask = valid[:, None] & (i < half_n)[None, :]
-        a = tl.load(X + rows[:, None] * row_stride + i[None, :], mask=mask, other=0.0)
-        b = tl.load(X + rows[:, None] * row_stride + half_n + i[None, :], mask=mask, other=0.0)
+        i = tl.arange(0, BLOCK_PAIRS)
+        offs = rows[:, None] * row_stride + i[None, :]
+        mask = valid[:, None] & (i < half_n - i0)[None, :]
+        a = tl.load((X + i0) + offs, mask=mask, other=0.0)
+        b = tl.load((X + half_n + i0) + offs, mask=mask, other=0.0)
     return a.to(tl.float32), b.to(tl.float32)
 
 
@@ -74,14 +75,16 @@ def store_pairs(X, row_stride, rows, valid, i0, half_n, a, b, BLOCK_PAIRS: tl.co
     a = a.to(X.dtype.element_ty)
     b = b.to(X.dtype.element_ty)
     if INTERLEAVED:
-        d = 2 * i0 + tl.arange(0, 2 * BLOCK_PAIRS)
+        d = tl.arange(0, 2 * BLOCK_PAIRS)
         x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * BLOCK_PAIRS))
-        tl.store(X + rows[:, None] * row_stride + d[None, :], x, mask=valid[:, None] & (d < 2 * half_n)[None, :])
+        tl.store((X + 2 * i0) + (rows[:, None] * row_stride + d[None, :]), x,
+                 mask=valid[:, None] & (d < 2 * (half_n - i0))[None, :])
     else:
-        i = i0 + tl.arange(0, BLOCK_PAIRS)
-        mask = valid[:, None] & (i < half_n)[None, :]
-        tl.store(X + rows[:, None] * row_stride + i[None, :], a, mask=mask)
-        tl.store(X + rows[:, None] * row_stride + half_n + i[None, :], b, mask=mask)
+        i = tl.arange(0, BLOCK_PAIRS)
+        offs = rows[:, None] * row_stride + i[None, :]
+        mask = valid[:, None] & (i < half_n - i0)[None, :]
+        tl.store((X + i0) + offs, a, mask=mask)
+        tl.store((X + half_n + i0) + offs, b, mask=mask)
 
 
 @triton.jit
@@ -99,13 +102,15 @@ def chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK: tl.constexpr,
 
 
 @triton.jit
-def chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i, CHUNK: tl.constexpr, R: tl.constexpr,
+def chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK: tl.constexpr, R: tl.constexpr,
                    BLOCK_PAIRS: tl.constexpr):
-    """cos and sin of every row's angles for pairs ``i`` (C·R, BLOCK_PAIRS); pairs i >= S are not rotated."""
+    """cos and sin of every row's angles for pairs i0 … i0 + BLOCK_PAIRS − 1 (C·R, BLOCK_PAIRS); pairs
+    i >= S are not rotated."""
     t = tl.arange(0, CHUNK)
-    base = THETA + (tok0.to(tl.int64) * n_heads + h) * n_angles
-    theta = tl.load(base + t[:, None] * (n_heads * n_angles) + i[None, :],
-                    mask=(tok0 + t < end)[:, None] & (i < n_angles)[None, :], other=0.0)
+    j = tl.arange(0, BLOCK_PAIRS)
+    base = THETA + ((tok0.to(tl.int64) * n_heads + h) * n_angles + i0)
+    theta = tl.load(base + (t[:, None] * (n_heads * n_angles) + j[None, :]),
+                    mask=(tok0 + t < end)[:, None] & (j < n_angles - i0)[None, :], other=0.0)
     return (expand_rows_2d(tl.cos(theta), CHUNK, R, BLOCK_PAIRS),
             expand_rows_2d(tl.sin(theta), CHUNK, R, BLOCK_PAIRS))
 
@@ -155,8 +160,7 @@ def rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_hea
                rows, valid, i0, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
                INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Pair block i0 of the chunk's rotated q̄ and k̄ for head h (a and b halves), with the cos and sin."""
-    cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0 + tl.arange(0, BLOCK_PAIRS), CHUNK, R,
-                              BLOCK_PAIRS)
+    cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
     qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
                           CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
     ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
