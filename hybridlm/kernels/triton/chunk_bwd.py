@@ -61,10 +61,10 @@ def _chunk_bwd_kernel(
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
     t = tl.arange(0, CHUNK)
-    t_valid = tok0 + t < end
+    t_valid = t < end - tok0
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
     at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
-    at_token = at_token0 + t * n_heads
+    at_token = t * n_heads
 
     # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
@@ -100,8 +100,8 @@ def _chunk_bwd_kernel(
     ddecay = dweights * decay
     through_decay = ddecay * scale[None, :]
     dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0) - state_term
-    tl.store(DSCALE + at_token, rows_to_tokens(tl.sum(ddecay, 0) + ratio, CHUNK, R), mask=t_valid)
-    tl.store(DGAMMA + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
+    tl.store((DSCALE + at_token0) + at_token, rows_to_tokens(tl.sum(ddecay, 0) + ratio, CHUNK, R), mask=t_valid)
+    tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
 
     # walk 2: dq̄, dk̄ block by block, rotated back; dθ from both sides
     growth = tl.exp(cs)[:, None]
@@ -134,7 +134,7 @@ def _chunk_bwd_kernel(
         _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
                          R, BLOCK_PAIRS, INTERLEAVED)
     dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * tl.sum(tl.sum(entering, 1), 0)
-    tl.store(DADT + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
+    tl.store((DADT + at_token0) + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):

@@ -91,8 +91,8 @@ def store_pairs(X, row_stride, rows, valid, i0, half_n, a, b, BLOCK_PAIRS: tl.co
 def chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK: tl.constexpr, R: tl.constexpr):
     """Per row: cs (chunk-local inclusive cumsum of A·Δ), γ, scale; and cs at the chunk's last token."""
     t = tl.arange(0, CHUNK)
-    t_valid = tok0 + t < end
-    offs = (tok0 + t).to(tl.int64) * n_heads + h
+    t_valid = t < end - tok0
+    offs = (tok0.to(tl.int64) * n_heads + h) + t * n_heads
     adt = tl.load(ADT + offs, mask=t_valid, other=0.0)
     gamma = tl.load(GAMMA + offs, mask=t_valid, other=0.0)
     scale = tl.load(SCALE + offs, mask=t_valid, other=0.0)
@@ -110,7 +110,7 @@ def chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK: tl.constex
     j = tl.arange(0, BLOCK_PAIRS)
     base = THETA + ((tok0.to(tl.int64) * n_heads + h) * n_angles + i0)
     theta = tl.load(base + (t[:, None] * (n_heads * n_angles) + j[None, :]),
-                    mask=(tok0 + t < end)[:, None] & (j < n_angles - i0)[None, :], other=0.0)
+                    mask=(t < end - tok0)[:, None] & (j < n_angles - i0)[None, :], other=0.0)
     return (expand_rows_2d(tl.cos(theta), CHUNK, R, BLOCK_PAIRS),
             expand_rows_2d(tl.sin(theta), CHUNK, R, BLOCK_PAIRS))
 
@@ -152,7 +152,7 @@ def chunk_of(CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups
     k_row = n_groups * d_state
     at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
     p = tl.arange(0, BLOCK_P)
-    return tok0, end, rows, tok_local, tok0 + tok_local < end, k_row, at_chunk, p, p < headdim
+    return tok0, end, rows, tok_local, tok_local < end - tok0, k_row, at_chunk, p, p < headdim
 
 
 @triton.jit
