@@ -107,7 +107,7 @@ def _chunk_bwd_kernel(
     dscores_t = tl.trans(dscores)
     dy = dy.to(MM_DTYPE)
     v = v.to(MM_DTYPE)
-    entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩, accumulated
+    entering = 0.0  # ⟨S_c, G⟩, accumulated
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
     for i0 in range(0, half_n, BLOCK_PAIRS):
         qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
@@ -115,7 +115,7 @@ def _chunk_bwd_kernel(
                                               INTERLEAVED, HAS_BIAS)
         state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        entering += state_a * grad_a + state_b * grad_b
+        entering += tl.sum(tl.sum(state_a * grad_a + state_b * grad_b, 1), 0)
         # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
         dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
         dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
@@ -141,7 +141,7 @@ def _chunk_bwd_kernel(
     tl.store((DSCALE + at_token0) + at_token, rows_to_tokens(dscale + ratio, CHUNK, R), mask=t_valid)
     state_term = ratio * scale
     dcs -= state_term
-    dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * tl.sum(tl.sum(entering, 1), 0)
+    dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * entering
     tl.store((DADT + at_token0) + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
 
 
