@@ -20,7 +20,7 @@ from test_triton_scan import CONFIGS, DEVICE, FWD_TOL, GRAD_TOL, assert_same, ru
 
 triton_kernels = pytest.importorskip("hybridlm.kernels.triton")
 OPS = ("mamba3_chunk_fwd", "mamba3_chunk_bwd", "angle_cumsum_fwd", "angle_cumsum_bwd", "gated_output_fwd",
-       "gated_output_bwd")
+       "gated_output_bwd", "expand_ranks_fwd", "expand_ranks_bwd")
 
 
 class RecordOps(TorchDispatchMode):

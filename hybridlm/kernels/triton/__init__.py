@@ -18,6 +18,7 @@ SAC_SAVE_OPS = {
     torch.ops.hybridlm.mamba3_chunk_fwd.default,
     torch.ops.hybridlm.angle_cumsum_fwd.default,
     torch.ops.hybridlm.gated_output_fwd.default,
+    torch.ops.hybridlm.expand_ranks_fwd.default,
 }
 
 __all__ = ["SAC_SAVE_OPS", "mamba3_chunked", "unsupported_reason"]

@@ -26,6 +26,7 @@ from hybridlm.kernels.triton.angles import angle_cumsum_fwd
 from hybridlm.kernels.triton.core import chunk_scan
 from hybridlm.kernels.triton.layout import dense_layout, kernel_chunk, packed_layout
 from hybridlm.kernels.triton.output import FUSED_NORMS, gated_output_fwd
+from hybridlm.kernels.triton.ranks import expand_ranks_fwd
 from hybridlm.kernels.triton.spec import ScanSpec
 
 MAX_D_STATE = 256
@@ -136,7 +137,7 @@ def mamba3_chunked(
 
     v = xf.unsqueeze(1)  # (T, R, H, P): SISO reads x in place; MIMO rows must be evenly strided
     if R > 1:
-        v = (v * mimo_x.transpose(0, 1).to(xf.dtype) if mimo_x is not None else v.expand(T, R, H, P)).contiguous()
+        v = expand_ranks_fwd(xf, mimo_x) if mimo_x is not None else v.expand(T, R, H, P).contiguous()
 
     ssm0 = None
     if initial_state is not None:
