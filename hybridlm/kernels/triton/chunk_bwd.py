@@ -78,28 +78,31 @@ def _chunk_bwd_kernel(
         grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
 
-    # the C×C tiles, dv and the per-token scalars that need no second walk
+    # dv and the per-token scalars that need no second walk
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
     to_end = tl.exp(cs_end - cs)
     w = to_end * scale
-    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
-    if HAS_D:
-        dv += tl.load(D + h) * dy.to(tl.float32)
-    dv_row = n_heads * headdim
-    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
-             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
-    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
+    # the C×C tiles; P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand (in the
+    # matmul dtype), A ∘ M goes into dv last (the order ptxas spills least in)
+    weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
+    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
     dweights = dprod * scores
     dscores = (dprod * weights).to(MM_DTYPE)
     ddecay = dweights * decay
     through_decay = ddecay * scale[None, :]
     dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0)
     dscale = tl.sum(ddecay, 0)
-    tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R), mask=t_valid)
+    tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R),
+             mask=t_valid)
+    dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
+    if HAS_D:
+        dv += tl.load(D + h) * dy.to(tl.float32)
+    dv_row = n_heads * headdim
+    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
+             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
 
     # walk 2: dq̄, dk̄ block by block, rotated back; dθ from both sides
     growth = tl.exp(cs)[:, None]
