@@ -61,11 +61,7 @@ def _chunk_bwd_kernel(
     c, h = tl.program_id(0), tl.program_id(1)
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    t = tl.arange(0, CHUNK)
-    t_valid = t < end - tok0
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
-    at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
-    at_token = t * n_heads
 
     # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
@@ -79,6 +75,10 @@ def _chunk_bwd_kernel(
         k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
 
     # dv and the per-token scalars that need no second walk
+    t = tl.arange(0, CHUNK)
+    t_valid = t < end - tok0
+    at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
+    at_token = t * n_heads
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
