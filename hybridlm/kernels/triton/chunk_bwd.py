@@ -82,8 +82,6 @@ def _chunk_bwd_kernel(
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
-    to_end = tl.exp(cs_end - cs)
-    w = to_end * scale
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
     # the C×C tiles; P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand (in the
     # matmul dtype), A ∘ M goes into dv last (the order ptxas spills least in)
@@ -97,6 +95,8 @@ def _chunk_bwd_kernel(
     dscale = tl.sum(ddecay, 0)
     tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R),
              mask=t_valid)
+    to_end = tl.exp(cs_end - cs)
+    w = to_end * scale
     dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
     if HAS_D:
         dv += tl.load(D + h) * dy.to(tl.float32)
