@@ -23,7 +23,7 @@ def _silu_parts(z):
 
 
 @triton.jit
-def _token_block(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+def token_block(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """A program's block of tokens of one head: token offsets (BLOCK_T, 1), p, and the masks."""
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     p = tl.arange(0, BLOCK_P)
@@ -38,7 +38,7 @@ def _gate_fwd_kernel(
     HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
 ):
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t64, p, p_mask, mask = _token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
+    t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     if HAS_Z:
         z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM != 0:
@@ -76,7 +76,7 @@ def _gate_bwd_kernel(
 ):
     """dy per rank, dz, and this block's partial sums of d mimo_z, d mimo_o (R, P) and d norm weight (P)."""
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t64, p, p_mask, mask = _token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
+    t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     dout = tl.load(DOUT + t64 * dout_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -12,22 +12,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.triton.output import token_block
+
 BLOCK_T = 64
-
-
-@triton.jit
-def _tokens_of_head(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < headdim
-    return t.to(tl.int64)[:, None], p, p_mask, (t < n_tokens)[:, None] & p_mask[None, :]
 
 
 @triton.jit
 def _expand_fwd_kernel(X, MIMO_X, V, n_tokens, n_heads, headdim, x_row,
                        R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t64, p, p_mask, mask = _tokens_of_head(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
+    t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     x = tl.load(X + t64 * x_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         w = tl.load(MIMO_X + (h * R + r) * headdim + p, mask=p_mask, other=0.0)
@@ -39,7 +33,7 @@ def _expand_fwd_kernel(X, MIMO_X, V, n_tokens, n_heads, headdim, x_row,
 def _expand_bwd_kernel(DV, X, MIMO_X, DX, DMIMO_PARTIAL, n_tokens, n_heads, headdim, x_row,
                        R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_t, h = tl.program_id(0), tl.program_id(1)
-    t64, p, p_mask, mask = _tokens_of_head(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
+    t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     x = tl.load(X + t64 * x_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     dx = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     partial = DMIMO_PARTIAL + (pid_t.to(tl.int64) * n_heads + h) * R * headdim
