@@ -44,6 +44,7 @@ def unsupported_reason(q: Tensor, k: Tensor, q_offset: int) -> str | None:
     return import_error()
 
 
+@torch.compiler.disable  # dynamo would trace into the CuTe DSL's JIT; a clean graph break instead
 def fa4_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, window: int | None = None,
                   scale: float | None = None) -> Tensor:
     """q (B, L, H, D); k, v (B, Lk, Hkv, D) -> (B, L, H, D); packed input is B = 1 with cu_seqlens."""
