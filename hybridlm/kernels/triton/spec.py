@@ -46,7 +46,9 @@ class ScanSpec:
         P 64, bf16, 3 stages): 4 warps take 3.0 / 4.2 / 15.9 ms at d_state 64 / 128 / 128 with R 4,
         8 warps 2.8 / 4.3 / 20.9 ms (both at 255 registers and spilling). With fp32 products on 4
         warps ptxas keeps almost everything on the stack (40 KB of spill code), so they get 8: fp32
-        inputs at d_state 128 take 18.9 ms on 8 warps, 120 ms on 4 (the three older kernels 49.5 ms)."""
+        inputs at d_state 128 take 18.9 ms on 8 warps, 120 ms on 4 (the three older kernels 49.5 ms).
+        Rechecked at 1 stage on the final kernel (whole layer forward+backward, L 2048, d_state
+        64 / 128): 2 warps 11.55 / 14.84 ms, 4 warps 9.02 / 11.85, 8 warps 10.47 / 14.00."""
         if "HYBRIDLM_TRITON_WARPS" in os.environ:
             return int(os.environ["HYBRIDLM_TRITON_WARPS"])
         return 8 if self.matmul_dtype == torch.float32 else 4
