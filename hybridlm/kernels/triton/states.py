@@ -91,10 +91,13 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         # Measured on an H100 (B 8, L 2048, H 64, P 64, bf16): 0.62 ms at d_state 128 and 0.32 ms at 64
         # with 2 stages, against 0.73 / 0.36 ms for the separate delta and passing kernels; MIMO R=4
         # (16-token chunks) 2.07 ms with 1 stage against 2.76 ms. Splitting P across programs is slower.
+        # fp32 products on 4 warps leave ptxas 32 registers and ~4 KB of spill code (kernel_report);
+        # on 8 warps and 1 stage 0.3 KB, and the fp32 forward at d_state 128 takes 2.5 ms, not 21.4.
+        fp32 = spec.matmul_dtype == torch.float32
+        warps, stages = (8, 1) if fp32 else (4, 2 if spec.rank == 1 else 1)
         _states_kernel[(lay.n_seqs, H, triton.cdiv(N // 2, spec.block_pairs))](
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, lay.chunk_seq, lay.chunk_start, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
-            FORWARD=forward, num_warps=4, num_stages=2 if spec.rank == 1 else 1,
-            **spec.constexprs())
+            FORWARD=forward, num_warps=warps, num_stages=stages, **spec.constexprs())
     return states, final
