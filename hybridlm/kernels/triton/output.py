@@ -32,6 +32,19 @@ def token_block(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.con
 
 
 @triton.jit
+def rank_rows(X, t64, r, h, n_heads, headdim, p, mask, R: tl.constexpr):
+    """Rank r's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, fp32."""
+    return tl.load(X + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def rank_vector(V, h, r, headdim, p, p_mask, R: tl.constexpr):
+    """Rank r's row (1, BLOCK_P) of head h in a per-head (H, R, P) vector."""
+    return tl.load(V + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+
+
+@triton.jit
 def _gate_fwd_kernel(
     Y, Z, MIMO_Z, MIMO_O, NORM_W, OUT, n_tokens, n_heads, headdim, z_row, eps,
     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
@@ -45,12 +58,11 @@ def _gate_fwd_kernel(
         w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
     out = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     for r in tl.static_range(R):
-        y = tl.load(Y + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
         if HAS_Z:
             zr = z
             if HAS_MIMO_Z:
-                zr = z * tl.load(MIMO_Z + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+                zr = z * rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
             gate, _ = _silu_parts(zr)
         else:
             gate = 1.0
@@ -62,7 +74,7 @@ def _gate_fwd_kernel(
         else:
             o = y * gate
         if HAS_MIMO_O:
-            o = o * tl.load(MIMO_O + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+            o = o * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
         out += o
     tl.store(OUT + t64 * (n_heads * headdim) + h * headdim + p[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -86,19 +98,18 @@ def _gate_bwd_kernel(
         dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     partial = (pid_t * n_heads + h).to(tl.int64)
     for r in tl.static_range(R):
-        y = tl.load(Y + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
         if HAS_Z:
             zr = z
             if HAS_MIMO_Z:
-                mz = tl.load(MIMO_Z + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+                mz = rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
                 zr = z * mz
             gate, dgate = _silu_parts(zr)
         else:
             gate = 1.0
         do = dout
         if HAS_MIMO_O:
-            do = dout * tl.load(MIMO_O + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
+            do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
         if NORM == 1:  # o = n·gate, n = y·rstd·w
             rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
             n = y * rstd * w

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.triton.output import token_block
+from hybridlm.kernels.triton.output import rank_rows, rank_vector, token_block
 
 BLOCK_T = 64
 
@@ -24,9 +24,9 @@ def _expand_fwd_kernel(X, MIMO_X, V, n_tokens, n_heads, headdim, x_row,
     t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     x = tl.load(X + t64 * x_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
-        w = tl.load(MIMO_X + (h * R + r) * headdim + p, mask=p_mask, other=0.0)
+        w = rank_vector(MIMO_X, h, r, headdim, p, p_mask, R)
         tl.store(V + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :],
-                 (x * w[None, :]).to(V.dtype.element_ty), mask=mask)
+                 (x * w).to(V.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -38,10 +38,9 @@ def _expand_bwd_kernel(DV, X, MIMO_X, DX, DMIMO_PARTIAL, n_tokens, n_heads, head
     dx = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     partial = DMIMO_PARTIAL + (pid_t.to(tl.int64) * n_heads + h) * R * headdim
     for r in tl.static_range(R):
-        w = tl.load(MIMO_X + (h * R + r) * headdim + p, mask=p_mask, other=0.0)
-        dv = tl.load(DV + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        dx += dv * w[None, :]
+        w = rank_vector(MIMO_X, h, r, headdim, p, p_mask, R)
+        dv = rank_rows(DV, t64, r, h, n_heads, headdim, p, mask, R)
+        dx += dv * w
         tl.store(partial + r * headdim + p, tl.sum(dv * x, 0), mask=p_mask)
     tl.store(DX + t64 * (n_heads * headdim) + h * headdim + p[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
