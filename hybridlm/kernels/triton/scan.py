@@ -2,9 +2,9 @@
 :func:`hybridlm.kernels.reference.mamba3_chunked`.
 
 Triton kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights,
-the intra-chunk product, the state passing, D), the cumulative angle, and the output stage (gate,
-grouped norms, rank contraction). The cheap per-token glue — γ and the shifted scale, the MIMO
-value expansion, folding the initial state, the final k/v states — and the two "default" output
+the intra-chunk product, the state passing, D), the cumulative angle, the MIMO rank expansion of
+x, and the output stage (gate, grouped norms, rank contraction). The cheap per-token glue — γ and
+the shifted scale, folding the initial state, the final k/v states — and the two "default" output
 norms (a reduction across heads) run as plain torch ops around them, so autograd chains
 everything. Inputs the kernels do not cover fall back to the reference with one
 warning that names the reason.
