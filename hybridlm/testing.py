@@ -52,3 +52,15 @@ def write_results(env_var: str, results: dict) -> None:
     if path and results:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def random_decode_state(module: nn.Module, batch: int, seed: int = 0):
+    """A decode cache of a Mamba-3 module filled with plausible random values (angles in [0, 2π))."""
+    import math
+
+    gen = torch.Generator().manual_seed(seed)
+    cache = module.allocate_cache(batch)
+    for t, scale in ((cache.ssm, 0.5), (cache.k, 1.0), (cache.v, 1.0)):
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * scale)
+    cache.angle.copy_(torch.rand(cache.angle.shape, generator=gen, dtype=torch.float64) * 2 * math.pi)
+    return cache

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import dispatch
-from hybridlm.kernels.reference import Mamba3State, causal_conv1d, upcast
+from hybridlm.kernels.reference import (DecodeLayout, DecodeParams, Mamba3State, causal_conv1d, step_scalars,
+                                       upcast)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -65,11 +66,6 @@ def _local(t: Tensor) -> Tensor:
     hybridlm/titan/tensor_parallel.py shards the mixer by heads (and sets ``nheads``, ``ngroups``,
     ``d_inner``, ``split_sizes`` to this rank's counts); the kernels compute with the local heads."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def heavy_tail(x: Tensor) -> Tensor:
-    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous, C¹ (docs §2.1 item 3)."""
-    return 1 + F.relu(x) + (1 / (1 - x.clamp(max=0)) - 1)
 
 
 class Mamba3(nn.Module):
@@ -230,15 +226,10 @@ class Mamba3(nn.Module):
             x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
         b = self.B_norm(b.unflatten(-1, (R, G, N)))
         c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt = F.softplus(upcast(dd_dt) + _local(self.dt_bias))
-        a_map = heavy_tail if self.a_activation == "heavy_tail" else F.softplus
-        A = -torch.clamp(a_map(upcast(dd_a)), min=self.A_floor)
-        if trap is not None:
-            lam = torch.sigmoid(upcast(trap))
-        else:
-            lam = torch.full_like(dt, 1.0 if self.discretization == "euler" else 0.5)
+        dt, adt, lam = step_scalars(dd_dt, dd_a, trap, _local(self.dt_bias), a_activation=self.a_activation,
+                                    A_floor=self.A_floor, discretization=self.discretization)
         return dict(
-            q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=A * dt, lam=lam,
+            q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=adt, lam=lam,
             angle_rate=None if angle is None else upcast(angle),
         ), z.unflatten(-1, (H, P)), new_conv
 
@@ -274,6 +265,9 @@ class Mamba3(nn.Module):
         """
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ShapeError(f"Mamba3 expects (batch, seq, {self.d_model}); got {tuple(u.shape)}")
+        if (cache is not None and u.shape[1] == 1 and cu_seqlens is None and not self.conv_kernel
+                and not return_final_state and initial_state is None):
+            return self._decode_step(u, cache)
         conv_state = None
         if cache is not None:
             if initial_state is not None:
@@ -297,6 +291,27 @@ class Mamba3(nn.Module):
         if return_final_state:
             return out, state
         return out
+
+    # -- decode ------------------------------------------------------------------------------------
+    def decode_layout(self) -> DecodeLayout:
+        return DecodeLayout(
+            nheads=self.nheads, headdim=self.headdim, ngroups=self.ngroups, rank=self.mimo_rank,
+            d_state=self.d_state, n_angles=self.num_rope_angles, discretization=self.discretization,
+            a_activation=self.a_activation, A_floor=self.A_floor, out_norm=self.out_norm, norm_eps=self.norm_eps,
+            bc_norm_eps=self.B_norm.eps, pair_layout=self.pair_layout)
+
+    def decode_params(self) -> DecodeParams:
+        kw = self._kernel_kwargs()
+        return DecodeParams(
+            dt_bias=_local(self.dt_bias), B_norm=self.B_norm.weight, C_norm=self.C_norm.weight, D=kw["D"],
+            B_bias=kw["k_bias"], C_bias=kw["q_bias"], mimo_x=kw["mimo_x"], mimo_z=kw["mimo_z"],
+            mimo_o=kw["mimo_o"], norm_weight=kw["norm_weight"])
+
+    def _decode_step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
+        """One token through the fused step (in_proj -> step kernel -> out_proj), the cache in place."""
+        o = dispatch.mamba3_decode_step(self.in_proj(u[:, 0]), cache.state, self.decode_params(),
+                                        self.decode_layout(), backend=self.backend)
+        return self.out_proj(o.to(self.out_proj.weight.dtype)).unsqueeze(1)
 
     # -- decode (official API) ---------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_seqlen: int = 0, device=None, dtype=None) -> Mamba3Cache:

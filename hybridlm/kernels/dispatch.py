@@ -6,11 +6,17 @@ or the CPU under ``TRITON_INTERPRET=1``). The choice, in order: the ``backend`` 
 block's constructor field), the ``HYBRIDLM_BACKEND`` environment variable, then ``auto``: Triton
 for CUDA tensors when Triton imports, the reference otherwise. The Triton backend itself falls
 back to the reference, with one warning naming the reason, on inputs its kernels do not cover.
+
+The decode step of a whole layer (:func:`mamba3_decode_step`) has its own chain: ``cute`` (the
+CuTe-DSL kernel; CUDA with nvidia-cutlass-dsl), then ``triton``, then ``reference``; ``auto`` on
+CUDA starts at the first that imports, and a kernel that cannot take some input hands it to the
+next one with one warning naming the reason.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+import warnings
+from typing import Callable, NamedTuple
 
 from hybridlm.errors import BackendUnavailable
 from hybridlm.kernels import reference
@@ -25,11 +31,20 @@ _STEPS: dict[str, Callable] = {
     "reference": reference.mamba3_step,
     "sequential": reference.mamba3_step,
 }
-# Backends that will exist but are not built yet, with what to do instead.
-_PLANNED = {
-    "cute": "the CuTe-DSL step kernel is not part of this release yet; use backend='reference'",
-}
 _import_errors: dict[str, str] = {}
+
+
+class DecodeKernel(NamedTuple):
+    step: Callable  # as reference.mamba3_decode_step
+    unsupported_reason: Callable  # (proj, state, layout) -> str | None
+
+
+_DECODE: dict[str, DecodeKernel] = {
+    "reference": DecodeKernel(reference.mamba3_decode_step, lambda *a: None),
+    "sequential": DecodeKernel(reference.mamba3_decode_step, lambda *a: None),
+}
+_DECODE_FALLBACK = {"cute": "triton", "triton": "reference"}
+_warned: set[str] = set()
 
 
 def _load_triton() -> bool:
@@ -43,22 +58,43 @@ def _load_triton() -> bool:
     except ImportError as e:
         _import_errors["triton"] = f"Triton does not import ({e})"
         return False
-    # The decode step stays the reference step until the CuTe step lands.
-    register_backend("triton", triton_kernels.mamba3_chunked, reference.mamba3_step)
+    register_backend("triton", triton_kernels.mamba3_chunked, reference.mamba3_step,
+                     DecodeKernel(triton_kernels.mamba3_decode_step, triton_kernels.step_unsupported_reason))
     return True
 
 
-_LAZY: dict[str, Callable[[], bool]] = {"triton": _load_triton}
+def _load_cute() -> bool:
+    """The CuTe backend: the CuTe-DSL decode step, with the Triton scan for prefill."""
+    if "cute" in _SCANS:
+        return True
+    if "cute" in _import_errors:
+        return False
+    if not _load_triton():
+        _import_errors["cute"] = _import_errors["triton"]
+        return False
+    from hybridlm.kernels import cute as cute_kernels
+
+    error = cute_kernels.import_error()
+    if error:
+        _import_errors["cute"] = error
+        return False
+    register_backend("cute", _SCANS["triton"], reference.mamba3_step,
+                     DecodeKernel(cute_kernels.mamba3_decode_step, cute_kernels.unsupported_reason))
+    return True
+
+
+_LAZY: dict[str, Callable[[], bool]] = {"triton": _load_triton, "cute": _load_cute}
 
 
 def available_backends() -> list[str]:
     return sorted(set(_SCANS) | set(_LAZY))
 
 
-def register_backend(name: str, scan: Callable, step: Callable) -> None:
+def register_backend(name: str, scan: Callable, step: Callable, decode: DecodeKernel | None = None) -> None:
     """Add a backend (same signatures as the reference functions)."""
     _SCANS[name] = scan
     _STEPS[name] = step
+    _DECODE[name] = decode or _DECODE["reference"]
 
 
 def resolve_backend(requested: str | None, device_type: str) -> str:
@@ -71,8 +107,6 @@ def resolve_backend(requested: str | None, device_type: str) -> str:
         if _LAZY[name]():
             return name
         raise BackendUnavailable(f"backend {name!r} is unavailable: {_import_errors[name]}")
-    if name in _PLANNED:
-        raise BackendUnavailable(f"backend {name!r} is unavailable: {_PLANNED[name]}")
     raise BackendUnavailable(f"unknown kernel backend {name!r} (from {'argument' if requested else ENV_VAR}); "
                              f"choose one of: auto, {', '.join(available_backends())}")
 
@@ -87,3 +121,30 @@ def mamba3_step(*args, backend: str | None = None, **kwargs):
     """One decode step; arguments as :func:`reference.mamba3_step`."""
     x = args[2] if len(args) > 2 else kwargs["x"]
     return _STEPS[resolve_backend(backend, x.device.type)](*args, **kwargs)
+
+
+def resolve_decode_backend(requested: str | None, device_type: str) -> str:
+    """Like :func:`resolve_backend`, but ``auto`` on CUDA prefers the CuTe step kernel."""
+    name = requested or os.environ.get(ENV_VAR) or "auto"
+    if name == "auto" and device_type == "cuda":
+        return "cute" if _load_cute() else resolve_backend("auto", device_type)
+    return resolve_backend(requested, device_type)
+
+
+def mamba3_decode_step(proj, state, params, layout, *, backend: str | None = None):
+    """One token of a whole layer after in_proj, the state in place; as
+    :func:`reference.mamba3_decode_step`. A kernel that cannot take the inputs passes them on."""
+    name = resolve_decode_backend(backend, proj.device.type)
+    while True:
+        kernel = _DECODE[name]
+        reason = kernel.unsupported_reason(proj, state, layout)
+        if reason is None:
+            return kernel.step(proj, state, params, layout)
+        fallback = _DECODE_FALLBACK.get(name, "reference")
+        if fallback == "triton" and not _load_triton():
+            fallback = "reference"
+        message = f"Mamba-3 {name} decode step: using {fallback} instead: {reason}"
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, stacklevel=2)
+        name = fallback

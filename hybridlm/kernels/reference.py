@@ -237,6 +237,94 @@ def mamba3_step(
 
 
 # ---------------------------------------------------------------------------------------------
+# the decode step of a whole layer: from in_proj's output row to out_proj's input
+# ---------------------------------------------------------------------------------------------
+def heavy_tail(x: Tensor) -> Tensor:
+    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous, C¹ (docs §2.1 item 3)."""
+    return 1 + F.relu(x) + (1 / (1 - x.clamp(max=0)) - 1)
+
+
+def step_scalars(dd_dt: Tensor, dd_a: Tensor, trap: Tensor | None, dt_bias: Tensor, *, a_activation: str,
+                 A_floor: float, discretization: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token, per-head Δ, A·Δ and λ from their projections (docs §2.1), in fp32 (fp64 stays)."""
+    dt = F.softplus(upcast(dd_dt) + dt_bias)
+    a_map = heavy_tail if a_activation == "heavy_tail" else F.softplus
+    A = -torch.clamp(a_map(upcast(dd_a)), min=A_floor)
+    if trap is not None:
+        lam = torch.sigmoid(upcast(trap))
+    else:
+        lam = torch.full_like(dt, 1.0 if discretization == "euler" else 0.5)
+    return dt, A * dt, lam
+
+
+class DecodeLayout(NamedTuple):
+    """The static shape of one layer's decode step: how a row of in_proj's output splits, and the
+    spec switches. Row order: z, x (H·P each), B, C (R·G·N each), Δ, A (H each), then the
+    trapezoid logit (H, trapezoid only) and the angle rates (S, when S > 0)."""
+
+    nheads: int
+    headdim: int
+    ngroups: int
+    rank: int
+    d_state: int
+    n_angles: int
+    discretization: str = "trapezoid"
+    a_activation: str = "heavy_tail"
+    A_floor: float = 1e-4
+    out_norm: OutNormKind = "none"
+    norm_eps: float = 1e-5
+    bc_norm_eps: float = 1e-5
+    pair_layout: PairLayout = "interleaved"
+
+    def split_sizes(self) -> list[int]:
+        H, P, W = self.nheads, self.headdim, self.rank * self.ngroups * self.d_state
+        sizes = [H * P, H * P, W, W, H, H]
+        sizes += [H] if self.discretization == "trapezoid" else []
+        return sizes + ([self.n_angles] if self.n_angles else [])
+
+
+class DecodeParams(NamedTuple):
+    """The layer's parameters the step reads (shapes as the module's, docs §1.2)."""
+
+    dt_bias: Tensor  # (H,)
+    B_norm: Tensor  # (N,)
+    C_norm: Tensor  # (N,)
+    D: Tensor  # (H,)
+    B_bias: Tensor | None = None  # (H, R, N)
+    C_bias: Tensor | None = None
+    mimo_x: Tensor | None = None  # (H, R, P)
+    mimo_z: Tensor | None = None
+    mimo_o: Tensor | None = None
+    norm_weight: Tensor | None = None  # (H·P,)
+
+
+def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
+    """One token of a Mamba-3 layer after in_proj: proj (B, W) -> o (B, H·P), out_proj's input.
+
+    Updates ``state`` in place (fixed shapes, no host sync: a CUDA graph can capture it). B/C stay
+    fp32 after their RMSNorm, where the module's prefill rounds them to its dtype.
+    """
+    H, P, G, R, N = layout.nheads, layout.headdim, layout.ngroups, layout.rank, layout.d_state
+    if proj.dim() != 2 or proj.shape[1] != sum(layout.split_sizes()):
+        raise ShapeError(f"proj must be (batch, {sum(layout.split_sizes())}); got {tuple(proj.shape)}")
+    z, x, b, c, dd_dt, dd_a, *rest = torch.split(proj, layout.split_sizes(), dim=-1)
+    trap = rest.pop(0) if layout.discretization == "trapezoid" else None
+    angle_rate = upcast(rest.pop(0)) if layout.n_angles else None
+    k = rms_norm(upcast(b).unflatten(-1, (R, G, N)), params.B_norm, layout.bc_norm_eps)
+    q = rms_norm(upcast(c).unflatten(-1, (R, G, N)), params.C_norm, layout.bc_norm_eps)
+    dt, adt, lam = step_scalars(dd_dt, dd_a, trap, params.dt_bias, a_activation=layout.a_activation,
+                                A_floor=layout.A_floor, discretization=layout.discretization)
+    y, new_state = mamba3_step(
+        q, k, x.unflatten(-1, (H, P)), dt, adt, lam, angle_rate, state, q_bias=params.C_bias,
+        k_bias=params.B_bias, D=params.D, z=z.unflatten(-1, (H, P)), mimo_x=params.mimo_x, mimo_z=params.mimo_z,
+        mimo_o=params.mimo_o, norm_weight=params.norm_weight, out_norm=layout.out_norm,
+        norm_eps=layout.norm_eps, pair_layout=layout.pair_layout)
+    for dst, src in zip(state, new_state):
+        dst.copy_(src)
+    return y.flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
 # packed sequences <-> padded batch
 # ---------------------------------------------------------------------------------------------
 def _lengths(cu_seqlens: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ from hybridlm.kernels.triton.interpreter_compat import patch_interpreter
 patch_interpreter()
 
 from hybridlm.kernels.triton.scan import mamba3_chunked, unsupported_reason  # noqa: E402
+from hybridlm.kernels.triton.step import mamba3_decode_step  # noqa: E402
+from hybridlm.kernels.triton.step import unsupported_reason as step_unsupported_reason  # noqa: E402
 
 # The forward ops whose outputs selective activation checkpointing keeps instead of recomputing:
 # re-running the chunk scan costs as much as its forward, while its outputs are one y per token.
@@ -21,4 +23,4 @@ SAC_SAVE_OPS = {
     torch.ops.hybridlm.expand_ranks_fwd.default,
 }
 
-__all__ = ["SAC_SAVE_OPS", "mamba3_chunked", "unsupported_reason"]
+__all__ = ["SAC_SAVE_OPS", "mamba3_chunked", "mamba3_decode_step", "step_unsupported_reason", "unsupported_reason"]

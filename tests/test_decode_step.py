@@ -1,0 +1,116 @@
+"""The decode step of a whole Mamba-3 layer (in_proj output -> out_proj input, state in place).
+
+The reference decode step is checked against the module's unfused step path; the Triton kernel
+(under TRITON_INTERPRET=1 on CPU) against the reference. fp32, norm-wise relative tolerance 1e-5
+for the output and every state tensor.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+from hybridlm.blocks import Mamba3
+from hybridlm.kernels import dispatch, reference
+from hybridlm.kernels.reference import Mamba3State
+from hybridlm.testing import random_decode_state, randomize_mamba3_, rel_err
+
+TOL = 1e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_kernels = pytest.importorskip("hybridlm.kernels.triton")
+
+# name: Mamba3 constructor arguments (d_model 32 unless given)
+LAYERS = {
+    "siso": dict(d_state=16, headdim=8),
+    "siso-groups-norm": dict(d_state=16, headdim=8, ngroups=2, is_outproj_norm=True),
+    "siso-rope1-P12": dict(d_state=16, headdim=12, d_model=24, rope_fraction=1.0),
+    "mimo2-groups-norm": dict(d_state=16, headdim=8, is_mimo=True, mimo_rank=2, ngroups=2, is_outproj_norm=True),
+    "mimo4": dict(d_state=32, headdim=16, is_mimo=True, mimo_rank=4),
+    "postgate-grouped": dict(d_state=16, headdim=8, out_norm="postgate_grouped", discretization="half"),
+    "pregate-default": dict(d_state=16, headdim=8, out_norm="pregate_default", is_mimo=True, mimo_rank=2),
+    "postgate-default-euler-norot": dict(d_state=16, headdim=8, out_norm="postgate_default", discretization="euler",
+                                        rotation=False, bc_bias=False, a_activation="softplus"),
+}
+
+
+def make_layer(name, dtype=torch.float32, seed=0):
+    kw = dict(LAYERS[name])
+    d_model = kw.pop("d_model", 32)
+    torch.manual_seed(seed)
+    m = Mamba3(d_model=d_model, chunk_size=4, dtype=dtype, **kw)
+    return randomize_mamba3_(m, seed=seed).to(DEVICE)
+
+
+def clone_state(cache):
+    return Mamba3State(*(t.clone() for t in cache.state))
+
+
+def assert_states_close(a: Mamba3State, b: Mamba3State, tol=TOL):
+    for name, x, y in zip(Mamba3State._fields, a, b):
+        if name == "angle":  # compare angles on the circle
+            if x.numel() == 0:
+                continue
+            diff = torch.remainder(x - y + math.pi, 2 * math.pi) - math.pi
+            assert float(diff.abs().max()) <= 1e-4, name
+        else:
+            assert rel_err(x, y) <= tol, name
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_reference_decode_step_equals_module_step(name):
+    """The fused-step reference (via the cache) == the unfused step (via initial_state)."""
+    m = make_layer(name)
+    cache = random_decode_state(m, batch=3, seed=1)
+    u = torch.randn(3, 1, m.d_model, device=DEVICE)
+    before = clone_state(cache)
+    with torch.no_grad():
+        unfused, state = m(u, initial_state=before, return_final_state=True)
+        fused = m(u, cache=cache)
+    assert rel_err(fused, unfused) <= TOL
+    assert_states_close(cache.state, state)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_triton_decode_step_matches_reference(name):
+    """Three steps in a row, so the state each kernel wrote in place is the next step's input."""
+    m = make_layer(name)
+    layout, params = m.decode_layout(), m.decode_params()
+    cache = random_decode_state(m, batch=2, seed=2)
+    ref_state = clone_state(cache)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):
+            proj = torch.randn(2, sum(layout.split_sizes()), generator=gen).to(DEVICE)
+            ref = reference.mamba3_decode_step(proj, ref_state, params, layout)
+            ours = triton_kernels.mamba3_decode_step(proj, cache.state, params, layout)
+            assert rel_err(ours, ref) <= TOL
+            assert_states_close(cache.state, ref_state)
+
+
+def test_dispatch_falls_back_with_one_warning():
+    """A forced Triton step on inputs it cannot take (fp64 state) runs the reference, warning once."""
+    m = make_layer("siso", dtype=torch.float64)
+    cache = random_decode_state(m, batch=2)
+    proj = torch.randn(2, sum(m.decode_layout().split_sizes()), dtype=torch.float64, device=DEVICE)
+    ref_state = clone_state(cache)
+    ref = reference.mamba3_decode_step(proj, ref_state, m.decode_params(), m.decode_layout())
+    with pytest.warns(UserWarning, match="fp32 state"):
+        out = dispatch.mamba3_decode_step(proj, cache.state, m.decode_params(), m.decode_layout(), backend="triton")
+    assert rel_err(out, ref) <= 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.mamba3_decode_step(proj, cache.state, m.decode_params(), m.decode_layout(), backend="triton")
+
+
+def test_cute_step_refuses_cpu_and_splits_rows_sensibly():
+    from hybridlm.kernels import cute
+
+    m = make_layer("siso")
+    cache = random_decode_state(m, batch=1)
+    reason = cute.unsupported_reason(torch.zeros(1, 4), cache.state, m.decode_layout())
+    assert "CUDA" in reason
+    for P in (16, 32, 48, 64, 96, 128):
+        for N in (16, 32, 64, 128, 256):
+            groups = cute.row_groups(P, N)
+            threads = groups * N // cute.VEC
+            assert P % groups == 0 and threads % 32 == 0 and P // groups <= 8 and threads <= 1024, (P, N)
