@@ -102,7 +102,11 @@ def layer_rows(args, bandwidth: float) -> list[dict]:
                 roof_ms = roofline_bytes(ours, batch) / bandwidth * 1e3
                 row["roofline_ms"] = roof_ms
                 for backend in args.backends:
-                    t = time_ours(ours, batch, backend)
+                    try:
+                        t = time_ours(ours, batch, backend)
+                    except Exception as e:  # keep measuring the others; the row says what failed
+                        row[f"{backend}_error"] = f"{type(e).__name__}: {e}"[:300]
+                        continue
                     row[f"{backend}_ms"], row[f"{backend}_kernel_ms"] = t["ms"], t["kernel_ms"]
                     row[f"{backend}_roofline_frac"] = roof_ms / t["ms"]
                 if peer is not None:
