@@ -133,7 +133,7 @@ class Mamba3DecodeStep:
         lane = tidx % self.TPR
         group = tidx // self.TPR
         g = h // (self.H // self.G)
-        R, P, N, HP = self.R, self.P, self.N, self.H * self.P
+        R, P, N = self.R, self.P, self.N
 
         smem = cutlass.utils.SmemAllocator()
         sK = smem.allocate_tensor(Float32, cute.make_layout(R * N), byte_alignment=16)
