@@ -32,6 +32,7 @@ _EXPORTS = {
     "account": "hybridlm.builder",
     "format_account": "hybridlm.builder",
     "HybridLM": "hybridlm.builder",
+    "Decoder": "hybridlm.builder",
     "SpecError": "hybridlm.errors",
     "HybridLMError": "hybridlm.errors",
     "BackendUnavailable": "hybridlm.errors",

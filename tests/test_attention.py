@@ -88,7 +88,7 @@ def test_kv_cache_prefill_then_decode(case):
     cache = m.allocate_cache(2, 20)
     outs = [m(x[:, :6], cache=cache), m(x[:, 6:10], cache=cache)]
     outs += [m(x[:, t: t + 1], cache=cache) for t in range(10, 17)]
-    assert cache.length == 17
+    assert cache.lengths.tolist() == [17, 17] and cache.max_filled == 17
     assert rel_err(torch.cat(outs, 1), whole) <= 1e-5
 
 
@@ -97,7 +97,7 @@ def test_cache_overflow_and_packed_cache_errors():
     cache = m.allocate_cache(1, 4)
     with pytest.raises(ShapeError, match="Allocate a larger cache"):
         m(torch.randn(1, 5, 32), cache=cache)
-    with pytest.raises(ShapeError, match="cu_seqlens"):
+    with pytest.raises(ShapeError, match=r"batch 1; got 2 sequences \(cu_seqlens\)"):
         m(torch.randn(1, 4, 32), cu_seqlens=torch.tensor([0, 2, 4]), cache=m.allocate_cache(1, 4))
 
 
@@ -143,3 +143,60 @@ blocks:
     assert [m.backend for m in model.modules() if isinstance(m, Attention)] == ["sdpa"]
     with pytest.raises(SpecError, match="backend"):
         load_spec_text(text % "flash")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kv_cache_per_row_lengths(case):
+    """Rows of different lengths: a packed prefill, decode steps, a dense chunk and a packed chunk
+    continue every row exactly as the whole sequence without a cache."""
+    m = make(case)
+    prompt, later = [5, 11, 1, 8], [2, 1, 3, 1]
+    seqs = [torch.randn(1, n + 3 + 2 + k, 32) for n, k in zip(prompt, later)]
+    cache = m.allocate_cache(4, 24)
+
+    def pack(pieces):
+        cu = torch.tensor([0] + torch.tensor([p.shape[1] for p in pieces]).cumsum(0).tolist(), dtype=torch.int32)
+        return torch.cat(pieces, 1), cu
+
+    starts = [0, 0, 0, 0]
+    got = [[] for _ in seqs]
+
+    def take(lengths):
+        pieces = [s[:, a: a + n] for s, a, n in zip(seqs, starts, lengths)]
+        for i, n in enumerate(lengths):
+            starts[i] += n
+        return pieces
+
+    x, cu = pack(take(prompt))
+    out = m(x, cu_seqlens=cu, cache=cache)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        got[i].append(out[:, s:e])
+    for _ in range(3):  # decode steps: one token per row
+        out = m(torch.cat(take([1] * 4)), cache=cache)
+        for i in range(4):
+            got[i].append(out[i: i + 1])
+    out = m(torch.cat(take([2] * 4)), cache=cache)  # a dense chunk on rows of different lengths
+    for i in range(4):
+        got[i].append(out[i: i + 1])
+    x, cu = pack(take(later))  # a packed chunk on a filled cache
+    out = m(x, cu_seqlens=cu, cache=cache)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        got[i].append(out[:, s:e])
+    assert cache.lengths.tolist() == [s.shape[1] for s in seqs]
+    for i, s in enumerate(seqs):
+        assert rel_err(torch.cat(got[i], 1), m(s)) <= 1e-5, i
+
+
+def test_cached_attention_backend_choice_on_cpu(monkeypatch):
+    """Reading a KV cache: auto means SDPA (FA4's KV-cache path runs only when forced)."""
+    from hybridlm.errors import BackendUnavailable
+    from hybridlm.kernels.attention import resolve_cached_backend
+
+    q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 16, 2, 8)
+    monkeypatch.delenv("HYBRIDLM_ATTENTION", raising=False)
+    assert resolve_cached_backend(None, q, k) == resolve_cached_backend("auto", q, k) == "sdpa"
+    with pytest.raises(BackendUnavailable, match="FA4 needs CUDA.*'sdpa'"):
+        resolve_cached_backend("fa4", q, k)
+    monkeypatch.setenv("HYBRIDLM_ATTENTION", "flash")
+    with pytest.raises(BackendUnavailable, match="unknown attention backend 'flash'"):
+        resolve_cached_backend(None, q, k)

@@ -9,43 +9,55 @@ from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
-from hybridlm.kernels.attention import causal_attention
+from hybridlm.kernels.attention import cached_attention, causal_attention
 from hybridlm.kernels.reference import rotate_pairs, upcast
 
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values (B, max_len, n_kv_heads, head_dim); ``length`` tokens are filled."""
+    """Preallocated keys and values (B, max_len, n_kv_heads, head_dim) with per-row lengths.
+
+    ``lengths`` (B,) int32 on the cache's device: the tokens row b holds. Decode steps update it in
+    place, so a CUDA graph can replay them. ``max_filled`` is a host-side upper bound of every row's
+    length, for capacity checks without a device sync; graph replays run no Python, so whoever
+    replays them sets it (:meth:`set_host_length`).
+    """
 
     k: Tensor
     v: Tensor
-    length: int = 0
+    lengths: Tensor
+    max_filled: int = 0
 
     @property
     def max_len(self) -> int:
         return self.k.shape[1]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[1]
-        if end > self.max_len:
-            raise ShapeError(f"KV cache holds {self.max_len} tokens; {end} needed. Allocate a larger cache.")
-        self.k[:, self.length:end] = k
-        self.v[:, self.length:end] = v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def check_room(self, new_tokens: int) -> None:
+        needed = self.max_filled + new_tokens
+        if needed > self.max_len:
+            raise ShapeError(f"KV cache holds {self.max_len} tokens; {needed} needed. Allocate a larger cache.")
+
+    def set_host_length(self, n: int) -> None:
+        self.max_filled = n
 
     def zero_(self) -> "KVCache":
-        self.length = 0
+        """Empty every row. Keys and values stay: nothing past a row's length is ever read."""
+        self.lengths.zero_()
+        self.max_filled = 0
         return self
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.k.numel() * self.k.element_size() * 2 + self.lengths.numel() * self.lengths.element_size()
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float) -> Tensor:
-    """(L,) positions -> (L, head_dim/2) angles, frequencies theta^(-2i/head_dim)."""
+    """positions (any shape) -> (..., head_dim/2) angles, frequencies theta^(-2i/head_dim)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    return positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return positions.to(torch.float64)[..., None] * inv_freq
 
 
 class Attention(nn.Module):
@@ -78,41 +90,94 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, eps=norm_eps, **factory)
             self.k_norm = RMSNorm(hd, eps=norm_eps, **factory)
 
-    def _positions(self, L: int, cu_seqlens: Tensor | None, offset: int, device) -> Tensor:
-        if cu_seqlens is None:
-            return torch.arange(offset, offset + L, device=device)
-        starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
-        return torch.arange(L, device=device) - starts
+    def _packed_positions(self, cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+        """Packed tokens -> (their sequence index, their position within it), both (T,)."""
+        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(seqlens.numel(), device=cu_seqlens.device), seqlens,
+                                      output_size=total)  # output_size: no host sync
+        return seq, torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seq]
+
+    def _rope(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate q and k (..., heads, head_dim) by their tokens' positions (any leading shape of q)."""
+        ang = rope_angles(positions, self.head_dim, self.rope_theta).unsqueeze(-2)  # broadcast over heads
+        q = rotate_pairs(upcast(q), ang.to(upcast(q).dtype), "half").to(q.dtype)
+        k = rotate_pairs(upcast(k), ang.to(upcast(k).dtype), "half").to(k.dtype)
+        return q, k
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"Attention expects (batch, seq, {self.d_model}); got {tuple(x.shape)}")
-        if cache is not None and cu_seqlens is not None:
-            raise ShapeError("a KV cache with packed sequences (cu_seqlens) is not supported; "
-                             "decode sequences as a batch instead")
         B, L, _ = x.shape
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        offset = cache.length if cache is not None else 0
-        if self.position == "rope":
-            ang = rope_angles(self._positions(L, cu_seqlens, offset, x.device), self.head_dim, self.rope_theta)
-            ang = ang[:, None, :]  # broadcast over heads
-            q = rotate_pairs(upcast(q), ang.to(upcast(q).dtype), "half").to(q.dtype)
-            k = rotate_pairs(upcast(k), ang.to(upcast(k).dtype), "half").to(k.dtype)
+        scale = 1.0 / math.sqrt(self.head_dim)
         if cache is not None:
-            k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, q_offset=offset, window=self.window,
-                               scale=1.0 / math.sqrt(self.head_dim), backend=self.backend)
+            out = self._attend_with_cache(q, k, v, cu_seqlens, cache, scale)
+        else:
+            if self.position == "rope":
+                positions = (torch.arange(L, device=x.device) if cu_seqlens is None
+                             else self._packed_positions(cu_seqlens, L)[1])
+                q, k = self._rope(q, k, positions)
+            out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, window=self.window, scale=scale,
+                                   backend=self.backend)
         return self.wo(out.flatten(-2))
+
+    def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, cache: KVCache,
+                           scale: float) -> Tensor:
+        """Write the new keys/values after each row's cached tokens, then attend over the row.
+
+        Dense input (B, L) continues every row by L tokens; packed input (cu_seqlens) continues row i
+        by sequence i. A dense single token (a decode step) takes the fixed-shape path: index ops,
+        the device-side ``lengths`` and a mask over the whole cache, so a CUDA graph can capture it.
+        """
+        B, L = q.shape[:2]
+        rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        if rows != cache.batch_size:
+            what = "sequences (cu_seqlens)" if cu_seqlens is not None else "rows"
+            raise ShapeError(f"KV cache was allocated for batch {cache.batch_size}; got {rows} {what}")
+        if cu_seqlens is None:
+            new_tokens = L
+            positions = cache.lengths[:, None].long() + torch.arange(L, device=q.device)  # (B, L)
+            kv_lengths = cache.lengths + L
+        else:
+            seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
+            new_tokens = int(seqlens.max())  # a prefill: this host sync is fine
+            seq, local = self._packed_positions(cu_seqlens, L)
+            positions = cache.lengths.long()[seq] + local  # (T,)
+            kv_lengths = cache.lengths + seqlens.to(cache.lengths.dtype)
+        cache.check_room(new_tokens)
+        if self.position == "rope":
+            q, k = self._rope(q, k, positions)
+        if cu_seqlens is None:
+            index = positions[:, :, None, None].expand_as(k)
+            cache.k.scatter_(1, index, k.to(cache.k.dtype))  # row b, positions lengths[b] .. lengths[b] + L - 1
+            cache.v.scatter_(1, index, v.to(cache.v.dtype))
+        else:
+            cache.k[seq, positions] = k[0].to(cache.k.dtype)
+            cache.v[seq, positions] = v[0].to(cache.v.dtype)
+        fresh = cache.max_filled == 0  # every row empty: the new tokens are the whole context
+        decode_step = cu_seqlens is None and L == 1
+        if fresh and not decode_step:
+            # the same call as without a cache (a prefill equals the full forward exactly)
+            out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, window=self.window, scale=scale,
+                                   backend=self.backend)
+        else:
+            out = cached_attention(q, cache.k, cache.v, kv_lengths, cu_seqlens=cu_seqlens, window=self.window,
+                                   scale=scale, backend=self.backend,
+                                   key_len=None if decode_step else cache.max_filled + new_tokens)
+        cache.lengths.copy_(kv_lengths)
+        cache.max_filled += new_tokens
+        return out
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> KVCache:
         device = device or self.wq.weight.device
         dtype = dtype or self.wq.weight.dtype
         shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(batch_size, device=device, dtype=torch.int32))
 
     def state_bytes(self, context: int, dtype: torch.dtype | None = None) -> int:
         """KV-cache bytes per sequence at ``context`` tokens (a sliding window caps what is needed)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,12 @@ from hybridlm.layouts.spec import ModelSpec
 
 @dataclass
 class HybridCache:
-    """Per-layer decode state (None for position-wise layers) and the number of tokens seen."""
+    """Per-layer decode state (None for position-wise layers), one row per sequence.
+
+    Rows may hold different numbers of tokens (a packed prefill of prompts of different lengths);
+    the layer caches keep those lengths on the device. ``seqlen_offset`` is the longest row's
+    length as the host knows it, for capacity checks without a device sync.
+    """
 
     layers: list[Any]
     batch_size: int
@@ -26,11 +31,20 @@ class HybridCache:
         return sum(c.nbytes() for c in self.layers if c is not None)
 
     def reset(self) -> "HybridCache":
+        """Empty every row, in place (tensors keep their addresses: a captured CUDA graph stays valid)."""
         for c in self.layers:
             if c is not None:
                 c.zero_()
         self.seqlen_offset = 0
         return self
+
+    def set_host_length(self, n: int) -> None:
+        """Set the host-side bound of the longest row to ``n`` tokens: CUDA-graph replays run no
+        Python, so the code that replays them keeps this count."""
+        self.seqlen_offset = n
+        for c in self.layers:
+            if hasattr(c, "set_host_length"):
+                c.set_host_length(n)
 
 
 class HybridLM(nn.Module):
@@ -72,7 +86,8 @@ class HybridLM(nn.Module):
         """ids (B, L) -> logits (B, L, vocab). Packed: ids (1, T) with ``cu_seqlens`` (NS+1,).
 
         With ``cache`` the tokens continue from the cached state (prefill, chunked prefill or a
-        decode step) and the cache advances by L tokens.
+        decode step) and the cache advances by L tokens; packed input with a cache continues row i
+        of the cache with sequence i (a prefill of prompts of different lengths).
         """
         return self.output(self.features(ids, cu_seqlens, cache))
 
@@ -83,19 +98,34 @@ class HybridLM(nn.Module):
         """
         if ids.dim() != 2:
             raise ShapeError(f"ids must be (batch, seq); got shape {tuple(ids.shape)}")
+        new_tokens = 0
         if cache is not None:
-            if cache.batch_size != ids.shape[0]:
-                raise ShapeError(f"cache was allocated for batch {cache.batch_size}; got batch {ids.shape[0]}")
-            if cache.seqlen_offset + ids.shape[1] > cache.max_len:
-                raise ShapeError(f"cache holds {cache.max_len} tokens; {cache.seqlen_offset + ids.shape[1]} needed")
+            new_tokens = self._check_cache_room(ids, cu_seqlens, cache)
         h = self.tok_embeddings(ids)
         if self.spec.residual_in_fp32:
             h = h.float()
         for i, layer in enumerate(self.layers):
             h = layer(h, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i])
         if cache is not None:
-            cache.seqlen_offset += ids.shape[1]
+            cache.seqlen_offset += new_tokens
         return self.norm(h).to(self.output.weight.dtype)
+
+    @staticmethod
+    def _check_cache_room(ids: Tensor, cu_seqlens: Tensor | None, cache: HybridCache) -> int:
+        """The tokens the longest row gains; raises when the batch or the capacity does not fit."""
+        if cu_seqlens is None:
+            rows, new_tokens = ids.shape[0], ids.shape[1]
+        else:
+            if ids.shape[0] != 1:
+                raise ShapeError(f"packed ids (cu_seqlens given) must be (1, total); got {tuple(ids.shape)}")
+            rows = cu_seqlens.numel() - 1
+            new_tokens = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if rows else 0  # a prefill: host sync is fine
+        if cache.batch_size != rows:
+            raise ShapeError(f"cache was allocated for batch {cache.batch_size}; got batch {rows}")
+        needed = cache.seqlen_offset + new_tokens
+        if needed > cache.max_len:
+            raise ShapeError(f"cache holds {cache.max_len} tokens; {needed} needed. Allocate a larger cache.")
+        return new_tokens
 
     # -- decode -------------------------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> HybridCache:
@@ -105,29 +135,18 @@ class HybridLM(nn.Module):
         return HybridCache(layers, batch_size, max_len)
 
     @torch.no_grad()
-    def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 *, generator: torch.Generator | None = None, eos_token_id: int | None = None) -> Tensor:
-        """Prefill ``ids`` (B, L), then sample ``max_new_tokens`` one step at a time.
+    def generate(self, ids: Tensor | Sequence[Tensor], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, *, generator: torch.Generator | None = None,
+                 eos_token_id: int | None = None, cuda_graph: bool = True) -> Tensor | list[Tensor]:
+        """Prefill the prompts, then sample ``max_new_tokens`` one step at a time.
 
-        temperature 0 is greedy; ``top_k`` keeps the k most likely tokens. Returns (B, L + new).
+        ``ids``: (B, L) or 1-D -> returns (B, L + new); or a list of 1-D prompts of any lengths ->
+        returns a list of 1-D tensors (prompt + its new tokens, cut after its first EOS).
+        temperature 0 is greedy; ``top_k`` keeps the k most likely tokens; generation stops early
+        once every row has produced ``eos_token_id``. On CUDA the decode step replays a CUDA graph
+        unless ``cuda_graph=False``. Lower level: :class:`hybridlm.builder.decode.Decoder`.
         """
-        from hybridlm.builder.generate import sample_next
+        from hybridlm.builder.generate import generate
 
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.shape[1] == 0:
-            raise ShapeError("generate needs a prompt of at least one token")
-        cache = self.allocate_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
-        logits = self(ids, cache=cache)[:, -1]
-        out = [ids]
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            out.append(token[:, None])
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                break
-            logits = self(token[:, None], cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+        return generate(self, ids, max_new_tokens, temperature, top_k, generator=generator,
+                        eos_token_id=eos_token_id, cuda_graph=cuda_graph)

@@ -4,6 +4,10 @@
 prefill from a KV cache); ``window`` keeps a key j for query i only when i - j < window.
 Packed input is B = 1 with ``cu_seqlens``.
 
+:func:`cached_attention` reads keys from a preallocated KV cache (B, max_len, Hkv, D) whose rows hold
+different numbers of tokens (``kv_lengths``); the queries are the last tokens of each row. Its
+decode form (dense queries) has fixed shapes and no host sync, so it can run inside a CUDA graph.
+
 Backends: ``fa4`` (FlashAttention-4 on Hopper and newer, bf16/fp16) and ``sdpa`` (PyTorch's
 scaled_dot_product_attention: every device and dtype). The choice, in order: the ``backend``
 argument (the attention spec's field), the ``HYBRIDLM_ATTENTION`` environment variable, then
@@ -61,13 +65,19 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None
     return torch.cat(outs, dim=1)
 
 
-def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
-    """``fa4`` or ``sdpa`` for these inputs (see the module docstring for the order of choice)."""
+def _requested_backend(requested: str | None) -> str:
+    """The argument, else the environment variable, else ``auto``; an unknown name raises."""
     name = requested or os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS:
         source = "argument" if requested else ENV_VAR
         raise BackendUnavailable(f"unknown attention backend {name!r} (from {source}); choose one of: "
                                  f"{', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
+    """``fa4`` or ``sdpa`` for these inputs (see the module docstring for the order of choice)."""
+    name = _requested_backend(requested)
     if name == "sdpa":
         return "sdpa"
     reason = fa4.unsupported_reason(q, k, q_offset)
@@ -79,6 +89,71 @@ def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_off
         _warned.add(reason)
         warnings.warn(f"attention: FA4 cannot take these inputs ({reason}); using SDPA", stacklevel=3)
     return "sdpa"
+
+
+def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
+    """``fa4`` or ``sdpa`` for reading a KV cache with per-row lengths.
+
+    ``auto`` means SDPA here: FA4's KV-cache entry (``seqused_k``) has not been validated on a GPU
+    in this project yet (tests/gpu/test_decode_gpu.py does it), so it runs only when forced.
+    """
+    name = _requested_backend(requested)
+    if name != "fa4":
+        return "sdpa"
+    reason = fa4.unsupported_reason(q, k_cache, 0)
+    if reason is not None:
+        raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
+    return "fa4"
+
+
+def _sdpa_cached_dense(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, window: int | None,
+                       scale: float | None, key_len: int) -> Tensor:
+    """Every row's L queries end at its ``kv_lengths``; one masked SDPA call over ``key_len`` keys.
+
+    Shapes depend on L and ``key_len`` only, and the mask is built on the device: no host sync."""
+    L = q.shape[1]
+    qpos = (kv_lengths.long() - L)[:, None] + torch.arange(L, device=q.device)  # (B, L)
+    kpos = torch.arange(key_len, device=q.device)
+    keep = kpos <= qpos[..., None]  # (B, L, key_len): never empty, a query sees its own key
+    if window is not None:
+        keep &= (qpos[..., None] - kpos) < window
+    k, v = k_cache[:, :key_len], v_cache[:, :key_len]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _sdpa_cached_packed(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, cu_seqlens: Tensor,
+                        window: int | None, scale: float | None) -> Tensor:
+    """Packed queries, sequence i reading cache row i; one SDPA call per sequence (a prefill: the
+    host sync for the bounds is fine here)."""
+    bounds, ends = cu_seqlens.tolist(), kv_lengths.tolist()
+    outs = []
+    for row, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        end = ends[row]
+        outs.append(_dense_sdpa(q[:, s:e], k_cache[row: row + 1, :end], v_cache[row: row + 1, :end],
+                                end - (e - s), window, scale))
+    return torch.cat(outs, dim=1)
+
+
+def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, *,
+                     cu_seqlens: Tensor | None = None, window: int | None = None, scale: float | None = None,
+                     backend: str | None = None, key_len: int | None = None) -> Tensor:
+    """Attention of new queries over a KV cache that already holds their keys.
+
+    q (B, L, H, D), or packed (1, T, H, D) with ``cu_seqlens`` (one sequence per cache row);
+    k_cache, v_cache (B, max_len, Hkv, D); ``kv_lengths`` (B,) int32: the tokens each row holds,
+    the new ones included, so a row's queries sit at its last positions. ``key_len``: an upper
+    bound of ``kv_lengths`` known on the host; SDPA then reads only that many cache positions
+    (None: all of them, the fixed shape a CUDA graph needs).
+    """
+    if resolve_cached_backend(backend, q, k_cache) == "fa4":
+        return fa4.fa4_cached_attention(q, k_cache, v_cache, kv_lengths, cu_seqlens=cu_seqlens, window=window,
+                                        scale=scale)
+    if cu_seqlens is not None:
+        return _sdpa_cached_packed(q, k_cache, v_cache, kv_lengths, cu_seqlens, window, scale)
+    return _sdpa_cached_dense(q, k_cache, v_cache, kv_lengths, window, scale, key_len or k_cache.shape[1])
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, q_offset: int = 0,

@@ -6,6 +6,11 @@ forward and backward. Its causal mask is aligned to the bottom right, which is o
 exactly when the keys end where the queries end (a KV cache filled up to the current token), so
 that is the only offset it is given. ``unsupported_reason`` says which inputs it cannot take; the
 caller falls back to SDPA for those.
+
+:func:`fa4_cached_attention` reads a preallocated KV cache whose rows hold different numbers of
+tokens through ``flash_attn_varlen_func``'s ``seqused_k`` (keys past a row's length are ignored,
+and the causal mask is aligned to each row's last used key). Its arguments are device tensors of
+fixed shapes, so the call can be captured in a CUDA graph once the kernel has been compiled.
 """
 from __future__ import annotations
 
@@ -57,6 +62,25 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None 
     cu = cu_seqlens.to(torch.int32)
     out = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, softmax_scale=scale,
                                  causal=True, window_size=window_size)
+    return _first(out).unsqueeze(0)
+
+
+@torch.compiler.disable
+def fa4_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, *,
+                         cu_seqlens: Tensor | None = None, window: int | None = None,
+                         scale: float | None = None) -> Tensor:
+    """q (B, L, H, D) or packed (1, T, H, D) with cu_seqlens; caches (B, max_len, Hkv, D); kv_lengths
+    (B,) int32, the new tokens included. As :func:`hybridlm.kernels.attention.cached_attention`."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    window_size = (None, None) if window is None else (window - 1, 0)
+    used = kv_lengths.to(torch.int32).contiguous()  # already int32 from the KV cache: no copy
+    if cu_seqlens is None:
+        out = flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=used, softmax_scale=scale, causal=True,
+                                     window_size=window_size)
+        return _first(out)
+    out = flash_attn_varlen_func(q[0], k_cache, v_cache, cu_seqlens_q=cu_seqlens.to(torch.int32), seqused_k=used,
+                                 softmax_scale=scale, causal=True, window_size=window_size)
     return _first(out).unsqueeze(0)
 
 

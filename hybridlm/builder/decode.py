@@ -1,0 +1,151 @@
+"""Batched decoding: one prefill of prompts of different lengths, then one token per row per step.
+
+    decoder = Decoder(model, batch_size=3, max_len=512)     # owns the HybridCache of the batch
+    logits = decoder.prefill([p0, p1, p2])                  # (3, vocab): each prompt's last logits
+    logits = decoder.step(next_tokens)                      # (3,) -> (3, vocab), every row advances
+
+The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
+state and keys/values into its cache row. A step feeds one token per row; attention reads the
+preallocated KV cache with per-row lengths, Mamba-3 runs its decode step. Every state is updated
+in place on the device and the step has fixed shapes, so on CUDA it is recorded once in a
+``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small kernels.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+from hybridlm.errors import ShapeError
+
+if TYPE_CHECKING:
+    from hybridlm.builder.model import HybridLM
+
+# Eager runs before capture, as torch.cuda.graphs asks: lazy initialisation, cuBLAS workspaces
+# and JIT compiles (Triton, CuTe) must happen outside the recording.
+WARMUP_STEPS = 3
+
+
+class Decoder:
+    """A batch of ``batch_size`` sequences of at most ``max_len`` tokens each (prompt + generated).
+
+    ``cuda_graph``: replay the step from a CUDA graph when the model is on CUDA (ignored on other
+    devices); False runs it eagerly, which is what the graph is tested against.
+    """
+
+    def __init__(self, model: "HybridLM", batch_size: int, max_len: int, *, cuda_graph: bool = True):
+        if batch_size < 1 or max_len < 1:
+            raise ShapeError(f"Decoder needs batch_size >= 1 and max_len >= 1; got {batch_size} and {max_len}")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.device = model.tok_embeddings.weight.device
+        self.cache = model.allocate_cache(batch_size, max_len)
+        self.lengths: list[int] = [0] * batch_size  # tokens per row, kept on the host
+        self.uses_cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._prefilled = False
+        self._step_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the graph's input
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_logits: Tensor | None = None  # the graph's output
+        if self.uses_cuda_graph:
+            self._capture_step()
+
+    # -- public -------------------------------------------------------------------------------------
+    def reset(self) -> "Decoder":
+        """Forget every sequence (in place: a captured graph stays valid)."""
+        self.cache.reset()
+        self.lengths = [0] * self.batch_size
+        self._prefilled = False
+        return self
+
+    @torch.no_grad()
+    def prefill(self, prompts: Tensor | Sequence[Tensor]) -> Tensor:
+        """Start ``batch_size`` new sequences; returns each one's last-token logits (B, vocab).
+
+        ``prompts``: a list of 1-D token tensors (lengths may differ; packed into one forward) or
+        a (B, L) tensor.
+        """
+        ids, cu_seqlens, lengths = self._pack(prompts)
+        if max(lengths) > self.max_len:
+            raise ShapeError(f"a prompt of {max(lengths)} tokens does not fit the Decoder's max_len "
+                             f"{self.max_len}; create the Decoder with max_len >= prompt length + new tokens")
+        self.reset()
+        hidden = self.model.features(ids, cu_seqlens=cu_seqlens, cache=self.cache)
+        last = hidden[:, -1] if cu_seqlens is None else hidden[0, cu_seqlens[1:].long() - 1]
+        self.lengths = lengths
+        self._prefilled = True
+        return self.model.output(last)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row (B,); returns the next logits (B, vocab), a fresh tensor."""
+        if not self._prefilled:
+            raise ShapeError("Decoder.step before prefill: call decoder.prefill(prompts) first")
+        if tokens.shape != (self.batch_size,):
+            raise ShapeError(f"step takes one token per row, shape ({self.batch_size},); got {tuple(tokens.shape)}")
+        longest = max(self.lengths)
+        if longest + 1 > self.max_len:
+            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence and a sequence "
+                             f"already has {longest}; create the Decoder with a larger max_len "
+                             f"(longest prompt + max new tokens)")
+        if self._graph is not None:
+            self._step_tokens.copy_(tokens)
+            self._graph.replay()
+            logits = self._graph_logits.clone()  # the next replay overwrites the graph's output
+        else:
+            logits = self._step_logits(tokens.to(self.device))
+        self.lengths = [n + 1 for n in self.lengths]
+        self.cache.set_host_length(longest + 1)  # a replay ran no Python: keep the host bounds here
+        return logits
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _step_logits(self, tokens: Tensor) -> Tensor:
+        """The whole step on the device: fixed shapes, in-place state updates, no host sync."""
+        hidden = self.model.features(tokens[:, None], cache=self.cache)
+        return self.model.output(hidden[:, 0])
+
+    @torch.no_grad()
+    def _capture_step(self) -> None:
+        """Record ``_step_logits`` on the static token buffer into a CUDA graph.
+
+        Warm-up and capture run on the empty cache, so resetting it afterwards undoes what they wrote.
+        """
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.cache.reset()  # each warm-up step starts empty: max_len = 1 must work too
+                self._step_logits(self._step_tokens)
+        current.wait_stream(side)
+        self.cache.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_logits = self._step_logits(self._step_tokens)
+        self._graph = graph
+        self.reset()
+
+    def _pack(self, prompts: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None, list[int]]:
+        """prompts -> (ids (B, L) or packed (1, T), cu_seqlens or None, host lengths)."""
+        if isinstance(prompts, Tensor):
+            if prompts.dim() != 2 or prompts.shape[1] == 0:
+                raise ShapeError(f"prompts must be a (batch, seq) tensor with seq >= 1 or a list of 1-D tensors; "
+                                 f"got shape {tuple(prompts.shape)}")
+            if prompts.shape[0] != self.batch_size:
+                raise ShapeError(f"the Decoder was created for {self.batch_size} sequences; got {prompts.shape[0]}")
+            return prompts.to(self.device), None, [prompts.shape[1]] * self.batch_size
+        prompts = list(prompts)
+        if len(prompts) != self.batch_size:
+            raise ShapeError(f"the Decoder was created for {self.batch_size} sequences; got {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, Tensor) or p.dim() != 1 or p.numel() == 0:
+                shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ShapeError(f"prompt {i} must be a non-empty 1-D tensor of token ids; got {shape}")
+        lengths = [p.numel() for p in prompts]
+        ids = torch.cat([p.to(self.device) for p in prompts])[None]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+        return ids, cu_seqlens, lengths
