@@ -17,6 +17,7 @@ by every row group for its own slots (cheap next to the state).
 from __future__ import annotations
 
 import math
+import os
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -52,6 +53,9 @@ class Mamba3DecodeStep:
         self.NG = row_groups
         self.threads = self.TPR * row_groups
         self.rows = headdim // row_groups  # rows per thread
+        # CTAs per SM the registers must allow: at most 128 registers a thread keeps enough of the
+        # state stream in flight (MIMO reaches ~165 otherwise); HYBRIDLM_CUTE_MIN_BLOCKS overrides
+        self.min_blocks = int(os.environ.get("HYBRIDLM_CUTE_MIN_BLOCKS", max(1, 65536 // (self.threads * 128))))
         HP, W = nheads * headdim, rank * ngroups * d_state
         self.col_x, self.col_b, self.col_c = HP, 2 * HP, 2 * HP + W
         self.col_dt = 2 * HP + 2 * W
@@ -65,63 +69,77 @@ class Mamba3DecodeStep:
                  mCBias, mD: cute.Tensor, mMimoX, mMimoZ, mMimoO, mNormW, stream: cuda.CUstream):
         self.kernel(mProj, mAngle, mSSM, mK, mV, mOut, mDtBias, mBNorm, mCNorm, mBBias, mCBias, mD, mMimoX,
                     mMimoZ, mMimoO, mNormW).launch(
-            grid=[mProj.shape[0], self.H, 1], block=[self.threads, 1, 1], stream=stream)
+            grid=[mProj.shape[0], self.H, 1], block=[self.threads, 1, 1], stream=stream,
+            min_blocks_per_mp=self.min_blocks)
 
-    # -- pieces ------------------------------------------------------------------------------------
+    # -- pieces (plain Python: traced inline, no control flow of their own) --------------------------
     def _slots(self, lane):
         """The thread's VEC state columns n, as a Python list (static j, e; dynamic lane)."""
         return [(lane + self.TPR * j) * PIECE + e for j in range(VEC // PIECE) for e in range(PIECE)]
 
-    def _rotation(self, mAngle, mProj, b, h, dt, slots):
-        """Per slot: θ_new (0 where the slot does not rotate), cos θ and ±sin θ (− on a pair's first)."""
-        theta, cos, sin = [], [], []
-        for s in range(VEC):
-            n = slots[s]
-            j = s // PIECE
-            if const_expr(self.interleaved):
-                pair = n // 2
-                first = s % 2 == 0
-            else:
-                first = j < (VEC // PIECE) // 2
-                pair = n if first else n - self.N // 2
-            th = Float32(0.0)
-            if const_expr(self.S > 0):
-                rotates = pair < self.S
-                safe = cutlass.select_(rotates, pair, Int32(0))
-                old = Float32(mAngle[b, h, safe])
-                rate = Float32(mProj[b, self.col_angle + safe])
-                new = old + Float32(math.pi) * cute.math.tanh(rate) * dt
-                new = new - Float32(2 * math.pi) * cute.math.floor(new * Float32(1 / (2 * math.pi)))
-                th = cutlass.select_(rotates, new, Float32(0.0))
-            theta.append(th)
-            cos.append(cute.math.cos(th))
-            sin.append(-cute.math.sin(th) if first else cute.math.sin(th))
-        return theta, cos, sin
+    def _pair(self, n):
+        """Pair index, partner column and whether n is its pair's first (docs §2.3), for a dynamic n."""
+        if const_expr(self.interleaved):
+            return n // 2, n ^ 1, (n % 2) == 0
+        half = self.N // 2
+        first = n < half
+        return (cutlass.select_(first, n, n - half), cutlass.select_(first, n + half, n - half), first)
 
-    def _bc(self, mProj, col, mNorm, mBias, b, h, g, r, slots, cos, sin):
-        """B or C of rank r for head h at the thread's slots: RMSNorm, + bias, rotated."""
-        base = col + (r * self.G + g) * self.N
-        raw = [Float32(mProj[b, base + slots[s]]) for s in range(VEC)]
-        ss = Float32(0.0)
-        for s in range(VEC):
-            ss = ss + raw[s] * raw[s]
-        for k in range(int(math.log2(self.TPR))):
-            ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=self.TPR >> (k + 1))
-        rstd = cute.math.rsqrt(ss / Float32(self.N) + Float32(self.bc_eps))
-        v = []
-        for s in range(VEC):
-            val = raw[s] * rstd * Float32(mNorm[slots[s]])
-            if const_expr(mBias is not None):
-                val = val + Float32(mBias[h, r, slots[s]])
-            v.append(val)
-        out = []
-        for s in range(VEC):
-            if const_expr(self.interleaved):
-                mate = s ^ 1
+    def _cos_sin(self, sCos, sSin, n):
+        """cos θ and ±sin θ of column n's pair (− on the pair's first column); 1, 0 where n does not rotate."""
+        if const_expr(self.S == 0):
+            return Float32(1.0), Float32(0.0)
+        pair, _, first = self._pair(n)
+        rotates = pair < self.S
+        safe = cutlass.select_(rotates, pair, Int32(0))
+        c = cutlass.select_(rotates, sCos[safe], Float32(1.0))
+        s = cutlass.select_(rotates, sSin[safe], Float32(0.0))
+        return c, cutlass.select_(first, -s, s)
+
+    def _rotated_slots(self, sVec, base, slots, cos, sin):
+        """A normalized, biased B or C (unrotated in shared memory at ``base``) rotated at the slots;
+        every slot's partner is one of the thread's own slots (module docstring)."""
+        v = [sVec[base + slots[s]] for s in range(VEC)]
+        mates = [(s ^ 1) if const_expr(self.interleaved) else (s + VEC // 2) % VEC for s in range(VEC)]
+        return [v[s] * cos[s] + v[mates[s]] * sin[s] for s in range(VEC)]
+
+    def _reduce_rows(self, partial, lane):
+        """Sum each row's partials over the row's TPR lanes, halving the values a lane holds at each
+        butterfly step (rows·log2 shuffles become about 2·rows). Returns the sums this lane holds,
+        the row index of the first, and whether this lane writes them."""
+        vals, first_row, writer = list(partial), Int32(0), None
+        offset = self.TPR // 2
+        while offset >= 1:
+            if len(vals) > 1:
+                upper = (lane & offset) != 0
+                half = len(vals) // 2
+                kept = []
+                for k in range(half):
+                    send = cutlass.select_(upper, vals[k], vals[k + half])
+                    keep = cutlass.select_(upper, vals[k + half], vals[k])
+                    kept.append(keep + cute.arch.shuffle_sync_bfly(send, offset=offset))
+                vals = kept
+                first_row = first_row + cutlass.select_(upper, Int32(half), Int32(0))
             else:
-                mate = (s + VEC // 2) % VEC
-            out.append(v[s] * cos[s] + v[mate] * sin[s])
-        return out
+                vals = [vals[0] + cute.arch.shuffle_sync_bfly(vals[0], offset=offset)]
+                low = (lane & offset) == 0
+                writer = low if writer is None else (writer & low)
+            offset //= 2
+        return vals, first_row, writer
+
+    def _y(self, sY, mProj, mMimoX, b, h, r, p, d_skip):
+        """y_r[p] = (H q_r)[p] + D x_r[p]."""
+        x = Float32(mProj[b, self.col_x + h * self.P + p])
+        if const_expr(mMimoX is not None):
+            x = x * Float32(mMimoX[h, r, p])
+        return sY[r * self.P + p] + d_skip * x
+
+    def _gated(self, y, mProj, mMimoZ, b, h, r, p):
+        """y · silu(z ⊙ mimo_z_r) at column p of head h."""
+        z = Float32(mProj[b, h * self.P + p])
+        if const_expr(mMimoZ is not None):
+            z = z * Float32(mMimoZ[h, r, p])
+        return y * z * _sigmoid(z)
 
     # -- the kernel --------------------------------------------------------------------------------
     @cute.kernel
@@ -132,13 +150,36 @@ class Mamba3DecodeStep:
         b, h, _ = cute.arch.block_idx()
         lane = tidx % self.TPR
         group = tidx // self.TPR
+        warp = tidx // 32
+        lane32 = tidx % 32
+        n_warps = self.threads // 32
         g = h // (self.H // self.G)
-        R, P, N = self.R, self.P, self.N
+        R, P, N, S = self.R, self.P, self.N, self.S
 
         smem = cutlass.utils.SmemAllocator()
-        sK = smem.allocate_tensor(Float32, cute.make_layout(R * N), byte_alignment=16)
+        # B_r, C_r (normalized, biased, not rotated) and the cached k_r of the last token, fp32
+        sVec = smem.allocate_tensor(Float32, cute.make_layout(3 * R * N), byte_alignment=16)
         sY = smem.allocate_tensor(Float32, cute.make_layout(R * P), byte_alignment=16)
         sSS = smem.allocate_tensor(Float32, cute.make_layout(R), byte_alignment=16)
+        sTheta = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
+        sCos = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
+        sSin = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
+
+        # the state loads go first: their latency hides behind everything up to the update
+        slots = self._slots(lane)
+        rows = [group + self.NG * i for i in range(self.rows)]
+        pieces = []
+        frags = []
+        for i in cutlass.range_constexpr(self.rows):
+            row = mSSM[b, h, rows[i], None]
+            for j in cutlass.range_constexpr(VEC // PIECE):
+                piece = cute.local_tile(row, (PIECE,), (lane + self.TPR * j,))
+                frag = cute.make_rmem_tensor((PIECE,), Float32)
+                cute.autovec_copy(piece, frag)
+                pieces.append(piece)
+                frags.append(frag)
+        x = [Float32(mProj[b, self.col_x + h * P + p]) for p in rows]
+        x_prev = [Float32(mV[b, h, p]) for p in rows]
 
         # per-head scalars (docs §2.1)
         dt = _softplus(Float32(mProj[b, self.col_dt + h]) + Float32(mDtBias[h]))
@@ -160,31 +201,69 @@ class Mamba3DecodeStep:
         beta = (Float32(1.0) - lam) * dt * alpha
         gamma = lam * dt
 
-        slots = self._slots(lane)
-        theta, cos, sin = self._rotation(mAngle, mProj, b, h, dt, slots)
+        # once per CTA, into shared memory: the new angles θ ← (θ + π·tanh(rate)·Δ) mod 2π ...
+        if const_expr(S > 0):
+            for j in cutlass.range(tidx, S, self.threads):
+                th = Float32(mAngle[b, h, j]) + Float32(math.pi) * cute.math.tanh(Float32(mProj[b, self.col_angle + j])) * dt
+                th = th - Float32(2 * math.pi) * cute.math.floor(th * Float32(1 / (2 * math.pi)))
+                sTheta[j] = th
+                sCos[j] = cute.math.cos(th)
+                sSin[j] = cute.math.sin(th)
+        # ... and B_r, C_r after RMSNorm and bias, and k_prev_r: one warp per vector
+        for v in cutlass.range_constexpr(3 * R):
+            if warp == v % n_warps:
+                r = v % R
+                vals = []
+                for c in cutlass.range_constexpr((N + 31) // 32):
+                    n = lane32 + 32 * c
+                    n_safe = n if const_expr(N % 32 == 0) else cutlass.select_(n < N, n, Int32(0))
+                    if const_expr(v < 2 * R):
+                        col = self.col_b if const_expr(v < R) else self.col_c
+                        raw = Float32(mProj[b, col + (r * self.G + g) * N + n_safe])
+                    else:
+                        raw = Float32(mK[b, r, h, n_safe])
+                    if const_expr(N % 32 != 0):
+                        raw = cutlass.select_(n < N, raw, Float32(0.0))
+                    vals.append(raw)
+                if const_expr(v < 2 * R):
+                    ss = Float32(0.0)
+                    for c in cutlass.range_constexpr(len(vals)):
+                        ss = ss + vals[c] * vals[c]
+                    for k in cutlass.range_constexpr(5):
+                        ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=16 >> k)
+                    rstd = cute.math.rsqrt(ss / Float32(N) + Float32(self.bc_eps))
+                    mNorm = mBNorm if const_expr(v < R) else mCNorm
+                    mBias = mBBias if const_expr(v < R) else mCBias
+                    for c in cutlass.range_constexpr(len(vals)):
+                        n = lane32 + 32 * c
+                        n_safe = n if const_expr(N % 32 == 0) else cutlass.select_(n < N, n, Int32(0))
+                        val = vals[c] * rstd * Float32(mNorm[n_safe])
+                        if const_expr(mBias is not None):
+                            val = val + Float32(mBias[h, r, n_safe])
+                        vals[c] = val
+                for c in cutlass.range_constexpr(len(vals)):
+                    n = lane32 + 32 * c
+                    if n < N:
+                        sVec[v * N + n] = vals[c]
+        cute.arch.sync_threads()
 
-        # the thread's rows of the state, α·H, kept in registers from load to store
-        rows = [group + self.NG * i for i in range(self.rows)]
-        x = [Float32(mProj[b, self.col_x + h * P + p]) for p in rows]
-        x_prev = [Float32(mV[b, h, p]) for p in rows]
-        pieces = []
-        state = []
-        for i in cutlass.range_constexpr(self.rows):
-            row = mSSM[b, h, rows[i], None]
-            vals = []
-            for j in cutlass.range_constexpr(VEC // PIECE):
-                piece = cute.local_tile(row, (PIECE,), (lane + self.TPR * j,))
-                frag = cute.make_rmem_tensor((PIECE,), Float32)
-                cute.autovec_copy(piece, frag)
-                pieces.append(piece)
-                for e in cutlass.range_constexpr(PIECE):
-                    vals.append(frag[e] * alpha)
-            state.append(vals)
+        cos, sin = [], []
+        for s in cutlass.range_constexpr(VEC):
+            cos_s, sin_s = self._cos_sin(sCos, sSin, slots[s])
+            cos.append(cos_s)
+            sin.append(sin_s)
 
         # H ← αH + Σ_r [γ (x⊙mimo_x_r) k_rᵀ + β (x_prev⊙mimo_x_r) k_prev_rᵀ]
+        state = []
+        for i in cutlass.range_constexpr(self.rows):
+            vals = []
+            for j in cutlass.range_constexpr(VEC // PIECE):
+                for e in cutlass.range_constexpr(PIECE):
+                    vals.append(frags[i * (VEC // PIECE) + j][e] * alpha)
+            state.append(vals)
         for r in cutlass.range_constexpr(R):
-            k = self._bc(mProj, self.col_b, mBNorm, mBBias, b, h, g, r, slots, cos, sin)
-            k_prev = [Float32(mK[b, r, h, slots[s]]) for s in range(VEC)]
+            k = self._rotated_slots(sVec, r * N, slots, cos, sin)
+            k_prev = [sVec[(2 * R + r) * N + slots[s]] for s in range(VEC)]
             for i in cutlass.range_constexpr(self.rows):
                 mx = Float32(1.0)
                 if const_expr(mMimoX is not None):
@@ -193,51 +272,48 @@ class Mamba3DecodeStep:
                 cb = beta * x_prev[i] * mx
                 for s in cutlass.range_constexpr(VEC):
                     state[i][s] = state[i][s] + cg * k[s] + cb * k_prev[s]
-            if group == 0:
-                for s in cutlass.range_constexpr(VEC):
-                    sK[r * N + slots[s]] = k[s]
         for i in cutlass.range_constexpr(self.rows):
             for j in cutlass.range_constexpr(VEC // PIECE):
-                frag = cute.make_rmem_tensor((PIECE,), Float32)
+                frag = frags[i * (VEC // PIECE) + j]
                 for e in cutlass.range_constexpr(PIECE):
                     frag[e] = state[i][j * PIECE + e]
                 cute.autovec_copy(frag, pieces[i * (VEC // PIECE) + j])
 
-        # y_r[p] = Σ_n H[p, n] q_r[n] + D x_r[p], one butterfly over the row's lanes
-        d_skip = Float32(mD[h])
+        # (H q_r)[p]: each row's sum over its TPR lanes
         for r in cutlass.range_constexpr(R):
-            q = self._bc(mProj, self.col_c, mCNorm, mCBias, b, h, g, r, slots, cos, sin)
+            q = self._rotated_slots(sVec, (R + r) * N, slots, cos, sin)
+            partial = []
             for i in cutlass.range_constexpr(self.rows):
                 acc = Float32(0.0)
                 for s in cutlass.range_constexpr(VEC):
                     acc = acc + state[i][s] * q[s]
-                for k in cutlass.range_constexpr(int(math.log2(self.TPR))):
-                    acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=self.TPR >> (k + 1))
-                mx = Float32(1.0)
-                if const_expr(mMimoX is not None):
-                    mx = Float32(mMimoX[h, r, rows[i]])
-                if lane == 0:
-                    sY[r * P + rows[i]] = acc + d_skip * x[i] * mx
+                partial.append(acc)
+            sums, first_row, writer = self._reduce_rows(partial, lane)
+            for k in cutlass.range_constexpr(len(sums)):
+                p = group + self.NG * (first_row + k)
+                if const_expr(writer is None):
+                    sY[r * P + p] = sums[k]
+                else:
+                    if writer:
+                        sY[r * P + p] = sums[k]
         cute.arch.sync_threads()
 
+        d_skip = Float32(mD[h])
         # grouped norms: Σ_p y_r[p]² (pre-gate) or Σ_p (y_r[p] gate_r[p])² (post-gate), one warp per rank
         if const_expr(self.out_mode == 1 or self.out_mode == 2):
-            warp = tidx // 32
-            wlane = tidx % 32
-            n_warps = self.threads // 32
             for r in cutlass.range_constexpr(R):
                 if warp == r % n_warps:
                     acc = Float32(0.0)
                     for c in cutlass.range_constexpr((P + 31) // 32):
-                        p = wlane + 32 * c
+                        p = lane32 + 32 * c
                         if p < P:
-                            val = sY[r * P + p]
+                            val = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
                             if const_expr(self.out_mode == 2):
                                 val = self._gated(val, mProj, mMimoZ, b, h, r, p)
                             acc = acc + val * val
                     for k in cutlass.range_constexpr(5):
                         acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=16 >> k)
-                    if wlane == 0:
+                    if lane32 == 0:
                         sSS[r] = acc
             cute.arch.sync_threads()
 
@@ -245,11 +321,11 @@ class Mamba3DecodeStep:
         for p in cutlass.range(tidx, P, self.threads):
             if const_expr(self.out_mode == 3):
                 for r in cutlass.range_constexpr(R):
-                    mOut[b, r, h * P + p] = sY[r * P + p]
+                    mOut[b, r, h * P + p] = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
             else:
                 o = Float32(0.0)
                 for r in cutlass.range_constexpr(R):
-                    y = sY[r * P + p]
+                    y = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
                     if const_expr(self.out_mode == 0):
                         y = self._gated(y, mProj, mMimoZ, b, h, r, p)
                     elif const_expr(self.out_mode == 1):
@@ -264,24 +340,14 @@ class Mamba3DecodeStep:
                 mOut[b, h * P + p] = o.to(mOut.element_type)
             mV[b, h, p] = mProj[b, self.col_x + h * P + p].to(mV.element_type)
         for idx in cutlass.range(tidx, R * N, self.threads):
-            mK[b, idx // N, h, idx % N] = sK[idx].to(mK.element_type)
-        if group == 0:
-            for s in cutlass.range_constexpr(VEC):
-                n = slots[s]
-                if const_expr(self.S > 0):
-                    if const_expr(self.interleaved):
-                        if s % 2 == 0 and n // 2 < self.S:
-                            mAngle[b, h, n // 2] = theta[s]
-                    else:
-                        if s < VEC // 2 and n < self.S:
-                            mAngle[b, h, n] = theta[s]
-
-    def _gated(self, y, mProj, mMimoZ, b, h, r, p):
-        """y · silu(z ⊙ mimo_z_r) at column p of head h."""
-        z = Float32(mProj[b, h * self.P + p])
-        if const_expr(mMimoZ is not None):
-            z = z * Float32(mMimoZ[h, r, p])
-        return y * z * _sigmoid(z)
+            r = idx // N
+            n = idx % N
+            _, mate, _ = self._pair(n)
+            cos_n, sin_n = self._cos_sin(sCos, sSin, n)
+            mK[b, r, h, n] = (sVec[idx] * cos_n + sVec[r * N + mate] * sin_n).to(mK.element_type)
+        if const_expr(S > 0):
+            for j in cutlass.range(tidx, S, self.threads):
+                mAngle[b, h, j] = sTheta[j]
 
 
 def compile_step(op: Mamba3DecodeStep, *, proj_dtype: str, kv_dtype: str, norm_dtype: str, has_bias: bool,
