@@ -130,6 +130,7 @@ def test_long_prefill_then_steps_match_chunked_reference(name):
     prefill, steps = 65536, 4096
     u = (torch.randn(1, prefill + steps, m.d_model, device="cuda") * 0.5).to(BF16)
     ref_m = make_layer(name, dtype=torch.float32)
+    ref_m.load_state_dict({k: v.float() for k, v in m.state_dict().items()})  # the same (bf16) values
     ref_m.backend = "reference"
     with torch.no_grad():
         ref = ref_m(u.float())[:, prefill:]
