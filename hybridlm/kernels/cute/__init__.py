@@ -8,6 +8,7 @@ symbolic) and runs it on the current CUDA stream, so a CUDA graph can capture it
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -31,12 +32,14 @@ def import_error() -> str | None:
     return None
 
 
-def row_groups(headdim: int, d_state: int) -> int | None:
+def row_groups(headdim: int, d_state: int, max_rows: int | None = None) -> int | None:
     """Rows of the state worked on side by side: a divisor of headdim that gives whole warps, at
-    most 8 rows per thread, and at least 128 threads where it can. None: no such split."""
+    most ``max_rows`` (8; HYBRIDLM_CUTE_MAX_ROWS) rows per thread, and at least 128 threads where
+    it can. None: no such split."""
+    max_rows = max_rows or int(os.environ.get("HYBRIDLM_CUTE_MAX_ROWS", "8"))
     lanes = d_state // VEC
     fits = [ng for ng in range(1, headdim + 1)
-            if headdim % ng == 0 and (ng * lanes) % 32 == 0 and headdim // ng <= 8 and ng * lanes <= 1024]
+            if headdim % ng == 0 and (ng * lanes) % 32 == 0 and headdim // ng <= max_rows and ng * lanes <= 1024]
     if not fits:
         return None
     wide = [ng for ng in fits if ng * lanes >= 128]
