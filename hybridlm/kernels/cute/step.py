@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -37,17 +38,27 @@ def _sigmoid(x):
     return Float32(1.0) / (Float32(1.0) + cute.math.exp(-x))
 
 
+class _StagedParams(NamedTuple):
+    x: object
+    z: object
+    norm: object
+    mx: object
+    mz: object
+    mo: object
+
+
 class Mamba3DecodeStep:
     """Compile-time configuration of one layer's step; ``__call__`` is the ``cute.jit`` entry."""
 
     def __init__(self, *, nheads: int, headdim: int, ngroups: int, rank: int, d_state: int, n_angles: int,
                  interleaved: bool, discretization: str, heavy_tail: bool, A_floor: float, bc_eps: float,
-                 out_eps: float, out_mode: int, row_groups: int):
+                 out_eps: float, out_mode: int, row_groups: int, mimo: bool):
         self.H, self.P, self.G, self.R, self.N, self.S = nheads, headdim, ngroups, rank, d_state, n_angles
         self.interleaved = interleaved
         self.discretization = discretization
         self.heavy_tail = heavy_tail
         self.A_floor, self.bc_eps, self.out_eps = A_floor, bc_eps, out_eps
+        self.mimo = mimo  # mimo_x, mimo_z, mimo_o are given
         self.out_mode = out_mode  # 0 none, 1 pregate grouped, 2 postgate grouped, 3 per-rank y (fp32)
         self.TPR = d_state // VEC  # lanes per state row
         self.NG = row_groups
@@ -127,18 +138,18 @@ class Mamba3DecodeStep:
             offset //= 2
         return vals, first_row, writer
 
-    def _y(self, sY, mProj, mMimoX, b, h, r, p, d_skip):
+    def _y(self, sY, sP, r, p, d_skip):
         """y_r[p] = (H q_r)[p] + D x_r[p]."""
-        x = Float32(mProj[b, self.col_x + h * self.P + p])
-        if const_expr(mMimoX is not None):
-            x = x * Float32(mMimoX[h, r, p])
+        x = sP.x[p]
+        if const_expr(self.mimo):
+            x = x * sP.mx[r * self.P + p]
         return sY[r * self.P + p] + d_skip * x
 
-    def _gated(self, y, mProj, mMimoZ, b, h, r, p):
-        """y · silu(z ⊙ mimo_z_r) at column p of head h."""
-        z = Float32(mProj[b, h * self.P + p])
-        if const_expr(mMimoZ is not None):
-            z = z * Float32(mMimoZ[h, r, p])
+    def _gated(self, y, sP, r, p):
+        """y · silu(z ⊙ mimo_z_r) at column p."""
+        z = sP.z[p]
+        if const_expr(self.mimo):
+            z = z * sP.mz[r * self.P + p]
         return y * z * _sigmoid(z)
 
     # -- the kernel --------------------------------------------------------------------------------
@@ -164,6 +175,15 @@ class Mamba3DecodeStep:
         sTheta = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
         sCos = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
         sSin = smem.allocate_tensor(Float32, cute.make_layout(max(S, 1)), byte_alignment=16)
+        # per column p: x, z, the output-norm weight, and per rank mimo_x, mimo_z, mimo_o
+        sP = _StagedParams(
+            x=smem.allocate_tensor(Float32, cute.make_layout(P), byte_alignment=16),
+            z=smem.allocate_tensor(Float32, cute.make_layout(P), byte_alignment=16),
+            norm=smem.allocate_tensor(Float32, cute.make_layout(P), byte_alignment=16),
+            mx=smem.allocate_tensor(Float32, cute.make_layout(R * P), byte_alignment=16),
+            mz=smem.allocate_tensor(Float32, cute.make_layout(R * P), byte_alignment=16),
+            mo=smem.allocate_tensor(Float32, cute.make_layout(R * P), byte_alignment=16),
+        )
 
         # the state loads go first: their latency hides behind everything up to the update
         slots = self._slots(lane)
@@ -201,50 +221,81 @@ class Mamba3DecodeStep:
         beta = (Float32(1.0) - lam) * dt * alpha
         gamma = lam * dt
 
-        # once per CTA, into shared memory: the new angles θ ← (θ + π·tanh(rate)·Δ) mod 2π ...
-        if const_expr(S > 0):
-            for j in cutlass.range(tidx, S, self.threads):
-                th = Float32(mAngle[b, h, j]) + Float32(math.pi) * cute.math.tanh(Float32(mProj[b, self.col_angle + j])) * dt
-                th = th - Float32(2 * math.pi) * cute.math.floor(th * Float32(1 / (2 * math.pi)))
+        # Everything else this CTA reads goes into shared memory in one round trip: every load is
+        # issued (safe indices, no branches) before the first result is used.
+        NT = self.threads
+        theta_in = []
+        for t in cutlass.range_constexpr((S + NT - 1) // NT):
+            j = tidx + NT * t
+            j_safe = cutlass.select_(j < S, j, Int32(0))
+            theta_in.append((j, Float32(mAngle[b, h, j_safe]), Float32(mProj[b, self.col_angle + j_safe])))
+        params_in = []
+        for t in cutlass.range_constexpr((P + NT - 1) // NT):
+            p = tidx + NT * t
+            p_safe = cutlass.select_(p < P, p, Int32(0))
+            got = [Float32(mProj[b, self.col_x + h * P + p_safe]), Float32(mProj[b, h * P + p_safe])]
+            if const_expr(mNormW is not None):
+                got.append(Float32(mNormW[h * P + p_safe]))
+            if const_expr(self.mimo):
+                for r in cutlass.range_constexpr(R):
+                    got += [mMimoX[h, r, p_safe], mMimoZ[h, r, p_safe], mMimoO[h, r, p_safe]]
+            params_in.append((p, got))
+        # B_r, C_r and the cached k_r: vector v = warp + n_warps·t (kind v // R, rank v % R)
+        vec_in = []
+        for t in cutlass.range_constexpr((3 * R + n_warps - 1) // n_warps):
+            v = warp + n_warps * t
+            v_safe = cutlass.select_(v < 3 * R, v, Int32(0))
+            kind = v_safe // R
+            r = v_safe % R
+            col = cutlass.select_(kind == 0, Int32(self.col_b), Int32(self.col_c)) + (r * self.G + g) * N
+            chunks = []
+            for c in cutlass.range_constexpr((N + 31) // 32):
+                n = lane32 + 32 * c
+                n_safe = n if const_expr(N % 32 == 0) else cutlass.select_(n < N, n, Int32(0))
+                got = [Float32(mProj[b, col + n_safe]), Float32(mK[b, r, h, n_safe]),
+                       Float32(mBNorm[n_safe]), Float32(mCNorm[n_safe])]
+                if const_expr(mBBias is not None):
+                    got += [Float32(mBBias[h, r, n_safe]), Float32(mCBias[h, r, n_safe])]
+                chunks.append((n, got))
+            vec_in.append((v, kind, chunks))
+
+        # the new angles θ ← (θ + π·tanh(rate)·Δ) mod 2π, with their cos and sin
+        for j, old, rate in theta_in:
+            th = old + Float32(math.pi) * cute.math.tanh(rate) * dt
+            th = th - Float32(2 * math.pi) * cute.math.floor(th * Float32(1 / (2 * math.pi)))
+            if j < S:
                 sTheta[j] = th
                 sCos[j] = cute.math.cos(th)
                 sSin[j] = cute.math.sin(th)
-        # ... and B_r, C_r after RMSNorm and bias, and k_prev_r: one warp per vector
-        for v in cutlass.range_constexpr(3 * R):
-            if warp == v % n_warps:
-                r = v % R
-                vals = []
-                for c in cutlass.range_constexpr((N + 31) // 32):
-                    n = lane32 + 32 * c
-                    n_safe = n if const_expr(N % 32 == 0) else cutlass.select_(n < N, n, Int32(0))
-                    if const_expr(v < 2 * R):
-                        col = self.col_b if const_expr(v < R) else self.col_c
-                        raw = Float32(mProj[b, col + (r * self.G + g) * N + n_safe])
-                    else:
-                        raw = Float32(mK[b, r, h, n_safe])
-                    if const_expr(N % 32 != 0):
-                        raw = cutlass.select_(n < N, raw, Float32(0.0))
-                    vals.append(raw)
-                if const_expr(v < 2 * R):
-                    ss = Float32(0.0)
-                    for c in cutlass.range_constexpr(len(vals)):
-                        ss = ss + vals[c] * vals[c]
-                    for k in cutlass.range_constexpr(5):
-                        ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=16 >> k)
-                    rstd = cute.math.rsqrt(ss / Float32(N) + Float32(self.bc_eps))
-                    mNorm = mBNorm if const_expr(v < R) else mCNorm
-                    mBias = mBBias if const_expr(v < R) else mCBias
-                    for c in cutlass.range_constexpr(len(vals)):
-                        n = lane32 + 32 * c
-                        n_safe = n if const_expr(N % 32 == 0) else cutlass.select_(n < N, n, Int32(0))
-                        val = vals[c] * rstd * Float32(mNorm[n_safe])
-                        if const_expr(mBias is not None):
-                            val = val + Float32(mBias[h, r, n_safe])
-                        vals[c] = val
-                for c in cutlass.range_constexpr(len(vals)):
-                    n = lane32 + 32 * c
-                    if n < N:
-                        sVec[v * N + n] = vals[c]
+        for p, got in params_in:
+            if p < P:
+                sP.x[p] = got[0]
+                sP.z[p] = got[1]
+                if const_expr(mNormW is not None):
+                    sP.norm[p] = got[2]
+                if const_expr(self.mimo):
+                    base = 3 if const_expr(mNormW is not None) else 2
+                    for r in cutlass.range_constexpr(R):
+                        sP.mx[r * P + p] = got[base + 3 * r]
+                        sP.mz[r * P + p] = got[base + 3 * r + 1]
+                        sP.mo[r * P + p] = got[base + 3 * r + 2]
+        # B and C after RMSNorm (over N: the warp's lanes) and bias; the cached k as it is
+        for v, kind, chunks in vec_in:
+            ss = Float32(0.0)
+            for n, got in chunks:
+                raw = got[0] if const_expr(N % 32 == 0) else cutlass.select_(n < N, got[0], Float32(0.0))
+                ss = ss + raw * raw
+            for k in cutlass.range_constexpr(5):
+                ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=16 >> k)
+            rstd = cute.math.rsqrt(ss / Float32(N) + Float32(self.bc_eps))
+            for n, got in chunks:
+                is_b = kind == 0
+                val = got[0] * rstd * cutlass.select_(is_b, got[2], got[3])
+                if const_expr(mBBias is not None):
+                    val = val + cutlass.select_(is_b, got[4], got[5])
+                val = cutlass.select_(kind < 2, val, got[1])
+                if v < 3 * R and n < N:
+                    sVec[v * N + n] = val
         cute.arch.sync_threads()
 
         cos, sin = [], []
@@ -266,8 +317,8 @@ class Mamba3DecodeStep:
             k_prev = [sVec[(2 * R + r) * N + slots[s]] for s in range(VEC)]
             for i in cutlass.range_constexpr(self.rows):
                 mx = Float32(1.0)
-                if const_expr(mMimoX is not None):
-                    mx = Float32(mMimoX[h, r, rows[i]])
+                if const_expr(self.mimo):
+                    mx = sP.mx[r * P + rows[i]]
                 cg = gamma * x[i] * mx
                 cb = beta * x_prev[i] * mx
                 for s in cutlass.range_constexpr(VEC):
@@ -307,9 +358,9 @@ class Mamba3DecodeStep:
                     for c in cutlass.range_constexpr((P + 31) // 32):
                         p = lane32 + 32 * c
                         if p < P:
-                            val = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
+                            val = self._y(sY, sP, r, p, d_skip)
                             if const_expr(self.out_mode == 2):
-                                val = self._gated(val, mProj, mMimoZ, b, h, r, p)
+                                val = self._gated(val, sP, r, p)
                             acc = acc + val * val
                     for k in cutlass.range_constexpr(5):
                         acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=16 >> k)
@@ -321,24 +372,24 @@ class Mamba3DecodeStep:
         for p in cutlass.range(tidx, P, self.threads):
             if const_expr(self.out_mode == 3):
                 for r in cutlass.range_constexpr(R):
-                    mOut[b, r, h * P + p] = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
+                    mOut[b, r, h * P + p] = self._y(sY, sP, r, p, d_skip)
             else:
                 o = Float32(0.0)
                 for r in cutlass.range_constexpr(R):
-                    y = self._y(sY, mProj, mMimoX, b, h, r, p, d_skip)
+                    y = self._y(sY, sP, r, p, d_skip)
                     if const_expr(self.out_mode == 0):
-                        y = self._gated(y, mProj, mMimoZ, b, h, r, p)
+                        y = self._gated(y, sP, r, p)
                     elif const_expr(self.out_mode == 1):
                         y = self._gated(y * cute.math.rsqrt(sSS[r] / Float32(P) + Float32(self.out_eps))
-                                        * Float32(mNormW[h * P + p]), mProj, mMimoZ, b, h, r, p)
+                                        * sP.norm[p], sP, r, p)
                     else:
-                        y = (self._gated(y, mProj, mMimoZ, b, h, r, p)
-                             * cute.math.rsqrt(sSS[r] / Float32(P) + Float32(self.out_eps)) * Float32(mNormW[h * P + p]))
-                    if const_expr(mMimoO is not None):
-                        y = y * Float32(mMimoO[h, r, p])
+                        y = (self._gated(y, sP, r, p)
+                             * cute.math.rsqrt(sSS[r] / Float32(P) + Float32(self.out_eps)) * sP.norm[p])
+                    if const_expr(self.mimo):
+                        y = y * sP.mo[r * P + p]
                     o = o + y
                 mOut[b, h * P + p] = o.to(mOut.element_type)
-            mV[b, h, p] = mProj[b, self.col_x + h * P + p].to(mV.element_type)
+            mV[b, h, p] = sP.x[p].to(mV.element_type)  # exact: x came in this dtype
         for idx in cutlass.range(tidx, R * N, self.threads):
             r = idx // N
             n = idx % N
@@ -351,7 +402,7 @@ class Mamba3DecodeStep:
 
 
 def compile_step(op: Mamba3DecodeStep, *, proj_dtype: str, kv_dtype: str, norm_dtype: str, has_bias: bool,
-                 has_mimo: bool, has_norm: bool):
+                 has_norm: bool):
     """Compile ``op`` for tensors of these cutlass dtype names ("BFloat16", ...), batch symbolic.
 
     Needs no GPU (set CUTE_DSL_ARCH=sm_90a to compile elsewhere); the result takes torch tensors
@@ -372,7 +423,7 @@ def compile_step(op: Mamba3DecodeStep, *, proj_dtype: str, kv_dtype: str, norm_d
         fake(f32, (H,)), fake(nd, (N,)), fake(nd, (N,)),
         fake(f32, (H, R, N)) if has_bias else None, fake(f32, (H, R, N)) if has_bias else None,
         fake(f32, (H,)),
-        *((fake(f32, (H, R, P)) if has_mimo else None) for _ in range(3)),
+        *((fake(f32, (H, R, P)) if op.mimo else None) for _ in range(3)),
         fake(nd, (H * P,)) if has_norm else None,
     )
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
