@@ -188,7 +188,7 @@ def test_kv_cache_per_row_lengths(case):
 
 
 def test_cached_attention_backend_choice_on_cpu(monkeypatch):
-    """Reading a KV cache: auto means SDPA (FA4's KV-cache path runs only when forced)."""
+    """Reading a KV cache on CPU: auto falls to SDPA, a forced FA4 says why it cannot run."""
     from hybridlm.errors import BackendUnavailable
     from hybridlm.kernels.attention import resolve_cached_backend
 

@@ -94,13 +94,15 @@ def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_off
 def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
     """``fa4`` or ``sdpa`` for reading a KV cache with per-row lengths.
 
-    ``auto`` means SDPA here: FA4's KV-cache entry (``seqused_k``) has not been validated on a GPU
-    in this project yet (tests/gpu/test_decode_gpu.py does it), so it runs only when forced.
+    ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs: on an H100 it
+    matched SDPA and replayed bitwise from a CUDA graph (tests/gpu/test_decode_gpu.py).
     """
     name = _requested_backend(requested)
-    if name != "fa4":
+    if name == "sdpa":
         return "sdpa"
     reason = fa4.unsupported_reason(q, k_cache, 0)
+    if name == "auto":
+        return "fa4" if reason is None else "sdpa"
     if reason is not None:
         raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
     return "fa4"

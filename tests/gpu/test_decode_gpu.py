@@ -149,6 +149,7 @@ def test_decode_step_never_syncs(model):
 def test_fa4_kv_cache_decode(model, monkeypatch):
     """FA4's KV-cache path (seqused_k), forced: close to SDPA's, and capturable in a CUDA graph."""
     ps = prompts(seed=3)
+    monkeypatch.setenv("HYBRIDLM_ATTENTION", "sdpa")
     sdpa, fed = decode(model, ps, cuda_graph=False)
     monkeypatch.setenv("HYBRIDLM_ATTENTION", "fa4")
     eager, _ = decode(model, ps, cuda_graph=False, tokens=fed)
