@@ -8,15 +8,14 @@ symbolic) and runs it on the current CUDA stream, so a CUDA graph can capture it
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
+from hybridlm.kernels.cute.layout import VEC, row_groups
 from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State
 
 MIN_CAPABILITY = (9, 0)
-VEC = 8  # state values per thread per row (kernels/cute/step.py)
 OUT_MODES = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2, "pregate_default": 3, "postgate_default": 3}
 
 
@@ -30,21 +29,6 @@ def import_error() -> str | None:
         return (f"the CuTe DSL does not import ({type(e).__name__}: {e}); "
                 "install nvidia-cutlass-dsl==4.8.1 and apache-tvm-ffi")
     return None
-
-
-def row_groups(headdim: int, d_state: int, rank: int = 1) -> int | None:
-    """Rows of the state worked on side by side: a divisor of headdim that gives whole warps, at
-    most 8 rows per thread (4 for MIMO, whose rows cost R times more; measured on an H100:
-    0.304 vs 0.317 ms at batch 128, d_state 128; HYBRIDLM_CUTE_MAX_ROWS overrides), and at least
-    128 threads where it can. None: no such split."""
-    max_rows = int(os.environ.get("HYBRIDLM_CUTE_MAX_ROWS", 8 if rank == 1 else 4))
-    lanes = d_state // VEC
-    fits = [ng for ng in range(1, headdim + 1)
-            if headdim % ng == 0 and (ng * lanes) % 32 == 0 and headdim // ng <= max_rows and ng * lanes <= 1024]
-    if not fits:
-        return None
-    wide = [ng for ng in fits if ng * lanes >= 128]
-    return min(wide) if wide else max(fits)
 
 
 def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -> str | None:

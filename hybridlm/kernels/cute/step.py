@@ -25,7 +25,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-VEC = 8  # state values per thread per row: two float4
+try:
+    from hybridlm.kernels.cute.layout import VEC
+except ImportError:  # loaded on its own by benchmarks/cute_report.py (no torch there)
+    from layout import VEC
+
 PIECE = 4  # values per 16-byte piece
 
 
@@ -167,7 +171,7 @@ class Mamba3DecodeStep:
         g = h // (self.H // self.G)
         R, P, N, S = self.R, self.P, self.N, self.S
 
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()
         # B_r, C_r (normalized, biased, not rotated) and the cached k_r of the last token, fp32
         sVec = smem.allocate_tensor(Float32, cute.make_layout(3 * R * N), byte_alignment=16)
         sY = smem.allocate_tensor(Float32, cute.make_layout(R * P), byte_alignment=16)

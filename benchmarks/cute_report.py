@@ -1,0 +1,80 @@
+"""Compile the CuTe Mamba-3 decode step for sm_90a without a GPU and report ptxas registers/spills.
+
+    CUTE_DSL_ARCH=sm_90a python3.12 benchmarks/cute_report.py [--d-state 64,128] [--rank 1,4]
+        [--headdim 64] [--nheads 64] [--ptxas PATH]
+
+Needs Python 3.12 with nvidia-cutlass-dsl 4.8.1 (its CUDA-13 libraries from .gpu-cute unpacked into
+site-packages) and apache-tvm-ffi; no torch. ``ptxas`` comes from ``--ptxas`` or the
+``nvidia-cuda-nvcc`` wheel (CUDA 13: the DSL's PTX is version 9.x, which older ptxas refuse).
+Compile errors show up here in seconds instead of on the GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CUTE_DIR = Path(__file__).resolve().parents[1] / "hybridlm" / "kernels" / "cute"
+
+
+def find_ptxas(given: str | None) -> str | None:
+    if given:
+        return given
+    import site
+
+    for root in site.getsitepackages():
+        hits = glob.glob(os.path.join(root, "nvidia", "cu13", "bin", "ptxas"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def main() -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-state", type=ints, default=[64, 128])
+    p.add_argument("--rank", type=ints, default=[1, 4])
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--nheads", type=int, default=64)
+    p.add_argument("--out-mode", type=int, default=0, help="0 none, 1 pre-gate grouped, 2 post-gate grouped")
+    p.add_argument("--ptxas", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    dump = tempfile.mkdtemp(prefix="cute-ptx-")
+    os.environ.update(CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=dump)
+    sys.path.insert(0, str(CUTE_DIR))  # the kernel and its layout, without the torch-importing package
+    import layout
+    import step
+    from cutlass.cutlass_dsl import cutlass as dsl
+
+    # a launch with min_blocks_per_mp asks the driver for the SM's shared memory: answer for sm_90
+    dsl.cuda_helpers.get_device_attribute = lambda *a, **k: 233472
+
+    ptxas = find_ptxas(args.ptxas)
+    for rank in args.rank:
+        for N in args.d_state:
+            before = set(glob.glob(os.path.join(dump, "*.ptx")))
+            op = step.Mamba3DecodeStep(
+                nheads=args.nheads, headdim=args.headdim, ngroups=1, rank=rank, d_state=N, n_angles=N // 4,
+                interleaved=rank == 1, discretization="trapezoid", heavy_tail=True, A_floor=1e-4, bc_eps=1e-5,
+                out_eps=1e-5, out_mode=args.out_mode, row_groups=layout.row_groups(args.headdim, N, rank),
+                mimo=rank > 1)
+            step.compile_step(op, proj_dtype="BFloat16", kv_dtype="BFloat16", norm_dtype="BFloat16",
+                              has_bias=True, has_norm=args.out_mode in (1, 2))
+            new = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
+            report = "ptxas not found"
+            if ptxas and new:
+                out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", new[-1], "-o", os.devnull],
+                                     capture_output=True, text=True).stderr
+                report = " ".join(line.split("info    :")[-1].strip() for line in out.splitlines()
+                                  if "registers" in line or "spill" in line)
+            print(f"R={rank} d_state={N} headdim={args.headdim}: {op.threads} threads, {op.rows} rows a thread; "
+                  f"{report}")
+
+
+if __name__ == "__main__":
+    main()
