@@ -73,7 +73,7 @@ def main() -> None:
                 report = " ".join(line.split("info    :")[-1].strip() for line in out.splitlines()
                                   if "registers" in line or "spill" in line)
             print(f"R={rank} d_state={N} headdim={args.headdim}: {op.threads} threads, {op.rows} rows a thread; "
-                  f"{report}")
+                  f"{report}" + (f" ({new[-1]})" if new else ""))
 
 
 if __name__ == "__main__":

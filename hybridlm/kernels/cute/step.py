@@ -111,10 +111,19 @@ class Mamba3DecodeStep:
         s = cutlass.select_(rotates, sSin[safe], Float32(0.0))
         return c, cutlass.select_(first, -s, s)
 
-    def _rotated_slots(self, sVec, base, slots, cos, sin):
+    def _slot_values(self, sVec, base, lane):
+        """The thread's VEC slots of the vector at ``base`` in shared memory: two 16-byte loads."""
+        vals = []
+        for j in range(VEC // PIECE):
+            frag = cute.make_rmem_tensor((PIECE,), Float32)
+            cute.autovec_copy(cute.local_tile(sVec, (PIECE,), (base // PIECE + lane + self.TPR * j,)), frag)
+            vals += [frag[e] for e in range(PIECE)]
+        return vals
+
+    def _rotated_slots(self, sVec, base, lane, cos, sin):
         """A normalized, biased B or C (unrotated in shared memory at ``base``) rotated at the slots;
         every slot's partner is one of the thread's own slots (module docstring)."""
-        v = [sVec[base + slots[s]] for s in range(VEC)]
+        v = self._slot_values(sVec, base, lane)
         mates = [(s ^ 1) if const_expr(self.interleaved) else (s + VEC // 2) % VEC for s in range(VEC)]
         return [v[s] * cos[s] + v[mates[s]] * sin[s] for s in range(VEC)]
 
@@ -317,8 +326,8 @@ class Mamba3DecodeStep:
                     vals.append(frags[i * (VEC // PIECE) + j][e] * alpha)
             state.append(vals)
         for r in cutlass.range_constexpr(R):
-            k = self._rotated_slots(sVec, r * N, slots, cos, sin)
-            k_prev = [sVec[(2 * R + r) * N + slots[s]] for s in range(VEC)]
+            k = self._rotated_slots(sVec, r * N, lane, cos, sin)
+            k_prev = self._slot_values(sVec, (2 * R + r) * N, lane)
             for i in cutlass.range_constexpr(self.rows):
                 mx = Float32(1.0)
                 if const_expr(self.mimo):
@@ -336,7 +345,7 @@ class Mamba3DecodeStep:
 
         # (H q_r)[p]: each row's sum over its TPR lanes
         for r in cutlass.range_constexpr(R):
-            q = self._rotated_slots(sVec, (R + r) * N, slots, cos, sin)
+            q = self._rotated_slots(sVec, (R + r) * N, lane, cos, sin)
             partial = []
             for i in cutlass.range_constexpr(self.rows):
                 acc = Float32(0.0)
