@@ -19,7 +19,8 @@ import functools
 import torch
 from torch import Tensor
 
-MIN_CAPABILITY = (9, 0)
+from hybridlm.kernels.hopper import hopper_reason
+
 MAX_HEAD_DIM = 256
 
 
@@ -35,10 +36,9 @@ def import_error() -> str | None:
 
 def unsupported_reason(q: Tensor, k: Tensor, q_offset: int) -> str | None:
     """Why FA4 cannot run these inputs, or None when it can."""
-    if q.device.type != "cuda":
-        return f"tensors are on {q.device.type}; FA4 needs CUDA"
-    if torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
-        return f"compute capability {torch.cuda.get_device_capability(q.device)}; FA4 needs Hopper (9.0) or newer"
+    device = hopper_reason(q, "FA4")
+    if device:
+        return device
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}; FA4 takes bfloat16 or float16"
     head_dim = q.shape[-1]

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from hybridlm.kernels.cute.layout import VEC, row_groups
+from hybridlm.kernels.hopper import hopper_reason
 from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.step_output import OUT_MODES, allocate_step_output, finish_step_output
 
-MIN_CAPABILITY = (9, 0)
-OUT_MODES = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2, "pregate_default": 3, "postgate_default": 3}
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,10 +33,9 @@ def import_error() -> str | None:
 
 def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -> str | None:
     """Why the CuTe step cannot take these inputs (None when it can)."""
-    if proj.device.type != "cuda":
-        return f"tensors are on {proj.device.type}; the CuTe step needs CUDA"
-    if torch.cuda.get_device_capability(proj.device) < MIN_CAPABILITY:
-        return f"compute capability {torch.cuda.get_device_capability(proj.device)}; the CuTe step needs 9.0+"
+    device = hopper_reason(proj, "the CuTe step")
+    if device:
+        return device
     if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
         return f"state dtype {state.ssm.dtype}; the CuTe step keeps an fp32 state"
     if proj.dtype not in _DTYPES or state.k.dtype not in _DTYPES or state.v.dtype not in _DTYPES:
@@ -78,28 +77,15 @@ def _f32(t: Tensor | None) -> Tensor | None:
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
     """As :func:`hybridlm.kernels.reference.mamba3_decode_step`; ``state`` is updated in place."""
-    from hybridlm.kernels.reference import mamba3_output
-
-    H, P, R = layout.nheads, layout.headdim, layout.rank
     proj = proj.contiguous()
-    batch = proj.shape[0]
     out_mode = OUT_MODES[layout.out_norm]
     has_norm = params.norm_weight is not None and out_mode in (1, 2)
     norm_dtype = params.B_norm.dtype
     kernel = _compiled(layout, proj.dtype, state.k.dtype, norm_dtype, params.B_bias is not None,
                        params.mimo_x is not None, has_norm)
-    if out_mode == 3:
-        out = torch.empty(batch, R, H * P, device=proj.device, dtype=torch.float32)
-    else:
-        out = torch.empty(batch, H * P, device=proj.device, dtype=proj.dtype)
+    out = allocate_step_output(proj, layout)
     kernel(proj, state.angle if layout.n_angles else None, state.ssm, state.k, state.v, out,
            _f32(params.dt_bias), params.B_norm.contiguous(), params.C_norm.to(norm_dtype).contiguous(),
            _f32(params.B_bias), _f32(params.C_bias), _f32(params.D), _f32(params.mimo_x), _f32(params.mimo_z),
            _f32(params.mimo_o), params.norm_weight.to(norm_dtype).contiguous() if has_norm else None)
-    if out_mode != 3:
-        return out
-    y = out.unflatten(-1, (H, P))
-    z = proj[:, :H * P].unflatten(-1, (H, P)).float()
-    o = mamba3_output(y, z, mimo_z=params.mimo_z, mimo_o=params.mimo_o, norm_weight=params.norm_weight,
-                      out_norm=layout.out_norm, norm_eps=layout.norm_eps)
-    return o.flatten(-2).to(proj.dtype)
+    return finish_step_output(out, proj, params, layout)

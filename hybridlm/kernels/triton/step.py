@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State, mamba3_output
+from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.step_output import OUT_MODES, allocate_step_output, finish_step_output
 
-# how the kernel ends: out_norm none / pregate grouped / postgate grouped gate and contract in the
-# kernel; the "default" norms take all heads' values, so the kernel writes per-rank y for torch
-OUT_MODES = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2, "pregate_default": 3, "postgate_default": 3}
 DISCRETIZATIONS = {"trapezoid": 0, "euler": 1, "half": 2}
 TWO_PI = 2 * math.pi
 
@@ -203,10 +201,7 @@ def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, l
     out_mode = OUT_MODES[layout.out_norm]
     if proj.stride(-1) != 1:
         proj = proj.contiguous()
-    if out_mode == 3:  # per-rank y in fp32; torch takes the norm over all heads
-        out = torch.empty(batch, R, H * P, device=proj.device, dtype=torch.float32)
-    else:
-        out = torch.empty(batch, H * P, device=proj.device, dtype=proj.dtype)
+    out = allocate_step_output(proj, layout)
     has_bias, has_mimo = params.B_bias is not None, params.mimo_x is not None
     dummy = params.D
     block_n = max(16, triton.next_power_of_2(N))
@@ -224,10 +219,4 @@ def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, l
         HEAVY_TAIL=layout.a_activation == "heavy_tail", OUT_MODE=out_mode, HAS_ANGLES=S > 0,
         num_warps=4 if block_p * block_n <= 4096 else 8,
     )
-    if out_mode != 3:
-        return out
-    y = out.unflatten(-1, (H, P))
-    z = proj[:, :H * P].unflatten(-1, (H, P)).float()
-    o = mamba3_output(y, z, mimo_z=params.mimo_z, mimo_o=params.mimo_o, norm_weight=params.norm_weight,
-                      out_norm=layout.out_norm, norm_eps=layout.norm_eps)
-    return o.flatten(-2).to(proj.dtype)
+    return finish_step_output(out, proj, params, layout)
