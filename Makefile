@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean corpus studies-quick
 
 setup: $(STAMP)
 
@@ -38,6 +38,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Small-scale reproductions of the paper's claims (docs/results.md), one target each, e.g.
+#   make study-state-tracking                     (on a GPU; on the GPU box run `python3 -m hybridlm study ...`)
+#   make study-out-norm STUDY_ARGS=--quick        (tiny, on a CPU)
+STUDIES    := state-tracking out-norm discretization
+STUDY_ARGS ?=
+.PHONY: $(addprefix study-,$(STUDIES))
+
+$(addprefix study-,$(STUDIES)): study-%: $(STAMP)
+	$(VENV)/bin/hybridlm study $* $(STUDY_ARGS)
+
+studies-quick: $(STAMP)
+	for s in $(STUDIES); do $(VENV)/bin/hybridlm study $$s --quick || exit 1; done
+
+# Study 3's text: Python's standard library (sources and docstrings), < 10 MiB, carried to the GPU box.
+corpus: $(STAMP)
+	$(PY) -m hybridlm.studies.corpus --out runs/corpus/python-stdlib
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -118,7 +118,29 @@ def test_build_rows_reads_the_hybrid_section(tmp_path):
     config = SimpleNamespace(hybrid=SimpleNamespace(data="task:parity", loss_on="answers", seed=3, curriculum=True),
                              training=SimpleNamespace(seq_len=200, steps=8, local_batch_size=2))
     rows = build_rows(config, BYTE)
-    assert isinstance(rows, TaskRows) and rows.curriculum.steps_per_stage == 4 and rows.seed == 3
+    # four stages over the run's steps; the stage follows the step, i.e. rows / local_batch_size
+    assert isinstance(rows, TaskRows) and rows.curriculum.steps_per_stage == 2 and rows.seed == 3
+    assert rows.rows_per_step == 2
+
+
+def _documents(row) -> list[str]:
+    ids = row[0]["input"].tolist()
+    starts = row[0]["doc_starts"].nonzero().flatten().tolist() + [len(ids)]
+    docs = [bytes(ids[a:b]).decode() for a, b in zip(starts, starts[1:])]
+    return [d for d in docs if d.strip("\0")]
+
+
+def test_curriculum_stage_follows_training_steps_not_examples():
+    """Stage 1 (lengths 3..10) for the rows of step 0, stage 2 (3..30) from step 1 on, however many
+    short examples a row packs."""
+    cur = LengthCurriculum(min_length=3, first_max=10, last_max=30, stages=2, steps_per_stage=1)
+    dataset = TaskRows("parity", BYTE, 64, curriculum=cur, rows_per_step=3)
+    rows = _rows(dataset, 9)
+    lengths = [[len(d.split("=")[0]) for d in _documents(r)] for r in rows]
+    assert all(3 <= n <= 10 for row in lengths[:3] for n in row)
+    assert max(n for row in lengths[3:] for n in row) > 10
+    assert all(n <= 30 for row in lengths for n in row)
+    assert dataset.state_dict()["rows"] == 9 and dataset.step == 3
 
 
 def test_text_rows_with_a_tokenizer_file(tmp_path):

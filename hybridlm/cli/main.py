@@ -9,6 +9,7 @@
     hybridlm train SPEC [--config cpu-debug] [--nproc N] [torchtitan flags]
     hybridlm export CHECKPOINT --out DIR
     hybridlm import-mamba-ssm SRC --out DIR
+    hybridlm study NAME [--quick] [--dry-run]   small-scale reproductions of the paper (docs/results.md)
 
 SPEC is a YAML file or a preset name (``hybridlm presets``). Errors in a spec are printed as one
 line naming the YAML path, without a traceback, and the command exits with status 2.
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hybridlm.cli.import_mamba_ssm import add_parser as add_import_mamba_ssm_parser
 
     add_import_mamba_ssm_parser(sub)
+
+    from hybridlm.cli.study import add_parser as add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 

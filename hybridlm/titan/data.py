@@ -39,16 +39,28 @@ class TaskRows(IterableDataset, Stateful):
     """Examples of an eval-harness task, one per row, or packed several per row (curriculum)."""
 
     def __init__(self, task_arg: str, tokenizer, seq_len: int, *, loss_on: str = "answers", seed: int = 0,
-                 curriculum: LengthCurriculum | None = None, dp_rank: int = 0, dp_world_size: int = 1):
+                 curriculum: LengthCurriculum | None = None, rows_per_step: int = 1, dp_rank: int = 0,
+                 dp_world_size: int = 1):
         self.task = make_task(task_arg, tokenizer)
         self.seq_len, self.loss_on, self.seed, self.curriculum = seq_len, loss_on, seed, curriculum
+        if rows_per_step < 1:
+            raise HybridLMError(f"rows_per_step must be at least 1, got {rows_per_step}")
+        self.rows_per_step = rows_per_step  # this rank's rows per optimizer step (training.local_batch_size)
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.index = 0  # next example of this rank (examples are indexed: resuming replays nothing)
+        self.rows = 0  # rows this rank has produced: rows // rows_per_step is the training step
         self.pending: list[Any] = []
+
+    @property
+    def step(self) -> int:
+        """The optimizer step the row being filled belongs to (0-based)."""
+        return self.rows // self.rows_per_step
 
     def _length(self, index: int, rng) -> int:
         if self.curriculum is not None:
-            return self.curriculum.sample_length(index, rng)  # index counts examples over all ranks
+            # Stages advance with training steps, as in the paper (10^4 steps per stage), not with
+            # examples: packing puts several times more short examples than long ones into a row.
+            return self.curriculum.sample_length(self.step, rng)
         # Fill the row: retrieval lengths count tokens; state tracking counts symbols ("... = answer").
         return self.seq_len - 2 if self.task.length_unit == "symbols" else self.seq_len
 
@@ -80,15 +92,17 @@ class TaskRows(IterableDataset, Stateful):
                 ids += [0] * pad
                 labels += [IGNORE_INDEX] * pad
                 starts += [True] + [False] * (pad - 1)
+            self.rows += 1
             yield _row(ids, labels, starts)
 
     def state_dict(self) -> dict:
-        return {"index": self.index, "pending": [(e.ids, e.answers) for e in self.pending]}
+        return {"index": self.index, "rows": self.rows, "pending": [(e.ids, e.answers) for e in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         from hybridlm.eval.tasks import Example
 
         self.index = state["index"]
+        self.rows = state.get("rows", 0)  # checkpoints written before rows were counted
         self.pending = [Example(list(ids), [tuple(a) for a in answers]) for ids, answers in state["pending"]]
 
 
@@ -174,11 +188,11 @@ def build_rows(job_config, tokenizer, *, dp_rank: int = 0, dp_world_size: int = 
     seq_len = job_config.training.seq_len
     if h.data.startswith("task:"):
         curriculum = None
-        if h.curriculum:
-            steps = job_config.training.steps * job_config.training.local_batch_size * dp_world_size
-            curriculum = LengthCurriculum(steps_per_stage=max(1, steps // 4))
+        if h.curriculum:  # the paper's four stages, over this run's steps
+            curriculum = LengthCurriculum(steps_per_stage=max(1, job_config.training.steps // 4))
         return TaskRows(h.data[5:], tokenizer, seq_len, loss_on=h.loss_on, seed=h.seed, curriculum=curriculum,
-                        dp_rank=dp_rank, dp_world_size=dp_world_size)
+                        rows_per_step=job_config.training.local_batch_size, dp_rank=dp_rank,
+                        dp_world_size=dp_world_size)
     return TextRows(h.data, tokenizer, seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size)
 
 
