@@ -93,6 +93,13 @@ def plot_results(cells: Sequence[Cell], path: str | Path) -> Path | None:
         ax.set_title(task)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from hybridlm.eval.report import save_figure
+
 
 @dataclass
 class Panel:
@@ -56,12 +58,7 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, suptitle: str | None 
         ax.legend(fontsize=7, loc="best")
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def smooth(values: Sequence[float], alpha: float = 0.1) -> list[float]:
