@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from hybridlm.studies.config import StudyConfig, StudyError, find_study_folder, load_config
 from hybridlm.studies.results import ResultStore, environment, now
-from hybridlm.studies.runner import Executor, Run, display_path
+from hybridlm.studies.runner import Executor, Run, display_path, in_slots
 
 STUDIES = {"state-tracking": "hybridlm.studies.state_tracking", "out-norm": "hybridlm.studies.out_norm",
            "discretization": "hybridlm.studies.discretization"}
@@ -196,36 +196,27 @@ def _probe(plan: Plan, executor: Executor, cfg: StudyConfig, jobs: int, steps: i
     for run in plan.runs:
         firsts.setdefault(run.meta.get("spec", run.spec.name), run)
     measured: dict[str, float] = {}
-    queue = list(firsts.items())
     lock = threading.Lock()
 
-    def worker(slot: int) -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                spec, run = queue.pop(0)
-            flags = with_flag(with_flag(run.train_flags, "--training.steps", str(steps)),
-                              "--metrics.log_freq", str(max(1, steps // 4)))
-            flags = with_flag(flags, "--lr_scheduler.warmup_steps", "1")
-            probe = Run(f"probe-{run.id}", run.spec, flags, run.eval_args, steps, run.tokens_per_step, run.meta)
-            started = time.monotonic()
-            try:
-                parsed = executor.train_only(probe, slot)
-            except Exception as err:  # report and go on with the other specs
-                log(f"probe {spec}: FAILED {err}")
-                continue
-            tps = parsed["tokens_per_second"]
-            with lock:
-                measured[spec] = run.tokens_per_step / tps if tps else float("nan")
-            log(f"probe {spec:32s} {measured[spec] * 1e3:8.1f} ms/step (last logged interval), "
-                f"{time.monotonic() - started:.0f} s for {steps} steps incl. start-up")
+    def work(item, slot: int) -> None:
+        spec, run = item
+        flags = with_flag(with_flag(run.train_flags, "--training.steps", str(steps)),
+                          "--metrics.log_freq", str(max(1, steps // 4)))
+        flags = with_flag(flags, "--lr_scheduler.warmup_steps", "1")
+        probe = Run(f"probe-{run.id}", run.spec, flags, run.eval_args, steps, run.tokens_per_step, run.meta)
+        started = time.monotonic()
+        try:
+            parsed = executor.train_only(probe, slot)
+        except Exception as err:  # report and go on with the other specs
+            log(f"probe {spec}: FAILED {err}")
+            return
+        tps = parsed["tokens_per_second"]
+        with lock:
+            measured[spec] = run.tokens_per_step / tps if tps else float("nan")
+        log(f"probe {spec:32s} {measured[spec] * 1e3:8.1f} ms/step (last logged interval), "
+            f"{time.monotonic() - started:.0f} s for {steps} steps incl. start-up")
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(min(jobs, len(queue)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_slots(list(firsts.items()), jobs, work)
     total = sum(cfg.estimate.overhead_seconds + r.steps * measured.get(r.meta.get("spec", r.spec.name),
                                                                        cfg.estimate.seconds_per_step)
                 for r in plan.runs)

@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hybridlm.studies.results import ResultStore, now, parse_train_log
 
@@ -158,44 +158,30 @@ class Executor:
     def run_all(self, runs: list[Run], *, deadline: float | None = None,
                 estimate: Callable[[Run], float] = lambda run: 0.0) -> "Outcome":
         """Run ``runs`` with ``jobs`` at a time; none starts that would end after ``deadline`` (monotonic)."""
-        queue = list(runs)
         outcome = Outcome()
         lock = threading.Lock()
 
-        def worker(slot: int) -> None:
-            while True:
+        def work(run: Run, slot: int) -> None:
+            self.log(f"start  {run.id}")
+            try:
+                record = self.execute(run, slot)
+            except Exception as err:  # one failed run must not stop the others; it is recorded
+                message = str(err) if isinstance(err, RunFailed) else traceback.format_exc(limit=3)
+                self.store.put({"id": run.id, "key": run.key(self.recipe), "status": "failed",
+                                "finished": now(), "meta": run.meta, "error": message})
                 with lock:
-                    if not queue:
-                        return
-                    if deadline is not None and time.monotonic() + estimate(queue[0]) > deadline:
-                        outcome.postponed += [r.id for r in queue]
-                        queue.clear()
-                        return
-                    run = queue.pop(0)
-                self.log(f"start  {run.id}")
-                try:
-                    record = self.execute(run, slot)
-                except Exception as err:  # one failed run must not stop the others; it is recorded
-                    message = str(err) if isinstance(err, RunFailed) else traceback.format_exc(limit=3)
-                    self.store.put({"id": run.id, "key": run.key(self.recipe), "status": "failed",
-                                    "finished": now(), "meta": run.meta, "error": message})
-                    with lock:
-                        outcome.failed.append(run.id)
-                    self.log(f"FAILED {run.id}: {message}")
-                    continue
-                self.store.put(record)
-                with lock:
-                    outcome.done.append(run.id)
-                t = record["train"]
-                self.log(f"done   {run.id}: {t['seconds']:.0f} s training, final loss {t['final_loss']:.4f}"
-                         + (f", {t['seconds_per_step'] * 1e3:.1f} ms/step" if t["seconds_per_step"] else ""))
+                    outcome.failed.append(run.id)
+                self.log(f"FAILED {run.id}: {message}")
+                return
+            self.store.put(record)
+            with lock:
+                outcome.done.append(run.id)
+            t = record["train"]
+            self.log(f"done   {run.id}: {t['seconds']:.0f} s training, final loss {t['final_loss']:.4f}"
+                     + (f", {t['seconds_per_step'] * 1e3:.1f} ms/step" if t["seconds_per_step"] else ""))
 
-        threads = [threading.Thread(target=worker, args=(slot,), daemon=True)
-                   for slot in range(min(self.jobs, len(queue)))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        admit = None if deadline is None else (lambda run: time.monotonic() + estimate(run) <= deadline)
+        outcome.postponed += [run.id for run in in_slots(runs, self.jobs, work, admit=admit)]
         return outcome
 
 
@@ -215,3 +201,32 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def in_slots(items: list, jobs: int, work: Callable[[Any, int], None], *,
+             admit: Callable[[Any], bool] | None = None) -> list:
+    """Call ``work(item, slot)`` for every item, ``jobs`` at a time: one thread per slot, so a
+    slot number names a fixed share of the machine. Once ``admit(next item)`` is False no more
+    items start; returns those never started."""
+    queue = list(items)
+    skipped: list = []
+    lock = threading.Lock()
+
+    def worker(slot: int) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                if admit is not None and not admit(queue[0]):
+                    skipped.extend(queue)
+                    queue.clear()
+                    return
+                item = queue.pop(0)
+            work(item, slot)
+
+    threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in range(min(jobs, len(queue)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return skipped
