@@ -241,3 +241,13 @@ def test_summarize_without_runs_says_so(capsys, tmp_path):
     assert main(["study", "out-norm", "--summarize", "--out", str(tmp_path)]) == 0
     assert "no finished runs" in capsys.readouterr().out
     assert not (tmp_path / "results.json").exists() or json.loads((tmp_path / "results.json").read_text())
+
+
+def test_commit_record_takes_the_environment_override(monkeypatch):
+    """A GPU machine's copy of the tree may hold stale git metadata; HYBRIDLM_COMMIT names the real one."""
+    from hybridlm.studies.results import git_commit
+
+    monkeypatch.setenv("HYBRIDLM_COMMIT", "f1e61cd")
+    assert git_commit() == "f1e61cd"
+    monkeypatch.delenv("HYBRIDLM_COMMIT")
+    assert git_commit() != "f1e61cd"

@@ -51,6 +51,10 @@ def environment() -> dict:
 
 
 def git_commit() -> str | None:
+    """HYBRIDLM_COMMIT when set (a machine that got a copy of the working tree may hold stale git
+    metadata: name the commit from where the copy was made), else git's HEAD (+ -dirty)."""
+    if os.environ.get("HYBRIDLM_COMMIT"):
+        return os.environ["HYBRIDLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
