@@ -10,9 +10,16 @@ its layout decides the rest. A row of N is split over TPR = N / VEC lanes, each 
 values as two 16-byte pieces, float4 ``lane + TPR·j`` (j = 0, 1), so every load instruction of a
 group of TPR lanes covers whole 128-byte lines. With that split both rotation layouts keep a pair
 inside one thread: interleaved pairs share a float4, and the half-split partner n + N/2 is the
-thread's other float4. Row groups of TPR lanes take rows ``group + NG·i``; a row's read-out
-(Σ_n H[p, n] q[n]) is a butterfly over its TPR lanes. B, C and the per-slot angles are computed
-by every row group for its own slots (cheap next to the state).
+thread's other float4. Row groups of TPR lanes take rows ``group + NG·i``; the rows' read-outs
+(Σ_n H[p, n] q[n]) are summed over their TPR lanes by a halving butterfly (each step trades half
+the rows a lane holds: about 2·rows shuffles instead of rows·log2 TPR).
+
+Latency. A CTA's life is a chain of memory round trips, and at large batch the number of CTAs
+resident per SM times their lifetime is what keeps the state stream busy. So the state loads go
+first, and every other global load of the CTA (angles, B/C/k rows, norm weights, biases, the
+per-column x, z and mimo vectors) is issued in the same round trip with clamped indices and no
+branches; B and C are normalized once per CTA (one warp per vector) into shared memory, with the
+new angles' cos/sin and the cached k, and every thread then reads its slots from there.
 """
 from __future__ import annotations
 
