@@ -73,3 +73,14 @@ def test_without_rotation_the_same_weights_only_count():
     got = readout(parity_mixer("trapezoid", rotation=False), bits)
     count = bits.sum(1).double()
     assert ((got - count).abs() / count).max() < 0.02
+
+
+def test_parity_probe_batches_and_recipe_errors():
+    from hybridlm.studies import parity_probe
+
+    ids, answer = parity_probe.parity_batch(32, 9, torch.Generator().manual_seed(0), "cpu")
+    bits = ids[:, :-1] - parity_probe.ZERO
+    assert set(bits.unique().tolist()) <= {0, 1} and (ids[:, -1] == parity_probe.EQUALS).all()
+    assert torch.equal(answer - parity_probe.ZERO, bits.sum(1) % 2)
+    with pytest.raises(SystemExit):
+        parity_probe.main(["--recipes", "base,no-such-recipe", "--out", "/tmp/parity-probe-test"])
