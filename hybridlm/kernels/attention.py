@@ -12,8 +12,9 @@ Backends: ``fa4`` (FlashAttention-4 on Hopper and newer, bf16/fp16) and ``sdpa``
 scaled_dot_product_attention: every device and dtype). The choice, in order: the ``backend``
 argument (the attention spec's field), the ``HYBRIDLM_ATTENTION`` environment variable, then
 ``auto``: FA4 where it imports and takes the inputs, SDPA otherwise. A forced ``fa4`` that cannot
-run raises one error naming why; ``auto`` on a GPU where FA4 is installed but refuses the inputs
-warns once with the reason and runs SDPA.
+run raises one error naming why; ``auto`` on a GPU where FA4 is installed but cannot import or
+refuses the inputs warns once with the reason and runs SDPA. The choice (:func:`choose_backend`)
+is made from plain values, once per trace under ``torch.compile``, never inside the graph.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ BACKENDS = ("auto", "fa4", "sdpa")
 _warned: set[str] = set()
 
 
-def _mask(lq: int, lk: int, q_offset: int, window: int | None, device) -> Tensor | None:
-    if window is None and q_offset == 0 and lq == lk:
+def _mask(lq: int, lk: int, q_offset: int, window: int | None, device, always: bool = False) -> Tensor | None:
+    if window is None and q_offset == 0 and lq == lk and not always:
         return None  # plain causal: let SDPA use is_causal
     qpos = torch.arange(lq, device=device)[:, None] + q_offset
     kpos = torch.arange(lk, device=device)[None, :]
@@ -57,12 +58,34 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, q_offset: int, window: int | No
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, q_offset: int = 0,
                    window: int | None = None, scale: float | None = None) -> Tensor:
-    """SDPA; packed input is attended one sequence at a time."""
+    """SDPA. Packed input (B = 1) is attended one sequence at a time (a host sync for the bounds);
+    documents packed into rows (B > 1, ``cu_seqlens`` over the flattened rows) take one masked call."""
     if cu_seqlens is None:
         return _dense_sdpa(q, k, v, q_offset, window, scale)
+    if q.shape[0] > 1:
+        return _document_masked_sdpa(q, k, v, cu_seqlens, window, scale)
     bounds = cu_seqlens.tolist()
     outs = [_dense_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], 0, window, scale) for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=1)
+
+
+def document_ids(cu_seqlens: Tensor, shape: tuple[int, int]) -> Tensor:
+    """(B, L) index of the document each token of B rows of L belongs to (``cu_seqlens`` over the
+    flattened rows). Device ops of fixed shape: no host sync."""
+    positions = torch.arange(shape[0] * shape[1], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, positions, right=True).view(shape)
+
+
+def _document_masked_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None,
+                          scale: float | None) -> Tensor:
+    """Rows of packed documents (documents never cross rows): causal within each document."""
+    B, L = q.shape[:2]
+    doc = document_ids(cu_seqlens, (B, L))
+    keep = (doc[:, :, None] == doc[:, None, :]) & _mask(L, L, 0, window, q.device, always=True)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 def _requested_backend(requested: str | None) -> str:
@@ -75,20 +98,43 @@ def _requested_backend(requested: str | None) -> str:
     return name
 
 
-def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
-    """``fa4`` or ``sdpa`` for these inputs (see the module docstring for the order of choice)."""
+@torch.compiler.assume_constant_result  # dynamo runs it at trace time and keeps the answer
+def choose_backend(requested: str | None, device_type: str, device_index: int | None, dtype: torch.dtype,
+                   k_dtype: torch.dtype, head_dim: int, aligned: bool = True, cached: bool = False) -> str:
+    """``fa4`` or ``sdpa`` for inputs of this kind (see the module docstring for the order of choice).
+
+    Takes plain values, not tensors, so that ``torch.compile`` calls it once while tracing instead
+    of tracing into it: the optional import of FA4, warnings and errors all happen there, outside
+    the graph. (The environment variable is read then, too: set it before the first compiled call.)
+    """
     name = _requested_backend(requested)
     if name == "sdpa":
         return "sdpa"
-    reason = fa4.unsupported_reason(q, k, q_offset)
+    reason = fa4.unsupported_reason_for(torch.device(device_type, device_index), dtype, k_dtype, head_dim, aligned)
     if reason is None:
         return "fa4"
     if name == "fa4":
         raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
-    if q.device.type == "cuda" and fa4.import_error() is None and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"attention: FA4 cannot take these inputs ({reason}); using SDPA", stacklevel=3)
+    if device_type == "cuda" and not cached:
+        _warn_fallback(reason)
     return "sdpa"
+
+
+def _warn_fallback(reason: str) -> None:
+    """Once per reason, on a GPU: FA4 is installed but cannot run, or refuses these inputs."""
+    if fa4.import_error() is not None:
+        if not fa4.installed():
+            return  # FA4 is simply not there: SDPA is the expected path, nothing to say
+        reason = f"FA4 is installed but unusable: {reason}"
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"attention: FA4 cannot run ({reason}); using SDPA", stacklevel=4)
+
+
+def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
+    """``fa4`` or ``sdpa`` for these inputs."""
+    aligned = not q_offset or k.shape[1] == q_offset + q.shape[1]
+    return choose_backend(requested, q.device.type, q.device.index, q.dtype, k.dtype, int(q.shape[-1]), aligned)
 
 
 def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
@@ -97,15 +143,8 @@ def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) ->
     ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs: on an H100 it
     matched SDPA and replayed bitwise from a CUDA graph (tests/gpu/test_decode_gpu.py).
     """
-    name = _requested_backend(requested)
-    if name == "sdpa":
-        return "sdpa"
-    reason = fa4.unsupported_reason(q, k_cache, 0)
-    if name == "auto":
-        return "fa4" if reason is None else "sdpa"
-    if reason is not None:
-        raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
-    return "fa4"
+    return choose_backend(requested, q.device.type, q.device.index, q.dtype, k_cache.dtype, int(q.shape[-1]),
+                          True, True)
 
 
 def _sdpa_cached_dense(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, window: int | None,
@@ -160,6 +199,13 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Te
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, q_offset: int = 0,
                      window: int | None = None, scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Packed input: B = 1 with ``cu_seqlens`` (any lengths), or B > 1 rows of L tokens with
+    ``cu_seqlens`` over the flattened B·L tokens, no document crossing a row (training batches)."""
     if resolve_attention_backend(backend, q, k, q_offset) == "fa4":
+        if cu_seqlens is not None and q.shape[0] > 1:  # rows of documents: FA4 is varlen already
+            B, L = q.shape[:2]
+            out = fa4.fa4_attention(*(t.reshape(1, B * L, *t.shape[2:]) for t in (q, k, v)), cu_seqlens=cu_seqlens,
+                                    window=window, scale=scale, max_seqlen=L)
+            return out.view(q.shape[:-1] + v.shape[-1:])
         return fa4.fa4_attention(q, k, v, cu_seqlens=cu_seqlens, window=window, scale=scale)
     return sdpa_attention(q, k, v, cu_seqlens=cu_seqlens, q_offset=q_offset, window=window, scale=scale)

@@ -18,6 +18,8 @@ import os
 import warnings
 from typing import Callable, NamedTuple
 
+import torch
+
 from hybridlm.errors import BackendUnavailable
 from hybridlm.kernels import reference
 
@@ -97,7 +99,11 @@ def register_backend(name: str, scan: Callable, step: Callable, decode: DecodeKe
     _DECODE[name] = decode or _DECODE["reference"]
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: run once while tracing, never traced
 def resolve_backend(requested: str | None, device_type: str) -> str:
+    """The backend name for this request and device type. It takes plain values so that dynamo
+    calls it instead of tracing it: the lazy import and registration of Triton happen outside
+    the graph (traced, they would be side effects that break an activation-checkpointed block)."""
     name = requested or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
         return "triton" if device_type == "cuda" and _load_triton() else "reference"
@@ -123,6 +129,7 @@ def mamba3_step(*args, backend: str | None = None, **kwargs):
     return _STEPS[resolve_backend(backend, x.device.type)](*args, **kwargs)
 
 
+@torch.compiler.assume_constant_result
 def resolve_decode_backend(requested: str | None, device_type: str) -> str:
     """Like :func:`resolve_backend`, but ``auto`` on CUDA prefers the CuTe step kernel."""
     name = requested or os.environ.get(ENV_VAR) or "auto"
