@@ -119,7 +119,7 @@ class Attention(nn.Module):
         else:
             if self.position == "rope":
                 positions = (torch.arange(L, device=x.device) if cu_seqlens is None
-                             else self._packed_positions(cu_seqlens, L)[1])
+                             else self._packed_positions(cu_seqlens, B * L)[1].view(B, L))
                 q, k = self._rope(q, k, positions)
             out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, window=self.window, scale=scale,
                                    backend=self.backend)
@@ -134,6 +134,8 @@ class Attention(nn.Module):
         the device-side ``lengths`` and a mask over the whole cache, so a CUDA graph can capture it.
         """
         B, L = q.shape[:2]
+        if cu_seqlens is not None and B != 1:
+            raise ShapeError(f"packed input with a KV cache must be (1, total); got {B} rows")
         rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
         if rows != cache.batch_size:
             what = "sequences (cu_seqlens)" if cu_seqlens is not None else "rows"

@@ -258,13 +258,22 @@ class Mamba3(nn.Module):
         return_final_state: bool = False,
         seq_idx: Tensor | None = None,  # accepted and ignored, as by the official module
     ):
-        """u (B, L, d_model), or (1, T, d_model) packed with ``cu_seqlens`` (NS+1 offsets).
+        """u (B, L, d_model), or (1, T, d_model) packed with ``cu_seqlens`` (NS+1 offsets), or
+        (B, L, d_model) rows of packed documents with ``cu_seqlens`` over the flattened B·L tokens.
 
         ``cache``: start from it and write the final state back into it (decode / chunked prefill).
         ``initial_state`` / ``return_final_state``: the same, functionally and differentiably.
         """
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ShapeError(f"Mamba3 expects (batch, seq, {self.d_model}); got {tuple(u.shape)}")
+        if cu_seqlens is not None and u.shape[0] > 1:  # rows of packed documents: scan them flattened
+            if cache is not None:
+                raise ShapeError("packed input with a cache must be (1, total); got several rows")
+            result = self.forward(u.reshape(1, -1, self.d_model), cu_seqlens, initial_state=initial_state,
+                                  return_final_state=return_final_state)
+            out = result[0] if return_final_state else result
+            out = out.view(u.shape)
+            return (out, result[1]) if return_final_state else out
         if (cache is not None and u.shape[1] == 1 and cu_seqlens is None and not self.conv_kernel
                 and not return_final_state and initial_state is None):
             return self._decode_step(u, cache)

@@ -83,7 +83,9 @@ class HybridLM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, ids: Tensor, cu_seqlens: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
-        """ids (B, L) -> logits (B, L, vocab). Packed: ids (1, T) with ``cu_seqlens`` (NS+1,).
+        """ids (B, L) -> logits (B, L, vocab). Packed: ids (1, T) with ``cu_seqlens`` (NS+1,), or rows
+        of packed documents (training): ids (B, L) with ``cu_seqlens`` over the flattened B·L tokens,
+        no document crossing a row.
 
         With ``cache`` the tokens continue from the cached state (prefill, chunked prefill or a
         decode step) and the cache advances by L tokens; packed input with a cache continues row i

@@ -2,8 +2,8 @@
 
 Every source yields rows of exactly ``seq_len`` tokens as ``({"input": ids, "doc_starts": starts},
 labels)``. ``doc_starts`` marks where a document (a task example, a text document) begins; the
-model turns it into ``cu_seqlens`` so neither Mamba-3 nor attention mixes documents, and no label
-asks a document to predict the next one. Datasets are resumable (torchtitan checkpoints their
+batch collation turns it into ``cu_seqlens`` on the host (:func:`collate_rows`) so neither Mamba-3
+nor attention mixes documents, and no label asks a document to predict the next one. Datasets are resumable (torchtitan checkpoints their
 ``state_dict``) and split across data-parallel ranks.
 """
 from __future__ import annotations
@@ -196,9 +196,25 @@ def build_rows(job_config, tokenizer, *, dp_rank: int = 0, dp_world_size: int = 
     return TextRows(h.data, tokenizer, seq_len, dp_rank=dp_rank, dp_world_size=dp_world_size)
 
 
+def collate_rows(rows: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Stack rows into a batch; where a row holds more than one document, replace ``doc_starts`` by
+    ``cu_seqlens`` over the flattened rows, computed here on the host: the model then needs no
+    host sync to learn the document bounds (a batch of one document per row carries neither)."""
+    from torch.utils.data import default_collate
+
+    from hybridlm.titan.model import cu_seqlens_from_starts
+
+    inputs, labels = default_collate(rows)
+    starts = inputs.pop("doc_starts")
+    if bool(starts[:, 1:].any()):
+        inputs["cu_seqlens"] = cu_seqlens_from_starts(starts)
+    return inputs, labels
+
+
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, **unused):
     from torchtitan.components.dataloader import ParallelAwareDataloader
 
     rows = build_rows(job_config, tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size)
     kwargs = {**asdict(job_config.training.dataloader), "batch_size": job_config.training.local_batch_size}
-    return ParallelAwareDataloader(rows, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
+    return ParallelAwareDataloader(rows, dp_rank=dp_rank, dp_world_size=dp_world_size, collate_fn=collate_rows,
+                                   **kwargs)

@@ -22,7 +22,7 @@ def cu_seqlens_from_starts(doc_starts: Tensor) -> Tensor:
 
 
 class TitanHybridLM(HybridLM):
-    """``model_cls(model_args)`` for torchtitan; forward takes ``doc_starts`` from the dataloader."""
+    """``model_cls(model_args)`` for torchtitan; forward takes ``cu_seqlens`` from the dataloader."""
 
     def __init__(self, model_args: HybridModelArgs):
         super().__init__(model_args.model_spec())
@@ -44,12 +44,19 @@ class TitanHybridLM(HybridLM):
         with torch.no_grad(), implicit_replication():
             self.load_state_dict(full.state_dict())
 
-    def forward(self, tokens: Tensor, doc_starts: Tensor | None = None, **unused) -> Tensor:
-        if doc_starts is None or not bool(doc_starts[:, 1:].any()):
+    def forward(self, tokens: Tensor, doc_starts: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                **unused) -> Tensor:
+        """tokens (B, L); documents packed into the rows come as ``cu_seqlens`` over the flattened
+        rows (our dataloader computes it on the host), or as ``doc_starts`` (B, L) from other
+        callers (one host sync here). The rows stay rows: attention masks by document within each
+        row, Mamba-3 scans the flattened documents."""
+        if cu_seqlens is None and doc_starts is not None and bool(doc_starts[:, 1:].any()):
+            cu_seqlens = cu_seqlens_from_starts(doc_starts)
+        if cu_seqlens is None:
             return super().forward(tokens)
-        batch, length = tokens.shape
-        logits = super().forward(tokens.reshape(1, -1), cu_seqlens=cu_seqlens_from_starts(doc_starts))
-        return logits.view(batch, length, -1)
+        # the number of documents changes every batch: compile for any, once (no recompiles)
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        return super().forward(tokens, cu_seqlens=cu_seqlens)
 
     def get_attention_masks(self, *args, **kwargs):
         # torchtitan's validator calls this unconditionally and only tolerates TypeError.

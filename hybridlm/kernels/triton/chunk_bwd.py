@@ -66,6 +66,8 @@ def _chunk_bwd_kernel(
     c, h = tl.program_id(0), tl.program_id(1)
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if end <= tok0:  # an empty slot of a packed layout (layout.py)
+        return
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
 
     # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
@@ -169,7 +171,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     dtheta = torch.empty(T, H, S, **f32)
     dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
-    dd = torch.empty(lay.n_chunks, H, **f32)  # per chunk: Σ dy·v, the gradient of D
+    dd = torch.zeros(lay.n_chunks, H, **f32)  # per chunk: Σ dy·v, the gradient of D (0 for empty slots)
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k

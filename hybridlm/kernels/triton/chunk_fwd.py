@@ -27,6 +27,8 @@ def _output_fwd_kernel(
     c, h = tl.program_id(0), tl.program_id(1)
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if end <= tok0:  # an empty slot of a packed layout (layout.py)
+        return
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     inter = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)

@@ -4,6 +4,12 @@ Every input is flattened to one token axis of length T = Σ lengths (a dense (B,
 sequences of length L, so dense and packed inputs share one code path). Chunks never cross a
 sequence boundary; chunk ``c`` of sequence ``s`` has the global index ``cu_chunks[s] + c``, which
 addresses the per-chunk state buffers.
+
+A dense layout is built from host integers. A packed layout is built on the device from
+``cu_seqlens`` with shapes that depend only on T and the number of sequences, never on their
+lengths: no host sync, and nothing for ``torch.compile`` to specialise on. Its chunk slots are an
+upper bound, T // chunk + NS ≥ Σ ⌈n_s / chunk⌉; the slots past the real chunks are empty (they
+start at T), and the chunk kernels return at once for them.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -25,8 +32,8 @@ class ChunkLayout:
     chunk_start: Tensor  # (n_chunks,) int32, the first token of each chunk
     last_token: Tensor  # (NS,) int64, last token of each sequence (clamped to 0 for empty ones)
     empty: Tensor  # (NS,) bool, sequences of length 0
-    nonempty_last_token: Tensor  # last tokens of the sequences that have one
-    has_empty: bool
+    nonempty_last_token: Tensor  # last tokens of the sequences that have one; T for an empty one (packed layouts)
+    has_empty: bool  # True when some sequence may be empty (always for packed layouts: lengths stay on the device)
 
     @property
     def first_token(self) -> Tensor:
@@ -79,7 +86,23 @@ def _cached_dense_layout(batch: int, seqlen: int, chunk: int, device: torch.devi
     return build_layout([seqlen] * batch, chunk, device)
 
 
-def packed_layout(cu_seqlens: Tensor, chunk: int) -> ChunkLayout:
-    """One host sync (the lengths decide the grid)."""
-    offsets = cu_seqlens.tolist()
-    return build_layout([b - a for a, b in zip(offsets, offsets[1:])], chunk, cu_seqlens.device)
+def packed_layout(cu_seqlens: Tensor, chunk: int, total: int | None = None) -> ChunkLayout:
+    """The layout of packed sequences, computed on the device (no host sync); ``total`` is T when
+    the caller knows it (the packed axis' length), else ``cu_seqlens[-1]`` is read on the host."""
+    cu = cu_seqlens.to(torch.int32)
+    n_seqs = cu.shape[0] - 1
+    if total is None:
+        total = int(cu[-1])
+    lengths = cu[1:] - cu[:-1]
+    cu_chunks = F.pad(torch.cumsum(torch.div(lengths + (chunk - 1), chunk, rounding_mode="floor"), 0,
+                                   dtype=torch.int32), (1, 0))
+    slots = torch.arange(total // chunk + n_seqs, device=cu.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_chunks[1:].contiguous(), slots, right=True).to(torch.int32).clamp_(max=n_seqs - 1)
+    start = cu[seq] + (slots - cu_chunks[seq]) * chunk
+    nonempty = lengths > 0
+    return ChunkLayout(
+        chunk=chunk, n_seqs=n_seqs, n_chunks=slots.shape[0], cu_seqlens=cu, cu_chunks=cu_chunks, chunk_seq=seq,
+        chunk_start=torch.where(slots < cu_chunks[-1], start, total).to(torch.int32),
+        last_token=(cu[1:] - 1).clamp(min=0).long(), empty=~nonempty,
+        # as a fixed-shape index: an empty sequence points past the end (callers index a T + 1 buffer)
+        nonempty_last_token=torch.where(nonempty, cu[1:] - 1, total).long(), has_empty=True)

@@ -54,6 +54,14 @@ def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str |
     return None
 
 
+def _check_cu_seqlens_shape(cu_seqlens: Tensor, batch: int) -> None:
+    """The checks that need no host sync (the reference checks the values too)."""
+    if batch != 1:
+        raise ShapeError(f"packed input (cu_seqlens given) must have batch size 1; got {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ShapeError("cu_seqlens must be a 1-D tensor [0, end_1, ..., end_n]")
+
+
 def _fp32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float().contiguous()
 
@@ -104,8 +112,8 @@ def mamba3_chunked(
     heads_from_groups(q[:1, :0], H, None)  # raises ShapeError if G does not divide H
     chunk = kernel_chunk(chunk_size, R)
     if cu_seqlens is not None:
-        reference._check_cu_seqlens(cu_seqlens, L, B)
-        layout = packed_layout(cu_seqlens.to(torch.int32), chunk)
+        _check_cu_seqlens_shape(cu_seqlens, B)
+        layout = packed_layout(cu_seqlens, chunk, L)
     else:
         layout = dense_layout(B, L, chunk, x.device)
     NS, T = layout.n_seqs, B * L
@@ -123,8 +131,9 @@ def mamba3_chunked(
 
     # per-token weights: γ_t = λ_tΔ_t and scale_t = γ_t + (1 − λ_{t+1})Δ_{t+1} (0 past a sequence's end)
     gamma = lam_ * dt_
-    not_last = torch.ones(T, 1, dtype=torch.float32, device=x.device)
+    not_last = torch.ones(T + 1, 1, dtype=torch.float32, device=x.device)  # row T: empty sequences point there
     not_last[layout.nonempty_last_token] = 0
+    not_last = not_last[:T]
     shifted = F.pad((dt_ * (1 - lam_))[1:], (0, 0, 0, 1)) * not_last
     scale = gamma + shifted
 
