@@ -1,9 +1,10 @@
 """torchtitan's parallelize_fn for hybrid models: TP -> activation checkpointing -> compile -> FSDP2.
 
-Follows torchtitan's llama3 order. Differences: blocks are compiled without ``fullgraph`` (the
-Triton scan is a set of torch.library custom ops, opaque to dynamo, but packed batches read their
-``cu_seqlens`` on the host to size the launch grid, which breaks the graph there; dense batches
-compile whole), tied embeddings stay in the root FSDP unit
+Follows torchtitan's llama3 order. Differences: blocks are compiled without ``fullgraph`` (a user's
+own block kind may break the graph; ours do not: the Triton scan and FA4 are torch.library custom
+ops, backends are chosen at trace time, and packed batches keep their document bounds on the device
+with shapes that vary only in the number of documents, marked dynamic), tied embeddings stay in the
+root FSDP unit
 (one parameter cannot belong to two units), and on CPU (gloo) FSDP reduces with plain sums
 (gloo has no PREMUL_SUM).
 """
@@ -18,12 +19,15 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_
 
 
 def _sac_save_list() -> set:
-    """torchtitan's ops plus our Triton custom ops: SAC keeps their outputs (re-running a scan costs its forward)."""
+    """torchtitan's ops plus our custom ops (the Triton scan, FA4): SAC keeps their outputs (re-running
+    a scan or an attention costs its forward)."""
+    from hybridlm.kernels.fa4 import FA4_SAC_SAVE_OPS
+
     try:
         from hybridlm.kernels.triton import SAC_SAVE_OPS
     except ImportError:  # no Triton: the reference scan is plain aten ops
-        return _op_sac_save_list
-    return _op_sac_save_list | SAC_SAVE_OPS
+        return _op_sac_save_list | FA4_SAC_SAVE_OPS
+    return _op_sac_save_list | SAC_SAVE_OPS | FA4_SAC_SAVE_OPS
 
 
 def parallelize_hybrid(model: nn.Module, parallel_dims, job_config) -> nn.Module:
@@ -38,6 +42,11 @@ def parallelize_hybrid(model: nn.Module, parallel_dims, job_config) -> nn.Module
         apply_ac(model, job_config.activation_checkpoint, model_compile_enabled=compile_model,
                  op_sac_save_list=_sac_save_list(), base_folder=job_config.job.dump_folder)
     if compile_model:
+        # Every block shares one code object (the checkpoint wrapper's or ResidualBlock's forward):
+        # each block kind and configuration, dense and packed, is one cache entry of it. Past the
+        # limit dynamo would silently run the rest eagerly.
+        kinds = len({repr(block) for block in model.layers.children()})
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * kinds + 2)
         for name, block in model.layers.named_children():
             model.layers.register_module(name, torch.compile(block, backend=job_config.compile.backend))
 
