@@ -63,11 +63,11 @@ GROUPS = {
 
 
 def run(label: str, steps: int, seq_len: int, dump: Path, extra: list[str], timeout: float,
-        profile: bool = False, tree: str | None = None) -> dict:
+        profile: bool = False, tree: str | None = None, log_freq: int = 10) -> dict:
     spec, batch, attention, (data, loss_on, data_flags) = CONFIGS[label]
     cmd = [sys.executable, "-m", "hybridlm.cli.main", "train", spec, "--config", "1gpu",
            "--training.steps", str(steps), "--training.local_batch_size", str(batch),
-           "--training.seq_len", str(seq_len), "--metrics.log_freq", "10", "--metrics.no-enable-tensorboard",
+           "--training.seq_len", str(seq_len), "--metrics.log_freq", str(log_freq), "--metrics.no-enable-tensorboard",
            "--checkpoint.no-enable", "--job.dump_folder", str(dump), "--hybrid.data", data,
            "--hybrid.loss_on", loss_on, *data_flags, *extra]
     if profile:  # two profiled steps at the end (3 of warm-up before them)
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="profile two steps of each run")
     parser.add_argument("--tree", default=None, help="run the hybridlm source tree in this folder")
+    parser.add_argument("--log-freq", type=int, default=10, help="log every N steps (1: every loss, for checks)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
     args, extra = parser.parse_known_args()
     out = Path(args.out)
@@ -187,7 +188,7 @@ def main() -> None:
         for label in labels:
             tag = f"{label}@{args.tree}" if args.tree else label
             r = run(label, args.steps, args.seq_len, Path(args.dump) / tag.replace("/", "_"), extra, args.timeout,
-                    args.profile, args.tree)
+                    args.profile, args.tree, args.log_freq)
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "profile")}), flush=True)
             results = [x for x in results if (x["label"], x.get("tree", ".")) != (label, r["tree"])] + [r]
             out.write_text(json.dumps(results, indent=2) + "\n")  # keep what finished
