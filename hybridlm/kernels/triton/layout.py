@@ -94,10 +94,11 @@ def packed_layout(cu_seqlens: Tensor, chunk: int, total: int | None = None) -> C
     if total is None:
         total = int(cu[-1])
     lengths = cu[1:] - cu[:-1]
-    cu_chunks = F.pad(torch.cumsum(torch.div(lengths + (chunk - 1), chunk, rounding_mode="floor"), 0,
-                                   dtype=torch.int32), (1, 0))
+    chunk_ends = torch.cumsum(torch.div(lengths + (chunk - 1), chunk, rounding_mode="floor"), 0, dtype=torch.int32)
+    cu_chunks = F.pad(chunk_ends, (1, 0))
     slots = torch.arange(total // chunk + n_seqs, device=cu.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_chunks[1:].contiguous(), slots, right=True).to(torch.int32).clamp_(max=n_seqs - 1)
+    # searchsorted over the cumsum itself: Inductor (torch 2.11) cannot lower it over a slice of the pad
+    seq = torch.searchsorted(chunk_ends, slots, right=True).to(torch.int32).clamp_(max=n_seqs - 1)
     start = cu[seq] + (slots - cu_chunks[seq]) * chunk
     nonempty = lengths > 0
     return ChunkLayout(
