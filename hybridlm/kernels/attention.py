@@ -115,8 +115,8 @@ def choose_backend(requested: str | None, device_type: str, device_index: int | 
         return "fa4"
     if name == "fa4":
         raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
-    if device_type == "cuda" and not cached:
-        _warn_fallback(reason)
+    if not cached and fa4.device_reason(torch.device(device_type, device_index), "FA4") is None:
+        _warn_fallback(reason)  # a device FA4 could run on: say why it does not
     return "sdpa"
 
 
