@@ -94,8 +94,18 @@ def load_tokenizer(ref: "str | Path | dict | Tokenizer | None" = None, folder: s
         if kind == "byte":
             return ByteTokenizer()
         if kind == "tokenizers":
-            return FileTokenizer(Path(folder or ".") / ref.get("file", TOKENIZER_FILE))
+            name = ref.get("file", TOKENIZER_FILE)
+            if not isinstance(name, str) or not name:
+                raise HybridLMError(f"tokenizer record {ref}: \"file\" must be a file name like {TOKENIZER_FILE!r}, "
+                                    f"not {name!r}")
+            path = Path(folder or ".") / name
+            if not path.is_file():
+                raise HybridLMError(f"tokenizer file {path} is missing (the tokenizer record {ref} names it)")
+            return FileTokenizer(path)
         raise HybridLMError(f"unknown tokenizer kind {kind!r} in tokenizer record {ref}; expected 'byte' or 'tokenizers'")
+    if not isinstance(ref, (str, Path)):
+        raise HybridLMError(f"tokenizer {ref!r} is not 'byte', a tokenizer.json path, a tokenizer record "
+                            "({'kind': ...}) or a tokenizer object")
     path = Path(ref)
     if path.is_dir():
         path = path / TOKENIZER_FILE

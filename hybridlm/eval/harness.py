@@ -61,21 +61,27 @@ def parse_lengths(arg: str) -> list[LengthArg]:
     return out
 
 
-def load_eval_model(arg: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_eval_model(arg: str, *, device: str | torch.device = "cpu", dtype: "torch.dtype | str | None" = None,
                     seed: int = 0, train_seq_len: int | None = None, tokenizer: str | None = None) -> EvalModel:
     """A model folder, or a spec file / preset built with random weights (seeded)."""
     from hybridlm.builder import build_model
-    from hybridlm.builder.pretrained import is_model_folder, load_pretrained
+    from hybridlm.builder.pretrained import (META_FILE, OWN_FILES, SPEC_FILE, is_model_folder, load_pretrained,
+                                             resolve_device, resolve_dtype)
     from hybridlm.tokenizer import check_vocab, load_tokenizer
 
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     path = Path(arg)
     if path.is_dir():
         if not is_model_folder(path):
-            raise HybridLMError(f"{arg} is a folder but not a hybridlm model folder (no hybridlm.json)")
-        loaded = load_pretrained(path, device=device, dtype=dtype)
+            raise HybridLMError(f"{arg} is a folder but not a hybridlm model folder (no {META_FILE})")
+        loaded = load_pretrained(path, device=device, dtype=dtype)  # checks every file of the folder
         tok = load_tokenizer(tokenizer) if tokenizer else loaded.tokenizer
-        return EvalModel(path.name, loaded.model, tok, train_seq_len or loaded.train_seq_len, str(path),
-                         _count(loaded.model))
+        check_vocab(tok, loaded.spec.vocab_size)
+        return EvalModel(path.name or path.resolve().name, loaded.model, tok, train_seq_len or loaded.train_seq_len,
+                         str(path), _count(loaded.model))
+    if path.is_file() and path.name in OWN_FILES and path.name != SPEC_FILE and is_model_folder(path.parent):
+        raise HybridLMError(f"{arg} is a file of the model folder {path.parent}: pass the folder itself")
     from hybridlm.layouts.presets import spec_or_preset
 
     spec = spec_or_preset(arg)

@@ -39,14 +39,19 @@ def find_run_record(step_folder: Path) -> dict:
     raise HybridLMError(f"no {RUN_RECORD} above {step_folder}: was it written by `hybridlm train`?")
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: "torch.dtype | str | None" = None,
+                      overwrite: bool = False) -> Path:
+    """Write the checkpoint's weights as a model folder ``out``; an existing model folder there is
+    replaced only with ``overwrite=True`` (``--overwrite``), any other non-empty folder is refused."""
     import torch.distributed.checkpoint as dcp
 
     from hybridlm.builder.model import HybridLM
-    from hybridlm.builder.pretrained import save_pretrained
+    from hybridlm.builder.pretrained import check_save_target, resolve_dtype, save_pretrained
     from hybridlm.layouts.spec import ModelSpec
     from hybridlm.tokenizer import load_tokenizer
 
+    dtype = resolve_dtype(dtype)
+    check_save_target(out, overwrite=overwrite)  # before reading the checkpoint
     step_folder = find_step_folder(checkpoint)
     record = find_run_record(step_folder)
     spec = ModelSpec.model_validate(record["spec"])
@@ -65,4 +70,4 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     metadata = {"step": step, "data": record.get("data"), "loss_on": record.get("loss_on"),
                 "checkpoint": str(step_folder.resolve())}
     return save_pretrained(model.eval(), out, tokenizer=load_tokenizer(record["tokenizer"]),
-                           train_seq_len=record["train_seq_len"], metadata=metadata)
+                           train_seq_len=record["train_seq_len"], metadata=metadata, overwrite=overwrite)
