@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 MAX_BLOCKS = 100_000
 MAX_DEPTH = 64  # nesting of groups; deeper would exhaust Python's recursion limit
@@ -33,8 +34,9 @@ class _Tok:
     col: int
 
 
-def _tokenize(pattern: str) -> list[_Tok]:
-    toks: list[_Tok] = []
+def _tokenize(pattern: str) -> Iterator[_Tok]:
+    """Tokens one at a time: the parser stops at the first error or limit without scanning the rest
+    (a 10 MB pattern fails as fast as a short one)."""
     pos = 0
     while pos < len(pattern):
         m = _TOKEN.match(pattern, pos)
@@ -45,24 +47,24 @@ def _tokenize(pattern: str) -> list[_Tok]:
         text = m.group(kind)
         if kind == "bad":
             raise PatternError(f"unexpected character {text!r}", col)
-        toks.append(_Tok(text if kind == "op" else kind, text, col))
+        yield _Tok(text if kind == "op" else kind, text, col)
         pos = m.end()
-    toks.append(_Tok("end", "", len(pattern) + 1))
-    return toks
+    yield _Tok("end", "", len(pattern) + 1)
 
 
 class _Parser:
     def __init__(self, pattern: str):
         self.toks = _tokenize(pattern)
-        self.i = 0
+        self.next: _Tok = next(self.toks)
         self.depth = 0
 
     def peek(self) -> _Tok:
-        return self.toks[self.i]
+        return self.next
 
     def take(self) -> _Tok:
-        tok = self.toks[self.i]
-        self.i += 1
+        tok = self.next
+        if tok.kind != "end":
+            self.next = next(self.toks)
         return tok
 
     def sequence(self, closing: _Tok | None) -> list[str]:
@@ -100,6 +102,8 @@ class _Parser:
             num = self.take()
             if num.kind != "num":
                 raise PatternError("'*' must be followed by a repeat count", star.col)
+            if len(num.text.lstrip("0")) > len(str(MAX_BLOCKS)):  # int() of a huge digit string is slow or refused
+                raise PatternError(f"expands to more than {MAX_BLOCKS} blocks", num.col)
             count = int(num.text)
             if count < 1:
                 raise PatternError(f"repeat count must be at least 1, got {count}", num.col)

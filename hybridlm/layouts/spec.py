@@ -6,7 +6,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from hybridlm.errors import SpecError
+from hybridlm.errors import SpecError, shown_value
 from hybridlm.layouts.blocks import BlockSpec, block_fields, dump_block, reject_bool_for_number
 from hybridlm.layouts.pattern import PatternError, compress_symbols, expand_pattern
 from hybridlm.layouts.registry import block_kinds, block_spec_class
@@ -139,7 +139,7 @@ class ModelSpec(BaseModel):
             raise SpecError("pattern", str(err), self.pattern) from None
         unknown = sorted({s for s in symbols if s not in self.blocks})
         if unknown:
-            raise SpecError("pattern", f"symbol {unknown[0]!r} is not defined in blocks "
+            raise SpecError("pattern", f"symbol {shown_value(unknown[0], 60)} is not defined in blocks "
                             f"(defined: {', '.join(self.blocks)})", self.pattern)
         return symbols
 

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
-from hybridlm.errors import HybridLMError
+from hybridlm.errors import HybridLMError, shorten
 from hybridlm.eval.tasks import LengthCurriculum, make_task
 from hybridlm.eval.tasks.batching import IGNORE_INDEX, next_token_targets
 from hybridlm.tokenizer import load_tokenizer
@@ -106,22 +106,57 @@ class TaskRows(IterableDataset, Stateful):
         self.pending = [Example(list(ids), [tuple(a) for a in answers]) for ids, answers in state["pending"]]
 
 
-def _documents_from_path(path: Path) -> Iterator[str]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES) if path.is_dir() \
-        else [path]
+def _source_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        if not path.is_file():  # /dev/zero, a pipe: reading it would never end
+            raise HybridLMError(f"hybrid.data={str(path)!r} is not a regular file or a folder")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES and p.is_file())
     if not files:
         raise HybridLMError(f"{path} holds no {'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)} files")
-    for file in files:
+    return files
+
+
+def _json_line_text(file: Path, n: int, raw: bytes) -> str | None:
+    """The ``text`` of line ``n`` of a JSON-lines file (None for a blank line); a bad line names file and line."""
+    where = f"{file}:{n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HybridLMError(f"{where}: not UTF-8 text; JSON-lines files must be UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise HybridLMError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
+                            f"each line must be one object such as {{\"text\": \"...\"}}") from None
+    if not isinstance(record, dict):
+        raise HybridLMError(f"{where}: a JSON-lines record must be an object with a 'text' field, "
+                            f"got a {type(record).__name__}")
+    if not isinstance(record.get("text"), str):
+        got = "no 'text' field" if "text" not in record else f"'text' is a {type(record['text']).__name__}"
+        raise HybridLMError(f"{where}: a JSON-lines record needs a 'text' string ({got})")
+    return record["text"]
+
+
+def _documents_from_file(file: Path) -> Iterator[str]:
+    try:
         if file.suffix in JSON_SUFFIXES:
-            with file.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if "text" not in record:
-                            raise HybridLMError(f"{file}:{n}: a JSON-lines record needs a 'text' field")
-                        yield record["text"]
+            with file.open("rb") as f:
+                for n, raw in enumerate(f, 1):
+                    text = _json_line_text(file, n, raw)
+                    if text is not None:
+                        yield text
         else:
             yield file.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise HybridLMError(f"cannot read training data {file}: {err.strerror or err}") from None
+
+
+def _documents_from_path(path: Path) -> Iterator[str]:
+    for file in _source_files(path):
+        yield from _documents_from_file(file)
 
 
 def _documents_from_hub(name: str) -> Iterator[str]:
@@ -146,30 +181,45 @@ class TextRows(IterableDataset, Stateful):
         self.buffer: list[int] = []
         self.buffer_starts: list[bool] = []
 
-    def _documents(self) -> Iterator[str]:
-        while True:  # one pass after another
-            docs = _documents_from_hub(self.source[3:]) if self.source.startswith("hf:") \
-                else _documents_from_path(Path(self.source))
-            mine = (d for i, d in enumerate(docs) if i % self.dp_world_size == self.dp_rank)
-            count = 0
-            for doc in mine:
-                count += 1
-                yield doc
-            if count == 0:
-                raise HybridLMError(f"hybrid.data={self.source!r} gave no documents for data-parallel rank "
-                                    f"{self.dp_rank} of {self.dp_world_size}")
+    def _one_pass(self) -> Iterator[str]:
+        docs = _documents_from_hub(self.source[3:]) if self.source.startswith("hf:") \
+            else _documents_from_path(Path(self.source))
+        return (d for i, d in enumerate(docs) if i % self.dp_world_size == self.dp_rank)
+
+    def _no_text_error(self, documents: int) -> HybridLMError:
+        rank = f" for data-parallel rank {self.dp_rank} of {self.dp_world_size}" if self.dp_world_size > 1 else ""
+        what = "no documents" if documents == 0 else f"no text: its {documents} document(s) are all empty"
+        return HybridLMError(f"hybrid.data={self.source!r} has {what}{rank}; training would wait forever for "
+                             f"tokens. Add text to it, or train on another source")
+
+    def _token_documents(self) -> Iterator[list[int]]:
+        """This rank's documents as token ids, pass after pass, skipping the ``doc_index`` documents earlier
+        runs consumed. A full pass without a token is an error (else the row loop would never end)."""
+        to_skip = self.doc_index
+        while True:
+            documents = tokens = 0
+            skipped = False
+            for doc in self._one_pass():
+                documents += 1
+                if to_skip:  # resume: these were consumed before; their tokens are not known here
+                    to_skip -= 1
+                    skipped = True
+                    continue
+                ids = self.tokenizer.encode(doc)
+                self.doc_index += 1
+                tokens += len(ids)
+                if ids:
+                    yield ids
+            if documents == 0 or (tokens == 0 and not skipped):
+                raise self._no_text_error(documents)
 
     def __iter__(self) -> Iterator:
-        docs = self._documents()
-        for _ in range(self.doc_index):  # resume: skip what earlier runs consumed
-            next(docs)
+        docs = self._token_documents()
         while True:
             while len(self.buffer) < self.seq_len + 1:
-                ids = self.tokenizer.encode(next(docs))
-                self.doc_index += 1
-                if ids:
-                    self.buffer += ids
-                    self.buffer_starts += [True] + [False] * (len(ids) - 1)
+                ids = next(docs)
+                self.buffer += ids
+                self.buffer_starts += [True] + [False] * (len(ids) - 1)
             ids, starts = self.buffer[:self.seq_len], self.buffer_starts[:self.seq_len]
             nxt, nxt_start = self.buffer[1:self.seq_len + 1], self.buffer_starts[1:self.seq_len + 1]
             labels = [IGNORE_INDEX if s else t for t, s in zip(nxt, nxt_start)]  # never predict across documents
@@ -183,8 +233,14 @@ class TextRows(IterableDataset, Stateful):
         self.doc_index, self.buffer, self.buffer_starts = state["doc_index"], state["buffer"], state["buffer_starts"]
 
 
+LOSS_ON_CHOICES = ("answers", "all")
+
+
 def build_rows(job_config, tokenizer, *, dp_rank: int = 0, dp_world_size: int = 1):
     h = job_config.hybrid
+    if h.loss_on not in LOSS_ON_CHOICES:
+        raise HybridLMError(f"--hybrid.loss_on {shorten(repr(h.loss_on))}: choose one of "
+                            f"{', '.join(LOSS_ON_CHOICES)}")
     seq_len = job_config.training.seq_len
     if h.data.startswith("task:"):
         curriculum = None

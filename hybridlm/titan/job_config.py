@@ -29,6 +29,10 @@ class Hybrid:
     """Kernel backend for Mamba-3 layers whose spec says `auto` (reference, triton, sequential); empty = automatic
     (Triton on CUDA, the reference on CPU). Sets HYBRIDLM_BACKEND for this run."""
 
+    allow_spec_change: bool = False
+    """Resume a dump folder whose checkpoints were trained with another spec (the run record is checked on every
+    resume; without this flag any difference stops the run before anything is loaded or written)."""
+
     log: str = "compact"
     """`compact`: one line per step and warnings only; `torchtitan`: torchtitan's own logging."""
 

@@ -11,14 +11,45 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from hybridlm.eval.tasks.base import Example, Task, require
+from hybridlm.eval.tasks.base import Example, Task, TaskError, require
 
 FIRST_BUCKET = 64
 
 
 @lru_cache(maxsize=4)
 def _file_tokens(path: str, mtime: float, encode) -> tuple[int, ...]:
-    return tuple(encode(Path(path).read_text(encoding="utf-8", errors="replace")))
+    return tuple(encode(_read_text(Path(path))))
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a TaskError saying what is wrong with it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TaskError(f"task ppl: file={str(path)!r} cannot be read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskError(f"task ppl: file={str(path)!r} is not UTF-8 text (byte {err.start} is "
+                        f"{raw[err.start:err.start + 1]!r}); give a UTF-8 text file") from None
+
+
+def _file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a text file to score, checked without reading it whole."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder; name a text file in it"
+    if not path.is_file():  # /dev/zero, a pipe, a socket: reading would never end or block
+        return "is not a regular file (a device, pipe or socket); name a text file"
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    if path.stat().st_size == 0:
+        return "is empty; it needs text to score"
+    return None
 
 
 def position_buckets(length: int, first: int = FIRST_BUCKET) -> list[tuple[int, int]]:
@@ -40,7 +71,8 @@ class Perplexity(Task):
     def check_options(self) -> None:
         path = self.opt["file"]
         require(path is not None, self.name, "needs a text file: --task ppl:file=PATH")
-        require(Path(path).is_file(), self.name, f"file={path!r} does not exist")
+        problem = _file_problem(Path(path))
+        require(problem is None, self.name, f"file={path!r} {problem}")
 
     def tokens(self) -> tuple[int, ...]:
         path = Path(self.opt["file"])
