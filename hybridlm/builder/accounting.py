@@ -6,7 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybridlm.blocks.norms import RMSNorm
+from hybridlm.blocks.residual import ResidualBlock
 from hybridlm.builder.model import HybridLM
+from hybridlm.builder.registry import block_kind
+from hybridlm.errors import HybridLMError
 from hybridlm.layouts.spec import ModelSpec
 
 
@@ -64,40 +68,115 @@ def _state_bytes(mixer: nn.Module, context: int, dtype: torch.dtype) -> int:
 
 def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: int | None = None,
             state_dtype: torch.dtype = torch.bfloat16) -> ModelAccount:
-    """Count a spec (built on the meta device) or a model.
+    """Count a spec (each distinct block built once on the meta device) or a model.
 
     Training FLOPs per token = 6 x (matmul weights, LM head included even when tied)
     + 3 x (forward attention QK/AV FLOPs at ``seq_len``, as torchtitan counts them, without a causal
     discount + the Mamba-3 chunked-scan FLOPs). Inference bytes: Mamba-3 state (fp32 SSM state and
     angles, k/v in ``state_dtype``) and KV cache in ``state_dtype`` at ``context`` tokens.
     """
-    model = spec_or_model if isinstance(spec_or_model, HybridLM) else HybridLM(spec_or_model, device="meta")
-    spec = model.spec
     context = seq_len if context is None else context
+    if isinstance(spec_or_model, HybridLM):
+        spec, model = spec_or_model.spec, spec_or_model
+        layers = list(model.layers)
+        embedding, head_weights = model.tok_embeddings.weight.numel(), model.output.weight.numel()
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    else:
+        # A spec of 100,000 blocks repeats a few distinct blocks: build each once, not the whole model.
+        spec, model = spec_or_model, None
+        layers = _distinct_layers(spec)
+        embedding = head_weights = spec.vocab_size * spec.d_model
+        total = None
     blocks = []
     seq_flops = 0
-    matmul = model.output.weight.numel()  # the LM head is a matmul even when tied
-    for layer, resolved in zip(model.layers, spec.resolve()):
-        mixer = layer.mixer
-        block_matmul, block_seq = _matmul_params(mixer), _sequence_flops(mixer, seq_len)
+    matmul = head_weights  # the LM head is a matmul even when tied
+    counted: dict[int, tuple[int, int, int, int]] = {}
+    for layer, resolved in zip(layers, spec.resolve()):
+        if id(layer) not in counted:
+            mixer = layer.mixer
+            counted[id(layer)] = (_matmul_params(mixer), _sequence_flops(mixer, seq_len),
+                                  sum(p.numel() for p in layer.parameters()), _state_bytes(mixer, context, state_dtype))
+        block_matmul, block_seq, params, state = counted[id(layer)]
         matmul += block_matmul
         seq_flops += block_seq
-        flops = 2 * block_matmul + block_seq
         blocks.append(BlockAccount(
             index=resolved.index, symbol=resolved.symbol, kind=resolved.spec.kind,
-            summary=resolved.spec.describe(spec.d_model),
-            params=sum(p.numel() for p in layer.parameters()),
-            fwd_flops_per_token=flops, state_bytes=_state_bytes(mixer, context, state_dtype)))
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    embedding = model.tok_embeddings.weight.numel()
-    head = 0 if spec.tie_embeddings else model.output.weight.numel()
+            summary=resolved.spec.describe(spec.d_model), params=params,
+            fwd_flops_per_token=2 * block_matmul + block_seq, state_bytes=state))
+    if total is None:
+        final_norm = sum(p.numel() for p in RMSNorm(spec.d_model, device="meta").parameters())
+        head = 0 if spec.tie_embeddings else head_weights
+        total = embedding + head + final_norm + sum(b.params for b in blocks)
+    head = 0 if spec.tie_embeddings else head_weights
     ssm = sum(b.state_bytes for b in blocks if b.kind != "attention")
     kv = sum(b.state_bytes for b in blocks if b.kind == "attention")
     return ModelAccount(
         name=spec.name, seq_len=seq_len, context=context, state_dtype=str(state_dtype).replace("torch.", ""),
         total_params=total, embedding_params=embedding, lm_head_params=head, blocks=tuple(blocks),
         train_flops_per_token=6 * matmul + 3 * seq_flops, ssm_state_bytes=ssm, kv_cache_bytes=kv)
+
+
+def _distinct_layers(spec: ModelSpec) -> list[nn.Module]:
+    """One meta-device residual block per resolved block, shared between blocks of equal config."""
+    built: dict[str, nn.Module] = {}
+    layers = []
+    for resolved in spec.resolve():
+        key = f"{type(resolved.spec).__name__}:{resolved.spec!r}"
+        if key not in built:
+            try:
+                mixer = block_kind(resolved.spec.kind).build(resolved.spec, d_model=spec.d_model,
+                                                             layer_idx=resolved.index, norm_eps=spec.norm_eps,
+                                                             device="meta")
+            except RuntimeError as err:  # torch refuses a tensor whose byte size overflows 64 bits
+                if "overflow" not in str(err):
+                    raise
+                raise HybridLMError(f"block {resolved.index} ({resolved.symbol}) at d_model {spec.d_model} has "
+                                    "weights too large for any tensor (over 2**63 bytes): use a smaller "
+                                    "d_model") from None
+            built[key] = ResidualBlock(mixer, spec.d_model, spec.norm_eps, spec.residual_in_fp32, device="meta")
+        layers.append(built[key])
+    return layers
+
+
+def estimate_memory_bytes(spec: ModelSpec, *, batch_size: int = 1, tokens: int = 1, logit_rows: int = 1,
+                          cache_tokens: int = 0, dtype: torch.dtype = torch.float32,
+                          include_weights: bool = True) -> int:
+    """A lower bound of the memory a forward of ``batch_size`` x ``tokens`` needs: the weights, a few
+    (B, L, d_model) activations, fp32 logits for ``logit_rows`` positions per row and, with
+    ``cache_tokens``, the decode cache (KV at that length + Mamba-3 state) of every row.
+    ``include_weights=False`` for a model already loaded.
+
+    Closed form in the sizes that grow, so a 2**40 vocabulary or a billion tokens costs nothing to ask about.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    acc = account(spec, seq_len=1, context=max(cache_tokens, 1), state_dtype=dtype)
+    weights = acc.total_params * element if include_weights else 0
+    activations = 4 * batch_size * tokens * spec.d_model * element
+    logits = batch_size * logit_rows * spec.vocab_size * 4
+    cache = batch_size * acc.inference_bytes_per_sequence if cache_tokens else 0
+    return weights + activations + logits + cache
+
+
+def available_memory_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Free memory of a CUDA device, else the machine's physical memory; None when unknown."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(what: str, needed: int, device: torch.device | str = "cpu", fix: str = "") -> None:
+    """Refuse, before allocating, what cannot fit: a HybridLMError with the estimate in it."""
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        kind = "free on" if torch.device(device).type == "cuda" else "of memory on"
+        raise HybridLMError(f"{what} needs about {human_bytes(needed)}, more than the {human_bytes(available)} "
+                            f"{kind} {device}" + (f"; {fix}" if fix else ""))
 
 
 def human(n: float, unit: str = "") -> str:
@@ -109,7 +188,7 @@ def human(n: float, unit: str = "") -> str:
 
 
 def human_bytes(n: float) -> str:
-    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+    for div, suffix in ((2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if n >= div:
             return f"{n / div:.2f} {suffix}"
     return f"{n:.0f} B"

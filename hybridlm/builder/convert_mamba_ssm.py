@@ -350,15 +350,17 @@ def read_mamba_weights(src_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def import_mamba_ssm(src_dir: str | Path, out_dir: str | Path, *, train_seq_len: int | None = None,
-                     tokenizer=None, name: str | None = None) -> Path:
-    """Convert a mamba_ssm ``MambaLMHeadModel`` folder into a hybridlm model folder; returns ``out_dir``.
+                     tokenizer=None, name: str | None = None, overwrite: bool = False) -> Path:
+    """Convert a mamba_ssm ``MambaLMHeadModel`` folder into a hybridlm model folder; returns ``out_dir``
+    (an existing model folder there is replaced only with ``overwrite=True``).
 
     ``tokenizer``: anything :func:`hybridlm.load_tokenizer` takes; by default the source folder's
     ``tokenizer.json`` when it has one, else the byte tokenizer. Weights are stored in fp32.
     """
-    from hybridlm.builder.pretrained import save_pretrained
+    from hybridlm.builder.pretrained import check_save_target, save_pretrained
     from hybridlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
+    check_save_target(out_dir, overwrite=overwrite)  # before the source is read
     src = Path(src_dir)
     config = read_mamba_config(src)
     spec = spec_from_mamba_config(config, name=name or src.resolve().name)  # refuse a config before reading weights
@@ -373,7 +375,7 @@ def import_mamba_ssm(src_dir: str | Path, out_dir: str | Path, *, train_seq_len:
         tokenizer = src / TOKENIZER_FILE
     metadata = {"imported_from": "mamba_ssm", "source": str(src.resolve()), "mamba_config": config}
     return save_pretrained(model.eval(), out_dir, tokenizer=load_tokenizer(tokenizer), train_seq_len=train_seq_len,
-                           metadata=metadata)
+                           metadata=metadata, overwrite=overwrite)
 
 
 def _check_vocab_rows(official: dict[str, torch.Tensor], spec: ModelSpec, config: dict) -> None:

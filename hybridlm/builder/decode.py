@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 WARMUP_STEPS = 3
 
 
+def _check_cache_fits(model: "HybridLM", batch_size: int, max_len: int, device: torch.device) -> None:
+    """Refuse a cache the device cannot hold before allocating it (a billion tokens is terabytes)."""
+    from hybridlm.builder.accounting import check_memory
+
+    dtype = model.tok_embeddings.weight.dtype
+    per_sequence = sum(getattr(layer.mixer, "state_bytes", lambda *_: 0)(max_len, dtype) for layer in model.layers)
+    check_memory(f"a decode cache of {batch_size} x {max_len} tokens", batch_size * per_sequence, device,
+                 "lower max_len (prompt + new tokens) or the batch size")
+
+
 class Decoder:
     """A batch of ``batch_size`` sequences of at most ``max_len`` tokens each (prompt + generated).
 
@@ -41,6 +51,7 @@ class Decoder:
         self.batch_size = batch_size
         self.max_len = max_len
         self.device = model.tok_embeddings.weight.device
+        _check_cache_fits(model, batch_size, max_len, self.device)
         self.cache = model.allocate_cache(batch_size, max_len)
         self.lengths: list[int] = [0] * batch_size  # tokens per row, kept on the host
         self.uses_cuda_graph = cuda_graph and self.device.type == "cuda"

@@ -1,10 +1,10 @@
 """The ``hybridlm`` command line.
 
     hybridlm show SPEC          block table and accounting
-    hybridlm validate SPEC...   check specs; exit 2 on the first invalid one
+    hybridlm validate SPEC...   check every spec; exit 2 if any is invalid
     hybridlm schema             JSON Schema of the spec format
     hybridlm presets            list the built-in presets
-    hybridlm generate SPEC --prompt TEXT
+    hybridlm generate MODEL --prompt TEXT   (a model folder, spec or preset)
     hybridlm eval MODEL... --task niah-1,mqar --lengths 1x,2x,4x,8x
     hybridlm train SPEC [--config cpu-debug] [--nproc N] [torchtitan flags]
     hybridlm export CHECKPOINT --out DIR
@@ -12,17 +12,119 @@
     hybridlm study NAME [--quick] [--dry-run]   small-scale reproductions of the paper (docs/results.md)
 
 SPEC is a YAML file or a preset name (``hybridlm presets``). Errors in a spec are printed as one
-line naming the YAML path, without a traceback, and the command exits with status 2.
+line naming the YAML path, without a traceback, and the command exits with status 2; so do bad
+arguments (checked before any model is built or loaded). Ctrl-C exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from hybridlm.errors import HybridLMError, SpecError
 from hybridlm.layouts.presets import spec_or_preset
+
+# Above this many blocks `show` prints the pattern as written: finding the shortest repeat is quadratic.
+COMPACT_PATTERN_MAX_BLOCKS = 2048
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one HybridLMError line (main prints it, exit 2)."""
+
+    def error(self, message: str):
+        raise HybridLMError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 = greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """``auto`` or a device torch has here: cpu, cuda, cuda:N, mps."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine (or this torch build) has no CUDA device; "
+                                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are only {torch.cuda.device_count()} CUDA devices "
+                                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return text
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not available here: use auto, cpu, cuda or cuda:N")
+
+
+def check_out_folder(flag: str, out: str | Path) -> Path:
+    """``out`` is a folder, or one can be made there; checked before any work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HybridLMError(f"{flag} {out}: is a file; name a folder (it is created when missing)")
+    _check_writable(flag, out)
+    return out
+
+
+def check_out_file(flag: str, out: str | Path) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise HybridLMError(f"{flag} {out}: is a folder; name a file to write, e.g. {out / 'schema.json'}")
+    _check_writable(flag, out)
+    return out
+
+
+def _check_writable(flag: str, out: Path) -> None:
+    """The path itself when it exists, else its nearest existing parent, must let us write."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise HybridLMError(f"{flag} {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise HybridLMError(f"{flag} {out}: {existing} is not writable")
+
+
+def _pattern_text(spec) -> str:
+    if spec.n_blocks <= COMPACT_PATTERN_MAX_BLOCKS:
+        return spec.compact_pattern()
+    return spec.pattern if len(spec.pattern) <= 200 else spec.pattern[:200] + "..."
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -30,24 +132,34 @@ def _show(args: argparse.Namespace) -> int:
 
     spec = spec_or_preset(args.spec)
     print(f"{spec.name}: d_model {spec.d_model}, vocab {spec.vocab_size}, {spec.n_blocks} blocks, "
-          f"pattern {spec.compact_pattern()}")
+          f"pattern {_pattern_text(spec)}")
     print(format_account(account(spec, seq_len=args.seq_len, context=args.context), per_block=not args.summary))
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """Every file is checked; each gets its line, and any failure makes the exit status 2."""
+    failed = 0
     for arg in args.specs:
-        spec = spec_or_preset(arg)
+        try:
+            spec = spec_or_preset(arg)
+        except HybridLMError as err:
+            failed += 1
+            what = "invalid spec: " if isinstance(err, SpecError) else ""
+            print(f"error: {arg}: {what}{err}", file=sys.stderr)
+            continue
         print(f"ok  {arg}: {spec.name}, {spec.n_blocks} blocks")
-    return 0
+    return 2 if failed else 0
 
 
 def _schema(args: argparse.Namespace) -> int:
     from hybridlm.layouts import spec_json_schema
 
+    out = check_out_file("--out", args.out) if args.out else None
     text = json.dumps(spec_json_schema(), indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -64,26 +176,76 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_spec(path: Path):
+    """A model folder's spec, read for the memory estimate; None leaves the error to the loader."""
+    from hybridlm.builder.pretrained import SPEC_FILE
+    from hybridlm.layouts import load_spec
+
+    try:
+        return load_spec(path / SPEC_FILE)
+    except HybridLMError:
+        return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from hybridlm.builder import build_model
+    from hybridlm.builder.accounting import check_memory, estimate_memory_bytes
+    from hybridlm.builder.pretrained import is_model_folder, load_pretrained
     from hybridlm.tokenizer import ByteTokenizer
 
-    spec = spec_or_preset(args.spec)
+    folder = Path(args.spec) if is_model_folder(args.spec) else None
+    if folder is None and Path(args.spec).is_dir():
+        raise HybridLMError(f"{args.spec} is a folder but not a hybridlm model folder (no hybridlm.json): give a "
+                            "model folder (`hybridlm export`), a spec file or a preset")
+    spec = _folder_spec(folder) if folder else spec_or_preset(args.spec)
     tok = ByteTokenizer()
-    if spec.vocab_size < tok.vocab_size:
+    if folder is None and spec.vocab_size < tok.vocab_size:
         raise SpecError("vocab_size", f"the byte tokenizer needs at least {tok.vocab_size} tokens", spec.vocab_size)
-    model = build_model(spec, seed=args.seed).eval()
+    if spec is not None:  # before the weights and the cache are allocated
+        prompt = len(args.prompt.encode())  # its bytes bound its tokens under any tokenizer
+        check_memory(f"generating {args.max_new_tokens} tokens with {spec.name}",
+                     estimate_memory_bytes(spec, tokens=prompt, cache_tokens=prompt + args.max_new_tokens), "cpu",
+                     "lower --max-new-tokens or use a smaller model")
+    if folder:
+        loaded = load_pretrained(folder)
+        model, tok, source = loaded.model, loaded.tokenizer, str(folder)
+        spec = loaded.spec
+    else:
+        model, source = build_model(spec, seed=args.seed).eval(), f"random weights, seed {args.seed}"
     ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
     if ids.numel() == 0:
         raise HybridLMError("--prompt must not be empty")
+    if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
+        raise HybridLMError(f"the tokenizer gives token id {int(ids.max())} for --prompt, outside the model's "
+                            f"vocab_size {spec.vocab_size}: the tokenizer does not belong to this model")
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     new = out[0, ids.shape[1]:].tolist()
-    print(f"(random weights, seed {args.seed}) {args.prompt!r} -> {tok.decode(new)!r}")
+    print(f"({source}) {args.prompt!r} -> {tok.decode(new)!r}")
     print(f"new token ids: {new}")
     return 0
+
+
+def _eval_model_spec(arg: str):
+    """The spec behind an eval MODEL argument, for the memory estimate; None when only the loader can tell."""
+    from hybridlm.builder.pretrained import is_model_folder
+
+    if is_model_folder(arg):
+        return _folder_spec(Path(arg))
+    return None if Path(arg).is_dir() else spec_or_preset(arg)
+
+
+def _check_eval_memory(spec, name: str, tokens: int, args: argparse.Namespace, device: str, dtype,
+                       loaded: bool = False) -> None:
+    from hybridlm.builder.accounting import check_memory, estimate_memory_bytes
+
+    logit_rows = tokens if "ppl" in args.task else 1  # perplexity scores every position
+    needed = estimate_memory_bytes(spec, batch_size=args.batch_size, tokens=tokens, logit_rows=logit_rows,
+                                   dtype=dtype, include_weights=not loaded)
+    check_memory(f"scoring {name} on batches of {args.batch_size} x {tokens} tokens", needed, device,
+                 "use shorter --lengths or a smaller --batch-size")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -98,10 +260,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     parse_tasks(args.task)  # fail on a bad task before loading any model
     lengths = parse_lengths(args.lengths)
+    out = check_out_folder("--out", args.out)  # before the scoring, not after
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    longest_absolute = max([n.tokens for n in lengths if n.tokens is not None], default=1)
+    for arg in args.models:  # the weights and any absolute length, before anything is allocated
+        spec = _eval_model_spec(arg)
+        if spec is not None:
+            _check_eval_memory(spec, arg, longest_absolute, args, device, dtype)
     models = [load_eval_model(m, device=device, dtype=dtype, seed=args.seed, train_seq_len=args.train_len,
                               tokenizer=args.tokenizer) for m in args.models]
+    for m in models:  # relative lengths are known once the model's training length is
+        longest = max(n.resolve(m.train_seq_len, m.name) for n in lengths)
+        _check_eval_memory(m.model.spec, m.name, longest, args, device, dtype, loaded=True)
     names = [m.name for m in models]
     for i, m in enumerate(models):  # two models with one name would share a table row
         if names.count(m.name) > 1:
@@ -109,7 +280,6 @@ def _eval(args: argparse.Namespace) -> int:
     cells = evaluate(models, args.task, lengths, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
                      progress=None if args.quiet else partial(tqdm, disable=None))  # no bar when not a terminal
     print(format_table(cells))
-    out = Path(args.out)
     settings = {"tasks": args.task, "lengths": args.lengths, "samples": args.samples, "seed": args.seed,
                 "batch_size": args.batch_size, "device": device, "dtype": args.dtype}
     json_path = write_json(results_document(cells, models, settings), out / "results.json")
@@ -119,18 +289,19 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridlm", description="Build and study Mamba-3 hybrid language models.")
+    parser = _Parser(prog="hybridlm", description="Build and study Mamba-3 hybrid language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("show", help="block table and accounting of a spec")
     p.add_argument("spec", help="YAML file or preset name")
-    p.add_argument("--seq-len", type=int, default=2048, help="training length for FLOPs (default 2048)")
-    p.add_argument("--context", type=int, default=None, help="context for the KV-cache size (default: seq-len)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="training length for FLOPs (default 2048)")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="context for the KV-cache size (default: seq-len)")
     p.add_argument("--summary", action="store_true", help="totals only, no per-block table")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("validate", help="check specs")
-    p.add_argument("specs", nargs="+")
+    p = sub.add_parser("validate", help="check specs (each one; exit 2 if any is invalid)")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec format")
@@ -141,11 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_presets)
 
     p = sub.add_parser("generate", help="generate text (random weights until a trained model is given)")
-    p.add_argument("spec")
+    p.add_argument("spec", metavar="MODEL", help="model folder (its weights and tokenizer), spec file or preset "
+                                                 "(random weights, byte tokenizer)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
@@ -158,12 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated tasks with options, e.g. niah-1,niah-2:digits=4,mqar:pairs=8 "
                         "(niah-1, niah-2, niah-3, mqar, parity, arith, arith-brackets, ppl:file=PATH)")
     p.add_argument("--lengths", required=True, help="e.g. 1x,2x,4x,8x (times the training length) or 256,512")
-    p.add_argument("--samples", type=int, default=100, help="examples per task and length (default 100)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=positive_int, default=100, help="examples per task and length (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seeds the examples and random-weight models")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--train-len", type=int, default=None,
+    p.add_argument("--train-len", type=positive_int, default=None,
                    help="training length for Nx lengths when a model does not record one")
     p.add_argument("--tokenizer", default=None, help="byte or a tokenizer.json (default: the model folder's, else byte)")
     p.add_argument("--out", default="eval-results", help="folder for results.json and results.png")
@@ -186,11 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    """Run one command: its errors are one line on stderr and exit 2; Ctrl-C is one line and 130."""
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except SpecError as err:
         print(f"error: invalid spec: {err}", file=sys.stderr)
@@ -198,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except HybridLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `hybridlm show ... | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0

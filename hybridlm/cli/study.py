@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from hybridlm.cli.main import positive_int
     from hybridlm.studies.driver import STUDIES
 
     p = sub.add_parser("study", help="run a small-scale reproduction of the paper (docs/results.md)",
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("name", choices=list(STUDIES), help="which study")
     p.add_argument("--quick", action="store_true", help="tiny steps and batches: a CPU check, not a result")
     p.add_argument("--out", type=Path, default=None, help="results folder (default runs/studies/NAME[-quick])")
-    p.add_argument("--jobs", type=int, default=None, help="training runs at a time (default: study.toml jobs "
+    p.add_argument("--jobs", type=positive_int, default=None, help="training runs at a time (default: study.toml jobs "
                                                           "with a GPU, cpu_jobs without)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no run that would end after this")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,14 +1,12 @@
 """``hybridlm train`` and ``hybridlm export``: torchtitan under the hood, started the right way.
 
     hybridlm train SPEC [--config cpu-debug|1gpu|2gpu-fsdp|FILE.toml] [--nproc N] [torchtitan flags...]
-    hybridlm export CHECKPOINT --out DIR
+    hybridlm export CHECKPOINT --out DIR [--overwrite]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from hybridlm.errors import HybridLMError
@@ -35,21 +33,24 @@ def resolve_config(name: str | None) -> Path:
 
 
 def add_parsers(sub) -> None:
+    from hybridlm.cli.main import positive_int
+
     p = sub.add_parser("train", help="train a spec with torchtitan (CPU, one GPU, several GPUs)",
                        description="Train SPEC with torchtitan. Flags this command does not know go to torchtitan "
                                    "(e.g. --training.steps 200 --hybrid.data task:niah-1).")
     p.add_argument("spec", help="YAML spec or preset name")
     p.add_argument("--config", default=None,
                    help="cpu-debug, 1gpu, 2gpu-fsdp or a .toml file (default: 1gpu with CUDA, else cpu-debug)")
-    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath when > 1)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="ranks on this machine (torchrun underneath when > 1)")
     p.set_defaults(func=train, passthrough=True)
 
     p = sub.add_parser("export", help="turn a training checkpoint into a model folder",
                        description="Write safetensors + spec + tokenizer + training length (+ config.json) from a "
                                    "DCP checkpoint: a step-N folder, or a run's dump folder (its newest step).")
     p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="model folder to write (created; see --overwrite)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is already a model folder")
     p.set_defaults(func=export)
 
 
@@ -61,17 +62,14 @@ def titan_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def train(args: argparse.Namespace, extra: list[str]) -> int:
-    argv = titan_argv(args, extra)
-    if args.nproc < 1:
-        raise HybridLMError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc == 1 and "LOCAL_RANK" not in os.environ:
-        from hybridlm.titan.launch import main as launch
+    """Exit status: 0 trained, 2 a bad spec / flag / config / data source (one line), 130 Ctrl-C."""
+    from hybridlm.titan.launch import check_config, main as launch, run_ranks, with_defaults
 
-        launch(argv)
-        return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "hybridlm.titan.launch", *argv]
-    return subprocess.call(cmd)
+    argv = titan_argv(args, extra)
+    if args.nproc == 1 and "LOCAL_RANK" not in os.environ:
+        return launch(argv)
+    check_config(with_defaults(argv))  # a bad flag or config: one line here, not one per rank
+    return run_ranks(args.nproc, argv)
 
 
 def export(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -79,7 +77,10 @@ def export(args: argparse.Namespace, extra: list[str] | None = None) -> int:
 
     from hybridlm.titan.export import export_checkpoint
 
+    from hybridlm.cli.main import check_out_folder
+
+    check_out_folder("--out", args.out)  # a file there fails now, before the checkpoint is read
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
-    out = export_checkpoint(args.checkpoint, args.out, dtype=dtype)
+    out = export_checkpoint(args.checkpoint, args.out, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

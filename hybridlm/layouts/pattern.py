@@ -134,6 +134,8 @@ def compress_symbols(symbols: list[str]) -> str:
                 count += 1
             if count > 1 and unit * count > best_unit * best_count:
                 best_unit, best_count = unit, count
+                if unit * count == n - i:  # covers the rest: no longer unit can do better
+                    break
         chunk = symbols[i: i + best_unit]
         text = compress_symbols(chunk) if best_count > 1 and best_unit > 1 else " ".join(chunk)
         if best_count > 1:
