@@ -48,11 +48,12 @@ def one_line_error(err) -> str:
 
 # -- empty and malformed data sources --------------------------------------------------------------
 
-def test_empty_text_file_is_an_error_naming_it(tmp_path):
-    path = tmp_path / "empty.txt"
-    path.write_text("")
+@pytest.mark.parametrize("name, text", [("empty.txt", ""), ("data.jsonl", '{"text": ""}\n')])
+def test_a_file_of_empty_documents_is_an_error_naming_it(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
     message = one_line_error(first_row_or_error(TextRows(str(path), BYTE, 16)))
-    assert str(path) in message and "all empty" in message
+    assert str(path) in message and "1 document(s) are all empty" in message
 
 
 def test_folder_of_empty_files_is_an_error_naming_it(tmp_path):
@@ -60,13 +61,6 @@ def test_folder_of_empty_files_is_an_error_naming_it(tmp_path):
         (tmp_path / name).write_text("")
     message = one_line_error(first_row_or_error(TextRows(str(tmp_path), BYTE, 16)))
     assert str(tmp_path) in message and "2 document(s) are all empty" in message
-
-
-def test_jsonl_whose_only_record_is_empty_is_an_error(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"text": ""}\n')
-    message = one_line_error(first_row_or_error(TextRows(str(path), BYTE, 16)))
-    assert str(path) in message and "1 document(s) are all empty" in message
 
 
 def test_jsonl_of_blank_lines_has_no_documents(tmp_path):

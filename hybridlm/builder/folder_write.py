@@ -53,16 +53,7 @@ def listing(folder: Path, names: list[str], most: int = 6) -> str:
 def fsync_tree(folder: Path) -> None:
     """Flush the new files before the rename, so a crash cannot leave a renamed folder of empty files."""
     for path in [*folder.iterdir(), folder]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
 def _is_cwd(path: Path) -> bool:
@@ -75,7 +66,7 @@ def _is_cwd(path: Path) -> bool:
 def move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
         return
     # Renaming the working directory away would strand the process, and a mount point cannot be
     # renamed: those are filled in place instead.
@@ -93,7 +84,7 @@ def move_into_place(tmp: Path, target: Path) -> None:
                     os.rename(old, target)
                     raise
                 shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
             return
         except OSError:
             pass  # nothing was changed: fill it in place
@@ -119,12 +110,13 @@ def _replace_contents(tmp: Path, target: Path) -> None:
         if name not in new and name != META_FILE:
             remove(target / name)
     os.replace(tmp / META_FILE, target / META_FILE)
-    _fsync_dir(target)
+    _fsync(target)
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk; where the file system cannot, go on."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
