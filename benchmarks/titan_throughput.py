@@ -69,7 +69,7 @@ def run(label: str, steps: int, seq_len: int, dump: Path, extra: list[str], time
            "--training.steps", str(steps), "--training.local_batch_size", str(batch),
            "--training.seq_len", str(seq_len), "--metrics.log_freq", str(log_freq), "--metrics.no-enable-tensorboard",
            "--checkpoint.no-enable", "--job.dump_folder", str(dump), "--hybrid.data", data,
-           "--hybrid.loss_on", loss_on, *data_flags, *extra]
+           "--hybrid.loss_on", loss_on, "--hybrid.log", "torchtitan", *data_flags, *extra]  # its own step lines
     if profile:  # two profiled steps at the end (3 of warm-up before them)
         cmd += ["--profiling.enable_profiling", "--profiling.save_traces_folder", "profile",
                 "--profiling.profile_freq", str(steps), "--profiling.profiler_warmup", "3",

@@ -1,7 +1,6 @@
 """torchtitan training on CPU: smoke, 2-rank FSDP (gloo), kill-and-resume, export -> load."""
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ pytest.importorskip("torchtitan")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "specs/demo/hybrid-demo.yaml"
-STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.naninf]+)")
+from hybridlm.titan.progress import STEP_LINE, parse_step_line  # noqa: E402
 FAST = ["--training.seq_len", "64", "--training.local_batch_size", "4", "--lr_scheduler.warmup_steps", "2",
         "--hybrid.data", "task:mqar:pairs=4", "--hybrid.spec", SPEC]
 
@@ -28,7 +27,7 @@ def run_titan(dump: Path, *flags: str, nproc: int = 1, timeout: int = 300) -> di
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {int(s): float(v) for s, v in STEP_LINE.findall(proc.stdout)}
+    return {step: loss for step, loss, _ in map(parse_step_line, STEP_LINE.finditer(proc.stdout))}
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,7 @@ def _schema(args: argparse.Namespace) -> int:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+        print(f"wrote {out}")
     else:
         print(text)
     return 0
@@ -275,7 +276,8 @@ def _eval(args: argparse.Namespace) -> int:
         if names.count(m.name) > 1:
             m.name = f"{m.name}#{i + 1}"
     cells = evaluate(models, args.task, lengths, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                     progress=None if args.quiet else partial(tqdm, disable=None))  # no bar when not a terminal
+                     progress=None if args.quiet else partial(tqdm, disable=None),  # no bar when not a terminal
+                     on_cell=None if args.quiet or sys.stderr.isatty() else _print_cell)
     print(format_table(cells))
     settings = {"tasks": args.task, "lengths": args.lengths, "samples": args.samples, "seed": args.seed,
                 "batch_size": args.batch_size, "device": device, "dtype": args.dtype}
@@ -283,6 +285,12 @@ def _eval(args: argparse.Namespace) -> int:
     plot_path = None if args.no_plot else plot_results(cells, out / "results.png")
     print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else ""))
     return 0
+
+
+def _print_cell(cell, done: int, total: int) -> None:
+    """Progress where no bar is drawn (a log file, CI): one line per finished cell."""
+    print(f"eval {done}/{total}: {cell.model} {cell.task}@{cell.length_label} {100 * cell.accuracy:.1f} %",
+          file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,8 +37,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train a spec with torchtitan (CPU, one GPU, several GPUs)",
                        description="Train SPEC with torchtitan. Flags this command does not know go to torchtitan "
-                                   "(e.g. --training.steps 200 --hybrid.data task:niah-1).")
-    p.add_argument("spec", help="YAML spec or preset name")
+                                   "(e.g. --training.steps 200 --hybrid.data task:niah-1).",
+                       epilog=hybrid_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", help="YAML spec or preset name")
+    p.add_argument("--titan-help", action="store_true", help="list every torchtitan flag (with its default) and stop")
     p.add_argument("--config", default=None,
                    help="cpu-debug, 1gpu, 2gpu-fsdp or a .toml file (default: 1gpu with CUDA, else cpu-debug)")
     p.add_argument("--nproc", type=positive_int, default=1, help="ranks on this machine (torchrun underneath when > 1)")
@@ -61,9 +63,39 @@ def titan_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return ["--job.config_file", str(resolve_config(args.config)), "--hybrid.spec", args.spec, *extra]
 
 
+def hybrid_options_help() -> str:
+    """The [hybrid] options with their defaults and help, read from hybridlm/titan/job_config.py (the
+    attribute docstrings torchtitan's parser shows too), so the two never drift apart."""
+    import ast
+    import inspect
+    import textwrap
+
+    from hybridlm.titan import job_config
+
+    tree = ast.parse(inspect.getsource(job_config))
+    hybrid = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Hybrid")
+    lines = ["hybridlm's own options (the [hybrid] section of a config file, or --hybrid.NAME VALUE):"]
+    body = hybrid.body
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            name, default = field.target.id, ast.literal_eval(field.value)
+            text = " ".join(doc.value.value.split())
+            lines.append(f"  --hybrid.{name} (default {default!r})")
+            lines += textwrap.wrap(text, 96, initial_indent="      ", subsequent_indent="      ")
+    lines += ["", "Every other flag goes to torchtitan (--training.steps, --optimizer.lr, --job.dump_folder, ...):",
+              "`hybridlm train --titan-help` lists them all. Output: one line per logged step; "
+              "--hybrid.log torchtitan for torchtitan's own log."]
+    return "\n".join(lines)
+
+
 def train(args: argparse.Namespace, extra: list[str]) -> int:
     """Exit status: 0 trained, 2 a bad spec / flag / config / data source (one line), 130 Ctrl-C."""
-    from hybridlm.titan.launch import check_config, main as launch, run_ranks, with_defaults
+    from hybridlm.titan.launch import check_config, main as launch, print_titan_help, run_ranks, with_defaults
+
+    if args.titan_help:
+        return print_titan_help()
+    if not args.spec:
+        raise HybridLMError("hybridlm train needs a SPEC (a YAML file or a preset name: `hybridlm presets`)")
 
     argv = titan_argv(args, extra)
     if args.nproc == 1 and "LOCAL_RANK" not in os.environ:

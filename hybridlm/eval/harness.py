@@ -121,8 +121,10 @@ class Cell:
 
 
 def evaluate(models: list[EvalModel], task_arg: str, lengths: list[LengthArg], *, samples: int = 100,
-             batch_size: int = 8, seed: int = 0, progress: Callable | None = None) -> list[Cell]:
-    """Score every model on every task at every length."""
+             batch_size: int = 8, seed: int = 0, progress: Callable | None = None,
+             on_cell: Callable[[Cell, int, int], None] | None = None) -> list[Cell]:
+    """Score every model on every task at every length. ``progress``: a tqdm-like bar factory
+    (updated per batch); ``on_cell(cell, done, total)`` is called as each cell finishes."""
     parsed = parse_tasks(task_arg)
     cells = []
     plan = []
@@ -142,6 +144,8 @@ def evaluate(models: list[EvalModel], task_arg: str, lengths: list[LengthArg], *
                 bar.update(1)
                 bar.set_postfix_str(f"{m.name} {task.describe()}@{length.label}")
         cells.append(_cell(m, task, length, n_tokens, examples, scores))
+        if on_cell:
+            on_cell(cells[-1], len(cells), len(plan))
     if bar:
         bar.close()
     return cells

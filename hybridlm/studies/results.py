@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -17,11 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hybridlm.studies.config import StudyError
+from hybridlm.titan.progress import STEP_LINE, parse_step_line
 
 RESULTS_FILE = "results.json"
 FORMAT = 1
 # torchtitan's per-step line, as `hybridlm train` prints it.
-STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)(?:.*?tps:\s*([\d,]+))?")
 
 
 def now() -> str:
@@ -32,9 +31,10 @@ def parse_train_log(text: str) -> dict:
     """Loss per logged step and the last logged throughput (tokens/s) of a training log."""
     losses, tps = [], None
     for match in STEP_LINE.finditer(text):
-        losses.append([int(match.group(1)), float(match.group(2))])
-        if match.group(3):
-            tps = float(match.group(3).replace(",", ""))
+        step, loss, rate = parse_step_line(match)
+        losses.append([step, loss])
+        if rate is not None:
+            tps = rate
     return {"losses": losses, "tokens_per_second": tps}
 
 

@@ -159,6 +159,21 @@ def check_config(argv: list[str]):
     return config
 
 
+def print_titan_help() -> int:
+    """torchtitan's own help (every flag, its default and its help), with hybridlm's flags in it."""
+    from hybridlm.titan.cpu import apply_cpu_shim, needs_cpu_shim
+
+    if needs_cpu_shim():
+        apply_cpu_shim()
+    from torchtitan.config import ConfigManager
+
+    try:
+        ConfigManager().parse_args(with_defaults(["--help"]))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
 def _report(message: str, code: int) -> int:
     """One line on every rank (ranks other than 0 prefix theirs), and no torchelastic error file: under
     torchrun that file would carry the traceback into the launcher's summary."""
@@ -216,10 +231,22 @@ def run_ranks(nproc: int, argv: list[str]) -> int:
     return 0
 
 
+def _progress_formatter(config):
+    """The compact log's formatter: step N/total, elapsed and ETA, the spec's name, where checkpoints go."""
+    import torch
+
+    from hybridlm.layouts.presets import spec_or_preset
+    from hybridlm.titan.progress import ProgressFormatter, RunFacts
+
+    spec_name = spec_or_preset(config.hybrid.spec).name if config.hybrid.spec else "model"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ProgressFormatter(RunFacts.from_config(config, spec_name, device))
+
+
 def _train(argv: list[str]) -> None:
     # torchtitan's parser reads sys.argv through a default argument bound at import time (in check_config).
     sys.argv = [sys.argv[0]] + argv
-    check_config(argv)  # applies the CPU shim first where there is no accelerator
+    config = check_config(argv)  # applies the CPU shim first where there is no accelerator
     single_process_env()
     import torchtitan.train as titan_train
     from torchtitan.tools import logging as titan_logging
@@ -231,12 +258,14 @@ def _train(argv: list[str]) -> None:
         _quiet_library_warnings()
     original_init = titan_logging.init_logger
 
+    formatter = _progress_formatter(config) if compact else None
+
     def init_logger() -> None:
         original_init()
         if compact:
             for handler in titan_logging.logger.handlers:
                 handler.addFilter(_CompactFilter())
-                handler.setFormatter(logging.Formatter("[hybridlm] %(message)s"))
+                handler.setFormatter(formatter)
 
     titan_train.init_logger = init_logger
     titan_train.main(HybridTrainer)
