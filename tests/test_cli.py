@@ -70,7 +70,7 @@ def test_validate_ok(capsys):
 def test_schema_out_file(tmp_path, capsys):
     path = tmp_path / "schema.json"
     assert main(["schema", "--out", str(path)]) == 0
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.strip() == f"wrote {path}"  # says what it wrote, nothing else
     schema = json.loads(path.read_text())
     assert schema["$schema"].startswith("https://json-schema.org/")
     mapping = schema["properties"]["blocks"]["additionalProperties"]["discriminator"]["mapping"]
