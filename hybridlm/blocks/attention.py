@@ -106,7 +106,7 @@ class Attention(nn.Module):
         dtype = upcast(q).dtype
         ang = rope_angles(positions, self.head_dim, self.rope_theta, dtype).unsqueeze(-2)  # broadcast over heads
         q = rotate_pairs(upcast(q), ang, "half").to(q.dtype)
-        k = rotate_pairs(upcast(k).to(dtype), ang, "half").to(k.dtype)
+        k = rotate_pairs(upcast(k), ang, "half").to(k.dtype)
         return q, k
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:

@@ -66,6 +66,11 @@ def _state_bytes(mixer: nn.Module, context: int, dtype: torch.dtype) -> int:
     return 0 if fn is None else fn(context, dtype)
 
 
+def decode_state_bytes(model: HybridLM, context: int, dtype: torch.dtype) -> int:
+    """Bytes of decode state (Mamba-3 states, KV caches) one sequence of ``context`` tokens needs."""
+    return sum(_state_bytes(layer.mixer, context, dtype) for layer in model.layers)
+
+
 def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: int | None = None,
             state_dtype: torch.dtype = torch.bfloat16) -> ModelAccount:
     """Count a spec (each distinct block built once on the meta device) or a model.
@@ -103,11 +108,10 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
             index=resolved.index, symbol=resolved.symbol, kind=resolved.spec.kind,
             summary=resolved.spec.describe(spec.d_model), params=params,
             fwd_flops_per_token=2 * block_matmul + block_seq, state_bytes=state))
+    head = 0 if spec.tie_embeddings else head_weights
     if total is None:
         final_norm = sum(p.numel() for p in RMSNorm(spec.d_model, device="meta").parameters())
-        head = 0 if spec.tie_embeddings else head_weights
         total = embedding + head + final_norm + sum(b.params for b in blocks)
-    head = 0 if spec.tie_embeddings else head_weights
     ssm = sum(b.state_bytes for b in blocks if b.kind != "attention")
     kv = sum(b.state_bytes for b in blocks if b.kind == "attention")
     return ModelAccount(

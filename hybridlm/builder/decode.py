@@ -29,10 +29,9 @@ WARMUP_STEPS = 3
 
 def _check_cache_fits(model: "HybridLM", batch_size: int, max_len: int, device: torch.device) -> None:
     """Refuse a cache the device cannot hold before allocating it (a billion tokens is terabytes)."""
-    from hybridlm.builder.accounting import check_memory
+    from hybridlm.builder.accounting import check_memory, decode_state_bytes
 
-    dtype = model.tok_embeddings.weight.dtype
-    per_sequence = sum(getattr(layer.mixer, "state_bytes", lambda *_: 0)(max_len, dtype) for layer in model.layers)
+    per_sequence = decode_state_bytes(model, max_len, model.tok_embeddings.weight.dtype)
     check_memory(f"a decode cache of {batch_size} x {max_len} tokens", batch_size * per_sequence, device,
                  "lower max_len (prompt + new tokens) or the batch size")
 

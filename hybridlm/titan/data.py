@@ -3,8 +3,8 @@
 Every source yields rows of exactly ``seq_len`` tokens as ``({"input": ids, "doc_starts": starts},
 labels)``. ``doc_starts`` marks where a document (a task example, a text document) begins; the
 batch collation turns it into ``cu_seqlens`` on the host (:func:`collate_rows`) so neither Mamba-3
-nor attention mixes documents, and no label asks a document to predict the next one. Datasets are resumable (torchtitan checkpoints their
-``state_dict``) and split across data-parallel ranks.
+nor attention mixes documents, and no label asks a document to predict the next one. Datasets are
+resumable (torchtitan checkpoints their ``state_dict``) and split across data-parallel ranks.
 """
 from __future__ import annotations
 
