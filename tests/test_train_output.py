@@ -28,7 +28,8 @@ def formatter(device="cpu", checkpoints=True):
 def test_cpu_step_lines_say_how_far_and_how_long_without_unmeasurable_fields():
     fmt, clock = formatter("cpu")
     assert fmt.rewrite("Model hybrid spec size: 1,871,168 total parameters") == (
-        "tiny-hybrid: 1,871,168 parameters, 100 steps on cpu; checkpoints every 25 steps to runs/x/checkpoint")
+        "tiny-hybrid: 1,871,168 parameters, 100 steps on cpu; checkpoints every 25 steps and at the end to "
+        "runs/x/checkpoint")
     assert fmt.rewrite("Training starts at step 1") is None  # kept as it is
     clock.now = 110.0
     first = fmt.rewrite(TITAN_STEP.format(mem="-0.00", mfu="0.00").replace("step: 20", "step: 10"))
@@ -38,9 +39,9 @@ def test_cpu_step_lines_say_how_far_and_how_long_without_unmeasurable_fields():
     line = fmt.rewrite(TITAN_STEP.format(mem="-0.00", mfu="0.00"))
     assert line.endswith("elapsed 0:30  ETA 2:40")  # 10 steps took 20 s, 80 remain
     assert not re.search(r"mem|MFU|tflops|GiB", line)
-    clock.now = 300.0
+    clock.now = 300.0  # steps past the last logged one are not logged: completed means all 100
     assert fmt.rewrite("Training completed") == (
-        "done: 20 steps in 3:20; checkpoints in runs/x/checkpoint; next: hybridlm export runs/x --out models/tiny-hybrid")
+        "done: 100 steps in 3:20; checkpoints in runs/x/checkpoint; next: hybridlm export runs/x --out models/tiny-hybrid")
 
 
 def test_gpu_step_lines_add_memory_and_mfu_and_no_checkpoints_is_said():

@@ -3,7 +3,7 @@
 torchtitan logs one line per logged step with fields a CPU cannot measure (memory, TFLOPs, MFU) and
 no sense of how far the run is. :class:`ProgressFormatter` rewrites its lines:
 
-    [hybridlm] tiny-hybrid: 1,871,168 parameters, 50 steps on cpu; checkpoints every 25 steps to runs/x/checkpoint
+    [hybridlm] tiny-hybrid: 1,871,168 parameters, 50 steps on cpu; checkpoints every 25 steps and at the end to runs/x/checkpoint
     [hybridlm] step  10/50   20%  loss 3.2140  grad_norm 1.95  11,234 tok/s  elapsed 0:12  ETA 0:48
     [hybridlm] done: 50 steps in 1:02; checkpoints in runs/x/checkpoint; next: hybridlm export runs/x --out models/tiny-hybrid
 
@@ -66,7 +66,6 @@ class ProgressFormatter(logging.Formatter):
         self.facts, self.prefix, self.clock = facts, prefix, clock
         self.started: float | None = None  # when training started
         self.first_step: tuple[int, float] | None = None  # (step, time) of the first step line
-        self.last_step = 0
 
     def format(self, record: logging.LogRecord) -> str:
         rewritten = self.rewrite(record.getMessage())
@@ -88,13 +87,12 @@ class ProgressFormatter(logging.Formatter):
 
     def _header(self, params: str) -> str:
         f = self.facts
-        where = (f"checkpoints every {f.checkpoint_interval} steps to {f.checkpoint_folder}" if f.checkpoint_folder
-                 else "checkpoints off")
+        every = f"every {f.checkpoint_interval} steps and " if f.checkpoint_interval < f.total_steps else ""
+        where = f"checkpoints {every}at the end to {f.checkpoint_folder}" if f.checkpoint_folder else "checkpoints off"
         return f"{f.spec_name}: {params} parameters, {f.total_steps} steps on {f.device}; {where}"
 
     def _step(self, m: re.Match) -> str:
         step, now = int(m.group("step")), self.clock()
-        self.last_step = step
         if self.first_step is None:
             self.first_step = (step, now)
         total = self.facts.total_steps
@@ -119,7 +117,7 @@ class ProgressFormatter(logging.Formatter):
     def _done(self) -> str:
         f = self.facts
         took = f" in {_clock(self.clock() - self.started)}" if self.started is not None else ""
-        text = f"done: {self.last_step or f.total_steps} steps{took}"
+        text = f"done: {f.total_steps} steps{took}"  # torchtitan completes at the last step, logged or not
         if f.checkpoint_folder:
             name = re.sub(r"[^\w.-]+", "-", f.spec_name) or "model"
             return (f"{text}; checkpoints in {f.checkpoint_folder}; next: "
