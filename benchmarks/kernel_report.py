@@ -83,7 +83,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
 
 
 def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256) -> list:
-    from hybridlm.kernels.triton import scan as scan_module
+    from hybridlm.kernels.mamba3.triton import scan as scan_module
 
     original_check = scan_module.unsupported_reason
     scan_module.unsupported_reason = lambda *a: None  # CPU tensors: the stub runs nothing

@@ -64,3 +64,13 @@ def random_decode_state(module: nn.Module, batch: int, seed: int = 0):
         t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * scale)
     cache.angle.copy_(torch.rand(cache.angle.shape, generator=gen, dtype=torch.float64) * 2 * math.pi)
     return cache
+
+
+def scan_kwargs(flat: dict) -> dict:
+    """Keywords for a scan or step call from one flat dict: the :class:`ScanParams` fields become
+    ``params``, the rest (``z``, ``initial_state``, ...) stay keywords. Lets a test vary one
+    parameter with ``{**kw, "D": ...}``."""
+    from hybridlm.kernels.mamba3.contract import ScanParams
+
+    fields = {k: v for k, v in flat.items() if k in ScanParams._fields}
+    return {"params": ScanParams(**fields), **{k: v for k, v in flat.items() if k not in ScanParams._fields}}

@@ -17,7 +17,7 @@ import hybridlm
 from hybridlm.testing import rel_err
 
 pytest.importorskip("torchtitan")
-pytest.importorskip("hybridlm.kernels.triton")
+pytest.importorskip("hybridlm.kernels.mamba3.triton")
 
 from torchtitan.config import ActivationCheckpoint  # noqa: E402
 from torchtitan.distributed.activation_checkpoint import apply_ac  # noqa: E402

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from hybridlm.blocks import Mamba3
-from hybridlm.kernels import dispatch, reference
-from hybridlm.kernels.reference import Mamba3State
+from hybridlm.kernels import dispatch
+from hybridlm.kernels.mamba3 import oracle
+from hybridlm.kernels.mamba3.contract import Mamba3State
 from hybridlm.testing import random_decode_state, randomize_mamba3_, rel_err
 
 TOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_kernels = pytest.importorskip("hybridlm.kernels.triton")
+triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 
 # name: Mamba3 constructor arguments (d_model 32 unless given)
 LAYERS = {
@@ -81,7 +82,7 @@ def test_triton_decode_step_matches_reference(name):
     with torch.no_grad():
         for _ in range(3):
             proj = torch.randn(2, sum(layout.split_sizes()), generator=gen).to(DEVICE)
-            ref = reference.mamba3_decode_step(proj, ref_state, params, layout)
+            ref = oracle.mamba3_decode_step(proj, ref_state, params, layout)
             ours = triton_kernels.mamba3_decode_step(proj, cache.state, params, layout)
             assert rel_err(ours, ref) <= TOL
             assert_states_close(cache.state, ref_state)
@@ -93,7 +94,7 @@ def test_dispatch_falls_back_with_one_warning():
     cache = random_decode_state(m, batch=2)
     proj = torch.randn(2, sum(m.decode_layout().split_sizes()), dtype=torch.float64, device=DEVICE)
     ref_state = clone_state(cache)
-    ref = reference.mamba3_decode_step(proj, ref_state, m.decode_params(), m.decode_layout())
+    ref = oracle.mamba3_decode_step(proj, ref_state, m.decode_params(), m.decode_layout())
     with pytest.warns(UserWarning, match="fp32 state"):
         out = dispatch.mamba3_decode_step(proj, cache.state, m.decode_params(), m.decode_layout(), backend="triton")
     assert rel_err(out, ref) <= 1e-12
@@ -103,7 +104,7 @@ def test_dispatch_falls_back_with_one_warning():
 
 
 def test_cute_step_refuses_cpu_and_splits_rows_sensibly():
-    from hybridlm.kernels import cute
+    from hybridlm.kernels.mamba3 import cute
 
     m = make_layer("siso")
     cache = random_decode_state(m, batch=1)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hybridlm.kernels import reference
-from hybridlm.kernels.reference import Mamba3State
-from hybridlm.testing import rel_err
+from hybridlm.kernels.mamba3 import oracle
+from hybridlm.kernels.mamba3.contract import Mamba3State
+from hybridlm.testing import rel_err, scan_kwargs
 from test_reference import _angles, make_inputs, random_state
 from test_triton_scan import CONFIGS, DEVICE, FWD_TOL, GRAD_TOL, assert_same, run_with_grads, to_device
 
-triton_kernels = pytest.importorskip("hybridlm.kernels.triton")
+triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 OPS = ("mamba3_chunk_fwd", "mamba3_chunk_bwd", "angle_cumsum_fwd", "angle_cumsum_bwd", "gated_output_fwd",
        "gated_output_bwd", "expand_ranks_fwd", "expand_ranks_bwd")
 
@@ -64,7 +64,7 @@ def test_scan_forward_and_backward_go_through_the_custom_ops_and_match_reference
     with RecordOps() as rec:
         ours = run_with_grads(triton_kernels.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8)
     assert {name: len(calls) for name, calls in rec.calls.items()} == {name: 1 for name in OPS}
-    assert_same(ours, run_with_grads(reference.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
 
 
 @functools.cache
@@ -118,7 +118,7 @@ def test_fullgraph_compile_of_the_scan_matches_eager():
 
     def scan(*a):
         *inputs, state, kwargs = a
-        return triton_kernels.mamba3_chunked(*inputs, **kwargs, initial_state=state, chunk_size=8,
+        return triton_kernels.mamba3_chunked(*inputs, **scan_kwargs(kwargs), initial_state=state, chunk_size=8,
                                              return_final_state=True)
 
     seen = set()

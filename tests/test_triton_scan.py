@@ -8,12 +8,13 @@ import warnings
 import pytest
 import torch
 
-from hybridlm.kernels import dispatch, reference
-from hybridlm.kernels.reference import Mamba3State
-from hybridlm.testing import rel_err
+from hybridlm.kernels import dispatch
+from hybridlm.kernels.mamba3 import oracle
+from hybridlm.kernels.mamba3.contract import Mamba3State
+from hybridlm.testing import rel_err, scan_kwargs
 from test_reference import _angles, make_inputs, random_state
 
-triton_scan = pytest.importorskip("hybridlm.kernels.triton").mamba3_chunked
+triton_scan = pytest.importorskip("hybridlm.kernels.mamba3.triton").mamba3_chunked
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -46,7 +47,7 @@ def run_with_grads(fn, args, kw, init=None, cu_seqlens=None, chunk_size=16):
     if init is not None:
         state = Mamba3State(*(to_device(t).clone().requires_grad_() for t in init))
         leaves.update({f"initial_{f}": t for f, t in zip(Mamba3State._fields, state)})
-    y, final = fn(*inputs, **kwl, initial_state=state, return_final_state=True, chunk_size=chunk_size,
+    y, final = fn(*inputs, **scan_kwargs(kwl), initial_state=state, return_final_state=True, chunk_size=chunk_size,
                   cu_seqlens=None if cu_seqlens is None else to_device(cu_seqlens))
     gen = torch.Generator().manual_seed(7)
     loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)).sum() for t in (y, *final))
@@ -77,7 +78,7 @@ def test_matches_reference_with_states_and_gradients(config):
     args, kw = make_inputs(B=2, L=37, R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
     init = random_state(2, H, P, N, S, R)
     assert_same(run_with_grads(triton_scan, args, kw, init),
-                run_with_grads(reference.mamba3_chunked, args, kw, init))
+                run_with_grads(oracle.mamba3_chunked, args, kw, init))
 
 
 @pytest.mark.parametrize("config", ["siso", "mimo2-groups"])
@@ -90,7 +91,7 @@ def test_packed_ragged_sequences(config):
     args, kw = make_inputs(B=1, L=sum(lengths), R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
     init = random_state(len(lengths), H, P, N, S, R)
     assert_same(run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=8),
-                run_with_grads(reference.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
+                run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
 
 
 @pytest.mark.parametrize("variant", ["euler-no-rotation", "half-no-bias-no-D", "no-gate"])
@@ -101,23 +102,23 @@ def test_spec_switches_are_inputs(variant):
                            with_z=variant != "no-gate")
     if variant == "half-no-bias-no-D":
         kw.update(q_bias=None, k_bias=None, D=None)
-    assert_same(run_with_grads(triton_scan, args, kw), run_with_grads(reference.mamba3_chunked, args, kw))
+    assert_same(run_with_grads(triton_scan, args, kw), run_with_grads(oracle.mamba3_chunked, args, kw))
 
 
 def test_bfloat16_inputs_accumulate_in_fp32():
     """bf16 inputs: the state accumulates in fp32, so the error stays at bf16 rounding."""
     args, kw = make_inputs(B=1, L=40, H=2, N=16, P=16, S=4)
-    y_ref = reference.mamba3_chunked(*args, **kw)
+    y_ref = oracle.mamba3_chunked(*args, **scan_kwargs(kw))
     bf16 = [None if t is None else to_device(t).bfloat16() for t in args]
     kw16 = {n: to_device(v) for n, v in kw.items()}
     kw16["z"] = kw16["z"].bfloat16()
-    y = triton_scan(*bf16, **kw16, chunk_size=16)
+    y = triton_scan(*bf16, **scan_kwargs(kw16), chunk_size=16)
     assert y.dtype == torch.bfloat16
     assert rel_err(y.cpu(), y_ref) < 2e-2
 
 
 def test_unsupported_input_falls_back_with_one_warning(monkeypatch):
-    from hybridlm.kernels.triton import scan as scan_module
+    from hybridlm.kernels.mamba3.triton import scan as scan_module
 
     monkeypatch.setattr(scan_module, "_warned", set())  # once per process: forget earlier fallbacks
     args, kw = make_inputs(B=1, L=6, H=2, N=8, P=4, S=2, dtype=torch.float64)
@@ -125,11 +126,11 @@ def test_unsupported_input_falls_back_with_one_warning(monkeypatch):
     kw = {n: to_device(v) for n, v in kw.items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = triton_scan(*args, **kw)
-        triton_scan(*args, **kw)
+        y = triton_scan(*args, **scan_kwargs(kw))
+        triton_scan(*args, **scan_kwargs(kw))
     messages = [str(w.message) for w in caught if "falling back" in str(w.message)]
     assert len(messages) == 1 and "float64" in messages[0], messages
-    assert rel_err(y, reference.mamba3_chunked(*args, **kw)) == 0
+    assert rel_err(y, oracle.mamba3_chunked(*args, **scan_kwargs(kw))) == 0
 
 
 def test_dispatch_picks_triton_on_cuda_and_reference_on_cpu(monkeypatch):

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.attention import cached_attention, causal_attention
-from hybridlm.kernels.reference import rotate_pairs, upcast
+from hybridlm.kernels.mamba3.shared import rotate_pairs
+from hybridlm.kernels.norms import upcast
 
 
 @dataclass

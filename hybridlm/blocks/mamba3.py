@@ -18,15 +18,16 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import dispatch
-from hybridlm.kernels.reference import (DecodeLayout, DecodeParams, Mamba3State, causal_conv1d, step_scalars,
-                                       upcast)
+from hybridlm.kernels.mamba3.contract import (OUT_NORMS, DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
+                                             ScanParams)
+from hybridlm.kernels.mamba3.shared import causal_conv1d, step_scalars
+from hybridlm.kernels.norms import upcast
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without torch.distributed
     DTensor = ()
 
-OUT_NORMS = ("none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default")
 
 
 @dataclass
@@ -153,11 +154,7 @@ class Mamba3(nn.Module):
 
         H, R, G, N, P = self.nheads, self.mimo_rank, ngroups, d_state, headdim
         self.bc_width = R * G * N
-        self.split_sizes = [self.d_inner, self.d_inner, self.bc_width, self.bc_width, H, H]
-        if discretization == "trapezoid":
-            self.split_sizes.append(H)
-        if self.num_rope_angles:
-            self.split_sizes.append(self.num_rope_angles)
+        self.split_sizes = self.in_proj_layout().split_sizes()
         factory = {"device": device, "dtype": dtype}
         fp32 = {"device": device, "dtype": torch.float32}
         self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False, **factory)
@@ -211,13 +208,9 @@ class Mamba3(nn.Module):
     # -- projections -------------------------------------------------------------------------------
     def _project(self, u: Tensor, cu_seqlens: Tensor | None, conv_state: Tensor | None):
         """in_proj and the per-token scalars. u (B, L, d) -> kernel inputs (+ the new conv state)."""
-        Bsz, L, _ = u.shape
         H, R, G, N, P = self.nheads, self.mimo_rank, self.ngroups, self.d_state, self.headdim
-        parts = list(torch.split(self.in_proj(u), self.split_sizes, dim=-1))
-        z, x, b, c, dd_dt, dd_a = parts[:6]
-        rest = parts[6:]
-        trap = rest.pop(0) if self.discretization == "trapezoid" else None
-        angle = rest.pop(0) if self.num_rope_angles else None
+        seg = self.in_proj_layout().split(self.in_proj(u))
+        z, x, b, c, angle = seg["z"], seg["x"], seg["B"], seg["C"], seg.get("angle")
         new_conv = None
         if self.conv_kernel:
             xbc = torch.cat([x, b, c], dim=-1)
@@ -226,15 +219,20 @@ class Mamba3(nn.Module):
             x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
         b = self.B_norm(b.unflatten(-1, (R, G, N)))
         c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt, adt, lam = step_scalars(dd_dt, dd_a, trap, _local(self.dt_bias), a_activation=self.a_activation,
+        dt, adt, lam = step_scalars(seg["dt"], seg["A"], seg.get("trap"), _local(self.dt_bias),
+                                    a_activation=self.a_activation,
                                     A_floor=self.A_floor, discretization=self.discretization)
         return dict(
             q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=adt, lam=lam,
             angle_rate=None if angle is None else upcast(angle),
         ), z.unflatten(-1, (H, P)), new_conv
 
-    def _kernel_kwargs(self) -> dict:
-        return dict(
+    def in_proj_layout(self) -> InProjLayout:
+        return InProjLayout(self.nheads, self.headdim, self.ngroups, self.mimo_rank, self.d_state,
+                            self.num_rope_angles, self.discretization == "trapezoid")
+
+    def scan_params(self) -> ScanParams:
+        return ScanParams(
             q_bias=_local(self.C_bias) if self.bc_bias else None,
             k_bias=_local(self.B_bias) if self.bc_bias else None,
             D=_local(self.D),
@@ -286,13 +284,13 @@ class Mamba3(nn.Module):
         want_state = return_final_state or cache is not None
         if u.shape[1] == 1 and cu_seqlens is None and initial_state is not None:
             y, state = dispatch.mamba3_step(
-                *(t[:, 0] if t is not None else None for t in inputs.values()), initial_state,
-                z=z[:, 0], backend=self.backend, **self._kernel_kwargs())
+                *(t[:, 0] if t is not None else None for t in inputs.values()), initial_state, self.scan_params(),
+                z=z[:, 0], backend=self.backend)
             y = y.unsqueeze(1)
         else:
             result = dispatch.mamba3_scan(
-                **inputs, z=z, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
-                return_final_state=want_state, backend=self.backend, **self._kernel_kwargs())
+                *inputs.values(), self.scan_params(), z=z, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                chunk_size=self.chunk_size, return_final_state=want_state, backend=self.backend)
             y, state = result if want_state else (result, None)
         out = self.out_proj(y.flatten(-2).to(self.out_proj.weight.dtype))
         if cache is not None:
@@ -310,11 +308,11 @@ class Mamba3(nn.Module):
             bc_norm_eps=self.B_norm.eps, pair_layout=self.pair_layout)
 
     def decode_params(self) -> DecodeParams:
-        kw = self._kernel_kwargs()
+        p = self.scan_params()
         return DecodeParams(
-            dt_bias=_local(self.dt_bias), B_norm=self.B_norm.weight, C_norm=self.C_norm.weight, D=kw["D"],
-            B_bias=kw["k_bias"], C_bias=kw["q_bias"], mimo_x=kw["mimo_x"], mimo_z=kw["mimo_z"],
-            mimo_o=kw["mimo_o"], norm_weight=kw["norm_weight"])
+            dt_bias=_local(self.dt_bias), B_norm=self.B_norm.weight, C_norm=self.C_norm.weight, D=p.D,
+            B_bias=p.k_bias, C_bias=p.q_bias, mimo_x=p.mimo_x, mimo_z=p.mimo_z, mimo_o=p.mimo_o,
+            norm_weight=p.norm_weight)
 
     def _decode_step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
         """One token through the fused step (in_proj -> step kernel -> out_proj), the cache in place."""

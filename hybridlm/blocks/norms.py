@@ -1,10 +1,10 @@
-"""RMSNorm as a module (the math lives in kernels.reference.rms_norm)."""
+"""RMSNorm as a module (the math lives in hybridlm.kernels.norms.rms_norm)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from hybridlm.kernels.reference import rms_norm
+from hybridlm.kernels.norms import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -21,29 +21,29 @@ from typing import Callable, NamedTuple
 import torch
 
 from hybridlm.errors import BackendUnavailable
-from hybridlm.kernels import reference
+from hybridlm.kernels.mamba3 import oracle
 
 ENV_VAR = "HYBRIDLM_BACKEND"
 
 _SCANS: dict[str, Callable] = {
-    "reference": reference.mamba3_chunked,
-    "sequential": reference.mamba3_sequential,
+    "reference": oracle.mamba3_chunked,
+    "sequential": oracle.mamba3_sequential,
 }
 _STEPS: dict[str, Callable] = {
-    "reference": reference.mamba3_step,
-    "sequential": reference.mamba3_step,
+    "reference": oracle.mamba3_step,
+    "sequential": oracle.mamba3_step,
 }
 _import_errors: dict[str, str] = {}
 
 
 class DecodeKernel(NamedTuple):
-    step: Callable  # as reference.mamba3_decode_step
+    step: Callable  # as oracle.mamba3_decode_step
     unsupported_reason: Callable  # (proj, state, layout) -> str | None
 
 
 _DECODE: dict[str, DecodeKernel] = {
-    "reference": DecodeKernel(reference.mamba3_decode_step, lambda *a: None),
-    "sequential": DecodeKernel(reference.mamba3_decode_step, lambda *a: None),
+    "reference": DecodeKernel(oracle.mamba3_decode_step, lambda *a: None),
+    "sequential": DecodeKernel(oracle.mamba3_decode_step, lambda *a: None),
 }
 _DECODE_FALLBACK = {"cute": "triton", "triton": "reference"}
 _warned: set[str] = set()
@@ -56,11 +56,11 @@ def _load_triton() -> bool:
     if "triton" in _import_errors:
         return False
     try:
-        from hybridlm.kernels import triton as triton_kernels
+        from hybridlm.kernels.mamba3 import triton as triton_kernels
     except ImportError as e:
         _import_errors["triton"] = f"Triton does not import ({e})"
         return False
-    register_backend("triton", triton_kernels.mamba3_chunked, reference.mamba3_step,
+    register_backend("triton", triton_kernels.mamba3_chunked, oracle.mamba3_step,
                      DecodeKernel(triton_kernels.mamba3_decode_step, triton_kernels.step_unsupported_reason))
     return True
 
@@ -74,13 +74,13 @@ def _load_cute() -> bool:
     if not _load_triton():
         _import_errors["cute"] = _import_errors["triton"]
         return False
-    from hybridlm.kernels import cute as cute_kernels
+    from hybridlm.kernels.mamba3 import cute as cute_kernels
 
     error = cute_kernels.import_error()
     if error:
         _import_errors["cute"] = error
         return False
-    register_backend("cute", _SCANS["triton"], reference.mamba3_step,
+    register_backend("cute", _SCANS["triton"], oracle.mamba3_step,
                      DecodeKernel(cute_kernels.mamba3_decode_step, cute_kernels.unsupported_reason))
     return True
 
@@ -118,13 +118,13 @@ def resolve_backend(requested: str | None, device_type: str) -> str:
 
 
 def mamba3_scan(*args, backend: str | None = None, **kwargs):
-    """Chunked Mamba-3 over whole sequences; arguments as :func:`reference.mamba3_chunked`."""
+    """Chunked Mamba-3 over whole sequences; arguments as :func:`oracle.mamba3_chunked`."""
     x = args[2] if len(args) > 2 else kwargs["x"]
     return _SCANS[resolve_backend(backend, x.device.type)](*args, **kwargs)
 
 
 def mamba3_step(*args, backend: str | None = None, **kwargs):
-    """One decode step; arguments as :func:`reference.mamba3_step`."""
+    """One decode step; arguments as :func:`oracle.mamba3_step`."""
     x = args[2] if len(args) > 2 else kwargs["x"]
     return _STEPS[resolve_backend(backend, x.device.type)](*args, **kwargs)
 
@@ -140,7 +140,7 @@ def resolve_decode_backend(requested: str | None, device_type: str) -> str:
 
 def mamba3_decode_step(proj, state, params, layout, *, backend: str | None = None):
     """One token of a whole layer after in_proj, the state in place; as
-    :func:`reference.mamba3_decode_step`. A kernel that cannot take the inputs passes them on."""
+    :func:`oracle.mamba3_decode_step`. A kernel that cannot take the inputs passes them on."""
     name = resolve_decode_backend(backend, proj.device.type)
     while True:
         kernel = _DECODE[name]

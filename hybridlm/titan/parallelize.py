@@ -24,7 +24,7 @@ def _sac_save_list() -> set:
     from hybridlm.kernels.fa4 import FA4_SAC_SAVE_OPS
 
     try:
-        from hybridlm.kernels.triton import SAC_SAVE_OPS
+        from hybridlm.kernels.mamba3.triton import SAC_SAVE_OPS
     except ImportError:  # no Triton: the reference scan is plain aten ops
         return _op_sac_save_list | FA4_SAC_SAVE_OPS
     return _op_sac_save_list | SAC_SAVE_OPS | FA4_SAC_SAVE_OPS

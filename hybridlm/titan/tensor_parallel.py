@@ -73,7 +73,7 @@ from hybridlm.blocks.attention import Attention
 from hybridlm.blocks.mamba3 import Mamba3
 from hybridlm.blocks.swiglu import SwiGLU
 from hybridlm.errors import HybridLMError
-from hybridlm.kernels.reference import rms_norm
+from hybridlm.kernels.norms import rms_norm
 
 __all__ = [
     "TensorParallelError",

@@ -5,13 +5,13 @@ sequence. Set HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
 import pytest
 import torch
 
-from hybridlm.kernels import reference
-from hybridlm.testing import rel_err, write_results
+from hybridlm.kernels.mamba3 import oracle
+from hybridlm.testing import rel_err, scan_kwargs, write_results
 from test_official_equivalence import CONFIGS as OFFICIAL_CONFIGS
 from test_official_equivalence import build
 
 pytestmark = pytest.mark.gpu
-triton_kernels = pytest.importorskip("hybridlm.kernels.triton")
+triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 RESULTS: dict = {}
 
 
@@ -45,7 +45,7 @@ def kernel_inputs(B, L, R, G, H, N, P, S, layout, dtype=torch.float32, seed=0, o
 def grads_of(fn, args, kw, chunk, cu_seqlens=None):
     leaves = [t.clone().requires_grad_() for t in args]
     kwl = {n: v.clone().requires_grad_() if torch.is_tensor(v) else v for n, v in kw.items()}
-    y, final = fn(*leaves, **kwl, chunk_size=chunk, cu_seqlens=cu_seqlens, return_final_state=True)
+    y, final = fn(*leaves, **scan_kwargs(kwl), chunk_size=chunk, cu_seqlens=cu_seqlens, return_final_state=True)
     g = torch.Generator(device="cuda").manual_seed(9)
     loss = (y.float() * torch.randn(y.shape, generator=g, device="cuda")).sum() + final.ssm.square().sum()
     tensors = leaves + [v for v in kwl.values() if torch.is_tensor(v)]
@@ -70,7 +70,7 @@ def test_fp32_kernels_match_reference(name):
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
     y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
-    y_ref, fin_ref, grads_ref = grads_of(reference.mamba3_chunked, args, kw, 64)
+    y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
     RESULTS.setdefault("fp32_vs_reference", {})[name] = errs
@@ -82,7 +82,7 @@ def test_packed_fp32_matches_reference():
     args, kw = kernel_inputs(1, 700, 2, 2, 8, 64, 64, 16, "half")
     cu = torch.tensor([0, 1, 65, 64 + 200, 64 + 200, 700], dtype=torch.int32, device="cuda")
     y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
-    y_ref, fin_ref, grads_ref = grads_of(reference.mamba3_chunked, args, kw, 64, cu)
+    y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64, cu)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
     RESULTS.setdefault("fp32_vs_reference", {})["packed"] = errs

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridlm.kernels.reference import DecodeLayout, DecodeParams, mamba3_output
+from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams
+from hybridlm.kernels.mamba3.shared import mamba3_output
 
 # out_norm -> how the kernel ends: 0 none, 1 pre-gate grouped, 2 post-gate grouped, 3 per-rank y
 OUT_MODES = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2, "pregate_default": 3, "postgate_default": 3}

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.kernels.triton.layout import ChunkLayout
+from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
 
 
 @dataclass(frozen=True)

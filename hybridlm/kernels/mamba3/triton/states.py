@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.triton.rows import (
+from hybridlm.kernels.mamba3.triton.rows import (
     chunk_of, chunk_rotation, chunk_scalars, load_pairs, load_rotated, load_rows, mm, store_pairs,
 )
-from hybridlm.kernels.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
 

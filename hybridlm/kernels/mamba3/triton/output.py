@@ -1,7 +1,7 @@
 """The output stage as one fused kernel each way: per-rank gate silu(z ⊙ mimo_z), the grouped RMS
 norms (over each head's P values, before or after the gate), and the rank contraction with mimo_o.
 
-y (T, R, H, P) -> out (T, H, P), the same function as :func:`reference.mamba3_output` for
+y (T, R, H, P) -> out (T, H, P), the same function as :func:`oracle (shared.mamba3_output)` for
 ``out_norm`` in none | pregate_grouped | postgate_grouped. The "default" norms take the RMS over
 all H·P values of a token, across the heads of a program; they stay on the torch path.
 """

@@ -3,7 +3,7 @@
 One CTA per (sequence, head) takes the row of in_proj's output and does everything up to
 out_proj's input: Δ, A, λ; RMSNorm, bias and rotation of B and C for every rank; the angle update
 (mod 2π); the trapezoid update of the fp32 state in place; the read-out, D skip, gate, grouped
-output norm and rank contraction. Math and arguments: hybridlm.kernels.reference.mamba3_decode_step.
+output norm and rank contraction. Math and arguments: hybridlm.kernels.mamba3.oracle.mamba3_decode_step.
 
 Work split. The state (P, N) is read once and written once; that is the cost at large batch, so
 its layout decides the rest. A row of N is split over TPR = N / VEC lanes, each holding VEC = 8
@@ -33,7 +33,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 try:
-    from hybridlm.kernels.cute.layout import VEC
+    from hybridlm.kernels.mamba3.cute.layout import VEC
 except ImportError:  # loaded on its own by benchmarks/cute_report.py (no torch there)
     from layout import VEC
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridlm.kernels.triton.chunk_bwd import scan_backward
-from hybridlm.kernels.triton.chunk_fwd import scan_forward
-from hybridlm.kernels.triton.layout import ChunkLayout
-from hybridlm.kernels.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3.triton.chunk_bwd import scan_backward
+from hybridlm.kernels.mamba3.triton.chunk_fwd import scan_forward
+from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
+from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
 def _spec(q: Tensor, v: Tensor, theta: Tensor, cu_seqlens: Tensor, cu_chunks: Tensor, chunk_seq: Tensor,

@@ -5,7 +5,7 @@ projections; RMSNorm, bias and rotation of B and C for every rank; the angle upd
 trapezoid update of the fp32 state in place; the read-out, D skip, gate, grouped output norm and the
 rank contraction. Reading the state once and writing it once is the whole cost at large batch, so
 the state tile stays in registers from its load to its store. Arguments and semantics are
-:func:`hybridlm.kernels.reference.mamba3_decode_step`'s.
+:func:`hybridlm.kernels.mamba3.oracle.mamba3_decode_step`'s.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State
-from hybridlm.kernels.step_output import OUT_MODES, allocate_step_output, finish_step_output
+from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
 
 DISCRETIZATIONS = {"trapezoid": 0, "euler": 1, "half": 2}
 TWO_PI = 2 * math.pi
@@ -190,7 +190,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
-    """As :func:`hybridlm.kernels.reference.mamba3_decode_step`; ``state`` is updated in place."""
+    """As :func:`hybridlm.kernels.mamba3.oracle.mamba3_decode_step`; ``state`` is updated in place."""
     H, P, G, R, N, S = (layout.nheads, layout.headdim, layout.ngroups, layout.rank, layout.d_state,
                         layout.n_angles)
     batch = proj.shape[0]

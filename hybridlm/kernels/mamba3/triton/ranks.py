@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.triton.output import rank_rows, rank_vector, token_block
+from hybridlm.kernels.mamba3.triton.output import rank_rows, rank_vector, token_block
 
 BLOCK_T = 64
 

@@ -6,13 +6,13 @@ first time the ``triton`` backend is asked for. The kernels are ``torch.library`
 """
 import torch
 
-from hybridlm.kernels.triton.interpreter_compat import patch_interpreter
+from hybridlm.kernels.mamba3.triton.interpreter_compat import patch_interpreter
 
 patch_interpreter()
 
-from hybridlm.kernels.triton.scan import mamba3_chunked, unsupported_reason  # noqa: E402
-from hybridlm.kernels.triton.step import mamba3_decode_step  # noqa: E402
-from hybridlm.kernels.triton.step import unsupported_reason as step_unsupported_reason  # noqa: E402
+from hybridlm.kernels.mamba3.triton.scan import mamba3_chunked, unsupported_reason  # noqa: E402
+from hybridlm.kernels.mamba3.triton.step import mamba3_decode_step  # noqa: E402
+from hybridlm.kernels.mamba3.triton.step import unsupported_reason as step_unsupported_reason  # noqa: E402
 
 # The forward ops whose outputs selective activation checkpointing keeps instead of recomputing:
 # re-running the chunk scan costs as much as its forward, while its outputs are one y per token.

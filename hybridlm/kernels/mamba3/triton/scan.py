@@ -1,5 +1,5 @@
 """``mamba3_chunked`` on the Triton kernels: same signature and results as
-:func:`hybridlm.kernels.reference.mamba3_chunked`.
+:func:`hybridlm.kernels.mamba3.oracle.mamba3_chunked`.
 
 Triton kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights,
 the intra-chunk product, the state passing, D), the cumulative angle, the MIMO rank expansion of
@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridlm.errors import ShapeError
-from hybridlm.kernels import reference
-from hybridlm.kernels.reference import Mamba3State, heads_from_groups, mamba3_output, rotate_pairs, zero_state
-from hybridlm.kernels.triton.angles import angle_cumsum_fwd
-from hybridlm.kernels.triton.core import chunk_scan
-from hybridlm.kernels.triton.layout import dense_layout, kernel_chunk, packed_layout
-from hybridlm.kernels.triton.output import FUSED_NORMS, gated_output_fwd
-from hybridlm.kernels.triton.ranks import expand_ranks_fwd
-from hybridlm.kernels.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3 import oracle
+from hybridlm.kernels.mamba3.contract import Mamba3State, ScanParams
+from hybridlm.kernels.mamba3.shared import (check_shapes, fold_initial_state, heads_from_groups, keep_state_where_empty,
+                                            output_stage, rotate_pairs, zero_state)
+from hybridlm.kernels.mamba3.triton.angles import angle_cumsum_fwd
+from hybridlm.kernels.mamba3.triton.core import chunk_scan
+from hybridlm.kernels.mamba3.triton.layout import dense_layout, kernel_chunk, packed_layout
+from hybridlm.kernels.mamba3.triton.output import FUSED_NORMS, gated_output_fwd
+from hybridlm.kernels.mamba3.triton.ranks import expand_ranks_fwd
+from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 MAX_D_STATE = 256
 MAX_HEADDIM = 128
@@ -74,29 +76,17 @@ def warn_fallback(reason: str) -> None:
 
 def mamba3_chunked(
     q: Tensor, k: Tensor, x: Tensor, dt: Tensor, adt: Tensor, lam: Tensor, angle_rate: Tensor | None,
+    params: ScanParams = ScanParams(),
     *,
-    q_bias: Tensor | None = None,
-    k_bias: Tensor | None = None,
-    D: Tensor | None = None,
     z: Tensor | None = None,
-    mimo_x: Tensor | None = None,
-    mimo_z: Tensor | None = None,
-    mimo_o: Tensor | None = None,
-    norm_weight: Tensor | None = None,
-    out_norm: reference.OutNormKind = "none",
-    norm_eps: float = 1e-5,
-    pair_layout: reference.PairLayout = "interleaved",
     initial_state: Mamba3State | None = None,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
     return_final_state: bool = False,
 ):
-    """The chunked Mamba-3 scan on the Triton kernels (arguments as the reference's)."""
-    kwargs = dict(q_bias=q_bias, k_bias=k_bias, D=D, z=z, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
-                  norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps, pair_layout=pair_layout,
-                  initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                  return_final_state=return_final_state)
-    reference._check_shapes(q, k, x, dt, adt, lam, angle_rate)
+    """The chunked Mamba-3 scan on the Triton kernels (arguments as the oracle's)."""
+    check_shapes(q, k, x, dt, adt, lam, angle_rate)
+    pair_layout = params.pair_layout
     if pair_layout not in ("interleaved", "half"):
         raise ValueError(f"unknown pair layout {pair_layout!r} (interleaved | half)")
     reason = unsupported_reason(q, x, angle_rate)
@@ -104,7 +94,9 @@ def mamba3_chunked(
         reason = "empty sequence axis"
     if reason is not None:
         warn_fallback(reason)
-        return reference.mamba3_chunked(q, k, x, dt, adt, lam, angle_rate, **kwargs)
+        return oracle.mamba3_chunked(q, k, x, dt, adt, lam, angle_rate, params, z=z, initial_state=initial_state,
+                                     cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                                     return_final_state=return_final_state)
 
     B, L, R, G, N = q.shape
     H, P = x.shape[-2:]
@@ -146,28 +138,25 @@ def mamba3_chunked(
 
     v = xf.unsqueeze(1)  # (T, R, H, P): SISO reads x in place; MIMO rows must be evenly strided
     if R > 1:
-        v = expand_ranks_fwd(xf, mimo_x) if mimo_x is not None else v.expand(T, R, H, P).contiguous()
+        v = expand_ranks_fwd(xf, params.mimo_x) if params.mimo_x is not None else v.expand(T, R, H, P).contiguous()
 
     ssm0 = None
-    if initial_state is not None:
+    if initial_state is not None:  # each sequence's first token's β-term reads the state's last v and k
         first = layout.first_token.clamp(max=max(T - 1, 0))
         pending = ((1 - lam_[first]) * dt_[first]).masked_fill(layout.empty[:, None], 0)  # (NS, H)
-        prev_v = reference.expand_ranks(initial_state.v.float(), None if mimo_x is None else mimo_x.float(), R)
-        ssm0 = (initial_state.ssm.float() + pending[..., None, None]
-                * torch.einsum("srhp,srhn->shpn", prev_v, initial_state.k.float())).contiguous()
+        ssm0 = fold_initial_state(initial_state, pending, params.mimo_x, R, torch.float32).contiguous()
 
     spec = ScanSpec(layout=layout, rank=R, n_groups=G, n_heads=H, d_state=N, headdim=P, n_angles=S,
                     interleaved=pair_layout == "interleaved", matmul_dtype=mm_dtype)
-    qb = None if q_bias is None else q_bias.float().contiguous()
-    kb = None if k_bias is None else k_bias.float().contiguous()
-    y, ssm_final = chunk_scan(qf, kf, qb, kb, theta, v, adt_, gamma, scale,
-                              None if D is None else D.float().contiguous(), ssm0, spec)
+    y, ssm_final = chunk_scan(qf, kf, _fp32(params.q_bias), _fp32(params.k_bias), theta, v, adt_, gamma, scale,
+                              _fp32(params.D), ssm0, spec)
     zt = None if z is None else tokens(z)
-    if out_norm in FUSED_NORMS and (out_norm == "none" or norm_weight is not None):
-        out = gated_output_fwd(y, zt, _fp32(mimo_z), _fp32(mimo_o), norm_weight, out_norm, norm_eps)
+    out_norm = params.out_norm
+    if out_norm in FUSED_NORMS and (out_norm == "none" or params.norm_weight is not None):
+        out = gated_output_fwd(y, zt, _fp32(params.mimo_z), _fp32(params.mimo_o), params.norm_weight, out_norm,
+                               params.norm_eps)
     else:  # the "default" norms reduce over all heads: torch ops
-        out = mamba3_output(y.float(), None if zt is None else zt.float(), mimo_z=mimo_z, mimo_o=mimo_o,
-                            norm_weight=norm_weight, out_norm=out_norm, norm_eps=norm_eps).to(x.dtype)
+        out = output_stage(y.float(), None if zt is None else zt.float(), params).to(x.dtype)
     out = out.view(B, L, H, P)
     if not return_final_state:
         return out
@@ -177,13 +166,12 @@ def mamba3_chunked(
         angle = theta[last]
     else:
         angle = torch.zeros(NS, H, 0, dtype=torch.float32, device=x.device)
-    k_last = heads_from_groups(kf[last].float(), H, k_bias)  # (NS, R, H, N)
+    k_last = heads_from_groups(kf[last].float(), H, params.k_bias)  # (NS, R, H, N)
     final = Mamba3State(angle=angle, ssm=ssm_final,
                         k=rotate_pairs(k_last, angle.unsqueeze(1), pair_layout), v=xf[last].float())
     if initial_state is not None or layout.has_empty:
         start = initial_state or zero_state(NS, H, P, N, S, R, device=x.device, dtype=torch.float32)
-        final = Mamba3State(*(torch.where(layout.empty.view(-1, *([1] * (f.dim() - 1))), s.to(f.dtype), f)
-                              for f, s in zip(final, start)))
+        final = keep_state_where_empty(final, start, layout.empty)
     return out, final
 
 

@@ -12,10 +12,10 @@ import functools
 import torch
 from torch import Tensor
 
-from hybridlm.kernels.cute.layout import VEC, row_groups
+from hybridlm.kernels.mamba3.cute.layout import VEC, row_groups
 from hybridlm.kernels.hopper import hopper_reason
-from hybridlm.kernels.reference import DecodeLayout, DecodeParams, Mamba3State
-from hybridlm.kernels.step_output import OUT_MODES, allocate_step_output, finish_step_output
+from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
 
 
 
@@ -58,7 +58,7 @@ _DTYPES = {torch.bfloat16: "BFloat16", torch.float16: "Float16", torch.float32: 
 def _compiled(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torch.dtype, norm_dtype: torch.dtype,
               has_bias: bool, has_mimo: bool, has_norm: bool):
     """One compiled kernel per layer configuration; the batch size is symbolic."""
-    from hybridlm.kernels.cute.step import Mamba3DecodeStep, compile_step
+    from hybridlm.kernels.mamba3.cute.step import Mamba3DecodeStep, compile_step
 
     op = Mamba3DecodeStep(
         nheads=layout.nheads, headdim=layout.headdim, ngroups=layout.ngroups, rank=layout.rank,
@@ -76,7 +76,7 @@ def _f32(t: Tensor | None) -> Tensor | None:
 
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
-    """As :func:`hybridlm.kernels.reference.mamba3_decode_step`; ``state`` is updated in place."""
+    """As :func:`hybridlm.kernels.mamba3.oracle.mamba3_decode_step`; ``state`` is updated in place."""
     proj = proj.contiguous()
     out_mode = OUT_MODES[layout.out_norm]
     has_norm = params.norm_weight is not None and out_mode in (1, 2)

@@ -7,11 +7,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.triton.rows import (
+from hybridlm.kernels.mamba3.triton.rows import (
     chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk,
 )
-from hybridlm.kernels.triton.spec import ScanSpec
-from hybridlm.kernels.triton.states import chunk_states
+from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3.triton.states import chunk_states
 
 
 @triton.jit
