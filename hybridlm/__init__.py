@@ -38,9 +38,9 @@ _EXPORTS = {
     "BackendUnavailable": "hybridlm.errors",
     "ByteTokenizer": "hybridlm.tokenizer",
     "load_tokenizer": "hybridlm.tokenizer",
-    "save_pretrained": "hybridlm.builder.pretrained",
-    "load_pretrained": "hybridlm.builder.pretrained",
-    "load": "hybridlm.builder.pretrained:load_pretrained",
+    "save_pretrained": "hybridlm.builder.io.pretrained",
+    "load_pretrained": "hybridlm.builder.io.pretrained",
+    "load": "hybridlm.builder.io.pretrained:load_pretrained",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

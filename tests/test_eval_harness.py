@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hybridlm.builder import build_model
-from hybridlm.builder.pretrained import save_pretrained
+from hybridlm.builder.io.pretrained import save_pretrained
 from hybridlm.cli.main import main
 from hybridlm.eval import EvalModel, evaluate, format_table, parse_lengths
 from hybridlm.eval.scoring import score_batch

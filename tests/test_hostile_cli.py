@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hybridlm.builder import account, build_model
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.cli import main as cli
 from hybridlm.cli.main import main
 from hybridlm.layouts import dump_spec, load_spec
@@ -135,7 +135,7 @@ def test_eval_refuses_a_billion_token_length(capsys, tmp_path):
 
 
 def test_decoder_refuses_a_cache_that_cannot_fit():
-    from hybridlm.builder.decode import Decoder
+    from hybridlm.builder.inference.decoder import Decoder
     from hybridlm.errors import HybridLMError
 
     model = build_model(get_preset("tiny-hybrid"))
@@ -167,7 +167,7 @@ def test_show_of_99998_blocks_answers_in_seconds(tmp_path, capsys):
 
 
 def _model_folder(tmp_path) -> Path:
-    from hybridlm.builder.pretrained import save_pretrained
+    from hybridlm.builder.io.pretrained import save_pretrained
 
     return save_pretrained(build_model(get_preset("tiny-hybrid"), seed=3), tmp_path / "model", train_seq_len=64)
 

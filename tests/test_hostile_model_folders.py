@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import hybridlm
 from hybridlm.builder import build_model
-from hybridlm.builder import pretrained as pretrained_mod
-from hybridlm.builder.pretrained import NonFiniteWeightsWarning, load_pretrained, save_pretrained
+from hybridlm.builder.io import pretrained as pretrained_mod
+from hybridlm.builder.io.pretrained import NonFiniteWeightsWarning, load_pretrained, save_pretrained
 from hybridlm.errors import HybridLMError
 from hybridlm.eval.harness import load_eval_model
 from hybridlm.layouts import load_spec

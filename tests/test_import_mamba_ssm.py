@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import hybridlm
 from hybridlm.blocks import Mamba3
 from hybridlm.builder import build_model
-from hybridlm.builder.convert_mamba_ssm import MambaConfigUnsupported, import_mamba_ssm, spec_from_mamba_config
+from hybridlm.builder.io.mamba_ssm import MambaConfigUnsupported, import_mamba_ssm, spec_from_mamba_config
 from hybridlm.cli.import_mamba_ssm import add_parser
 from hybridlm.errors import HybridLMError
 from hybridlm.layouts import AttentionSpec, Mamba3Spec, ModelSpec, SwiGLUSpec

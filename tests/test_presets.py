@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hybridlm.builder import account, build_model
-from hybridlm.builder.matching import match_swiglu_hidden
+from hybridlm.builder.model.matching import match_swiglu_hidden
 from hybridlm.layouts import Mamba3Spec, SwiGLUSpec, load_spec
 from hybridlm.layouts.presets import PRESETS, SIZES, get_preset
 

@@ -6,7 +6,7 @@ import torch
 
 import hybridlm
 from hybridlm.builder import build_model
-from hybridlm.builder.pretrained import load_pretrained, save_pretrained
+from hybridlm.builder.io.pretrained import load_pretrained, save_pretrained
 from hybridlm.errors import HybridLMError
 from hybridlm.layouts import load_spec
 from hybridlm.layouts.presets import get_preset

@@ -9,7 +9,7 @@ from torch import nn
 
 import hybridlm
 from hybridlm.builder import register_block
-from hybridlm.builder.registry import _KINDS
+from hybridlm.builder.model.registry import _KINDS
 from hybridlm.errors import SpecError
 from hybridlm.layouts import (AttentionSpec, BlockSpec, Mamba3Spec, ModelSpec, Override, SwiGLUSpec, block_kinds,
                               dump_spec, load_spec, save_spec, spec_from_yaml, spec_json_schema)

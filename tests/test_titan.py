@@ -104,7 +104,7 @@ def test_optimizer_keeps_decay_off_scalars_norms_and_biases():
 
 
 def test_flops_follow_the_builder_accounting():
-    from hybridlm.builder.accounting import account
+    from hybridlm.builder.model.accounting import account
     from hybridlm.layouts import load_spec
     from hybridlm.titan.args import HybridModelArgs
 

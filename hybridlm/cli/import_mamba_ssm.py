@@ -6,8 +6,8 @@ import json
 
 
 def _import_mamba_ssm(args: argparse.Namespace) -> int:
-    from hybridlm.builder.convert_mamba_ssm import import_mamba_ssm
-    from hybridlm.builder.pretrained import META_FILE, SPEC_FILE
+    from hybridlm.builder.io.mamba_ssm import import_mamba_ssm
+    from hybridlm.builder.io.pretrained import META_FILE, SPEC_FILE
     from hybridlm.cli.main import _pattern_text, check_out_folder
     from hybridlm.layouts import load_spec
 

@@ -165,7 +165,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _presets(args: argparse.Namespace) -> int:
     from hybridlm.builder import account
-    from hybridlm.builder.accounting import human
+    from hybridlm.builder.model.accounting import human
     from hybridlm.layouts.presets import PRESETS, get_preset
 
     for name in PRESETS:
@@ -176,7 +176,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _folder_spec(path: Path):
     """A model folder's spec, read for the memory estimate; None leaves the error to the loader."""
-    from hybridlm.builder.pretrained import SPEC_FILE
+    from hybridlm.builder.io.pretrained import SPEC_FILE
     from hybridlm.layouts import load_spec
 
     try:
@@ -189,8 +189,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from hybridlm.builder import build_model
-    from hybridlm.builder.accounting import check_memory, estimate_memory_bytes
-    from hybridlm.builder.pretrained import is_model_folder, load_pretrained
+    from hybridlm.builder.model.accounting import check_memory, estimate_memory_bytes
+    from hybridlm.builder.io.pretrained import is_model_folder, load_pretrained
     from hybridlm.tokenizer import ByteTokenizer
 
     folder = Path(args.spec) if is_model_folder(args.spec) else None
@@ -228,7 +228,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _eval_model_spec(arg: str):
     """The spec behind an eval MODEL argument, for the memory estimate; None when only the loader can tell."""
-    from hybridlm.builder.pretrained import is_model_folder
+    from hybridlm.builder.io.pretrained import is_model_folder
 
     if is_model_folder(arg):
         return _folder_spec(Path(arg))
@@ -237,7 +237,7 @@ def _eval_model_spec(arg: str):
 
 def _check_eval_memory(spec, name: str, tokens: int, args: argparse.Namespace, device: str, dtype,
                        loaded: bool = False) -> None:
-    from hybridlm.builder.accounting import check_memory, estimate_memory_bytes
+    from hybridlm.builder.model.accounting import check_memory, estimate_memory_bytes
 
     logit_rows = tokens if "ppl" in args.task else 1  # perplexity scores every position
     needed = estimate_memory_bytes(spec, batch_size=args.batch_size, tokens=tokens, logit_rows=logit_rows,

@@ -65,7 +65,7 @@ def load_eval_model(arg: str, *, device: str | torch.device = "cpu", dtype: "tor
                     seed: int = 0, train_seq_len: int | None = None, tokenizer: str | None = None) -> EvalModel:
     """A model folder, or a spec file / preset built with random weights (seeded)."""
     from hybridlm.builder import build_model
-    from hybridlm.builder.pretrained import (META_FILE, OWN_FILES, SPEC_FILE, is_model_folder, load_pretrained,
+    from hybridlm.builder.io.pretrained import (META_FILE, OWN_FILES, SPEC_FILE, is_model_folder, load_pretrained,
                                              resolve_device, resolve_dtype)
     from hybridlm.tokenizer import check_vocab, load_tokenizer
 

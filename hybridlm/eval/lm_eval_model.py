@@ -37,10 +37,10 @@ except ImportError as _e:  # one message that names the fix, instead of a deep t
 import torch
 from tqdm import tqdm
 
-from hybridlm.builder.build import build_model
-from hybridlm.builder.generate import sample_next
-from hybridlm.builder.model import HybridLM
-from hybridlm.builder.pretrained import Pretrained, load_pretrained
+from hybridlm.builder.model.build import build_model
+from hybridlm.builder.inference.generate import sample_next
+from hybridlm.builder.model.hybrid_lm import HybridLM
+from hybridlm.builder.io.pretrained import Pretrained, load_pretrained
 from hybridlm.errors import HybridLMError
 from hybridlm.tokenizer import check_vocab, load_tokenizer
 

@@ -8,7 +8,7 @@ Families (``<arch>-<size>``), sizes ``tiny`` (CPU demos, byte vocabulary), ``sma
                    §3.1; at 1.5B this gives the paper's 4096 -> 3824)
 * ``transformer``  Llama-style: RoPE GQA attention + SwiGLU, SwiGLU sized to match the Mamba-3 model
 
-The matched SwiGLU widths are data here; ``hybridlm.builder.matching.match_swiglu_hidden``
+The matched SwiGLU widths are data here; ``hybridlm.builder.model.matching.match_swiglu_hidden``
 computes them and a test checks that they still match.
 * ``hybrid``       the paper's 5:1 hybrid: NoPE attention after every five Mamba-3 layers, Mamba-3
                    with the pre-gate grouped RMSNorm (Norm*) that makes retrieval length-generalize

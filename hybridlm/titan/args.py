@@ -58,7 +58,7 @@ class HybridModelArgs(BaseModelArgs):
         """The builder's accounting: 6 x matmul weights (LM head included) + 3 x the forward sequence-mixing
         FLOPs — attention QK/AV without a causal discount, exactly torchtitan's llama3 term, and the
         Mamba-3 chunked scan."""
-        from hybridlm.builder.accounting import account
+        from hybridlm.builder.model.accounting import account
 
         acc = account(self.model_spec(), seq_len=seq_len)
         return acc.total_params, acc.train_flops_per_token

@@ -45,8 +45,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: "torch.
     replaced only with ``overwrite=True`` (``--overwrite``), any other non-empty folder is refused."""
     import torch.distributed.checkpoint as dcp
 
-    from hybridlm.builder.model import HybridLM
-    from hybridlm.builder.pretrained import check_save_target, resolve_dtype, save_pretrained
+    from hybridlm.builder.model.hybrid_lm import HybridLM
+    from hybridlm.builder.io.pretrained import check_save_target, resolve_dtype, save_pretrained
     from hybridlm.layouts.spec import ModelSpec
     from hybridlm.tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.titan.args import HybridModelArgs
 
 

@@ -463,7 +463,7 @@ _STYLES = {Mamba3: Mamba3HeadParallel, Attention: AttentionHeadParallel, SwiGLU:
 # ---------------------------------------------------------------------------------------------
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = False,
                           sequence_parallel: bool = True) -> nn.Module:
-    """Shard a :class:`~hybridlm.builder.model.HybridLM` over the 1-D mesh ``tp_mesh``, in place.
+    """Shard a :class:`~hybridlm.builder.model.hybrid_lm.HybridLM` over the 1-D mesh ``tp_mesh``, in place.
 
     Call it before activation checkpointing, ``torch.compile`` and FSDP (torchtitan's llama3 order),
     on the meta device or on materialized weights (those of rank 0 are broadcast). With

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.layouts.spec import ModelSpec
 
 
 def build_model(spec: ModelSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                 *, seed: int | None = None) -> HybridLM:
-    """Build and initialize a model (hybridlm.builder.init documents the recipe).
+    """Build and initialize a model (hybridlm.builder.model.init documents the recipe).
 
     The init recipe runs once the modules exist, after seeding with ``seed`` when one is given, so
     the values depend only on the seed (or the RNG state), not on how the model was constructed.

@@ -20,7 +20,7 @@ from torch import Tensor
 from hybridlm.errors import ShapeError
 
 if TYPE_CHECKING:
-    from hybridlm.builder.model import HybridLM
+    from hybridlm.builder.model.hybrid_lm import HybridLM
 
 # Eager runs before capture, as torch.cuda.graphs asks: lazy initialisation, cuBLAS workspaces
 # and JIT compiles (Triton, CuTe) must happen outside the recording.
@@ -29,7 +29,7 @@ WARMUP_STEPS = 3
 
 def _check_cache_fits(model: "HybridLM", batch_size: int, max_len: int, device: torch.device) -> None:
     """Refuse a cache the device cannot hold before allocating it (a billion tokens is terabytes)."""
-    from hybridlm.builder.accounting import check_memory, decode_state_bytes
+    from hybridlm.builder.model.accounting import check_memory, decode_state_bytes
 
     per_sequence = decode_state_bytes(model, max_len, model.tok_embeddings.weight.dtype)
     check_memory(f"a decode cache of {batch_size} x {max_len} tokens", batch_size * per_sequence, device,

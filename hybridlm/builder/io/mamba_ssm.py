@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.errors import HybridLMError, SpecError
 from hybridlm.layouts.blocks import AttentionSpec, Mamba3Spec, SwiGLUSpec
 from hybridlm.layouts.pattern import compress_symbols
@@ -357,7 +357,7 @@ def import_mamba_ssm(src_dir: str | Path, out_dir: str | Path, *, train_seq_len:
     ``tokenizer``: anything :func:`hybridlm.load_tokenizer` takes; by default the source folder's
     ``tokenizer.json`` when it has one, else the byte tokenizer. Weights are stored in fp32.
     """
-    from hybridlm.builder.pretrained import check_save_target, save_pretrained
+    from hybridlm.builder.io.pretrained import check_save_target, save_pretrained
     from hybridlm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     check_save_target(out_dir, overwrite=overwrite)  # before the source is read

@@ -1,50 +1,18 @@
 """HybridLM: embedding, residual blocks in pattern order, final norm, LM head."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hybridlm.blocks import RMSNorm, ResidualBlock
-from hybridlm.builder.registry import block_kind
+from hybridlm.builder.model.registry import block_kind
 from hybridlm.errors import ShapeError
 from hybridlm.layouts.spec import ModelSpec
 
-
-@dataclass
-class HybridCache:
-    """Per-layer decode state (None for position-wise layers), one row per sequence.
-
-    Rows may hold different numbers of tokens (a packed prefill of prompts of different lengths);
-    the layer caches keep those lengths on the device. ``seqlen_offset`` is the longest row's
-    length as the host knows it, for capacity checks without a device sync.
-    """
-
-    layers: list[Any]
-    batch_size: int
-    max_len: int
-    seqlen_offset: int = 0
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers if c is not None)
-
-    def reset(self) -> "HybridCache":
-        """Empty every row, in place (tensors keep their addresses: a captured CUDA graph stays valid)."""
-        for c in self.layers:
-            if c is not None:
-                c.zero_()
-        self.seqlen_offset = 0
-        return self
-
-    def set_host_length(self, n: int) -> None:
-        """Set the host-side bound of the longest row to ``n`` tokens: CUDA-graph replays run no
-        Python, so the code that replays them keeps this count."""
-        self.seqlen_offset = n
-        for c in self.layers:
-            if hasattr(c, "set_host_length"):
-                c.set_host_length(n)
+if TYPE_CHECKING:
+    from hybridlm.builder.inference.cache import HybridCache
 
 
 class HybridLM(nn.Module):
@@ -75,8 +43,8 @@ class HybridLM(nn.Module):
         return self
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Apply the init recipe (hybridlm.builder.init); safe after ``to_empty`` from the meta device."""
-        from hybridlm.builder.init import init_weights
+        """Apply the init recipe (hybridlm.builder.model.init); safe after ``to_empty`` from the meta device."""
+        from hybridlm.builder.model.init import init_weights
 
         self.tie_weights()
         init_weights(self)
@@ -131,6 +99,8 @@ class HybridLM(nn.Module):
 
     # -- decode -------------------------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> HybridCache:
+        from hybridlm.builder.inference.cache import HybridCache  # the model's convenience entry to inference
+
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or self.tok_embeddings.weight.dtype
         layers = [layer.allocate_cache(batch_size, max_len, device=device, dtype=dtype) for layer in self.layers]
@@ -146,9 +116,9 @@ class HybridLM(nn.Module):
         returns a list of 1-D tensors (prompt + its new tokens, cut after its first EOS).
         temperature 0 is greedy; ``top_k`` keeps the k most likely tokens; generation stops early
         once every row has produced ``eos_token_id``. On CUDA the decode step replays a CUDA graph
-        unless ``cuda_graph=False``. Lower level: :class:`hybridlm.builder.decode.Decoder`.
+        unless ``cuda_graph=False``. Lower level: :class:`hybridlm.builder.inference.decoder.Decoder`.
         """
-        from hybridlm.builder.generate import generate
+        from hybridlm.builder.inference.generate import generate  # the model's convenience entry to inference
 
         return generate(self, ids, max_new_tokens, temperature, top_k, generator=generator,
                         eos_token_id=eos_token_id, cuda_graph=cuda_graph)

@@ -40,7 +40,7 @@ def register_block(kind: str, spec_cls: type[BlockSpec], build: BuildFn | type[n
     * ``allocate_cache(batch, max_len, device=None, dtype=None)`` for a block that keeps state
       across tokens (without it, the block is treated as position-wise during generation);
     * ``reset_parameters()`` to initialize parameters that are not Linear weights (needed when the
-      model is built on the meta device; Linear weights get the recipe of hybridlm.builder.init);
+      model is built on the meta device; Linear weights get the recipe of hybridlm.builder.model.init);
     * ``state_bytes(context, dtype)`` for the inference-memory accounting.
     """
     spec_kind = spec_cls.model_fields["kind"].default

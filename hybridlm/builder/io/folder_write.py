@@ -7,7 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from hybridlm.builder.folder_format import META_FILE, OWN_FILES, SPEC_FILE
+from hybridlm.builder.io.folder_format import META_FILE, OWN_FILES, SPEC_FILE
 from hybridlm.errors import HybridLMError
 
 def check_save_target(folder: str | Path, *, overwrite: bool = False) -> None:

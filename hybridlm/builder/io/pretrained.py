@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from hybridlm.builder.devices import resolve_device, resolve_dtype
-from hybridlm.builder.folder_checks import (NonFiniteWeightsWarning, check_spec_unchanged, check_train_seq_len,
+from hybridlm.builder.model.devices import resolve_device, resolve_dtype
+from hybridlm.builder.io.folder_checks import (NonFiniteWeightsWarning, check_spec_unchanged, check_train_seq_len,
                                             check_weights, json_type, load_folder_tokenizer, read_meta,
                                             recorded_spec, spec_changes, warn_non_finite)
-from hybridlm.builder.folder_format import (FORMAT, FORMAT_VERSION, HF_CONFIG_FILE, META_FILE, OWN_FILES,
+from hybridlm.builder.io.folder_format import (FORMAT, FORMAT_VERSION, HF_CONFIG_FILE, META_FILE, OWN_FILES,
                                             SPEC_FILE, WEIGHTS_FILE)
-from hybridlm.builder.folder_write import check_save_target, fsync_tree, move_into_place
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.io.folder_write import check_save_target, fsync_tree, move_into_place
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.errors import HybridLMError, SpecError
 from hybridlm.layouts.io import load_spec, save_spec
 from hybridlm.layouts.spec import ModelSpec

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from hybridlm.builder.folder_format import (FORMAT, FORMAT_VERSION, MAX_META_BYTES, META_FILE, SPEC_FILE,
+from hybridlm.builder.io.folder_format import (FORMAT, FORMAT_VERSION, MAX_META_BYTES, META_FILE, SPEC_FILE,
                                             WEIGHTS_FILE)
-from hybridlm.builder.folder_write import listing
-from hybridlm.builder.model import HybridLM
+from hybridlm.builder.io.folder_write import listing
+from hybridlm.builder.model.hybrid_lm import HybridLM
 from hybridlm.errors import BackendUnavailable, HybridLMError, SpecError, shown_value
 from hybridlm.layouts.diff import MISSING, spec_differences
 from hybridlm.layouts.spec import ModelSpec

@@ -8,8 +8,8 @@ from torch import nn
 
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.blocks.residual import ResidualBlock
-from hybridlm.builder.model import HybridLM
-from hybridlm.builder.registry import block_kind
+from hybridlm.builder.model.hybrid_lm import HybridLM
+from hybridlm.builder.model.registry import block_kind
 from hybridlm.errors import HybridLMError
 from hybridlm.layouts.spec import ModelSpec
 

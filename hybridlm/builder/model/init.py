@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from hybridlm.builder.registry import block_kind
+from hybridlm.builder.model.registry import block_kind
 
 
 def _reset(module: nn.Module, std: float) -> None:

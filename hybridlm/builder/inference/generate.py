@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from hybridlm.builder.decode import Decoder
+from hybridlm.builder.inference.decoder import Decoder
 from hybridlm.errors import ShapeError
 
 if TYPE_CHECKING:
-    from hybridlm.builder.model import HybridLM
+    from hybridlm.builder.model.hybrid_lm import HybridLM
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -1,7 +1,7 @@
 """Parameter matching: resize a spec's SwiGLU so that two architectures have equal size."""
 from __future__ import annotations
 
-from hybridlm.builder.accounting import account
+from hybridlm.builder.model.accounting import account
 from hybridlm.layouts.blocks import SwiGLUSpec
 from hybridlm.layouts.spec import ModelSpec
 

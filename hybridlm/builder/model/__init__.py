@@ -1,0 +1,1 @@
+"""The model: block kinds, the HybridLM module, its init, and its accounting."""
