@@ -1,10 +1,11 @@
 """Compile the CuTe Mamba-3 decode step for sm_90a without a GPU and report ptxas registers/spills.
 
-    CUTE_DSL_ARCH=sm_90a python3.12 benchmarks/cute_report.py [--d-state 64,128] [--rank 1,4]
+    CUTE_DSL_ARCH=sm_90a python3 benchmarks/cute_report.py [--d-state 64,128] [--rank 1,4]
         [--headdim 64] [--nheads 64] [--ptxas PATH]
 
-Needs Python 3.12 with nvidia-cutlass-dsl 4.8.1 (its CUDA-13 libraries from .gpu-cute unpacked into
-site-packages) and apache-tvm-ffi; no torch. ``ptxas`` comes from ``--ptxas`` or the
+Needs nvidia-cutlass-dsl 4.8.1 (its CUDA-13 libraries from .gpu-cute unpacked into site-packages),
+apache-tvm-ffi and torch (no GPU: the configuration comes from the host code,
+``hybridlm.kernels.mamba3.cute.kernel_config``, as in a real step). ``ptxas`` comes from ``--ptxas`` or the
 ``nvidia-cuda-nvcc`` wheel (CUDA 13: the DSL's PTX is version 9.x, which older ptxas refuse).
 Compile errors show up here in seconds instead of on the GPU machine.
 """
@@ -14,11 +15,7 @@ import argparse
 import glob
 import os
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
-
-CUTE_DIR = Path(__file__).resolve().parents[1] / "hybridlm" / "kernels" / "cute"
 
 
 def find_ptxas(given: str | None) -> str | None:
@@ -46,10 +43,12 @@ def main() -> None:
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
     dump = tempfile.mkdtemp(prefix="cute-ptx-")
     os.environ.update(CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=dump)
-    sys.path.insert(0, str(CUTE_DIR))  # the kernel and its layout, without the torch-importing package
-    import layout
-    import step
+    import torch
     from cutlass.cutlass_dsl import cutlass as dsl
+
+    from hybridlm.kernels.mamba3 import cute
+    from hybridlm.kernels.mamba3.contract import DecodeLayout
+    from hybridlm.kernels.mamba3.cute import step
 
     # a launch with min_blocks_per_mp asks the driver for the SM's shared memory: answer for sm_90
     dsl.cuda_helpers.get_device_attribute = lambda *a, **k: 233472
@@ -58,11 +57,15 @@ def main() -> None:
     for rank in args.rank:
         for N in args.d_state:
             before = set(glob.glob(os.path.join(dump, "*.ptx")))
-            op = step.Mamba3DecodeStep(
-                nheads=args.nheads, headdim=args.headdim, ngroups=1, rank=rank, d_state=N, n_angles=N // 4,
-                interleaved=rank == 1, discretization="trapezoid", heavy_tail=True, A_floor=1e-4, bc_eps=1e-5,
-                out_eps=1e-5, out_mode=args.out_mode, row_groups=layout.row_groups(args.headdim, N, rank),
-                mimo=rank > 1)
+            out_norm = ("none", "pregate_grouped", "postgate_grouped")[args.out_mode]
+            layout = DecodeLayout(nheads=args.nheads, headdim=args.headdim, ngroups=1, rank=rank, d_state=N,
+                                  n_angles=N // 4, out_norm=out_norm,
+                                  pair_layout="interleaved" if rank == 1 else "half")
+            config = cute.kernel_config(layout, torch.bfloat16, torch.bfloat16)
+            if isinstance(config, str):
+                print(f"R={rank} d_state={N} headdim={args.headdim}: {config}")
+                continue
+            op = cute.build_op(config, has_mimo=rank > 1)
             step.compile_step(op, proj_dtype="BFloat16", kv_dtype="BFloat16", norm_dtype="BFloat16",
                               has_bias=True, has_norm=args.out_mode in (1, 2))
             new = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)

@@ -1,7 +1,7 @@
 """Helpers for tests that compare Mamba-3 implementations (ours, the reference, the official one).
 
 The default init hides layout bugs (biases all 1, D 1, mimo_x = 1/R for every rank): randomize
-every such parameter before comparing (docs/mamba3.md §10).
+every such parameter before comparing (docs/mamba3.md §8).
 """
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_auto_attention_under_compile_falls_back_once_when_fa4_is_broken(tmp_pat
     """flash-attn-4 installed but its import raises RuntimeError (a broken CUDA/CuTe install), on a
     device that passes the Hopper check: auto attention warns once and runs SDPA, compiled too."""
     from hybridlm.blocks import Attention
-    from hybridlm.kernels import attention, fa4
+    from hybridlm.kernels import fa4, registry
 
     package = tmp_path / "flash_attn"
     (package / "cute").mkdir(parents=True)
@@ -122,8 +122,8 @@ def test_auto_attention_under_compile_falls_back_once_when_fa4_is_broken(tmp_pat
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(fa4, "device_reason", lambda device, what: None)  # as if on a Hopper GPU
     monkeypatch.delenv("HYBRIDLM_ATTENTION", raising=False)
-    monkeypatch.setattr(attention, "_warned", set())
     fa4.import_error.cache_clear()
+    registry.reset()  # forget FA4's earlier import and warnings
     try:
         block = Attention(32, 4, 2, position="rope", dtype=torch.bfloat16)
         x = torch.randn(2, 12, 32, dtype=torch.bfloat16)
@@ -132,7 +132,7 @@ def test_auto_attention_under_compile_falls_back_once_when_fa4_is_broken(tmp_pat
             compiled = torch.compile(block, backend="aot_eager")
             out = compiled(x)
             out_again = compiled(x)
-        messages = [str(w.message) for w in caught if "FA4" in str(w.message)]
+        messages = [str(w.message) for w in caught if "'fa4'" in str(w.message)]
         assert len(messages) == 1, messages
         assert "installed but unusable" in messages[0] and "RuntimeError" in messages[0]
         assert not counters["graph_break"], dict(counters["graph_break"])
@@ -141,4 +141,5 @@ def test_auto_attention_under_compile_falls_back_once_when_fa4_is_broken(tmp_pat
         assert torch.equal(out, expected) and torch.equal(out_again, expected)
     finally:
         fa4.import_error.cache_clear()
+        registry.reset()
 

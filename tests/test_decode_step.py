@@ -13,7 +13,8 @@ import torch
 from hybridlm.blocks import Mamba3
 from hybridlm.kernels import dispatch
 from hybridlm.kernels.mamba3 import oracle
-from hybridlm.kernels.mamba3.contract import Mamba3State
+from hybridlm.kernels.mamba3.contract import DecodeLayout, Mamba3State
+from hybridlm.kernels.mamba3.tuning import KernelTuning, tuning_from_env, use_tuning
 from hybridlm.testing import random_decode_state, randomize_mamba3_, rel_err
 
 TOL = 1e-5
@@ -115,3 +116,75 @@ def test_cute_step_refuses_cpu_and_splits_rows_sensibly():
             groups = cute.row_groups(P, N)
             threads = groups * N // cute.VEC
             assert P % groups == 0 and threads % 32 == 0 and P // groups <= 8 and threads <= 1024, (P, N)
+
+
+# MIMO with headdim 192/256 and d_state 256: no split of the state rows keeps a thread at the 4
+# rows MIMO allows (SISO, at 8 rows a thread, fits). The CuTe check once ran the split at rank 1
+# and passed these, then the compile (at the layer's rank) failed instead of falling back.
+CUTE_UNSPLITTABLE = [(192, 256, 2), (256, 256, 4)]
+
+
+def cute_layout(headdim, d_state, rank):
+    return DecodeLayout(nheads=2, headdim=headdim, ngroups=1, rank=rank, d_state=d_state, n_angles=d_state // 4,
+                        pair_layout="interleaved" if rank == 1 else "half")
+
+
+@pytest.mark.parametrize("headdim,d_state,rank", CUTE_UNSPLITTABLE)
+def test_cute_check_refuses_what_its_compile_cannot_build(monkeypatch, headdim, d_state, rank):
+    """The check and the compile read one kernel_config: these MIMO shapes are refused with a
+    reason (so the dispatcher falls back), the same shapes at rank 1 are taken."""
+    from hybridlm.kernels.mamba3 import cute
+
+    layout = cute_layout(headdim, d_state, rank)
+    config = cute.kernel_config(layout, torch.bfloat16, torch.bfloat16)
+    assert isinstance(config, str) and f"headdim {headdim}" in config and f"rank {rank}" in config
+    siso = cute.kernel_config(cute_layout(headdim, d_state, 1), torch.bfloat16, torch.bfloat16)
+    assert isinstance(siso, cute.StepConfig) and headdim // siso.row_groups <= 8
+
+    # unsupported_reason, past its device and import checks, gives the same reason
+    monkeypatch.setattr(cute, "hopper_reason", lambda *a: None)
+    monkeypatch.setattr(cute, "import_error", lambda: None)
+    state = Mamba3State(angle=torch.zeros(1, 2, layout.n_angles), ssm=torch.zeros(1, 2, headdim, d_state),
+                        k=torch.zeros(1, rank, 2, d_state, dtype=torch.bfloat16),
+                        v=torch.zeros(1, 2, headdim, dtype=torch.bfloat16))
+    proj = torch.zeros(1, layout.in_proj.width, dtype=torch.bfloat16)
+    assert cute.unsupported_reason(proj, state, layout) == config
+
+
+def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
+    """The step asks kernel_config for what to compile (the compile cache's key); a tuning knob
+    changes that key, so a kernel compiled under other knobs is never reused."""
+    from hybridlm.kernels.mamba3 import cute
+
+    m = make_layer("mimo4")
+    layout, params = m.decode_layout(), m.decode_params()
+    cache = random_decode_state(m, batch=2)
+    compiled = []
+    monkeypatch.setattr(cute, "_compiled", lambda config, *rest: compiled.append(config) or (lambda *a: None))
+    proj = torch.zeros(2, layout.in_proj.width)
+    cute.mamba3_decode_step(proj, cache.state, params, layout)
+    with use_tuning(cute_max_rows=1, cute_min_blocks=3):
+        cute.mamba3_decode_step(proj, cache.state, params, layout)
+    default, tuned = compiled
+    assert default == cute.kernel_config(layout, torch.float32, torch.float32)
+    assert tuned == cute.kernel_config(layout, torch.float32, torch.float32, KernelTuning(cute_max_rows=1,
+                                                                                        cute_min_blocks=3))
+    assert (tuned.row_groups, tuned.min_blocks) == (layout.headdim, 3) != (default.row_groups, default.min_blocks)
+
+    refused = cute_layout(*CUTE_UNSPLITTABLE[0])
+    state = Mamba3State(angle=torch.zeros(1, 2, refused.n_angles), ssm=torch.zeros(1, 2, 192, 256),
+                        k=torch.zeros(1, 2, 2, 256), v=torch.zeros(1, 2, 192))
+    with pytest.raises(ValueError, match="headdim 192"):
+        cute.mamba3_decode_step(torch.zeros(1, refused.in_proj.width), state, params, refused)
+
+
+def test_kernel_tuning_reads_the_environment_once_and_checks_values():
+    assert tuning_from_env({}) == KernelTuning()
+    tuned = tuning_from_env({"HYBRIDLM_TRITON_WARPS": "8", "HYBRIDLM_CUTE_MAX_ROWS": "2"})
+    assert (tuned.triton_warps, tuned.cute_max_rows, tuned.triton_block_pairs) == (8, 2, 16)
+    with pytest.raises(ValueError, match="HYBRIDLM_TRITON_BLOCK_PAIRS"):
+        tuning_from_env({"HYBRIDLM_TRITON_BLOCK_PAIRS": "sixteen"})
+    with pytest.raises(ValueError, match="power of two"):
+        KernelTuning(triton_block_pairs=12)
+    with pytest.raises(ValueError, match="positive"):
+        KernelTuning(cute_max_rows=0)

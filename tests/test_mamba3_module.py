@@ -12,7 +12,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 def official_layout(d_model=256, d_state=128, headdim=64, expand=2, ngroups=1, rope_fraction=0.5, R=1,
                     mimo=False, outproj_norm=False, dtype=BF16):
-    """Names, shapes and dtypes of the official module's state_dict, transcribed from docs §1.2/§1.3."""
+    """Names, shapes and dtypes of the official module's state_dict, transcribed from docs/mamba3.md §1.2/§1.3."""
     d_inner = expand * d_model
     H = d_inner // headdim
     split = int(d_state * rope_fraction)

@@ -15,7 +15,7 @@ TOL = 1e-5  # fp32, norm-wise relative (issue #3)
 
 def make_inputs(B=2, L=100, R=1, G=1, H=4, N=16, P=8, S=4, dtype=torch.float32, layout="interleaved",
                 lam=None, seed=0, out_norm="none", with_z=True):
-    """Kernel-level inputs with every constant-at-init tensor randomized (docs §10)."""
+    """Kernel-level inputs with every constant-at-init tensor randomized (docs/mamba3.md §8)."""
     g = torch.Generator().manual_seed(seed)
 
     def rn(*shape, scale=1.0):

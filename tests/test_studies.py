@@ -4,6 +4,7 @@ import json
 import pytest
 
 from hybridlm.cli.main import main
+from hybridlm.eval.run import EvalRequest
 from hybridlm.studies import discretization, out_norm, state_tracking
 from hybridlm.studies.config import StudyError, find_study_folder, load_config
 from hybridlm.studies.driver import STUDIES, overrides_from, parse_override, study_module
@@ -206,7 +207,7 @@ def test_results_store_keeps_finished_runs_by_key(tmp_path):
 def test_run_key_changes_with_the_spec(tmp_path):
     spec, recipe = tmp_path / "s.yaml", tmp_path / "r.toml"
     spec.write_text("a"), recipe.write_text("r")
-    run = Run("x", spec, ["--training.steps", "3"], [], 3, 10, {"model": "m"})
+    run = Run("x", spec, ["--training.steps", "3"], EvalRequest("parity", "8"), 3, 10, {"model": "m"})
     key = run.key(recipe)
     assert run.key(recipe) == key
     spec.write_text("b")

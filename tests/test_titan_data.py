@@ -158,11 +158,13 @@ def test_text_rows_with_a_tokenizer_file(tmp_path):
     assert labels.tolist() == [2, 3, IGNORE_INDEX, 4, 1]
 
 
-def test_hybrid_backend_flag_sets_the_dispatch_default(monkeypatch):
-    from hybridlm.kernels.dispatch import ENV_VAR
+def test_hybrid_backend_flag_sets_the_backend_of_auto_blocks(monkeypatch):
+    """--hybrid.backend reaches the blocks through the spec (not the environment): the blocks of a
+    kind that has a backend of that name and leave it on auto; the recorded spec stays as given."""
+    from hybridlm.blocks import Attention, Mamba3
     from hybridlm.titan.args import HybridModelArgs
 
-    monkeypatch.setenv(ENV_VAR, "auto")  # recorded, so the value set below is undone after the test
+    monkeypatch.delenv("HYBRIDLM_BACKEND", raising=False)
     config = SimpleNamespace(
         hybrid=SimpleNamespace(spec="specs/demo/hybrid-demo.yaml", backend="sequential", seed=0),
         training=SimpleNamespace(seq_len=64),
@@ -172,7 +174,20 @@ def test_hybrid_backend_flag_sets_the_dispatch_default(monkeypatch):
     assert args.max_seq_len == 64 and args.n_layers == 8 and args.spec["name"] == "hybrid-demo"
     import os
 
-    assert os.environ[ENV_VAR] == "sequential"
+    assert "HYBRIDLM_BACKEND" not in os.environ
+    assert {b["backend"] for b in args.spec["blocks"].values() if "backend" in b} == {"auto"}
+    model = hybridlm.build_model(args.model_spec())
+    assert {m.backend for m in model.modules() if isinstance(m, Mamba3)} == {"sequential"}
+    assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {None}  # attention has none of that name
+    config.hybrid.backend = "sdpa"
+    args.update_from_config(config)
+    model = hybridlm.build_model(args.model_spec())
+    assert {m.backend for m in model.modules() if isinstance(m, Mamba3)} == {None}
+    assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"sdpa"}
+    config.hybrid.backend = "tritn"
+    with pytest.raises(hybridlm.HybridLMError, match="'tritn' is no registered kernel backend"):
+        HybridModelArgs().update_from_config(config)
+    config.hybrid.backend = ""
     config.parallelism.context_parallel_degree = 2
     with pytest.raises(hybridlm.HybridLMError, match="context parallelism"):
         HybridModelArgs().update_from_config(config)

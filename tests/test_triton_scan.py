@@ -105,6 +105,31 @@ def test_spec_switches_are_inputs(variant):
     assert_same(run_with_grads(triton_scan, args, kw), run_with_grads(oracle.mamba3_chunked, args, kw))
 
 
+def test_tuning_knobs_reach_the_spec_and_keep_the_results():
+    """The knobs come from one KernelTuning (not the environment at every call): a launch under
+    use_tuning takes them as constexprs and launch options (which Triton compiles per value), and
+    smaller pair blocks (4 blocks over d_state 64) give the same results."""
+    from hybridlm.kernels.mamba3.triton.layout import dense_layout
+    from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+    from hybridlm.kernels.mamba3.tuning import KernelTuning, use_tuning
+
+    def launch_values(**tuning):
+        spec = ScanSpec(layout=dense_layout(1, 16, 16, torch.device(DEVICE)), rank=1, n_groups=1, n_heads=2,
+                        d_state=64, headdim=8, n_angles=16, interleaved=True, matmul_dtype=torch.float32, **tuning)
+        return (spec.constexprs()["BLOCK_PAIRS"], spec.parallel_warps, spec.backward_warps, spec.backward_stages)
+
+    R, G, H, N, P, frac, layout, out_norm = CONFIGS["siso-N64"]
+    args, kw = make_inputs(B=1, L=21, R=R, G=G, H=H, N=N, P=P, S=_angles(N, frac), layout=layout,
+                           out_norm=out_norm)
+    default = launch_values()
+    with use_tuning(triton_block_pairs=8, triton_warps=2, triton_backward_stages=2):
+        assert launch_values() == (8, 2, 2, 2) != default
+        ours = run_with_grads(triton_scan, args, kw)
+    assert launch_values() == default  # the tuning in force before comes back
+    assert launch_values(tuning=KernelTuning(triton_block_pairs=4))[0] == 4  # a spec may pin its own
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw))
+
+
 def test_bfloat16_inputs_accumulate_in_fp32():
     """bf16 inputs: the state accumulates in fp32, so the error stays at bf16 rounding."""
     args, kw = make_inputs(B=1, L=40, H=2, N=16, P=16, S=4)
@@ -134,13 +159,20 @@ def test_unsupported_input_falls_back_with_one_warning(monkeypatch):
 
 
 def test_dispatch_picks_triton_on_cuda_and_reference_on_cpu(monkeypatch):
+    from hybridlm.kernels import registry
+
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.resolve_backend(None, "cpu") == "reference"
-    assert dispatch.resolve_backend(None, "cuda") == "triton"
-    assert dispatch.resolve_backend("reference", "cuda") == "reference"
+    q, x = ((1, 1, 1, 1, 16), torch.float32), ((1, 1, 2, 16), torch.float32)  # the scan's plain support-check values
+
+    def choose(backend, device_type):
+        return registry.choose("mamba3", "scan", backend, device_type, None, q, x, None)
+
+    assert choose(None, "cpu") == "reference"
+    assert choose(None, "cuda") == "triton"  # the CuTe backend has no scan of its own: Triton's
+    assert choose("reference", "cuda") == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    assert dispatch.resolve_backend(None, "cpu") == "triton"
-    assert "triton" in dispatch.available_backends()
+    assert choose(None, "cpu") == "triton"  # the interpreter (conftest)
+    assert "triton" in registry.backend_names("mamba3")
 
 
 def test_module_through_triton_matches_reference():

@@ -1,4 +1,9 @@
-"""Causal grouped-query attention with RoPE or NoPE, QK-norm, sliding window and a KV cache."""
+"""Causal grouped-query attention with RoPE or NoPE, QK-norm, sliding window and a KV cache.
+
+The module knows nothing of parallelism: each call reads its head counts from the shapes of
+``wq`` and ``wk``, so hybridlm/titan/tensor_parallel.py runs this same code on one rank's heads by
+passing that rank's tensors (``torch.func.functional_call``).
+"""
 from __future__ import annotations
 
 import math
@@ -12,6 +17,7 @@ from hybridlm.errors import ShapeError
 from hybridlm.kernels.attention import cached_attention, causal_attention
 from hybridlm.kernels.mamba3.shared import rotate_pairs
 from hybridlm.kernels.norms import upcast
+from hybridlm.layouts.blocks import attention_problems
 
 
 @dataclass
@@ -71,19 +77,21 @@ class Attention(nn.Module):
                  window: int | None = None, norm_eps: float = 1e-5, layer_idx: int | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        config = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, position=position)
+        # the rules of the spec (hybridlm/layouts/blocks.py), so a layer built by hand obeys them too
+        problems = [f"{field}={config[field]!r} {reason}" for field, reason in attention_problems(d_model, **config)]
+        if problems:
+            raise ValueError(f"Attention(d_model={d_model}): " + "; ".join(problems))
         self.d_model = d_model
+        # the whole layer's head counts (a tensor-parallel rank computes fewer: see heads())
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
-        if n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({n_heads})")
-        if position not in ("rope", "nope"):
-            raise ValueError(f"position must be 'rope' or 'nope', got {position!r}")
         self.position = position
         self.rope_theta = rope_theta
         self.window = window
         self.layer_idx = layer_idx
-        self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/attention.py)
+        self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/registry.py)
         factory = {"device": device, "dtype": dtype}
         hd = self.head_dim
         self.wq = nn.Linear(d_model, n_heads * hd, bias=False, **factory)
@@ -94,6 +102,11 @@ class Attention(nn.Module):
         if qk_norm:
             self.q_norm = RMSNorm(hd, eps=norm_eps, **factory)
             self.k_norm = RMSNorm(hd, eps=norm_eps, **factory)
+
+    def heads(self) -> tuple[int, int]:
+        """(query heads, key/value heads) this module computes, read from ``wq``/``wk``: the whole
+        layer, or one tensor-parallel rank's heads when it is called with that rank's tensors."""
+        return self.wq.weight.shape[0] // self.head_dim, self.wk.weight.shape[0] // self.head_dim
 
     def _packed_positions(self, cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
         """Packed tokens -> (their sequence index, their position within it), both (T,)."""
@@ -114,9 +127,10 @@ class Attention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"Attention expects (batch, seq, {self.d_model}); got {tuple(x.shape)}")
         B, L, _ = x.shape
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
-        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        n_heads, n_kv_heads = self.heads()
+        q = self.wq(x).unflatten(-1, (n_heads, self.head_dim))
+        k = self.wk(x).unflatten(-1, (n_kv_heads, self.head_dim))
+        v = self.wv(x).unflatten(-1, (n_kv_heads, self.head_dim))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -183,7 +197,7 @@ class Attention(nn.Module):
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> KVCache:
         device = device or self.wq.weight.device
         dtype = dtype or self.wq.weight.dtype
-        shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)
+        shape = (batch_size, max_seqlen, self.heads()[1], self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                        torch.zeros(batch_size, device=device, dtype=torch.int32))
 
@@ -191,9 +205,9 @@ class Attention(nn.Module):
         """KV-cache bytes per sequence at ``context`` tokens (a sliding window caps what is needed)."""
         item = torch.empty((), dtype=dtype or self.wq.weight.dtype).element_size()
         kept = min(context, self.window) if self.window else context
-        return 2 * kept * self.n_kv_heads * self.head_dim * item
+        return 2 * kept * self.heads()[1] * self.head_dim * item
 
     def attention_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token of QKᵀ and AV (no causal discount, as torchtitan counts)."""
         ctx = min(seq_len, self.window) if self.window else seq_len
-        return 2 * 2 * self.n_heads * self.head_dim * ctx
+        return 2 * 2 * self.heads()[0] * self.head_dim * ctx

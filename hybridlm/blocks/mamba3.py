@@ -4,6 +4,10 @@ Parameter names, shapes and dtypes follow docs/mamba3.md §1.2, so an official s
 ``strict=True``. The spec switches beyond the official module (``a_activation``,
 ``discretization``, ``rotation``, ``bc_bias``, ``conv_kernel``, ``out_norm``) only add or drop
 slices of ``in_proj`` and small parameters when they are set away from the official defaults.
+
+The module knows nothing of parallelism: each call reads its head and group counts from the
+parameters' shapes (:meth:`Mamba3.in_proj_layout`), so hybridlm/titan/tensor_parallel.py runs this
+same code on one rank's heads by passing that rank's tensors (``torch.func.functional_call``).
 """
 from __future__ import annotations
 
@@ -18,21 +22,16 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import dispatch
-from hybridlm.kernels.mamba3.contract import (OUT_NORMS, DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
+from hybridlm.kernels.mamba3.contract import (DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
                                              ScanParams)
 from hybridlm.kernels.mamba3.shared import causal_conv1d, step_scalars
 from hybridlm.kernels.norms import upcast
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without torch.distributed
-    DTensor = ()
-
+from hybridlm.layouts.blocks import mamba3_problems, mamba3_rope_angles
 
 
 @dataclass
 class Mamba3Cache:
-    """Decode state of one Mamba-3 layer, updated in place (official cache layout, docs §4.1)."""
+    """Decode state of one Mamba-3 layer, updated in place (official cache layout, docs/mamba3.md §4.1)."""
 
     angle: Tensor  # (B, H, S) fp32
     ssm: Tensor  # (B, H, P, N) fp32
@@ -61,16 +60,13 @@ class Mamba3Cache:
         return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
 
 
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of a parameter that tensor parallelism made a DTensor, else ``t``.
-
-    hybridlm/titan/tensor_parallel.py shards the mixer by heads (and sets ``nheads``, ``ngroups``,
-    ``d_inner``, ``split_sizes`` to this rank's counts); the kernels compute with the local heads."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class Mamba3(nn.Module):
-    """Mamba-3 mixer: (batch, seq, d_model) -> (batch, seq, d_model), or packed with ``cu_seqlens``."""
+    """Mamba-3 mixer: (batch, seq, d_model) -> (batch, seq, d_model), or packed with ``cu_seqlens``.
+
+    Every keyword of the official constructor is accepted under its name (``dropout``,
+    ``fuse_pregate_headwise_norm``, ``n_layer`` and ``layer_idx`` change nothing, as there), plus the
+    spec's switches after ``*``. Unlike the official module there is no ``**kwargs``: a misspelt
+    keyword is a ``TypeError``, not a silently default layer."""
 
     def __init__(
         self,
@@ -90,8 +86,8 @@ class Mamba3(nn.Module):
         fuse_pregate_headwise_norm: bool = True,  # official kernel-fusion switch; same math
         chunk_size: int = 64,
         dropout: float = 0.0,  # accepted and ignored, as in the official module
-        n_layer: int | None = None,
         layer_idx: int | None = None,
+        n_layer: int | None = None,  # accepted and ignored, as in the official module
         device=None,
         dtype=None,
         *,
@@ -103,42 +99,33 @@ class Mamba3(nn.Module):
         out_norm: str | None = None,
         norm_eps: float = 1e-5,
         backend: str | None = None,
-        **kwargs,
     ):
         super().__init__()
-        if rope_fraction not in (0.5, 1.0):
-            raise ValueError(f"rope_fraction must be 0.5 or 1.0, got {rope_fraction}")
         if out_norm is None:
             out_norm = "pregate_grouped" if is_outproj_norm else "none"
         elif is_outproj_norm and out_norm != "pregate_grouped":
             raise ValueError(f"is_outproj_norm=True means out_norm='pregate_grouped'; got out_norm={out_norm!r}")
-        if out_norm not in OUT_NORMS:
-            raise ValueError(f"out_norm must be one of {OUT_NORMS}, got {out_norm!r}")
-        if a_activation not in ("heavy_tail", "softplus"):
-            raise ValueError(f"a_activation must be 'heavy_tail' or 'softplus', got {a_activation!r}")
-        if discretization not in ("trapezoid", "euler", "half"):
-            raise ValueError(f"discretization must be trapezoid | euler | half, got {discretization!r}")
+        config = dict(d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups, rope_fraction=rope_fraction,
+                      rotation=rotation, dt_min=dt_min, dt_max=dt_max, a_activation=a_activation,
+                      discretization=discretization, out_norm=out_norm)
+        # the rules of the spec (hybridlm/layouts/blocks.py), so a layer built by hand obeys them too
+        problems = [f"{field}={config[field]!r} {reason}" for field, reason in mamba3_problems(d_model, **config)]
+        if problems:
+            raise ValueError(f"Mamba3(d_model={d_model}): " + "; ".join(problems))
         self.d_model = d_model
         self.d_state = d_state
         self.expand = expand
         self.headdim = headdim
         self.ngroups = ngroups
         self.rope_fraction = rope_fraction
+        # the whole layer's sizes (a tensor-parallel rank computes fewer heads: see in_proj_layout)
         self.d_inner = int(expand * d_model)
-        if self.d_inner % headdim:
-            raise ValueError(f"d_inner ({self.d_inner}) must be a multiple of headdim ({headdim})")
         self.nheads = self.d_inner // headdim
-        if self.nheads % ngroups:
-            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads ({self.nheads})")
         self.is_mimo = is_mimo
         self.mimo_rank = mimo_rank if is_mimo else 1
         self.pair_layout = "half" if is_mimo else "interleaved"
         self.rotary_dim_divisor = int(2 / rope_fraction)
-        split = int(d_state * rope_fraction)
-        split -= split % 2
-        self.num_rope_angles = split // 2 if rotation else 0
-        if rotation and self.num_rope_angles == 0:
-            raise ValueError(f"d_state={d_state} leaves no pair to rotate at rope_fraction={rope_fraction}")
+        self.num_rope_angles = mamba3_rope_angles(d_state, rope_fraction, rotation)
         self.dt_min, self.dt_max, self.dt_init_floor, self.A_floor = dt_min, dt_max, dt_init_floor, A_floor
         self.chunk_size = chunk_size
         self.layer_idx = layer_idx
@@ -153,13 +140,12 @@ class Mamba3(nn.Module):
         self.backend = backend
 
         H, R, G, N, P = self.nheads, self.mimo_rank, ngroups, d_state, headdim
-        self.bc_width = R * G * N
-        self.split_sizes = self.in_proj_layout().split_sizes()
+        layout = InProjLayout(H, P, G, R, N, self.num_rope_angles, discretization == "trapezoid")
         factory = {"device": device, "dtype": dtype}
         fp32 = {"device": device, "dtype": torch.float32}
-        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False, **factory)
+        self.in_proj = nn.Linear(d_model, layout.width, bias=False, **factory)
         if conv_kernel:
-            conv_dim = self.d_inner + 2 * self.bc_width
+            conv_dim = self._conv_channels(layout)
             self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=0, **factory)
         self.dt_bias = nn.Parameter(torch.empty(H, **fp32))
         self.dt_bias._no_weight_decay = True
@@ -183,7 +169,7 @@ class Mamba3(nn.Module):
     # -- init --------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The official init (docs §1.2)."""
+        """The official init (docs/mamba3.md §1.2)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
         if self.conv_kernel:
@@ -205,21 +191,46 @@ class Mamba3(nn.Module):
         if self.out_norm != "none":
             self.norm.reset_parameters()
 
+    # -- sizes -------------------------------------------------------------------------------------
+    def in_proj_layout(self) -> InProjLayout:
+        """The in_proj layout of the heads this module computes, read from the parameters' shapes:
+        H from ``D`` (H,), the B/C groups from what is left of ``in_proj``'s rows (docs/mamba3.md §1.3).
+        The whole layer, or one tensor-parallel rank's heads and groups when it is called with that
+        rank's tensors."""
+        R, N, S, trap = self.mimo_rank, self.d_state, self.num_rope_angles, self.discretization == "trapezoid"
+        H = self.D.shape[0]
+        without_bc = InProjLayout(H, self.headdim, 0, R, N, S, trap).width
+        groups, rest = divmod(self.in_proj.weight.shape[0] - without_bc, 2 * R * N)
+        if rest or groups < 1:
+            raise ShapeError(f"in_proj has {self.in_proj.weight.shape[0]} rows, which no group count fits "
+                             f"with {H} heads (docs/mamba3.md §1.3)")
+        return InProjLayout(H, self.headdim, groups, R, N, S, trap)
+
+    @staticmethod
+    def _conv_channels(layout: InProjLayout) -> int:
+        """Channels of the short conv: x, B and C."""
+        return sum(width for name, width in layout.segments() if name in ("x", "B", "C"))
+
+    @property
+    def split_sizes(self) -> list[int]:
+        return self.in_proj_layout().split_sizes()
+
     # -- projections -------------------------------------------------------------------------------
     def _project(self, u: Tensor, cu_seqlens: Tensor | None, conv_state: Tensor | None):
         """in_proj and the per-token scalars. u (B, L, d) -> kernel inputs (+ the new conv state)."""
-        H, R, G, N, P = self.nheads, self.mimo_rank, self.ngroups, self.d_state, self.headdim
-        seg = self.in_proj_layout().split(self.in_proj(u))
+        layout = self.in_proj_layout()
+        H, R, G, N, P = layout.nheads, layout.rank, layout.ngroups, layout.d_state, layout.headdim
+        seg = layout.split(self.in_proj(u))
         z, x, b, c, angle = seg["z"], seg["x"], seg["B"], seg["C"], seg.get("angle")
         new_conv = None
         if self.conv_kernel:
             xbc = torch.cat([x, b, c], dim=-1)
             xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                           initial_state=conv_state, cu_seqlens=cu_seqlens, return_final_state=True)
-            x, b, c = torch.split(F.silu(xbc), [self.d_inner, self.bc_width, self.bc_width], dim=-1)
+            x, b, c = torch.split(F.silu(xbc), [x.shape[-1], b.shape[-1], c.shape[-1]], dim=-1)
         b = self.B_norm(b.unflatten(-1, (R, G, N)))
         c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt, adt, lam = step_scalars(seg["dt"], seg["A"], seg.get("trap"), _local(self.dt_bias),
+        dt, adt, lam = step_scalars(seg["dt"], seg["A"], seg.get("trap"), self.dt_bias,
                                     a_activation=self.a_activation,
                                     A_floor=self.A_floor, discretization=self.discretization)
         return dict(
@@ -227,19 +238,15 @@ class Mamba3(nn.Module):
             angle_rate=None if angle is None else upcast(angle),
         ), z.unflatten(-1, (H, P)), new_conv
 
-    def in_proj_layout(self) -> InProjLayout:
-        return InProjLayout(self.nheads, self.headdim, self.ngroups, self.mimo_rank, self.d_state,
-                            self.num_rope_angles, self.discretization == "trapezoid")
-
     def scan_params(self) -> ScanParams:
         return ScanParams(
-            q_bias=_local(self.C_bias) if self.bc_bias else None,
-            k_bias=_local(self.B_bias) if self.bc_bias else None,
-            D=_local(self.D),
-            mimo_x=_local(self.mimo_x) if self.is_mimo else None,
-            mimo_z=_local(self.mimo_z) if self.is_mimo else None,
-            mimo_o=_local(self.mimo_o) if self.is_mimo else None,
-            norm_weight=_local(self.norm.weight) if self.out_norm != "none" else None,
+            q_bias=self.C_bias if self.bc_bias else None,
+            k_bias=self.B_bias if self.bc_bias else None,
+            D=self.D,
+            mimo_x=self.mimo_x if self.is_mimo else None,
+            mimo_z=self.mimo_z if self.is_mimo else None,
+            mimo_o=self.mimo_o if self.is_mimo else None,
+            norm_weight=self.norm.weight if self.out_norm != "none" else None,
             out_norm=self.out_norm,
             norm_eps=self.norm_eps,
             pair_layout=self.pair_layout,
@@ -301,8 +308,9 @@ class Mamba3(nn.Module):
 
     # -- decode ------------------------------------------------------------------------------------
     def decode_layout(self) -> DecodeLayout:
+        layout = self.in_proj_layout()
         return DecodeLayout(
-            nheads=self.nheads, headdim=self.headdim, ngroups=self.ngroups, rank=self.mimo_rank,
+            nheads=layout.nheads, headdim=self.headdim, ngroups=layout.ngroups, rank=self.mimo_rank,
             d_state=self.d_state, n_angles=self.num_rope_angles, discretization=self.discretization,
             a_activation=self.a_activation, A_floor=self.A_floor, out_norm=self.out_norm, norm_eps=self.norm_eps,
             bc_norm_eps=self.B_norm.eps, pair_layout=self.pair_layout)
@@ -310,7 +318,7 @@ class Mamba3(nn.Module):
     def decode_params(self) -> DecodeParams:
         p = self.scan_params()
         return DecodeParams(
-            dt_bias=_local(self.dt_bias), B_norm=self.B_norm.weight, C_norm=self.C_norm.weight, D=p.D,
+            dt_bias=self.dt_bias, B_norm=self.B_norm.weight, C_norm=self.C_norm.weight, D=p.D,
             B_bias=p.k_bias, C_bias=p.q_bias, mimo_x=p.mimo_x, mimo_z=p.mimo_z, mimo_o=p.mimo_o,
             norm_weight=p.norm_weight)
 
@@ -326,10 +334,11 @@ class Mamba3(nn.Module):
         device = device or self.in_proj.weight.device
         dtype = dtype or self.in_proj.weight.dtype
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        H, R, N, P, S = self.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
+        layout = self.in_proj_layout()
+        H, R, N, P, S = layout.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
         conv = None
         if self.conv_kernel:
-            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.d_inner + 2 * self.bc_width,
+            conv = torch.zeros(batch_size, self.conv_kernel - 1, self._conv_channels(layout),
                                device=device, dtype=dtype)
         return Mamba3Cache(
             angle=torch.zeros(batch_size, H, S, device=device, dtype=state_dtype),
@@ -359,13 +368,14 @@ class Mamba3(nn.Module):
         """Bytes of decode state per sequence, whatever the ``context`` (fp32 angle/SSM state,
         k/v/conv in ``dtype``)."""
         item = torch.empty((), dtype=dtype or self.in_proj.weight.dtype).element_size()
-        H, R, N, P, S = self.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
-        conv = (self.conv_kernel - 1) * (self.d_inner + 2 * self.bc_width) if self.conv_kernel else 0
+        layout = self.in_proj_layout()
+        H, R, N, P, S = layout.nheads, self.mimo_rank, self.d_state, self.headdim, self.num_rope_angles
+        conv = (self.conv_kernel - 1) * self._conv_channels(layout) if self.conv_kernel else 0
         return 4 * (H * S + H * P * N) + item * (R * H * N + H * P + conv)
 
     def scan_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token of the chunked scan (matmul-like terms, multiply-add = 2)."""
-        H, R, N, P = self.nheads, self.mimo_rank, self.d_state, self.headdim
+        H, R, N, P = self.in_proj_layout().nheads, self.mimo_rank, self.d_state, self.headdim
         C = min(self.chunk_size, max(seq_len, 1))
         intra = 2 * C * R * R * N + 2 * C * R * R * P  # q·k scores, then weights·v (half is masked)
         inter = 2 * R * N * P * 2  # chunk state build + state read-out

@@ -174,30 +174,20 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folder_spec(path: Path):
-    """A model folder's spec, read for the memory estimate; None leaves the error to the loader."""
-    from hybridlm.builder.io.pretrained import SPEC_FILE
-    from hybridlm.layouts import load_spec
-
-    try:
-        return load_spec(path / SPEC_FILE)
-    except HybridLMError:
-        return None
-
-
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from hybridlm.builder import build_model
     from hybridlm.builder.model.accounting import check_memory, estimate_memory_bytes
     from hybridlm.builder.io.pretrained import is_model_folder, load_pretrained
+    from hybridlm.eval.run import folder_spec
     from hybridlm.tokenizer import ByteTokenizer
 
     folder = Path(args.spec) if is_model_folder(args.spec) else None
     if folder is None and Path(args.spec).is_dir():
         raise HybridLMError(f"{args.spec} is a folder but not a hybridlm model folder (no hybridlm.json): give a "
                             "model folder (`hybridlm export`), a spec file or a preset")
-    spec = _folder_spec(folder) if folder else spec_or_preset(args.spec)
+    spec = folder_spec(folder) if folder else spec_or_preset(args.spec)
     tok = ByteTokenizer()
     if folder is None and spec.vocab_size < tok.vocab_size:
         raise SpecError("vocab_size", f"the byte tokenizer needs at least {tok.vocab_size} tokens", spec.vocab_size)
@@ -226,71 +216,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_model_spec(arg: str):
-    """The spec behind an eval MODEL argument, for the memory estimate; None when only the loader can tell."""
-    from hybridlm.builder.io.pretrained import is_model_folder
-
-    if is_model_folder(arg):
-        return _folder_spec(Path(arg))
-    return None if Path(arg).is_dir() else spec_or_preset(arg)
-
-
-def _check_eval_memory(spec, name: str, tokens: int, args: argparse.Namespace, device: str, dtype,
-                       loaded: bool = False) -> None:
-    from hybridlm.builder.model.accounting import check_memory, estimate_memory_bytes
-
-    logit_rows = tokens if "ppl" in args.task else 1  # perplexity scores every position
-    needed = estimate_memory_bytes(spec, batch_size=args.batch_size, tokens=tokens, logit_rows=logit_rows,
-                                   dtype=dtype, include_weights=not loaded)
-    check_memory(f"scoring {name} on batches of {args.batch_size} x {tokens} tokens", needed, device,
-                 "use shorter --lengths or a smaller --batch-size")
-
-
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-    from functools import partial
+    from hybridlm.eval.run import EvalRequest, run_eval
 
-    from tqdm.auto import tqdm
-
-    from hybridlm.eval import (evaluate, format_table, load_eval_model, parse_lengths, plot_results,
-                               results_document, write_json)
-    from hybridlm.eval.tasks import parse_tasks
-
-    parse_tasks(args.task)  # fail on a bad task before loading any model
-    lengths = parse_lengths(args.lengths)
-    out = check_out_folder("--out", args.out)  # before the scoring, not after
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    longest_absolute = max([n.tokens for n in lengths if n.tokens is not None], default=1)
-    for arg in args.models:  # the weights and any absolute length, before anything is allocated
-        spec = _eval_model_spec(arg)
-        if spec is not None:
-            _check_eval_memory(spec, arg, longest_absolute, args, device, dtype)
-    models = [load_eval_model(m, device=device, dtype=dtype, seed=args.seed, train_seq_len=args.train_len,
-                              tokenizer=args.tokenizer) for m in args.models]
-    for m in models:  # relative lengths are known once the model's training length is
-        longest = max(n.resolve(m.train_seq_len, m.name) for n in lengths)
-        _check_eval_memory(m.model.spec, m.name, longest, args, device, dtype, loaded=True)
-    names = [m.name for m in models]
-    for i, m in enumerate(models):  # two models with one name would share a table row
-        if names.count(m.name) > 1:
-            m.name = f"{m.name}#{i + 1}"
-    cells = evaluate(models, args.task, lengths, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                     progress=None if args.quiet else partial(tqdm, disable=None),  # no bar when not a terminal
-                     on_cell=None if args.quiet or sys.stderr.isatty() else _print_cell)
-    print(format_table(cells))
-    settings = {"tasks": args.task, "lengths": args.lengths, "samples": args.samples, "seed": args.seed,
-                "batch_size": args.batch_size, "device": device, "dtype": args.dtype}
-    json_path = write_json(results_document(cells, models, settings), out / "results.json")
-    plot_path = None if args.no_plot else plot_results(cells, out / "results.png")
-    print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else ""))
+    request = EvalRequest(tasks=args.task, lengths=args.lengths, samples=args.samples, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device, dtype=args.dtype, train_len=args.train_len,
+                          tokenizer=args.tokenizer)
+    request.check()  # a bad task or length fails before the --out check and before any model loads
+    out = check_out_folder("--out", args.out)
+    run_eval(args.models, request, out, quiet=args.quiet, plot=not args.no_plot)
     return 0
-
-
-def _print_cell(cell, done: int, total: int) -> None:
-    """Progress where no bar is drawn (a log file, CI): one line per finished cell."""
-    print(f"eval {done}/{total}: {cell.model} {cell.task}@{cell.length_label} {100 * cell.accuracy:.1f} %",
-          file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

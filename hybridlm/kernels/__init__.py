@@ -1,9 +1,11 @@
-"""Kernels: tensors in, tensors out. ``reference`` is the ground truth; ``dispatch`` picks a backend."""
-from hybridlm.kernels.dispatch import (
-    available_backends, mamba3_scan, mamba3_step, register_backend, resolve_backend,
-)
+"""Kernels: tensors in, tensors out. ``mamba3/oracle`` is the ground truth; ``registry`` picks a
+backend per call; ``dispatch`` (Mamba-3) and ``attention`` hold the entry points and register the
+built-in backends, so importing this package registers them all."""
+from hybridlm.kernels import attention, dispatch, registry
+from hybridlm.kernels.dispatch import mamba3_decode_step, mamba3_scan, mamba3_step
 from hybridlm.kernels.mamba3.contract import Mamba3State
 from hybridlm.kernels.mamba3.shared import causal_conv1d
+from hybridlm.kernels.registry import Op, backend_names, register_backend
 
-__all__ = ["available_backends", "mamba3_scan", "mamba3_step", "register_backend", "resolve_backend",
-           "Mamba3State", "causal_conv1d"]
+__all__ = ["Op", "attention", "backend_names", "dispatch", "register_backend", "registry", "mamba3_decode_step",
+           "mamba3_scan", "mamba3_step", "Mamba3State", "causal_conv1d"]

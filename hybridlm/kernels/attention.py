@@ -8,29 +8,25 @@ Packed input is B = 1 with ``cu_seqlens``.
 different numbers of tokens (``kv_lengths``); the queries are the last tokens of each row. Its
 decode form (dense queries) has fixed shapes and no host sync, so it can run inside a CUDA graph.
 
-Backends: ``fa4`` (FlashAttention-4 on Hopper and newer, bf16/fp16) and ``sdpa`` (PyTorch's
-scaled_dot_product_attention: every device and dtype). The choice, in order: the ``backend``
-argument (the attention spec's field), the ``HYBRIDLM_ATTENTION`` environment variable, then
-``auto``: FA4 where it imports and takes the inputs, SDPA otherwise. A forced ``fa4`` that cannot
-run raises one error naming why; ``auto`` on a GPU where FA4 is installed but cannot import or
-refuses the inputs warns once with the reason and runs SDPA. The choice (:func:`choose_backend`)
-is made from plain values, once per trace under ``torch.compile``, never inside the graph.
+Backends of ``attention`` blocks (ops ``causal`` and ``cached``), chosen by
+:mod:`hybridlm.kernels.registry`: ``fa4`` (FlashAttention-4 on Hopper and newer, bf16/fp16; a
+forced ``fa4`` that cannot run raises one error naming why) and ``sdpa`` (PyTorch's
+scaled_dot_product_attention: every device and dtype). ``auto`` takes FA4 on CUDA where it imports
+and takes the inputs, SDPA otherwise: quietly where FA4 is not installed or the GPU is older than
+Hopper, with one warning naming the reason where FA4 is installed but does not import or refuses
+the inputs. The support check gets plain values (device, dtypes, head_dim, whether the queries end
+where the keys end), so under ``torch.compile`` the choice is made once per trace, outside the graph.
 """
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridlm.errors import BackendUnavailable
-from hybridlm.kernels import fa4
+from hybridlm.kernels import fa4, registry
+from hybridlm.kernels.registry import Op
 
-ENV_VAR = "HYBRIDLM_ATTENTION"
-BACKENDS = ("auto", "fa4", "sdpa")
-_warned: set[str] = set()
+KIND = "attention"
 
 
 def _mask(lq: int, lk: int, q_offset: int, window: int | None, device, always: bool = False) -> Tensor | None:
@@ -88,63 +84,28 @@ def _document_masked_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, w
     return out.transpose(1, 2)
 
 
-def _requested_backend(requested: str | None) -> str:
-    """The argument, else the environment variable, else ``auto``; an unknown name raises."""
-    name = requested or os.environ.get(ENV_VAR) or "auto"
-    if name not in BACKENDS:
-        source = "argument" if requested else ENV_VAR
-        raise BackendUnavailable(f"unknown attention backend {name!r} (from {source}); choose one of: "
-                                 f"{', '.join(BACKENDS)}")
-    return name
-
-
-@torch.compiler.assume_constant_result  # dynamo runs it at trace time and keeps the answer
-def choose_backend(requested: str | None, device_type: str, device_index: int | None, dtype: torch.dtype,
-                   k_dtype: torch.dtype, head_dim: int, aligned: bool = True, cached: bool = False) -> str:
-    """``fa4`` or ``sdpa`` for inputs of this kind (see the module docstring for the order of choice).
-
-    Takes plain values, not tensors, so that ``torch.compile`` calls it once while tracing instead
-    of tracing into it: the optional import of FA4, warnings and errors all happen there, outside
-    the graph. (The environment variable is read then, too: set it before the first compiled call.)
-    """
-    name = _requested_backend(requested)
-    if name == "sdpa":
-        return "sdpa"
-    reason = fa4.unsupported_reason_for(torch.device(device_type, device_index), dtype, k_dtype, head_dim, aligned)
-    if reason is None:
-        return "fa4"
-    if name == "fa4":
-        raise BackendUnavailable(f"attention backend 'fa4' cannot run: {reason}. Use backend 'sdpa' or 'auto'.")
-    if not cached and fa4.device_reason(torch.device(device_type, device_index), "FA4") is None:
-        _warn_fallback(reason)  # a device FA4 could run on: say why it does not
-    return "sdpa"
-
-
-def _warn_fallback(reason: str) -> None:
-    """Once per reason, on a GPU: FA4 is installed but cannot run, or refuses these inputs."""
-    if fa4.import_error() is not None:
-        if not fa4.installed():
-            return  # FA4 is simply not there: SDPA is the expected path, nothing to say
-        reason = f"FA4 is installed but unusable: {reason}"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"attention: FA4 cannot run ({reason}); using SDPA", stacklevel=4)
+def _fa4_ops():
+    error = fa4.import_error()
+    if error:
+        raise ImportError(error)
+    return {"causal": Op(fa4_causal, fa4.unsupported_reason_for), "cached": Op(_fa4_cached, fa4.unsupported_reason_for)}
 
 
 def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
-    """``fa4`` or ``sdpa`` for these inputs."""
+    """The backend of :func:`causal_attention` for these inputs."""
     aligned = not q_offset or k.shape[1] == q_offset + q.shape[1]
-    return choose_backend(requested, q.device.type, q.device.index, q.dtype, k.dtype, int(q.shape[-1]), aligned)
+    return registry.choose(KIND, "causal", requested, q.device.type, q.device.index, q.dtype, k.dtype,
+                           int(q.shape[-1]), aligned)
 
 
 def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
-    """``fa4`` or ``sdpa`` for reading a KV cache with per-row lengths.
+    """The backend of :func:`cached_attention` for these inputs.
 
     ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs: on an H100 it
     matched SDPA and replayed bitwise from a CUDA graph (tests/gpu/test_decode_gpu.py).
     """
-    return choose_backend(requested, q.device.type, q.device.index, q.dtype, k_cache.dtype, int(q.shape[-1]),
-                          True, True)
+    return registry.choose(KIND, "cached", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
+                           int(q.shape[-1]), True)
 
 
 def _sdpa_cached_dense(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, window: int | None,
@@ -189,9 +150,14 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Te
     bound of ``kv_lengths`` known on the host; SDPA then reads only that many cache positions
     (None: all of them, the fixed shape a CUDA graph needs).
     """
-    if resolve_cached_backend(backend, q, k_cache) == "fa4":
-        return fa4.fa4_cached_attention(q, k_cache, v_cache, kv_lengths, cu_seqlens=cu_seqlens, window=window,
-                                        scale=scale)
+    run = registry.implementation(KIND, resolve_cached_backend(backend, q, k_cache), "cached")
+    return run(q, k_cache, v_cache, kv_lengths, cu_seqlens=cu_seqlens, window=window, scale=scale, key_len=key_len)
+
+
+def sdpa_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, *,
+                          cu_seqlens: Tensor | None = None, window: int | None = None, scale: float | None = None,
+                          key_len: int | None = None) -> Tensor:
+    """:func:`cached_attention` on SDPA."""
     if cu_seqlens is not None:
         return _sdpa_cached_packed(q, k_cache, v_cache, kv_lengths, cu_seqlens, window, scale)
     return _sdpa_cached_dense(q, k_cache, v_cache, kv_lengths, window, scale, key_len or k_cache.shape[1])
@@ -201,11 +167,27 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | No
                      window: int | None = None, scale: float | None = None, backend: str | None = None) -> Tensor:
     """Packed input: B = 1 with ``cu_seqlens`` (any lengths), or B > 1 rows of L tokens with
     ``cu_seqlens`` over the flattened B·L tokens, no document crossing a row (training batches)."""
-    if resolve_attention_backend(backend, q, k, q_offset) == "fa4":
-        if cu_seqlens is not None and q.shape[0] > 1:  # rows of documents: FA4 is varlen already
-            B, L = q.shape[:2]
-            out = fa4.fa4_attention(*(t.reshape(1, B * L, *t.shape[2:]) for t in (q, k, v)), cu_seqlens=cu_seqlens,
-                                    window=window, scale=scale, max_seqlen=L)
-            return out.view(q.shape[:-1] + v.shape[-1:])
-        return fa4.fa4_attention(q, k, v, cu_seqlens=cu_seqlens, window=window, scale=scale)
-    return sdpa_attention(q, k, v, cu_seqlens=cu_seqlens, q_offset=q_offset, window=window, scale=scale)
+    run = registry.implementation(KIND, resolve_attention_backend(backend, q, k, q_offset), "causal")
+    return run(q, k, v, cu_seqlens=cu_seqlens, q_offset=q_offset, window=window, scale=scale)
+
+
+def fa4_causal(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, q_offset: int = 0,
+               window: int | None = None, scale: float | None = None) -> Tensor:
+    """:func:`causal_attention` on FA4 (which the support check let through: ``q_offset`` aligned)."""
+    if cu_seqlens is not None and q.shape[0] > 1:  # rows of documents: FA4 is varlen already
+        B, L = q.shape[:2]
+        out = fa4.fa4_attention(*(t.reshape(1, B * L, *t.shape[2:]) for t in (q, k, v)), cu_seqlens=cu_seqlens,
+                                window=window, scale=scale, max_seqlen=L)
+        return out.view(q.shape[:-1] + v.shape[-1:])
+    return fa4.fa4_attention(q, k, v, cu_seqlens=cu_seqlens, window=window, scale=scale)
+
+
+def _fa4_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, *, key_len: int | None = None,
+                **kwargs) -> Tensor:
+    return fa4.fa4_cached_attention(q, k_cache, v_cache, kv_lengths, **kwargs)  # reads every row's own length
+
+
+registry.register_backend(KIND, "sdpa", {"causal": sdpa_attention, "cached": sdpa_cached_attention},
+                          auto_priority=0)
+registry.register_backend(KIND, "fa4", load=_fa4_ops, fallback="sdpa", strict=True, auto_priority=1,
+                          installed=fa4.installed, device_reason=lambda device: fa4.device_reason(device, "FA4"))

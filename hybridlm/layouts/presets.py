@@ -5,7 +5,7 @@ Families (``<arch>-<size>``), sizes ``tiny`` (CPU demos, byte vocabulary), ``sma
 
 * ``mamba3``       pure Mamba-3 (SISO), ``(M F) *n``
 * ``mamba3-mimo``  MIMO R=4, chunk 16, SwiGLU shrunk to match the SISO model's parameters (paper
-                   §3.1; at 1.5B this gives the paper's 4096 -> 3824)
+                   matching; at 1.5B this gives its 4096 -> 3824)
 * ``transformer``  Llama-style: RoPE GQA attention + SwiGLU, SwiGLU sized to match the Mamba-3 model
 
 The matched SwiGLU widths are data here; ``hybridlm.builder.model.matching.match_swiglu_hidden``

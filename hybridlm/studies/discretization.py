@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from hybridlm.errors import HybridLMError
+from hybridlm.eval.run import EvalRequest
 from hybridlm.studies.config import ModelEntry, Strict, StudyConfig, TrainSettings
 from hybridlm.studies.corpus import MAX_BYTES, build_corpus, read_manifest, verify_corpus
 from hybridlm.studies.plots import Panel, plot_panels, smooth
@@ -74,11 +75,10 @@ def plan(cfg: Config, finished: dict[str, dict], *, preview: bool = False, extra
     for seed in cfg.seeds:
         for model, entry in cfg.models.items():
             flags = cfg.train.flags() + ["--hybrid.data", str(corpus / "train.jsonl"), "--hybrid.seed", str(seed)]
-            eval_args = ["--task", f"ppl:file={corpus / 'valid.txt'}", "--lengths", cfg.eval.lengths,
-                         "--samples", str(cfg.eval.samples), "--batch-size", str(cfg.eval.batch_size),
-                         "--seed", str(seed)]
+            request = EvalRequest(f"ppl:file={corpus / 'valid.txt'}", cfg.eval.lengths, samples=cfg.eval.samples,
+                                  batch_size=cfg.eval.batch_size, seed=seed)
             meta = {"model": model, "spec": entry.spec, "seed": seed, **(extra_meta or {})}
-            runs.append(Run(f"{model}-seed{seed}", cfg.path(entry.spec), flags, eval_args, cfg.train.steps,
+            runs.append(Run(f"{model}-seed{seed}", cfg.path(entry.spec), flags, request, cfg.train.steps,
                             cfg.train.tokens_per_step, meta))
     return Plan(runs)
 

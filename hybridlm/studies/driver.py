@@ -203,7 +203,7 @@ def _probe(plan: Plan, executor: Executor, cfg: StudyConfig, jobs: int, steps: i
         flags = with_flag(with_flag(run.train_flags, "--training.steps", str(steps)),
                           "--metrics.log_freq", str(max(1, steps // 4)))
         flags = with_flag(flags, "--lr_scheduler.warmup_steps", "1")
-        probe = Run(f"probe-{run.id}", run.spec, flags, run.eval_args, steps, run.tokens_per_step, run.meta)
+        probe = Run(f"probe-{run.id}", run.spec, flags, run.eval, steps, run.tokens_per_step, run.meta)
         started = time.monotonic()
         try:
             parsed = executor.train_only(probe, slot)

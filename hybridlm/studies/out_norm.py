@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from hybridlm.errors import HybridLMError
+from hybridlm.eval.run import EvalRequest
 from hybridlm.studies.config import ModelEntry, Strict, StudyConfig, TrainSettings
 from hybridlm.studies.plots import Panel, plot_panels, smooth
 from hybridlm.studies.runner import Run
@@ -36,9 +37,8 @@ class EvalSettings(Strict):
     samples: int = Field(gt=0)
     batch_size: int = Field(gt=0)
 
-    def args(self, seed: int) -> list[str]:
-        return ["--task", self.tasks, "--lengths", self.lengths, "--samples", str(self.samples),
-                "--batch-size", str(self.batch_size), "--seed", str(seed)]
+    def request(self, seed: int) -> EvalRequest:
+        return EvalRequest(self.tasks, self.lengths, samples=self.samples, batch_size=self.batch_size, seed=seed)
 
 
 class Config(StudyConfig):
@@ -73,7 +73,7 @@ def plan(cfg: Config, finished: dict[str, dict], *, preview: bool = False, extra
     for model, entry in cfg.models.items():
         flags = cfg.train.flags() + ["--hybrid.data", f"task:{cfg.train_task}", "--hybrid.seed", str(cfg.seed)]
         meta = {"model": model, "spec": entry.spec, "train_task": cfg.train_task}
-        runs.append(Run(model, cfg.path(entry.spec), flags, cfg.eval.args(cfg.seed), cfg.train.steps,
+        runs.append(Run(model, cfg.path(entry.spec), flags, cfg.eval.request(cfg.seed), cfg.train.steps,
                         cfg.train.tokens_per_step, meta))
     return Plan(runs)
 

@@ -1,6 +1,7 @@
-"""Run a study's runs with the project's own commands: train (torchtitan), export, evaluate.
+"""Run a study's runs the way the project's own commands do: train (torchtitan), export, evaluate.
 
-Each run is three commands, recorded verbatim in ``results.json``:
+Each run is what these three commands do, and they are recorded verbatim in ``results.json`` (a
+run can be repeated by hand):
 
     hybridlm train SPEC --config RECIPE --job.dump_folder WORK/train FLAGS...
     hybridlm export WORK/train --out WORK/model
@@ -9,7 +10,9 @@ Each run is three commands, recorded verbatim in ``results.json``:
 Training runs in its own process (torchtitan wants one process group per process), several at a
 time (``jobs``): tiny models leave a GPU mostly idle, waiting on kernel launches, so runs side by
 side cost little more wall time than one. Export and evaluation are short and run in this
-process, one at a time, through the same command-line entry point. A time budget stops new runs
+process, one at a time, through the library functions those commands call
+(:func:`hybridlm.titan.export.export_checkpoint`, :func:`hybridlm.eval.run.run_eval`): studies sit
+below the command line and never import it. A time budget stops new runs
 from starting when the next one would not finish in time; the study then exits with status 3 and
 running it again continues.
 """
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hybridlm.errors import HybridLMError
+from hybridlm.eval.run import EvalRequest, run_eval
 from hybridlm.studies.results import ResultStore, now, parse_train_log
 
 LOG_TAIL_LINES = 25
@@ -42,14 +47,14 @@ class Run:
     id: str  # unique in the study, used as a folder name
     spec: Path
     train_flags: list[str]
-    eval_args: list[str]  # `hybridlm eval` options after the model folder
+    eval: EvalRequest
     steps: int
     tokens_per_step: int
     meta: dict = field(default_factory=dict)
 
     def key(self, recipe: Path) -> str:
         """Changes whenever anything that decides the result changes."""
-        material = [self.spec.read_text(), recipe.read_text(), self.train_flags, self.eval_args, self.meta]
+        material = [self.spec.read_text(), recipe.read_text(), self.train_flags, self.eval.flags(), self.meta]
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -84,8 +89,8 @@ class Executor:
             ["hybridlm", "train", display_path(run.spec), "--config", display_path(self.recipe),
              "--job.dump_folder", display_path(dump), *run.train_flags],
             ["hybridlm", "export", display_path(dump), "--out", display_path(model)],
-            ["hybridlm", "eval", display_path(model), *run.eval_args, "--out", display_path(evaluation), "--quiet",
-             "--no-plot"],
+            ["hybridlm", "eval", display_path(model), *run.eval.flags(), "--out", display_path(evaluation),
+             "--quiet", "--no-plot"],
         ]
 
     def train_only(self, run: Run, slot: int = 0) -> dict:
@@ -121,10 +126,11 @@ class Executor:
         train_cmd, export_cmd, eval_cmd = self.commands(run)
         started = time.monotonic()
         with self._inprocess:  # one export/eval at a time: they share this process's stdout and GPU
-            self._cli(export_cmd, work / "export.log")
+            self._logged(export_cmd, work / "export.log", lambda: self._export(work))
             if not self.keep_checkpoints:
                 shutil.rmtree(work / "train" / "checkpoint", ignore_errors=True)
-            self._cli(eval_cmd, work / "eval.log")
+            self._logged(eval_cmd, work / "eval.log",
+                         lambda: run_eval([str(work / "model")], run.eval, work / "eval", quiet=True, plot=False))
         cells = json.loads((work / "eval" / "results.json").read_text())["results"]
         tps = parsed["tokens_per_second"]
         return {
@@ -147,13 +153,25 @@ class Executor:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # spread side-by-side runs over the GPUs
         return env
 
-    def _cli(self, cmd: list[str], log_path: Path) -> None:
-        from hybridlm.cli.main import main
+    @staticmethod
+    def _export(work: Path) -> None:
+        from hybridlm.titan.export import export_checkpoint
 
+        print(f"wrote {export_checkpoint(work / 'train', work / 'model')}")
+
+    @staticmethod
+    def _logged(cmd: list[str], log_path: Path, call: Callable[[], Any]) -> None:
+        """Run ``call`` with its output in ``log_path``; its error becomes RunFailed naming the
+        command it stands for, with the line that command would print."""
+        failed = False
         with log_path.open("w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            status = main(cmd[1:])
-        if status != 0:
-            raise RunFailed(f"`{shlex.join(cmd)}` exited with status {status}; {_tail(log_path)}")
+            try:
+                call()
+            except HybridLMError as err:
+                print(f"error: {err}", file=sys.stderr)
+                failed = True
+        if failed:
+            raise RunFailed(f"`{shlex.join(cmd)}` failed; {_tail(log_path)}")
 
     def run_all(self, runs: list[Run], *, deadline: float | None = None,
                 estimate: Callable[[Run], float] = lambda run: 0.0) -> "Outcome":

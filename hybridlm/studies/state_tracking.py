@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from hybridlm.eval.run import EvalRequest
 from hybridlm.eval.tasks.state_tracking import LengthCurriculum
 from hybridlm.studies.config import Strict, StudyConfig, TrainSettings
 from hybridlm.studies.plots import Panel, plot_panels, smooth
@@ -81,11 +82,11 @@ def _run(cfg: Config, phase: str, model: str, task: str, lr: float | None, setti
          lengths: list[int]) -> Run:
     spec = cfg.models[model].specs[cfg.layers[task]]
     flags = settings.flags(lr) + ["--hybrid.data", f"task:{task}", "--hybrid.seed", str(cfg.seed)]
-    eval_args = ["--task", task, "--lengths", ",".join(map(str, lengths)), "--samples", str(cfg.eval.samples),
-                 "--batch-size", str(cfg.eval.batch_size), "--seed", str(cfg.seed)]
+    request = EvalRequest(task, ",".join(map(str, lengths)), samples=cfg.eval.samples,
+                          batch_size=cfg.eval.batch_size, seed=cfg.seed)
     run_id = f"sweep-lr{lr:g}-{task}" if phase == "sweep" else f"{model}-{task}"
     meta = {"phase": phase, "model": model, "task": task, "lr": lr, "layers": cfg.layers[task], "spec": spec}
-    return Run(run_id, cfg.path(spec), flags, eval_args, settings.steps, settings.tokens_per_step, meta)
+    return Run(run_id, cfg.path(spec), flags, request, settings.steps, settings.tokens_per_step, meta)
 
 
 def sweep_runs(cfg: Config) -> list[Run]:

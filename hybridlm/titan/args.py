@@ -25,7 +25,7 @@ class HybridModelArgs(BaseModelArgs):
 
         if not self.spec:
             raise HybridLMError("no hybridlm spec given: pass --hybrid.spec specs/<name>.yaml (or a preset name)")
-        return ModelSpec.model_validate(self.spec)
+        return ModelSpec.model_validate(with_backend(self.spec, self.backend))
 
     def update_from_config(self, job_config, **kwargs) -> None:
         from hybridlm.layouts.presets import spec_or_preset
@@ -39,12 +39,15 @@ class HybridModelArgs(BaseModelArgs):
         self.n_layers = spec.n_blocks
         self.vocab_size = spec.vocab_size
         self.backend = job_config.hybrid.backend
-        if self.backend:  # for Mamba-3 layers whose spec leaves the backend on "auto"
-            import os
+        if self.backend:
+            from importlib import import_module
 
-            from hybridlm.kernels.dispatch import ENV_VAR
+            from hybridlm.layouts.backends import backend_names, kinds_accepting
 
-            os.environ[ENV_VAR] = self.backend
+            import_module("hybridlm.kernels")  # registers the kernel backends
+            if not kinds_accepting(self.backend):
+                known = "; ".join(f"{kind}: {', '.join(backend_names(kind)[1:])}" for kind in ("mamba3", "attention"))
+                raise HybridLMError(f"--hybrid.backend {self.backend!r} is no registered kernel backend ({known})")
         self.seed = job_config.hybrid.seed
         par = job_config.parallelism
         if par.context_parallel_degree > 1:
@@ -62,3 +65,19 @@ class HybridModelArgs(BaseModelArgs):
 
         acc = account(self.model_spec(), seq_len=seq_len)
         return acc.total_params, acc.train_flops_per_token
+
+
+def with_backend(spec: dict[str, Any], backend: str) -> dict[str, Any]:
+    """``spec`` (a ModelSpec dict) with ``backend`` given to every block that leaves its backend on
+    ``auto`` and whose kind has a backend of that name (``triton``: the Mamba-3 blocks; ``sdpa``: the
+    attention blocks). The model is built from this; the run record keeps the spec as given, so a
+    resume with another ``--hybrid.backend`` is not a spec change."""
+    if not backend:
+        return spec
+    from hybridlm.layouts.backends import kinds_accepting
+
+    kinds = kinds_accepting(backend)
+    blocks = {symbol: {**block, "backend": backend}
+              if isinstance(block, dict) and block.get("kind") in kinds and block.get("backend", "auto") == "auto"
+              else block for symbol, block in spec.get("blocks", {}).items()}
+    return {**spec, "blocks": blocks}

@@ -26,8 +26,9 @@ class Hybrid:
     """Seed of the data stream (examples are resumable by index) and of the initial weights."""
 
     backend: str = ""
-    """Kernel backend for Mamba-3 layers whose spec says `auto` (reference, triton, sequential); empty = automatic
-    (Triton on CUDA, the reference on CPU). Sets HYBRIDLM_BACKEND for this run."""
+    """Kernel backend for the blocks whose spec says `auto` and whose kind has a backend of that name (Mamba-3:
+    reference, sequential, triton, cute; attention: sdpa, fa4); empty = automatic. Given to those blocks' specs
+    before the model is built (the run record keeps the spec as written)."""
 
     allow_spec_change: bool = False
     """Resume a dump folder whose checkpoints were trained with another spec (the run record is checked on every

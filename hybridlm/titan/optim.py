@@ -1,7 +1,8 @@
 """AdamW with weight decay only where it belongs.
 
-No decay on Mamba-3's per-head scalars and vectors (dt_bias, D, B/C biases, MIMO vectors), on
-norm weights and on biases — the Mamba recipe; decay on matmul weights and the embedding.
+No decay on norm weights, biases, vectors and on the parameters each block kind lists as
+``no_decay`` (Mamba-3's per-head scalars and vectors: dt_bias, D, B/C biases, MIMO vectors) — the
+Mamba recipe; decay on matmul weights and the embedding.
 """
 from __future__ import annotations
 
@@ -11,21 +12,36 @@ import torch
 from torch import nn
 from torchtitan.components.optimizer import OptimizersContainer
 
-NO_DECAY_NAMES = frozenset({"dt_bias", "D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o"})
+from hybridlm.builder.model.registry import block_kind
 
 
-def decays(name: str, param: nn.Parameter) -> bool:
+def decays(name: str, param: nn.Parameter, no_decay: frozenset[str] = frozenset()) -> bool:
+    """Whether parameter ``name`` decays; ``no_decay``: the last name parts its block kind exempts."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in NO_DECAY_NAMES or leaf == "bias" or param.ndim < 2:
+    if leaf in no_decay or leaf == "bias" or param.ndim < 2:
         return False
     return "norm" not in name.lower()
 
 
+def _kind_exempt(model: nn.Module) -> dict[int, frozenset[str]]:
+    """id(parameter) -> the no-decay names of the block kind it belongs to."""
+    out: dict[int, frozenset[str]] = {}
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return out
+    for layer, resolved in zip(model.layers, spec.resolve(), strict=True):
+        names = frozenset(block_kind(resolved.spec.kind).no_decay)
+        for p in layer.parameters():
+            out[id(p)] = names
+    return out
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    exempt = _kind_exempt(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if decays(name, p) else no_decay).append(p)
+            (decay if decays(name, p, exempt.get(id(p), frozenset())) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

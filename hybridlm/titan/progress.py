@@ -8,11 +8,18 @@ no sense of how far the run is. :class:`ProgressFormatter` rewrites its lines:
     [hybridlm] done: 50 steps in 1:02; checkpoints in runs/x/checkpoint; next: hybridlm export runs/x --out models/tiny-hybrid
 
 On a GPU the step line adds memory and MFU. ``--hybrid.log torchtitan`` keeps torchtitan's own lines.
+
+On a terminal the step lines are one progress bar, redrawn in place (``HYBRIDLM_PROGRESS=lines`` keeps
+a line per logged step; ``=bar`` draws the bar without a terminal too):
+
+    [hybridlm] hybrid-demo  [##########..........]  300/600   50%  loss 0.4120  12,345 tok/s  elapsed 1:02  ETA 1:01
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +28,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP = re.compile(r"^step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>\S+)(?:\s+grad_norm:\s*(?P<grad>\S+))?"
                    r"(?:.*?memory:\s*(?P<mem>-?[\d.]+)GiB)?(?:.*?tps:\s*(?P<tps>[\d,]+))?"
                    r"(?:.*?mfu:\s*(?P<mfu>[\d.]+)%)?")
+_UP_AND_CLEAR = "\x1b[1A\x1b[2K\r"  # cursor to the previous line, erase it: the bar is redrawn in place
+_BAR_WIDTH = 20
 _SIZE = re.compile(r"^Model \S+ \S+ size: ([\d,]+) total parameters")
-# A logged step in either form, torchtitan's ("step: 20  loss: 3.214 ... tps: 11,234") or ours
-# ("step  20/100  20%  loss 3.214 ... 11,234 tok/s"): for the tools that read training logs.
-STEP_LINE = re.compile(r"step:?\s*(?P<step>\d+)(?:/\d+)?\s+(?:\d+%\s+)?loss:?\s*(?P<loss>[-+0-9.eE]+|nan|inf)"
+# A logged step in any form, torchtitan's ("step: 20  loss: 3.214 ... tps: 11,234") or ours
+# ("step  20/100  20%  loss 3.214 ... 11,234 tok/s", or the bar's "[####....]  20/100  20%  loss 3.214 ..."):
+# for the tools that read training logs.
+STEP_LINE = re.compile(r"(?:step:?\s*|\]\s+)(?P<step>\d+)(?:/\d+)?\s+(?:\d+%\s+)?loss:?\s*(?P<loss>[-+0-9.eE]+|nan|inf)"
                        r"(?:.*?(?:tps:\s*(?P<tps>[\d,]+)|(?P<rate>[\d,]+) tok/s))?")
 
 
@@ -61,15 +71,23 @@ class RunFacts:
 class ProgressFormatter(logging.Formatter):
     """Formats torchtitan's compact log for people; lines it does not know pass unchanged."""
 
-    def __init__(self, facts: RunFacts, prefix: str = "[hybridlm] ", clock=time.monotonic):
+    def __init__(self, facts: RunFacts, prefix: str = "[hybridlm] ", clock=time.monotonic, bar: bool | None = None):
         super().__init__(f"{prefix}%(message)s")
         self.facts, self.prefix, self.clock = facts, prefix, clock
         self.started: float | None = None  # when training started
         self.first_step: tuple[int, float] | None = None  # (step, time) of the first step line
+        self.bar = use_bar() if bar is None else bar  # step lines as one bar redrawn in place
+        self.bar_shown = False  # the last line written is the bar (the next step line replaces it)
 
     def format(self, record: logging.LogRecord) -> str:
-        rewritten = self.rewrite(record.getMessage())
-        return self.prefix + rewritten if rewritten is not None else super().format(record)
+        message = record.getMessage()
+        rewritten = self.rewrite(message)
+        is_step = rewritten is not None and bool(_STEP.match(_ANSI.sub("", message).strip()))
+        text = self.prefix + rewritten if rewritten is not None else super().format(record)
+        if self.bar and is_step:
+            text = (_UP_AND_CLEAR if self.bar_shown else "") + text
+        self.bar_shown = self.bar and is_step
+        return text
 
     def rewrite(self, message: str) -> str | None:
         """The person-facing text of one torchtitan message (None: keep it as it is)."""
@@ -98,7 +116,11 @@ class ProgressFormatter(logging.Formatter):
         total = self.facts.total_steps
         parts = [f"step {step:>{len(str(total))}d}/{total}", f"{100 * step // max(total, 1):3d}%",
                  f"loss {m.group('loss')}"]
-        if m.group("grad"):
+        if self.bar:  # "hybrid-demo  [#####...............]  150/600   25%  loss ..."
+            filled = min(_BAR_WIDTH, _BAR_WIDTH * step // max(total, 1))
+            parts[0] = (f"{self.facts.spec_name}  [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]  "
+                        f"{step:>{len(str(total))}d}/{total}")
+        if m.group("grad") and not self.bar:
             parts.append(f"grad_norm {m.group('grad')}")
         if m.group("tps"):
             parts.append(f"{m.group('tps')} tok/s")
@@ -123,3 +145,14 @@ class ProgressFormatter(logging.Formatter):
             return (f"{text}; checkpoints in {f.checkpoint_folder}; next: "
                     f"hybridlm export {f.dump_folder} --out models/{name}")
         return f"{text}; no checkpoints were written (checkpoints are off: --checkpoint.enable to keep them)"
+
+
+def use_bar() -> bool:
+    """Draw the step lines as one bar: on a terminal, unless HYBRIDLM_PROGRESS says ``lines`` (or ``bar``)."""
+    choice = os.environ.get("HYBRIDLM_PROGRESS", "").strip().lower()
+    if choice in ("bar", "lines"):
+        return choice == "bar"
+    try:
+        return sys.stdout.isatty()  # torchtitan's log handler writes to stdout
+    except (AttributeError, ValueError):
+        return False

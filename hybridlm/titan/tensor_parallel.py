@@ -1,8 +1,8 @@
-"""Tensor parallelism for HybridLM: attention, SwiGLU and the Mamba-3 mixer sharded by heads.
+"""Tensor parallelism for HybridLM: every block kind with a plan, sharded by heads.
 
 Plain ``torch.distributed.tensor`` (no torchtitan), so it runs and is tested without the trainer.
 The plan follows torchtitan's llama3 (Megatron-style TP with sequence parallelism) and extends it
-to Mamba-3:
+to Mamba-3 and to any block kind registered with a ``tp_plan`` (hybridlm/builder/model/registry.py):
 
 * ``tok_embeddings``: vocabulary-sharded (``RowwiseParallel``); its output is sequence-sharded
   (``Shard(1)``) with sequence parallelism, else replicated. ``norm``: ``SequenceParallel``.
@@ -10,23 +10,27 @@ to Mamba-3:
   vocabulary-sharded DTensors with ``loss_parallel`` (compute the loss under
   ``torch.distributed.tensor.parallel.loss_parallel()``). A tied head shares the embedding's
   ``Shard(0)`` weight.
-* every residual block: its RMSNorm runs on sequence shards; the mixer gathers the sequence
-  (``Shard(1) -> Replicate``), computes this rank's heads, and its output projection is row-parallel,
-  reduce-scattering back to sequence shards (with ``sequence_parallel=False`` the stream stays
-  replicated and the row-parallel output is all-reduced).
+* every residual block: its RMSNorm runs on sequence shards; its block becomes a
+  :class:`ShardedBlock`: the same parameter names, as DTensors, whose forward gathers the sequence
+  (``Shard(1) -> Replicate``), runs the *unsharded block's own code* on this rank's tensors
+  (``torch.func.functional_call``; the blocks read their head counts from the parameters' shapes,
+  so they know nothing of parallelism), and reduces the partial sums of its row-parallel output
+  projection back to sequence shards (with ``sequence_parallel=False`` the stream stays replicated
+  and the output is all-reduced).
+* a block kind's plan (:class:`HeadParallelPlan`) names its column-parallel Linears (split by
+  output rows: heads), its row-parallel ones (split by input columns) and its other head-sharded
+  parameters; every other parameter is replicated.
 * attention: ``wq``/``wk``/``wv`` column-parallel by heads (``n_kv_heads % tp == 0``), ``wo``
-  row-parallel; ``q_norm``/``k_norm`` run on the local heads with a replicated weight.
+  row-parallel; ``q_norm``/``k_norm`` replicated.
 * SwiGLU: ``w1``/``w3`` column-parallel, ``w2`` row-parallel (``hidden % tp == 0``).
-* Mamba-3 (:class:`Mamba3HeadParallel`): the fused ``in_proj`` becomes
-  :class:`HeadShardedInProj`, one parameter per segment of the official layout (docs/mamba3.md §1.3):
-  ``z``, ``x``, ``dt``, ``A``, ``trap`` rows sharded by heads (``Shard(0)``); ``B``/``C`` (rank, group,
-  state) sharded by groups when ``ngroups % tp == 0``, else replicated (each rank reads the group of
-  its heads: ``tp % ngroups == 0``); the angle rates, shared by all heads, replicated. One local
-  matmul computes the rank's ``[z, x, B, C, dt, A, trap, angle]`` in the order the mixer splits.
-  ``dt_bias``, ``D``, ``B_bias``, ``C_bias``, ``mimo_x/z/o`` and the grouped out-norm weight are
-  ``Shard(0)`` by heads; ``B_norm``/``C_norm`` replicated; ``out_proj`` row-parallel. The mixer's
-  ``nheads``, ``ngroups``, ``d_inner``, ``bc_width`` and ``split_sizes`` become this rank's counts,
-  so its forward (and the scan kernels) run unchanged on local heads.
+* Mamba-3: the fused ``in_proj`` becomes :class:`HeadShardedInProj`, one parameter per segment of
+  the official layout (``InProjLayout.segments()``, docs/mamba3.md §1.3): ``z``, ``x``, ``dt``,
+  ``A``, ``trap`` rows sharded by heads (``Shard(0)``); ``B``/``C`` (rank, group, state) sharded by
+  groups when ``ngroups % tp == 0``, else replicated (each rank reads the group of its heads:
+  ``tp % ngroups == 0``); the angle rates, shared by all heads, replicated. Its local weight is this
+  rank's ``[z, x, B, C, dt, A, trap, angle]`` rows in the order the mixer splits. ``dt_bias``,
+  ``D``, ``B_bias``, ``C_bias``, ``mimo_x/z/o`` and the grouped out-norm weight are ``Shard(0)`` by
+  heads; ``B_norm``/``C_norm`` replicated; ``out_proj`` row-parallel.
 
 Gradients: a replicated parameter or input used only by this rank's heads gets a *partial*
 gradient (``Partial()`` placement; the ranks' parts add up, as FSDP2 and DTensor ops reduce them).
@@ -42,16 +46,20 @@ plain tensor. The optimizer state of in_proj is kept per segment (``in_proj.z_we
 Not supported (one :class:`TensorParallelError` before anything changes): head, group or width
 counts not divisible by the TP degree, the Mamba-3 short convolution (``conv_kernel``), the
 whole-width ``*_default`` out-norms (they would need an all-reduce inside the scan), block kinds
-without a plan, and a 2-D mesh. With sequence parallelism the sequence length must be a multiple
-of the TP degree (checked at the first forward). Decoding (KV / SSM caches) under TP is untested.
+without a plan, row-parallel Linears with a bias, and a 2-D mesh. With sequence parallelism the
+sequence length must be a multiple of the TP degree (checked at the first forward). Decoding (KV /
+SSM caches) under TP is untested.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
@@ -59,100 +67,56 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
-from hybridlm.blocks import RMSNorm
 from hybridlm.blocks.attention import Attention
 from hybridlm.blocks.mamba3 import Mamba3
 from hybridlm.blocks.swiglu import SwiGLU
+from hybridlm.builder.model.registry import block_kind, register_tp_plan, registered_kinds
 from hybridlm.errors import HybridLMError
-from hybridlm.kernels.norms import rms_norm
 
 __all__ = [
     "TensorParallelError",
+    "TensorParallelPlan",
+    "HeadParallelPlan",
+    "ShardedBlock",
+    "HeadShardedInProj",
     "apply_tensor_parallel",
     "tensor_parallel_problems",
-    "Mamba3HeadParallel",
-    "AttentionHeadParallel",
-    "SwiGLUParallel",
-    "HeadShardedInProj",
-    "HeadLocalRMSNorm",
 ]
+
+# (spec field or None, its value, reason): None when the problem is a parameter's shape
+Problem = tuple[str | None, object, str]
 
 
 class TensorParallelError(HybridLMError):
     """A model (or input) that the tensor-parallel plan cannot shard; the message names what to change."""
 
 
-# ---------------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------------
-def _mamba3_problems(m: Mamba3, tp: int) -> list[tuple[str, object, str]]:
-    """(spec field, value, reason) for each thing that keeps ``m`` from being sharded over ``tp`` ranks."""
-    out = []
-    if m.nheads % tp:
-        out.append(("headdim", m.headdim,
-                    f"gives {m.nheads} heads (expand·d_model/headdim), not a multiple of tp={tp}"))
-    elif m.ngroups % tp and tp % m.ngroups:
-        out.append(("ngroups", m.ngroups, f"must divide or be a multiple of tp={tp} (each rank's heads must read "
-                                          f"whole B/C groups)"))
-    if m.conv_kernel:
-        out.append(("conv_kernel", m.conv_kernel, "the short convolution has no tensor-parallel plan; use 0"))
-    if m.out_norm.endswith("_default"):
-        out.append(("out_norm", m.out_norm, "a whole-width norm would need an all-reduce across TP ranks inside "
-                                            "the scan; use pregate_grouped, postgate_grouped or none"))
-    return out
+class TensorParallelPlan(Protocol):
+    """What a block kind's ``tp_plan`` provides (:class:`HeadParallelPlan` is the usual one)."""
 
+    def problems(self, block: nn.Module, tp: int) -> list[Problem]:
+        """Every reason ``block`` cannot be sharded over ``tp`` ranks (empty: it can)."""
 
-def _attention_problems(a: Attention, tp: int) -> list[tuple[str, object, str]]:
-    if a.n_kv_heads % tp:
-        return [("n_kv_heads", a.n_kv_heads, f"not a multiple of tp={tp} (with n_kv_heads unset, n_heads is)")]
-    return []
-
-
-def _swiglu_problems(f: SwiGLU, tp: int) -> list[tuple[str, object, str]]:
-    return [("hidden", f.hidden, f"not a multiple of tp={tp}")] if f.hidden % tp else []
-
-
-_PROBLEMS = {Mamba3: _mamba3_problems, Attention: _attention_problems, SwiGLU: _swiglu_problems}
-
-
-def tensor_parallel_problems(model: nn.Module, tp: int) -> list[str]:
-    """Every reason ``model`` cannot be sharded over ``tp`` ranks, each naming the spec field (empty: OK)."""
-    problems: dict[tuple, str] = {}  # a block symbol used by many layers fails once, at its first layer
-    for layer, block in zip(model.layers.children(), model.spec.resolve(), strict=True):
-        check = _PROBLEMS.get(type(layer.mixer))
-        if check is None:
-            problems.setdefault((block.symbol, "kind"),
-                                f"layer {block.index} (blocks.{block.symbol}, kind {block.spec.kind!r}) has no "
-                                f"tensor-parallel plan (supported: mamba3, attention, swiglu)")
-            continue
-        for field, value, reason in check(layer.mixer, tp):
-            where = f"blocks.{block.symbol}.{field}" + (" (after overrides)" if block.overridden else "")
-            problems.setdefault((where, value), f"{where} = {value!r} at layer {block.index}: {reason}")
-    return list(problems.values())
-
-
-def _raise_problems(problems: list[str], tp: int) -> None:
-    if problems:
-        raise TensorParallelError(f"tensor parallelism over {tp} ranks cannot shard this model: " + "; ".join(problems))
+    def shard(self, block: nn.Module, mesh: DeviceMesh, stream: Placement) -> nn.Module:
+        """The block's replacement on this rank: input and output in the residual stream's layout
+        ``stream`` (``Shard(1)`` with sequence parallelism, else ``Replicate()``)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# local computation with head-sharded parameters
+# parameters and local tensors
 # ---------------------------------------------------------------------------------------------
-def _head_local(p: DTensor) -> Tensor:
+def _head_local(p: Tensor) -> Tensor:
     """This rank's tensor of ``p`` for computing with its own heads.
 
     A replicated parameter contributes to the loss only through this rank's heads here, so its
     gradient on this rank is a partial sum (``Partial``); a sharded one gets its shard's gradient."""
+    if not isinstance(p, DTensor):
+        return p
     return p.to_local(grad_placements=[Partial() if pl.is_replicate() else pl for pl in p.placements])
 
 
@@ -164,22 +128,167 @@ def _distributed_param(p: nn.Parameter, mesh: DeviceMesh, placement: Placement) 
     return new
 
 
-class HeadLocalRMSNorm(RMSNorm):
-    """RMSNorm over a head-local tensor (this rank's query/key heads, Mamba-3 B/C groups) with a
-    replicated weight; same parameter name (``weight``) as the module it replaces."""
+def _find(root: nn.Module, name: str) -> tuple[nn.Module, str, Tensor | None]:
+    """(owner module, leaf name, the parameter or None) of a dotted parameter name; None when absent
+    (a plan may list parameters that only some configurations have, e.g. Mamba-3's ``mimo_x``)."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = root.get_submodule(owner) if owner else root
+    except AttributeError:
+        return root, leaf, None
+    return module, leaf, module._parameters.get(leaf)
 
-    @classmethod
-    def replacing(cls, norm: RMSNorm, mesh: DeviceMesh) -> "HeadLocalRMSNorm":
-        new = cls(norm.weight.shape[0], eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
-        new.weight = _distributed_param(norm.weight, mesh, Replicate())
-        return new
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, _head_local(self.weight), self.eps)
+def _meta_copy(block: nn.Module) -> nn.Module:
+    """``block`` with every parameter and buffer on the meta device: its code and configuration, no values."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in block.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in block.buffers()})
+    return copy.deepcopy(block, memo)
 
 
 # ---------------------------------------------------------------------------------------------
-# the fused in_proj, one parameter per segment
+# a sharded block
+# ---------------------------------------------------------------------------------------------
+class ShardedBlock(nn.Module):
+    """A block sharded over a tensor-parallel mesh (see the module docstring).
+
+    Holds the block's parameters (DTensors) and submodules under the block's own names, so state
+    dicts and the optimizer see the same names as unsharded. ``template`` is the block on the meta
+    device (not a submodule): its forward runs with this rank's tensors (:meth:`local_tensors`)."""
+
+    def __init__(self, block: nn.Module, mesh: DeviceMesh, stream: Placement):
+        super().__init__()
+        object.__setattr__(self, "template", _meta_copy(block))
+        self.mesh = mesh
+        self.stream = stream
+        for name, p in block.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in block.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in block._non_persistent_buffers_set)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+
+    def local_tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer of the block by its name, as this rank's tensor. A submodule
+        with its own ``local_tensors()`` (:class:`HeadShardedInProj`) supplies its entries."""
+        out: dict[str, Tensor] = {}
+        skip = None
+        for prefix, module in self.named_modules():
+            if skip and prefix.startswith(skip):
+                continue
+            dot = f"{prefix}." if prefix else ""
+            if module is not self and hasattr(module, "local_tensors"):
+                out.update({dot + k: v for k, v in module.local_tensors().items()})
+                skip = dot
+                continue
+            for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+                out[dot + name] = _head_local(t)
+        return out
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, self.mesh, [self.stream], run_check=False)
+        # Every rank reads the whole sequence; the input's gradient here covers this rank's heads only.
+        x = x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        out = functional_call(self.template, self.local_tensors(), (x, *args), kwargs)
+        # the row-parallel output projection left a partial sum on each rank
+        out = DTensor.from_local(out, self.mesh, [Partial()], run_check=False)
+        return out.redistribute(placements=[self.stream], async_op=True).to_local()
+
+    # -- what the block had, when it had it (see _sharded_class) -------------------------------------
+    @torch.no_grad()
+    def _reset_from_unsharded(self) -> None:
+        """The unsharded block's own init, then each rank keeps its part: the values of an unsharded
+        model from the same seed (random init directly on DTensors would depend on the layout)."""
+        full = copy.deepcopy(self.template).to_empty(device=next(self.parameters()).device)
+        full.reset_parameters()
+        with implicit_replication():
+            self.load_state_dict(full.state_dict())
+
+    def _allocate_local_cache(self, *args, **kwargs):
+        """The block's decode cache for this rank's heads."""
+        with torch.no_grad(), _reparametrize_module(self.template, self.local_tensors()):
+            return self.template.allocate_cache(*args, **kwargs)
+
+
+@functools.cache
+def _sharded_class(block_cls: type[nn.Module]) -> type[ShardedBlock]:
+    """ShardedBlock with the block's ``reset_parameters`` / ``allocate_cache`` where it has them:
+    the init recipe and the decoder look for exactly these methods."""
+    methods = {}
+    if hasattr(block_cls, "reset_parameters"):
+        methods["reset_parameters"] = ShardedBlock._reset_from_unsharded
+    if hasattr(block_cls, "allocate_cache"):
+        methods["allocate_cache"] = ShardedBlock._allocate_local_cache
+    return type(f"Sharded{block_cls.__name__}", (ShardedBlock,), methods) if methods else ShardedBlock
+
+
+@dataclass(frozen=True)
+class HeadParallelPlan:
+    """Shard a block by heads, Megatron style (a :class:`TensorParallelPlan`).
+
+    * ``colwise``: Linear layers split by output rows (``Shard(0)``: each rank computes its heads);
+    * ``rowwise``: Linear layers split by input columns (``Shard(1)``); the block's output must be
+      the sum of what they output (each rank's part is a partial sum); no bias;
+    * ``sharded``: other parameters split along dim 0 (per-head vectors), dotted names, skipped
+      where the block lacks them;
+    * every other parameter is replicated;
+    * ``check(block, tp)``: the kind's own rules, as ``(spec field, value, reason)``; without any
+      problem from it, each listed parameter's split dimension must divide by ``tp``;
+    * ``prepare(sharded, mesh)``: a kind's own rewrite before the rest (Mamba-3 splits ``in_proj``
+      by segment).
+    """
+
+    colwise: tuple[str, ...] = ()
+    rowwise: tuple[str, ...] = ()
+    sharded: tuple[str, ...] = ()
+    check: Callable[[nn.Module, int], Iterable[Problem]] | None = None
+    prepare: Callable[[ShardedBlock, DeviceMesh], None] | None = None
+
+    def problems(self, block: nn.Module, tp: int) -> list[Problem]:
+        found = list(self.check(block, tp)) if self.check is not None else []
+        return found or list(self._shape_problems(block, tp))
+
+    def _shape_problems(self, block: nn.Module, tp: int) -> Iterable[Problem]:
+        for names, dim, what in ((self.colwise, 0, "rows"), (self.rowwise, 1, "columns")):
+            for name in names:
+                _, _, weight = _find(block, f"{name}.weight")
+                if weight is None:
+                    yield None, name, f"the plan names Linear {name!r}, which the block does not have"
+                elif weight.shape[dim] % tp:
+                    yield None, name, f"{name}.weight has {weight.shape[dim]} {what}, not a multiple of tp={tp}"
+        for name in self.rowwise:
+            if _find(block, f"{name}.bias")[2] is not None:
+                yield None, name, f"{name} is row-parallel and has a bias (it would be added once per rank)"
+        for name in self.sharded:
+            _, _, p = _find(block, name)
+            if p is not None and p.shape[0] % tp:
+                yield None, name, f"{name} has {p.shape[0]} rows, not a multiple of tp={tp}"
+
+    def shard(self, block: nn.Module, mesh: DeviceMesh, stream: Placement) -> ShardedBlock:
+        tp = mesh.size()
+        problems = self.problems(block, tp)
+        if problems:
+            raise TensorParallelError(f"tensor parallelism over {tp} ranks cannot shard this "
+                                      f"{type(block).__name__}: " + "; ".join(f"{f or 'parameter'} = {v!r}: {r}"
+                                                                             for f, v, r in problems))
+        sharded = _sharded_class(type(block))(block, mesh, stream)
+        if self.prepare is not None:
+            self.prepare(sharded, mesh)
+        placements = [(f"{name}.{leaf}", Shard(0)) for name in self.colwise for leaf in ("weight", "bias")]
+        placements += [(f"{name}.weight", Shard(1)) for name in self.rowwise]
+        placements += [(name, Shard(0)) for name in self.sharded]
+        placements += [(name, Replicate()) for name, _ in sharded.named_parameters()]
+        for name, placement in placements:
+            owner, leaf, p = _find(sharded, name)
+            if p is not None and not isinstance(p, DTensor):
+                owner.register_parameter(leaf, _distributed_param(p, mesh, placement))
+        return sharded
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-3's fused in_proj, one parameter per segment
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Segment:
@@ -215,7 +324,8 @@ class _OfficialShards(LocalShardsWrapper):
 
 class HeadShardedInProj(nn.Module):
     """Mamba-3's fused ``in_proj`` as one parameter per segment, each sharded by heads (or groups),
-    or replicated; see the module docstring. Output: this rank's ``[z, x, B, C, dt, A, trap, angle]``."""
+    or replicated; see the module docstring. Its local weight: this rank's ``[z, x, B, C, dt, A,
+    trap, angle]`` rows."""
 
     def __init__(self, weight: Tensor, segments: list[_Segment], mesh: DeviceMesh):
         super().__init__()
@@ -232,21 +342,15 @@ class HeadShardedInProj(nn.Module):
         for seg in self.segments:
             nn.init.uniform_(getattr(self, seg.name), -bound, bound)
 
-    def forward(self, u: Tensor) -> Tensor:
-        if not isinstance(u, DTensor):
-            raise TensorParallelError("HeadShardedInProj expects the mixer input as a DTensor (the Mamba-3 "
-                                      "mixer's tensor-parallel input hook makes it one)")
-        # Every rank multiplies the whole sequence; its gradient here covers this rank's heads only.
-        if u.placements != (Replicate(),):
-            u = u.redistribute(placements=[Replicate()])
-        u = u.to_local(grad_placements=[Partial()])
+    def local_tensors(self) -> dict[str, Tensor]:
+        """``weight``: this rank's rows of the fused weight, in the order the mixer splits them."""
         weights = []
         for seg in self.segments:
             w = _head_local(getattr(self, seg.name))
             if seg.columns is not None:
                 w = w[:, seg.columns[0]: seg.columns[1]]
             weights.append(w.reshape(-1, w.shape[-1]))
-        return F.linear(u, torch.cat(weights))
+        return {"weight": torch.cat(weights)}
 
     # -- the official weight in checkpoints ---------------------------------------------------------
     def _pieces(self) -> list[tuple[Tensor, tuple[int, int]]]:
@@ -323,7 +427,69 @@ class HeadShardedInProj(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-block styles
+# the built-in kinds' plans
+# ---------------------------------------------------------------------------------------------
+def _mamba3_problems(m: Mamba3, tp: int) -> list[Problem]:
+    """(spec field, value, reason) for each thing that keeps ``m`` from being sharded over ``tp`` ranks."""
+    out = []
+    if m.nheads % tp:
+        out.append(("headdim", m.headdim,
+                    f"gives {m.nheads} heads (expand·d_model/headdim), not a multiple of tp={tp}"))
+    elif m.ngroups % tp and tp % m.ngroups:
+        out.append(("ngroups", m.ngroups, f"must divide or be a multiple of tp={tp} (each rank's heads must read "
+                                          f"whole B/C groups)"))
+    if m.conv_kernel:
+        out.append(("conv_kernel", m.conv_kernel, "the short convolution has no tensor-parallel plan; use 0"))
+    if m.out_norm.endswith("_default"):
+        out.append(("out_norm", m.out_norm, "a whole-width norm would need an all-reduce across TP ranks inside "
+                                            "the scan; use pregate_grouped, postgate_grouped or none"))
+    return out
+
+
+def _mamba3_in_proj(sharded: ShardedBlock, mesh: DeviceMesh) -> None:
+    """Replace the fused in_proj by :class:`HeadShardedInProj`, its segments from the layout."""
+    m = sharded.template
+    tp = mesh.size()
+    layout = m.in_proj_layout()
+    G, N, R = layout.ngroups, layout.d_state, layout.rank
+    if G % tp == 0:  # whole groups per rank
+        bc_placement, columns = Shard(1), None
+    else:  # tp % G == 0: every rank's heads read one group; keep B/C whole, use that group's rows
+        group = mesh.get_local_rank() // (tp // G)
+        bc_placement, columns = Replicate(), (group * N, (group + 1) * N)
+    segments = []
+    for name, (start, width) in layout.offsets().items():
+        if name in ("B", "C"):
+            segments.append(_Segment(f"{name}_weight", start, (R, G * N, m.d_model), bc_placement, columns))
+        else:  # the angle rates are shared by all heads
+            segments.append(_Segment(f"{name}_weight", start, (width, m.d_model),
+                                     Replicate() if name == "angle" else Shard(0)))
+    sharded.in_proj = HeadShardedInProj(sharded.in_proj.weight, segments, mesh)
+
+
+def _attention_problems(a: Attention, tp: int) -> list[Problem]:
+    if a.n_kv_heads % tp:
+        return [("n_kv_heads", a.n_kv_heads, f"not a multiple of tp={tp} (with n_kv_heads unset, n_heads is)")]
+    return []
+
+
+def _swiglu_problems(f: SwiGLU, tp: int) -> list[Problem]:
+    return [("hidden", f.hidden, f"not a multiple of tp={tp}")] if f.hidden % tp else []
+
+
+MAMBA3_PLAN = HeadParallelPlan(
+    rowwise=("out_proj",),
+    # per head; the grouped out-norm's weight too (the *_default norms are rejected)
+    sharded=("dt_bias", "D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "norm.weight"),
+    check=_mamba3_problems, prepare=_mamba3_in_proj)
+ATTENTION_PLAN = HeadParallelPlan(colwise=("wq", "wk", "wv"), rowwise=("wo",), check=_attention_problems)
+SWIGLU_PLAN = HeadParallelPlan(colwise=("w1", "w3"), rowwise=("w2",), check=_swiglu_problems)
+for _kind, _plan in (("mamba3", MAMBA3_PLAN), ("attention", ATTENTION_PLAN), ("swiglu", SWIGLU_PLAN)):
+    register_tp_plan(_kind, _plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
 # ---------------------------------------------------------------------------------------------
 class _SyncRowwiseParallel(RowwiseParallel):
     """RowwiseParallel whose output collective completes before returning (for the embedding).
@@ -352,115 +518,33 @@ def _stream(sequence_parallel: bool) -> Placement:
     return Shard(1) if sequence_parallel else Replicate()
 
 
-class _MixerParallel(ParallelStyle):
-    """A mixer sharded by heads: validated first, then sharded by ``_shard``; its input is gathered
-    from the residual stream's layout to a replicated DTensor (``Shard(1) -> Replicate``), and its
-    row-parallel output goes back to the stream's layout."""
-
-    mixer_type: type  # set by each subclass, with problems(module, tp) -> [(field, value, reason)]
-
-    def __init__(self, *, sequence_parallel: bool = True):
-        super().__init__()
-        self.stream = _stream(sequence_parallel)
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, self.mixer_type):
-            raise TensorParallelError(f"{type(self).__name__} applies to {self.mixer_type.__name__}, "
-                                      f"not {type(module).__name__}")
-        tp = device_mesh.size()
-        _raise_problems([f"{f} = {v!r}: {r}" for f, v, r in self.problems(module, tp)], tp)
-        self._shard(module, device_mesh)
-        module.tp_size = tp
-        return parallelize_module(module, device_mesh, PrepareModuleInput(
-            input_layouts=(self.stream,), desired_input_layouts=(Replicate(),)))
-
-    def _shard(self, module: nn.Module, mesh: DeviceMesh) -> None:
-        raise NotImplementedError
+def tensor_parallel_problems(model: nn.Module, tp: int) -> list[str]:
+    """Every reason ``model`` cannot be sharded over ``tp`` ranks, each naming the spec field (empty: OK)."""
+    problems: dict[tuple, str] = {}  # a block symbol used by many layers fails once, at its first layer
+    for layer, block in zip(model.layers.children(), model.spec.resolve(), strict=True):
+        plan = block_kind(block.spec.kind).tp_plan
+        if plan is None:
+            supported = ", ".join(k for k, kind in registered_kinds().items() if kind.tp_plan is not None)
+            problems.setdefault((block.symbol, "kind"),
+                                f"layer {block.index} (blocks.{block.symbol}, kind {block.spec.kind!r}) has no "
+                                f"tensor-parallel plan (supported: {supported})")
+            continue
+        for field, value, reason in plan.problems(layer.mixer, tp):
+            if field is None:  # a parameter's shape
+                where = f"blocks.{block.symbol}"
+                problems.setdefault((where, value), f"layer {block.index} ({where}, kind {block.spec.kind!r}): "
+                                                    f"{reason}")
+                continue
+            where = f"blocks.{block.symbol}.{field}" + (" (after overrides)" if block.overridden else "")
+            problems.setdefault((where, value), f"{where} = {value!r} at layer {block.index}: {reason}")
+    return list(problems.values())
 
 
-class Mamba3HeadParallel(_MixerParallel):
-    """Shard a :class:`~hybridlm.blocks.Mamba3` mixer by heads (see the module docstring)."""
-
-    mixer_type = Mamba3
-    problems = staticmethod(_mamba3_problems)
-
-    def _shard(self, m: Mamba3, mesh: DeviceMesh) -> None:
-        tp = mesh.size()
-        H, G, R, N, P, S = m.nheads, m.ngroups, m.mimo_rank, m.d_state, m.headdim, m.num_rope_angles
-        if G % tp == 0:  # whole groups per rank
-            G_local, bc_placement, columns = G // tp, Shard(1), None
-        else:  # tp % G == 0: every rank's heads read one group; keep B/C whole, use that group's rows
-            group = mesh.get_local_rank() // (tp // G)
-            G_local, bc_placement, columns = 1, Replicate(), (group * N, (group + 1) * N)
-
-        names = ["z", "x", "B", "C", "dt", "A"] + (["trap"] if m.discretization == "trapezoid" else [])
-        names += ["angle"] if S else []
-        shapes = {"z": (H * P, m.d_model), "x": (H * P, m.d_model), "B": (R, G * N, m.d_model),
-                  "C": (R, G * N, m.d_model), "dt": (H, m.d_model), "A": (H, m.d_model),
-                  "trap": (H, m.d_model), "angle": (S, m.d_model)}
-        segments, start = [], 0
-        for name, size in zip(names, m.split_sizes, strict=True):
-            if name in ("B", "C"):
-                seg = _Segment(f"{name}_weight", start, shapes[name], bc_placement, columns)
-            else:
-                seg = _Segment(f"{name}_weight", start, shapes[name], Replicate() if name == "angle" else Shard(0))
-            if seg.rows != size:
-                raise AssertionError(f"in_proj segment {name}: {seg.rows} rows, the mixer splits {size}")
-            segments.append(seg)
-            start += size
-        m.in_proj = HeadShardedInProj(m.in_proj.weight, segments, mesh)
-
-        per_head = ["dt_bias", "D"] + (["B_bias", "C_bias"] if m.bc_bias else [])
-        per_head += ["mimo_x", "mimo_z", "mimo_o"] if m.is_mimo else []
-        for name in per_head:
-            m.register_parameter(name, _distributed_param(getattr(m, name), mesh, Shard(0)))
-        if m.out_norm != "none":  # grouped by heads (the *_default norms were rejected)
-            m.norm.weight = _distributed_param(m.norm.weight, mesh, Shard(0))
-        m.B_norm = HeadLocalRMSNorm.replacing(m.B_norm, mesh)
-        m.C_norm = HeadLocalRMSNorm.replacing(m.C_norm, mesh)
-        parallelize_module(m.out_proj, mesh, RowwiseParallel(output_layouts=self.stream))
-
-        # From here on the mixer computes this rank's heads.
-        m.nheads, m.ngroups, m.d_inner = H // tp, G_local, m.d_inner // tp
-        m.bc_width = R * G_local * N
-        m.split_sizes = [m.d_inner, m.d_inner, m.bc_width, m.bc_width, m.nheads, m.nheads]
-        m.split_sizes += [m.nheads] if m.discretization == "trapezoid" else []
-        m.split_sizes += [S] if S else []
+def _raise_problems(problems: list[str], tp: int) -> None:
+    if problems:
+        raise TensorParallelError(f"tensor parallelism over {tp} ranks cannot shard this model: " + "; ".join(problems))
 
 
-class AttentionHeadParallel(_MixerParallel):
-    """Shard :class:`~hybridlm.blocks.attention.Attention` by heads: q/k/v column-, o row-parallel."""
-
-    mixer_type = Attention
-    problems = staticmethod(_attention_problems)
-
-    def _shard(self, a: Attention, mesh: DeviceMesh) -> None:
-        parallelize_module(a, mesh, {"wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(),
-                                     "wo": RowwiseParallel(output_layouts=self.stream)})
-        if a.qk_norm:
-            a.q_norm = HeadLocalRMSNorm.replacing(a.q_norm, mesh)
-            a.k_norm = HeadLocalRMSNorm.replacing(a.k_norm, mesh)
-        a.n_heads //= mesh.size()
-        a.n_kv_heads //= mesh.size()
-
-
-class SwiGLUParallel(_MixerParallel):
-    """Shard :class:`~hybridlm.blocks.swiglu.SwiGLU`: w1/w3 column-, w2 row-parallel."""
-
-    mixer_type = SwiGLU
-    problems = staticmethod(_swiglu_problems)
-
-    def _shard(self, f: SwiGLU, mesh: DeviceMesh) -> None:
-        parallelize_module(f, mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(),
-                                     "w2": RowwiseParallel(output_layouts=self.stream)})
-
-
-_STYLES = {Mamba3: Mamba3HeadParallel, Attention: AttentionHeadParallel, SwiGLU: SwiGLUParallel}
-
-
-# ---------------------------------------------------------------------------------------------
-# the model
-# ---------------------------------------------------------------------------------------------
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = False,
                           sequence_parallel: bool = True) -> nn.Module:
     """Shard a :class:`~hybridlm.builder.model.hybrid_lm.HybridLM` over the 1-D mesh ``tp_mesh``, in place.
@@ -486,10 +570,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, loss_paralle
         "output": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
     })
-    for layer in model.layers.children():
+    for layer, block in zip(model.layers.children(), model.spec.resolve(), strict=True):
         parallelize_module(layer.norm, tp_mesh, norm_style())
-        style = _STYLES[type(layer.mixer)](sequence_parallel=sequence_parallel)
-        parallelize_module(layer.mixer, tp_mesh, style)
+        layer.mixer = block_kind(block.spec.kind).tp_plan.shard(layer.mixer, tp_mesh, stream)
     model.tie_weights()  # a tied head shares the embedding's Shard(0) weight again
     plain = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
     if plain:

@@ -85,7 +85,7 @@ def test_fa4_refuses_what_it_cannot_take():
     assert "FA4 takes bfloat16" in fa4.unsupported_reason(q.float(), k.float(), 0)
     # keys past the queries' end (a cache read without slicing): FA4's bottom-right mask would be wrong
     assert "end where the keys end" in fa4.unsupported_reason(q[:, :4], k, 2)
-    with pytest.warns(UserWarning, match="using SDPA"):
+    with pytest.warns(UserWarning, match="using 'sdpa'"):
         out = causal_attention(q[:, :4], k, v, q_offset=2)
     ref = sdpa_attention(q[:, :4].float(), k.float(), v.float(), q_offset=2)
     assert rel_err(out.float(), ref) <= OUT_TOL

@@ -1,11 +1,11 @@
 """Our Mamba-3 against the official mamba_ssm module (PyPI 2.3.2.post1: softplus A, SISO only).
 
-Same weights loaded by state_dict, every constant-at-init parameter randomized (docs §10). Both
+Same weights loaded by state_dict, every constant-at-init parameter randomized (docs/mamba3.md §8). Both
 are measured against our module run in float64 — the exact math — and the official module's own
 error (bf16 kernels) sets the bounds. Measured on an H100 (2026-11-23, docs/benchmarks.md):
 official vs exact 6.1–8.0e-3 forward and ≤ 2.12e-2 per gradient (D, in the G=2 ρ=1 norm config);
-our fp32 reference vs exact ≤ 6.1e-7; the wrong pair layout 0.36–0.47. (The docs' 3.2–4.8e-3 and
-≤ 1.05e-2 came from milder randomization; here biases span U(-1, 2) and angle rows are scaled ×8.)
+our fp32 reference vs exact ≤ 6.1e-7; the wrong pair layout 0.36–0.47. (An earlier check measured 3.2–4.8e-3 and
+≤ 1.05e-2 with milder randomization; here biases span U(-1, 2) and angle rows are scaled ×8.)
 Set HYBRIDLM_RESULTS=path.json to write the measured errors.
 """
 import math

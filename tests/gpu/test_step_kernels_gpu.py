@@ -7,6 +7,7 @@ bf16 inputs); bf16 outputs and the bf16 k cache ≤ 1e-2; angles ≤ 1e-4 rad on
 Set HYBRIDLM_RESULTS_STEP=path.json to write the measured errors.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hybridlm.blocks import Mamba3
 from hybridlm.kernels import dispatch
 from hybridlm.kernels.mamba3 import oracle
 from hybridlm.kernels.mamba3.contract import Mamba3State
+from hybridlm.kernels.mamba3.tuning import KernelTuning, use_tuning
 from hybridlm.testing import random_decode_state, randomize_mamba3_, rel_err, write_results
 
 pytestmark = pytest.mark.gpu
@@ -68,19 +70,26 @@ def check_state(errs):
     assert errs["ssm"] <= 1e-5 and errs["k"] <= 1e-2 and errs["v"] == 0 and errs["angle"] <= 1e-4, errs
 
 
+def step_kernel(backend):
+    """(step, unsupported_reason) of one kernel, called directly: no fallback can hide it."""
+    if backend == "cute":
+        skip_without_cute()
+        from hybridlm.kernels.mamba3 import cute
+
+        return cute.mamba3_decode_step, cute.unsupported_reason
+    from hybridlm.kernels.mamba3 import triton
+
+    return triton.mamba3_decode_step, triton.step_unsupported_reason
+
+
 @pytest.mark.parametrize("backend", ["cute", "triton"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_step_kernel_matches_reference(backend, name):
-    if backend == "cute":
-        from hybridlm.kernels.mamba3 import cute
-
-        if cute.import_error():
-            pytest.skip(cute.import_error())
+    step, unsupported_reason = step_kernel(backend)
     m = make_layer(name)
     layout, params = m.decode_layout(), m.decode_params()
     cache = random_decode_state(m, batch=5, seed=1)
-    kernel = dispatch._DECODE[dispatch.resolve_decode_backend(backend, "cuda")]
-    assert kernel.unsupported_reason(torch.empty(1, device="cuda", dtype=BF16), cache.state, layout) is None
+    assert unsupported_reason(torch.empty(1, device="cuda", dtype=BF16), cache.state, layout) is None
     gen = torch.Generator(device="cuda").manual_seed(2)
     worst = {}
     with torch.no_grad():
@@ -88,14 +97,70 @@ def test_step_kernel_matches_reference(backend, name):
             # each step starts from the state the kernel wrote in place; the reference starts from a
             # copy of it, so a bf16 k that rounds the other way in one step cannot compound
             ref_state = Mamba3State(*(t.clone() for t in cache.state))
-            proj = torch.randn(5, sum(layout.split_sizes()), device="cuda", generator=gen).to(BF16)
+            proj = torch.randn(5, layout.in_proj.width, device="cuda", generator=gen).to(BF16)
             ref = oracle.mamba3_decode_step(proj, ref_state, params, layout)
-            out = kernel.step(proj, cache.state, params, layout)
+            out = step(proj, cache.state, params, layout)
             errs = dict(out=rel_err(out, ref), **state_errors(cache.state, ref_state))
             worst = {k: max(v, worst.get(k, 0.0)) for k, v in errs.items()}
     RESULTS.setdefault(f"{backend}/{name}", {}).update(worst)
     assert worst["out"] <= 1e-2, worst
     check_state(worst)
+
+
+def skip_without_cute():
+    from hybridlm.kernels.mamba3 import cute
+
+    if cute.import_error():
+        pytest.skip(cute.import_error())
+
+
+# MIMO with headdim 192/256 and d_state 256: no split of the state rows fits the CuTe step
+@pytest.mark.parametrize("headdim,rank", [(192, 2), (256, 4)])
+def test_cute_step_falls_back_where_it_cannot_compile(headdim, rank):
+    """Forced onto the CuTe backend, such a layer warns once that the CuTe step hands it on and
+    computes what the reference step computes (the Triton step takes headdim up to 128)."""
+    skip_without_cute()
+    torch.manual_seed(0)
+    m = randomize_mamba3_(Mamba3(d_model=headdim, d_state=256, headdim=headdim, is_mimo=True, mimo_rank=rank,
+                                 chunk_size=64, device="cuda", dtype=BF16), seed=0)
+    layout, params = m.decode_layout(), m.decode_params()
+    cache = random_decode_state(m, batch=3, seed=1)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    with torch.no_grad():
+        for step in range(2):
+            ref_state = Mamba3State(*(t.clone() for t in cache.state))
+            proj = torch.randn(3, layout.in_proj.width, device="cuda", generator=gen).to(BF16)
+            ref = oracle.mamba3_decode_step(proj, ref_state, params, layout)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = dispatch.mamba3_decode_step(proj, cache.state, params, layout, backend="cute")
+            cute_warnings = [str(w.message) for w in caught if "cute" in str(w.message).lower()]
+            assert len(cute_warnings) == (1 if step == 0 else 0), cute_warnings
+            if step == 0:
+                assert f"headdim {headdim}" in cute_warnings[0], cute_warnings
+            assert rel_err(out, ref) <= 1e-2
+            check_state(state_errors(cache.state, ref_state))
+
+
+def test_cute_tuning_knobs_compile_another_kernel():
+    """A CuTe tiling knob changes the compiled kernel (2 state rows a thread instead of 8), and the
+    kernel compiled under it still matches the reference step."""
+    skip_without_cute()
+    from hybridlm.kernels.mamba3 import cute
+
+    m = make_layer("siso-N128-P64")
+    layout, params = m.decode_layout(), m.decode_params()
+    cache = random_decode_state(m, batch=5, seed=1)
+    with use_tuning(cute_max_rows=2, cute_min_blocks=1), torch.no_grad():
+        config = cute.kernel_config(layout, BF16, BF16)
+        assert config != cute.kernel_config(layout, BF16, BF16, tuning=KernelTuning())
+        assert layout.headdim // config.row_groups <= 2
+        ref_state = Mamba3State(*(t.clone() for t in cache.state))
+        proj = torch.randn(5, layout.in_proj.width, device="cuda").to(BF16)
+        ref = oracle.mamba3_decode_step(proj, ref_state, params, layout)
+        out = cute.mamba3_decode_step(proj, cache.state, params, layout)
+    assert rel_err(out, ref) <= 1e-2
+    check_state(state_errors(cache.state, ref_state))
 
 
 @pytest.mark.parametrize("name", ["siso-N128-P64", "mimo4-N128-P64-norm"])

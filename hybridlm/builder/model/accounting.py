@@ -1,4 +1,8 @@
-"""Parameters, training FLOPs per token and inference memory of a spec, without allocating it."""
+"""Parameters, training FLOPs per token and inference memory of a spec, without allocating it.
+
+What a block adds beyond its weights (sequence-mixing FLOPs, decode state) comes from its kind's
+:class:`~hybridlm.builder.model.registry.BlockKind`; nothing here names a kind.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +40,8 @@ class ModelAccount:
     lm_head_params: int  # 0 when tied to the embedding
     blocks: tuple[BlockAccount, ...]
     train_flops_per_token: int
-    ssm_state_bytes: int  # recurrent state of all Mamba-3 layers, per sequence
-    kv_cache_bytes: int  # KV cache of all attention layers at ``context`` tokens, per sequence
+    ssm_state_bytes: int  # recurrent state (Mamba-3 layers, ...), per sequence
+    kv_cache_bytes: int  # KV caches (attention layers) at ``context`` tokens, per sequence
 
     @property
     def non_embedding_params(self) -> int:
@@ -53,22 +57,10 @@ def _matmul_params(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
 
 
-def _sequence_flops(mixer: nn.Module, seq_len: int) -> int:
-    if hasattr(mixer, "attention_flops_per_token"):
-        return mixer.attention_flops_per_token(seq_len)
-    if hasattr(mixer, "scan_flops_per_token"):
-        return mixer.scan_flops_per_token(seq_len)
-    return 0
-
-
-def _state_bytes(mixer: nn.Module, context: int, dtype: torch.dtype) -> int:
-    fn = getattr(mixer, "state_bytes", None)  # state_bytes(context, dtype): decode state per sequence
-    return 0 if fn is None else fn(context, dtype)
-
-
 def decode_state_bytes(model: HybridLM, context: int, dtype: torch.dtype) -> int:
     """Bytes of decode state (Mamba-3 states, KV caches) one sequence of ``context`` tokens needs."""
-    return sum(_state_bytes(layer.mixer, context, dtype) for layer in model.layers)
+    return sum(block_kind(resolved.spec.kind).state_bytes(layer.mixer, context, dtype)
+               for layer, resolved in zip(model.layers, model.spec.resolve(), strict=True))
 
 
 def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: int | None = None,
@@ -76,9 +68,10 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
     """Count a spec (each distinct block built once on the meta device) or a model.
 
     Training FLOPs per token = 6 x (matmul weights, LM head included even when tied)
-    + 3 x (forward attention QK/AV FLOPs at ``seq_len``, as torchtitan counts them, without a causal
-    discount + the Mamba-3 chunked-scan FLOPs). Inference bytes: Mamba-3 state (fp32 SSM state and
-    angles, k/v in ``state_dtype``) and KV cache in ``state_dtype`` at ``context`` tokens.
+    + 3 x (each kind's forward FLOPs beyond its weights at ``seq_len``: attention QK/AV as torchtitan
+    counts them, without a causal discount; the Mamba-3 chunked scan). Inference bytes: each kind's
+    decode state (Mamba-3: fp32 SSM state and angles, k/v in ``state_dtype``; attention: the KV cache
+    in ``state_dtype`` at ``context`` tokens).
     """
     context = seq_len if context is None else context
     if isinstance(spec_or_model, HybridLM):
@@ -96,14 +89,21 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
     seq_flops = 0
     matmul = head_weights  # the LM head is a matmul even when tied
     counted: dict[int, tuple[int, int, int, int]] = {}
+    ssm = kv = 0
     for layer, resolved in zip(layers, spec.resolve()):
+        kind = block_kind(resolved.spec.kind)
         if id(layer) not in counted:
             mixer = layer.mixer
-            counted[id(layer)] = (_matmul_params(mixer), _sequence_flops(mixer, seq_len),
-                                  sum(p.numel() for p in layer.parameters()), _state_bytes(mixer, context, state_dtype))
+            counted[id(layer)] = (_matmul_params(mixer), kind.flops(mixer, seq_len),
+                                  sum(p.numel() for p in layer.parameters()),
+                                  kind.state_bytes(mixer, context, state_dtype))
         block_matmul, block_seq, params, state = counted[id(layer)]
         matmul += block_matmul
         seq_flops += block_seq
+        if kind.kv_cache:
+            kv += state
+        else:
+            ssm += state
         blocks.append(BlockAccount(
             index=resolved.index, symbol=resolved.symbol, kind=resolved.spec.kind,
             summary=resolved.spec.describe(spec.d_model), params=params,
@@ -112,8 +112,6 @@ def account(spec_or_model: ModelSpec | HybridLM, seq_len: int = 2048, context: i
     if total is None:
         final_norm = sum(p.numel() for p in RMSNorm(spec.d_model, device="meta").parameters())
         total = embedding + head + final_norm + sum(b.params for b in blocks)
-    ssm = sum(b.state_bytes for b in blocks if b.kind != "attention")
-    kv = sum(b.state_bytes for b in blocks if b.kind == "attention")
     return ModelAccount(
         name=spec.name, seq_len=seq_len, context=context, state_dtype=str(state_dtype).replace("torch.", ""),
         total_params=total, embedding_params=embedding, lm_head_params=head, blocks=tuple(blocks),

@@ -1,4 +1,4 @@
-"""State tracking (paper §3.4, App. D; tasks of Grazzi et al. 2025 / Deletang et al. 2023).
+"""State tracking (paper Table 5b, App. D; tasks of Grazzi et al. 2025 / Deletang et al. 2023).
 
     parity         0 1 1 0 1 =  1            parity of the number of ones
     arith          3 + 4 * 2 - 1 =  0        modulo 5, usual precedence, no brackets

@@ -111,7 +111,7 @@ class DecodeLayout(NamedTuple):
 
 
 class DecodeParams(NamedTuple):
-    """The layer's parameters the step reads (shapes as the module's, docs/mamba3.md §6)."""
+    """The layer's parameters the step reads (shapes as the module's, docs/mamba3.md §1.2)."""
 
     dt_bias: Tensor  # (H,)
     B_norm: Tensor  # (N,)

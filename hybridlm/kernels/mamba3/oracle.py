@@ -128,7 +128,7 @@ def _chunk_scan(q_rot: Tensor, k_rot: Tensor, v: Tensor, dt: Tensor, adt: Tensor
     β-term of token 0 folded in. Returns y (B, L, R, H, P) before the gate, and the final state.
 
     Token s contributes to token t > s with weight scale_s·exp(A_t − A_s), where
-    scale_s = λ_sΔ_s + (1 − λ_{s+1})Δ_{s+1}, and to itself with λ_tΔ_t (docs §2.5 item 13).
+    scale_s = λ_sΔ_s + (1 − λ_{s+1})Δ_{s+1}, and to itself with λ_tΔ_t (docs/mamba3.md §3).
     """
     B, L, R, H, N = q_rot.shape
     P = v.shape[-1]

@@ -2,7 +2,7 @@
 pairs, heads from groups, rank expansion, the output stage, the per-token step scalars, packing,
 the short causal convolution, and folding/finishing the recurrent state (docs/mamba3.md).
 
-Shapes follow docs/mamba3.md §2 (the per-token inputs after ``in_proj``):
+Shapes follow docs/mamba3.md §6 (the per-token inputs after ``in_proj``):
 
     q, k        (B, L, R, G, N)   C and B after their RMSNorm, rank-major then group
     x           (B, L, H, P)
@@ -118,6 +118,11 @@ def output_stage(y: Tensor, z: Tensor | None, params: ScanParams) -> Tensor:
                          out_norm=params.out_norm, norm_eps=params.norm_eps)
 
 
+def fp32_contiguous(t: Tensor | None) -> Tensor | None:
+    """A parameter as the fused kernels read it: fp32, contiguous (None stays None)."""
+    return None if t is None else t.float().contiguous()
+
+
 def zero_state(batch: int, nheads: int, headdim: int, d_state: int, n_angles: int, rank: int,
                device=None, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None) -> Mamba3State:
     kv_dtype = kv_dtype or dtype
@@ -144,13 +149,13 @@ def check_shapes(q: Tensor, k: Tensor, x: Tensor, dt: Tensor, adt: Tensor, lam: 
 
 
 def heavy_tail(x: Tensor) -> Tensor:
-    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous, C¹ (docs §2.1 item 3)."""
+    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous, C¹ (docs/mamba3.md §2.1)."""
     return 1 + F.relu(x) + (1 / (1 - x.clamp(max=0)) - 1)
 
 
 def step_scalars(dd_dt: Tensor, dd_a: Tensor, trap: Tensor | None, dt_bias: Tensor, *, a_activation: str,
                  A_floor: float, discretization: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token, per-head Δ, A·Δ and λ from their projections (docs §2.1), in fp32 (fp64 stays)."""
+    """Per-token, per-head Δ, A·Δ and λ from their projections (docs/mamba3.md §2.1), in fp32 (fp64 stays)."""
     dt = F.softplus(upcast(dd_dt) + dt_bias)
     a_map = heavy_tail if a_activation == "heavy_tail" else F.softplus
     A = -torch.clamp(a_map(upcast(dd_a)), min=A_floor)
@@ -184,11 +189,15 @@ def padded_to_pack(t: Tensor, cu_seqlens: Tensor) -> Tensor:
     return t[valid].unsqueeze(0)
 
 
-def check_cu_seqlens(cu_seqlens: Tensor, total: int, batch: int) -> None:
+def check_cu_seqlens(cu_seqlens: Tensor, total: int, batch: int, *, values: bool = True) -> None:
+    """Raise ShapeError on a malformed ``cu_seqlens``; ``values=False`` skips the checks of its
+    values, which read it on the host (a sync the fused kernels' glue avoids)."""
     if batch != 1:
         raise ShapeError(f"packed input (cu_seqlens given) must have batch size 1; got {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ShapeError("cu_seqlens must be a 1-D tensor [0, end_1, ..., end_n]")
+    if not values:
+        return
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ShapeError(f"cu_seqlens must start at 0, never decrease and end at the packed length {total}")
 

@@ -29,7 +29,7 @@ def finish_step_output(out: Tensor, proj: Tensor, params: DecodeParams, layout: 
         return out
     H, P = layout.nheads, layout.headdim
     y = out.unflatten(-1, (H, P))
-    z = proj[:, :H * P].unflatten(-1, (H, P)).float()
+    z = layout.in_proj.split(proj)["z"].unflatten(-1, (H, P)).float()
     o = mamba3_output(y, z, mimo_z=params.mimo_z, mimo_o=params.mimo_o, norm_weight=params.norm_weight,
                       out_norm=layout.out_norm, norm_eps=layout.norm_eps)
     return o.flatten(-2).to(proj.dtype)

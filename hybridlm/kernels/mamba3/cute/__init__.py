@@ -3,20 +3,69 @@
 Importing this package imports nothing from the CuTe DSL; :func:`import_error` says whether it
 can run, :func:`unsupported_reason` which inputs the kernel takes, and
 :func:`mamba3_decode_step` compiles one kernel per layer configuration (the batch size stays
-symbolic) and runs it on the current CUDA stream, so a CUDA graph can capture it.
+symbolic) and runs it on the current CUDA stream, so a CUDA graph can capture it. The support
+check and the compile take their configuration from one function, :func:`kernel_config`, so a
+layer the check accepts is one the compile can build.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.cute.layout import VEC, row_groups
 from hybridlm.kernels.hopper import hopper_reason
 from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.mamba3.cute.layout import VEC, default_min_blocks, row_groups
+from hybridlm.kernels.mamba3.shared import fp32_contiguous
 from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
+from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
+_DTYPES = {torch.bfloat16: "BFloat16", torch.float16: "Float16", torch.float32: "Float32"}
+
+
+class StepConfig(NamedTuple):
+    """What one compiled CuTe step is built from (besides its parameters' presence): the layer,
+    the in_proj row's and the k/v cache's dtypes, and the tiling. Hashable: the compile cache's key."""
+
+    layout: DecodeLayout
+    proj_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    row_groups: int  # state rows worked on side by side (cute/layout.py)
+    min_blocks: int  # CTAs per SM the register budget must allow
+
+    @property
+    def threads(self) -> int:
+        return self.row_groups * self.layout.d_state // VEC
+
+
+def kernel_config(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torch.dtype,
+                  tuning: KernelTuning | None = None) -> StepConfig | str:
+    """The configuration the CuTe step compiles for this layer and these dtypes under ``tuning``
+    (default: the one in force), or why it cannot take them (a reason string). Device-independent:
+    the support check and the compile both call it."""
+    return _kernel_config(layout, proj_dtype, kv_dtype, tuning or kernel_tuning())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_config(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torch.dtype,
+                   tuning: KernelTuning) -> StepConfig | str:
+    if proj_dtype not in _DTYPES or kv_dtype not in _DTYPES:
+        return f"dtypes {proj_dtype}/{kv_dtype}; the CuTe step takes bf16, fp16 or fp32"
+    N = layout.d_state
+    lanes = N // VEC
+    if N % VEC or lanes & (lanes - 1) or lanes > 32:
+        return f"d_state {N}; the CuTe step takes 8·2^k up to 256"
+    if layout.out_norm not in OUT_MODES:
+        return f"out_norm {layout.out_norm!r}"
+    groups = row_groups(layout.headdim, N, layout.rank, tuning.cute_max_rows)
+    if groups is None:
+        return (f"headdim {layout.headdim} with d_state {N} at rank {layout.rank}; "
+                "no split of the state rows fits")
+    threads = groups * lanes
+    min_blocks = tuning.cute_min_blocks or default_min_blocks(threads)
+    return StepConfig(layout, proj_dtype, kv_dtype, groups, min_blocks)
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,41 +87,38 @@ def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -
         return device
     if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
         return f"state dtype {state.ssm.dtype}; the CuTe step keeps an fp32 state"
-    if proj.dtype not in _DTYPES or state.k.dtype not in _DTYPES or state.v.dtype not in _DTYPES:
-        return f"dtypes {proj.dtype}/{state.k.dtype}; the CuTe step takes bf16, fp16 or fp32"
-    N = layout.d_state
-    lanes = N // VEC
-    if N % VEC or lanes & (lanes - 1) or lanes > 32:
-        return f"d_state {N}; the CuTe step takes 8·2^k up to 256"
-    if row_groups(layout.headdim, N) is None:
-        return f"headdim {layout.headdim} with d_state {N}; no split of the state rows fits"
-    if layout.out_norm not in OUT_MODES:
-        return f"out_norm {layout.out_norm!r}"
+    if state.v.dtype != state.k.dtype:
+        return f"k cache {state.k.dtype} and v cache {state.v.dtype}; the CuTe step takes one dtype for both"
+    config = kernel_config(layout, proj.dtype, state.k.dtype)
+    if isinstance(config, str):
+        return config
     return import_error()
 
 
-_DTYPES = {torch.bfloat16: "BFloat16", torch.float16: "Float16", torch.float32: "Float32"}
-
-
 @functools.lru_cache(maxsize=None)
-def _compiled(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torch.dtype, norm_dtype: torch.dtype,
-              has_bias: bool, has_mimo: bool, has_norm: bool):
-    """One compiled kernel per layer configuration; the batch size is symbolic."""
-    from hybridlm.kernels.mamba3.cute.step import Mamba3DecodeStep, compile_step
+def _compiled(config: StepConfig, norm_dtype: torch.dtype, has_bias: bool, has_mimo: bool, has_norm: bool):
+    """One compiled kernel per configuration; the batch size is symbolic."""
+    from hybridlm.kernels.mamba3.cute.step import compile_step
 
-    op = Mamba3DecodeStep(
+    return compile_step(build_op(config, has_mimo), proj_dtype=_DTYPES[config.proj_dtype],
+                        kv_dtype=_DTYPES[config.kv_dtype], norm_dtype=_DTYPES[norm_dtype], has_bias=has_bias,
+                        has_norm=has_norm)
+
+
+def build_op(config: StepConfig, has_mimo: bool):
+    """The kernel object for ``config`` (imports the CuTe DSL); in_proj's columns from the contract."""
+    from hybridlm.kernels.mamba3.cute.step import Mamba3DecodeStep
+
+    layout = config.layout
+    in_proj = layout.in_proj
+    return Mamba3DecodeStep(
         nheads=layout.nheads, headdim=layout.headdim, ngroups=layout.ngroups, rank=layout.rank,
         d_state=layout.d_state, n_angles=layout.n_angles, interleaved=layout.pair_layout == "interleaved",
         discretization=layout.discretization, heavy_tail=layout.a_activation == "heavy_tail",
         A_floor=float(layout.A_floor), bc_eps=float(layout.bc_norm_eps), out_eps=float(layout.norm_eps),
-        out_mode=OUT_MODES[layout.out_norm], row_groups=row_groups(layout.headdim, layout.d_state, layout.rank),
-        mimo=has_mimo)
-    return compile_step(op, proj_dtype=_DTYPES[proj_dtype], kv_dtype=_DTYPES[kv_dtype],
-                        norm_dtype=_DTYPES[norm_dtype], has_bias=has_bias, has_norm=has_norm)
-
-
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous()
+        out_mode=OUT_MODES[layout.out_norm], row_groups=config.row_groups, min_blocks=config.min_blocks,
+        mimo=has_mimo, columns={name: start for name, (start, _) in in_proj.offsets().items()},
+        width=in_proj.width)
 
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
@@ -81,11 +127,14 @@ def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, l
     out_mode = OUT_MODES[layout.out_norm]
     has_norm = params.norm_weight is not None and out_mode in (1, 2)
     norm_dtype = params.B_norm.dtype
-    kernel = _compiled(layout, proj.dtype, state.k.dtype, norm_dtype, params.B_bias is not None,
-                       params.mimo_x is not None, has_norm)
+    config = kernel_config(layout, proj.dtype, state.k.dtype)
+    if isinstance(config, str):
+        raise ValueError(f"the CuTe step cannot take this layer: {config}")
+    kernel = _compiled(config, norm_dtype, params.B_bias is not None, params.mimo_x is not None, has_norm)
     out = allocate_step_output(proj, layout)
+    f32 = fp32_contiguous
     kernel(proj, state.angle if layout.n_angles else None, state.ssm, state.k, state.v, out,
-           _f32(params.dt_bias), params.B_norm.contiguous(), params.C_norm.to(norm_dtype).contiguous(),
-           _f32(params.B_bias), _f32(params.C_bias), _f32(params.D), _f32(params.mimo_x), _f32(params.mimo_z),
-           _f32(params.mimo_o), params.norm_weight.to(norm_dtype).contiguous() if has_norm else None)
+           f32(params.dt_bias), params.B_norm.contiguous(), params.C_norm.to(norm_dtype).contiguous(),
+           f32(params.B_bias), f32(params.C_bias), f32(params.D), f32(params.mimo_x), f32(params.mimo_z),
+           f32(params.mimo_o), params.norm_weight.to(norm_dtype).contiguous() if has_norm else None)
     return finish_step_output(out, proj, params, layout)

@@ -24,18 +24,14 @@ new angles' cos/sin and the cached k, and every thread then reads its slots from
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-try:
-    from hybridlm.kernels.mamba3.cute.layout import VEC
-except ImportError:  # loaded on its own by benchmarks/cute_report.py (no torch there)
-    from layout import VEC
+from hybridlm.kernels.mamba3.cute.layout import VEC
 
 PIECE = 4  # values per 16-byte piece
 
@@ -59,11 +55,17 @@ class _StagedParams(NamedTuple):
 
 
 class Mamba3DecodeStep:
-    """Compile-time configuration of one layer's step; ``__call__`` is the ``cute.jit`` entry."""
+    """Compile-time configuration of one layer's step; ``__call__`` is the ``cute.jit`` entry.
+
+    ``columns`` gives the first column of each in_proj segment (``InProjLayout.offsets()``'s
+    starts, names z, x, B, C, dt, A and, where present, trap and angle) and ``width`` the row's
+    length; ``row_groups`` and ``min_blocks`` are the tiling
+    (:func:`hybridlm.kernels.mamba3.cute.kernel_config`)."""
 
     def __init__(self, *, nheads: int, headdim: int, ngroups: int, rank: int, d_state: int, n_angles: int,
                  interleaved: bool, discretization: str, heavy_tail: bool, A_floor: float, bc_eps: float,
-                 out_eps: float, out_mode: int, row_groups: int, mimo: bool):
+                 out_eps: float, out_mode: int, row_groups: int, min_blocks: int, mimo: bool,
+                 columns: Mapping[str, int], width: int):
         self.H, self.P, self.G, self.R, self.N, self.S = nheads, headdim, ngroups, rank, d_state, n_angles
         self.interleaved = interleaved
         self.discretization = discretization
@@ -75,15 +77,12 @@ class Mamba3DecodeStep:
         self.NG = row_groups
         self.threads = self.TPR * row_groups
         self.rows = headdim // row_groups  # rows per thread
-        # CTAs per SM the registers must allow: at most 128 registers a thread keeps enough of the
-        # state stream in flight (MIMO reaches ~165 otherwise); HYBRIDLM_CUTE_MIN_BLOCKS overrides
-        self.min_blocks = int(os.environ.get("HYBRIDLM_CUTE_MIN_BLOCKS", max(1, 65536 // (self.threads * 128))))
-        HP, W = nheads * headdim, rank * ngroups * d_state
-        self.col_x, self.col_b, self.col_c = HP, 2 * HP, 2 * HP + W
-        self.col_dt = 2 * HP + 2 * W
-        self.col_a = self.col_dt + nheads
-        self.col_trap = self.col_a + nheads
-        self.col_angle = self.col_trap + (nheads if discretization == "trapezoid" else 0)
+        self.min_blocks = min_blocks  # CTAs per SM the register budget must allow
+        self.col_z, self.col_x, self.col_b, self.col_c = columns["z"], columns["x"], columns["B"], columns["C"]
+        self.col_dt, self.col_a = columns["dt"], columns["A"]
+        # a segment the layer lacks is never read (its loads sit under const_expr switches)
+        self.col_trap, self.col_angle = columns.get("trap", width), columns.get("angle", width)
+        self.width = width
 
     @cute.jit
     def __call__(self, mProj: cute.Tensor, mAngle, mSSM: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
@@ -100,7 +99,7 @@ class Mamba3DecodeStep:
         return [(lane + self.TPR * j) * PIECE + e for j in range(VEC // PIECE) for e in range(PIECE)]
 
     def _pair(self, n):
-        """Pair index, partner column and whether n is its pair's first (docs §2.3), for a dynamic n."""
+        """Pair index, partner column and whether n is its pair's first (docs/mamba3.md §2.3), for a dynamic n."""
         if const_expr(self.interleaved):
             return n // 2, n ^ 1, (n % 2) == 0
         half = self.N // 2
@@ -221,7 +220,7 @@ class Mamba3DecodeStep:
         x = [Float32(mProj[b, self.col_x + h * P + p]) for p in rows]
         x_prev = [Float32(mV[b, h, p]) for p in rows]
 
-        # per-head scalars (docs §2.1)
+        # per-head scalars (docs/mamba3.md §2.1)
         dt = _softplus(Float32(mProj[b, self.col_dt + h]) + Float32(mDtBias[h]))
         a_raw = Float32(mProj[b, self.col_a + h])
         if const_expr(self.heavy_tail):
@@ -253,7 +252,7 @@ class Mamba3DecodeStep:
         for t in cutlass.range_constexpr((P + NT - 1) // NT):
             p = tidx + NT * t
             p_safe = cutlass.select_(p < P, p, Int32(0))
-            got = [Float32(mProj[b, self.col_x + h * P + p_safe]), Float32(mProj[b, h * P + p_safe])]
+            got = [Float32(mProj[b, self.col_x + h * P + p_safe]), Float32(mProj[b, self.col_z + h * P + p_safe])]
             if const_expr(mNormW is not None):
                 got.append(Float32(mNormW[h * P + p_safe]))
             if const_expr(self.mimo):
@@ -435,7 +434,7 @@ def compile_step(op: Mamba3DecodeStep, *, proj_dtype: str, kv_dtype: str, norm_d
         return cute.runtime.make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=align)
 
     f32, pd, kd, nd = Float32, getattr(cutlass, proj_dtype), getattr(cutlass, kv_dtype), getattr(cutlass, norm_dtype)
-    width = op.col_angle + S
+    width = op.width
     out = fake(f32, (batch, R, H * P)) if op.out_mode == 3 else fake(pd, (batch, H * P))
     args = (
         fake(pd, (batch, width)), fake(f32, (batch, H, S)) if S else None, fake(f32, (batch, H, P, N), 16),

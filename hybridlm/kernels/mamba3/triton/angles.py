@@ -2,7 +2,7 @@
 
 θ_t = (θ_init + Σ_{τ ≤ t} δθ_τ) mod 2π, per (head, angle pair), restarting at every sequence. The
 running sum is carried in fp32 and reduced after every block of tokens, so it stays in [0, 2π) and
-keeps fp32 resolution however long the sequence (docs/mamba3.md §2.1 item 6). The backward treats
+keeps fp32 resolution however long the sequence (docs/mamba3.md §2.1). The backward treats
 the reduction as the identity: dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ.
 """
 from __future__ import annotations

@@ -17,15 +17,10 @@ recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does not f
 dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄ dies with dv. Every
 output is written once.
 
-On an H100 (B 8, L 2048, d_model 2048, P 64, bf16, 4 warps, 1 stage) it took 3.2 ms at d_state
-128 where the three kernels it replaces took 4.9 ms (2.0 vs 3.0 ms at 64, 12.9 vs 19.7 ms at R 4),
-measured when ptxas (benchmarks/kernel_report.py, sm_90) gave it 255 registers and about 3 KB of
-spill stores (1.9 KB at R 4). Since then, with the same math, it gives 255 registers and 304 / 296 B
-of spill stores / loads at d_state 64 and 128 (216 B stack), 80 / 80 B at R 4 (104 B stack), fewer
-than with 2 or 3 stages (640 / 768 B). What took them down: pair-block and angle addresses are a
-per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer tiles spilled),
-row validity is a compare against a scalar, the state term's k̄_b·(Gᵀ v_b) comes from walk 2's v G
-blocks, ⟨S_c, G⟩ is a scalar, and between the walks P comes first and A ∘ M goes into dv last.
+Register pressure decides its speed (it sits at 255 registers): pair-block and angle addresses
+are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer tiles
+spill), row validity is a compare against a scalar, ⟨S_c, G⟩ is a scalar, and between the walks
+P comes first and A ∘ M goes into dv last. Its history: docs/benchmarks.md, kernel design notes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Triton 3.6's interpreter under NumPy >= 2.4: a loop bound read from memory fails.
+"""Running the Triton kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+:func:`interpreting` and :func:`device_reason` are the one place that asks whether the kernels
+can run on a tensor's device. :func:`patch_interpreter` works around Triton 3.6's interpreter
+under NumPy >= 2.4, where a loop bound read from memory fails.
 
 The interpreter turns scalars into 1-element arrays and converts them with ``int(array)``, which
 NumPy 2.4 no longer allows ("only 0-dimensional arrays can be converted to Python scalars",
@@ -10,9 +14,24 @@ from __future__ import annotations
 
 import os
 
+from torch import Tensor
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (Triton's own switch, read per call
+    as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_reason(t: Tensor, what: str) -> str | None:
+    """Why ``what`` (Triton kernels) cannot run on ``t``'s device; None when it can."""
+    if t.device.type != "cuda" and not interpreting():
+        return f"tensors are on {t.device.type}; {what} need CUDA (or TRITON_INTERPRET=1)"
+    return None
+
 
 def patch_interpreter() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         return
     from triton.runtime import interpreter
 

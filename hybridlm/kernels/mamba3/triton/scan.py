@@ -11,8 +11,6 @@ warning that names the reason.
 """
 from __future__ import annotations
 
-import math
-import os
 import warnings
 
 import torch
@@ -22,10 +20,12 @@ from torch import Tensor
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.mamba3 import oracle
 from hybridlm.kernels.mamba3.contract import Mamba3State, ScanParams
-from hybridlm.kernels.mamba3.shared import (check_shapes, fold_initial_state, heads_from_groups, keep_state_where_empty,
+from hybridlm.kernels.mamba3.shared import (angle_increment, check_cu_seqlens, check_shapes, fold_initial_state,
+                                            fp32_contiguous, heads_from_groups, keep_state_where_empty,
                                             output_stage, rotate_pairs, zero_state)
 from hybridlm.kernels.mamba3.triton.angles import angle_cumsum_fwd
 from hybridlm.kernels.mamba3.triton.core import chunk_scan
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
 from hybridlm.kernels.mamba3.triton.layout import dense_layout, kernel_chunk, packed_layout
 from hybridlm.kernels.mamba3.triton.output import FUSED_NORMS, gated_output_fwd
 from hybridlm.kernels.mamba3.triton.ranks import expand_ranks_fwd
@@ -39,8 +39,9 @@ _warned: set[str] = set()
 
 def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None when they can."""
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors are on {x.device.type}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    device = device_reason(x, "the Triton kernels")
+    if device:
+        return device
     for name, t in (("q", q), ("x", x)):
         if t.dtype not in _SUPPORTED_DTYPES:
             return f"{name} is {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
@@ -54,18 +55,6 @@ def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str |
     if angle_rate is not None and angle_rate.shape[-1] > N // 2:
         return f"{angle_rate.shape[-1]} angle pairs for d_state {N}"
     return None
-
-
-def _check_cu_seqlens_shape(cu_seqlens: Tensor, batch: int) -> None:
-    """The checks that need no host sync (the reference checks the values too)."""
-    if batch != 1:
-        raise ShapeError(f"packed input (cu_seqlens given) must have batch size 1; got {batch}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ShapeError("cu_seqlens must be a 1-D tensor [0, end_1, ..., end_n]")
-
-
-def _fp32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous()
 
 
 def warn_fallback(reason: str) -> None:
@@ -104,7 +93,7 @@ def mamba3_chunked(
     heads_from_groups(q[:1, :0], H, None)  # raises ShapeError if G does not divide H
     chunk = kernel_chunk(chunk_size, R)
     if cu_seqlens is not None:
-        _check_cu_seqlens_shape(cu_seqlens, B)
+        check_cu_seqlens(cu_seqlens, L, B, values=False)
         layout = packed_layout(cu_seqlens, chunk, L)
     else:
         layout = dense_layout(B, L, chunk, x.device)
@@ -130,7 +119,7 @@ def mamba3_chunked(
     scale = gamma + shifted
 
     if S:
-        delta = math.pi * torch.tanh(tokens(angle_rate).float()).unsqueeze(1) * dt_.unsqueeze(-1)
+        delta = angle_increment(tokens(angle_rate).float(), dt_)
         theta0 = None if initial_state is None else initial_state.angle
         theta = angle_cumsum_fwd(delta, theta0, layout.cu_seqlens)
     else:
@@ -148,13 +137,13 @@ def mamba3_chunked(
 
     spec = ScanSpec(layout=layout, rank=R, n_groups=G, n_heads=H, d_state=N, headdim=P, n_angles=S,
                     interleaved=pair_layout == "interleaved", matmul_dtype=mm_dtype)
-    y, ssm_final = chunk_scan(qf, kf, _fp32(params.q_bias), _fp32(params.k_bias), theta, v, adt_, gamma, scale,
-                              _fp32(params.D), ssm0, spec)
+    y, ssm_final = chunk_scan(qf, kf, fp32_contiguous(params.q_bias), fp32_contiguous(params.k_bias), theta, v,
+                              adt_, gamma, scale, fp32_contiguous(params.D), ssm0, spec)
     zt = None if z is None else tokens(z)
     out_norm = params.out_norm
     if out_norm in FUSED_NORMS and (out_norm == "none" or params.norm_weight is not None):
-        out = gated_output_fwd(y, zt, _fp32(params.mimo_z), _fp32(params.mimo_o), params.norm_weight, out_norm,
-                               params.norm_eps)
+        out = gated_output_fwd(y, zt, fp32_contiguous(params.mimo_z), fp32_contiguous(params.mimo_o),
+                               params.norm_weight, out_norm, params.norm_eps)
     else:  # the "default" norms reduce over all heads: torch ops
         out = output_stage(y.float(), None if zt is None else zt.float(), params).to(x.dtype)
     out = out.view(B, L, H, P)

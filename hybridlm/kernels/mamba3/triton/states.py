@@ -25,7 +25,6 @@ from hybridlm.kernels.mamba3.triton.rows import (
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
-
 @triton.jit
 def _states_kernel(
     X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS, CHUNK_SEQ, CHUNK_START,
@@ -88,11 +87,8 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
     states = torch.empty(lay.n_chunks, H, P, N, device=x.device, dtype=states_dtype)
     final = torch.empty(lay.n_seqs, H, P, N, device=x.device, dtype=torch.float32)
     if lay.n_seqs:
-        # Measured on an H100 (B 8, L 2048, H 64, P 64, bf16): 0.62 ms at d_state 128 and 0.32 ms at 64
-        # with 2 stages, against 0.73 / 0.36 ms for the separate delta and passing kernels; MIMO R=4
-        # (16-token chunks) 2.07 ms with 1 stage against 2.76 ms. Splitting P across programs is slower.
-        # fp32 products on 4 warps leave ptxas 32 registers and ~4 KB of spill code (kernel_report);
-        # on 8 warps and 1 stage 0.3 KB, and the fp32 forward at d_state 128 takes 2.5 ms, not 21.4.
+        # 2 stages for SISO bf16/fp16, 1 for MIMO (its 16-token chunks leave less to prefetch); fp32
+        # products spill on 4 warps, so 8 warps and 1 stage (docs/benchmarks.md, kernel design notes)
         fp32 = spec.matmul_dtype == torch.float32
         warps, stages = (8, 1) if fp32 else (4, 2 if spec.rank == 1 else 1)
         _states_kernel[(lay.n_seqs, H, triton.cdiv(N // 2, spec.block_pairs))](

@@ -9,9 +9,6 @@ the state tile stays in registers from its load to its store. Arguments and sema
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -19,15 +16,15 @@ from torch import Tensor
 
 from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
 from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
 
-DISCRETIZATIONS = {"trapezoid": 0, "euler": 1, "half": 2}
-TWO_PI = 2 * math.pi
+DISCRETIZATIONS = {"trapezoid": 0, "euler": 1, "half": 2}  # the kernel's DISCRETIZATION codes
 
 
 @triton.jit
 def _pairs(n, N: tl.constexpr, S, INTERLEAVED: tl.constexpr):
     """For each of the N slots: its pair index, its partner slot, whether it rotates, whether it
-    is the pair's first slot (docs §2.3: interleaved (2j, 2j+1) for SISO, (j, j + N/2) for MIMO)."""
+    is the pair's first slot (docs/mamba3.md §2.3: interleaved (2j, 2j+1) for SISO, (j, j + N/2) for MIMO)."""
     if INTERLEAVED:
         pair = n // 2
         partner = n ^ 1
@@ -69,7 +66,7 @@ def _rank_weight(W, h, r, p, p_mask, P, R, HAS: tl.constexpr):
 def _step_kernel(
     PROJ, proj_row, ANGLE, SSM, K_STATE, V_STATE, OUT, out_row,
     DT_BIAS, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, D, MIMO_X, MIMO_Z, MIMO_O, NORM_W,
-    H, P, G, S, col_x, col_b, col_c, col_dt, col_a, col_trap, col_angle,
+    H, P, G, S, col_z, col_x, col_b, col_c, col_dt, col_a, col_trap, col_angle,
     A_floor, bc_eps, out_eps,
     N: tl.constexpr, R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MIMO: tl.constexpr, DISCRETIZATION: tl.constexpr,
@@ -81,7 +78,7 @@ def _step_kernel(
     bh = b * H + h
     g = h // (H // G)
 
-    # per-head scalars (docs §2.1)
+    # per-head scalars (docs/mamba3.md §2.1)
     dt = tl.load(row + col_dt + h).to(tl.float32) + tl.load(DT_BIAS + h)
     dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
     a_raw = tl.load(row + col_a + h).to(tl.float32)
@@ -138,7 +135,7 @@ def _step_kernel(
     tl.store(ssm_ptrs, state, mask=tile_mask)
 
     # y_r = H q_r + D x_r; gate, norm and rank contraction
-    z = tl.load(row + h * P + p, mask=p_mask, other=0.0).to(tl.float32)
+    z = tl.load(row + col_z + h * P + p, mask=p_mask, other=0.0).to(tl.float32)
     d_skip = tl.load(D + h)
     if OUT_MODE == 1 or OUT_MODE == 2:
         norm_w = tl.load(NORM_W + h * P + p, mask=p_mask, other=0.0).to(tl.float32)
@@ -172,8 +169,9 @@ def _step_kernel(
 
 def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -> str | None:
     """Why the kernel cannot take these inputs (None when it can)."""
-    if proj.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors are on {proj.device.type}; Triton needs CUDA (or TRITON_INTERPRET=1)"
+    device = device_reason(proj, "the Triton kernels")
+    if device:
+        return device
     if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
         return f"state dtype {state.ssm.dtype}; the step kernel keeps an fp32 state"
     if layout.d_state % 2 or layout.d_state > 256:
@@ -194,10 +192,7 @@ def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, l
     H, P, G, R, N, S = (layout.nheads, layout.headdim, layout.ngroups, layout.rank, layout.d_state,
                         layout.n_angles)
     batch = proj.shape[0]
-    sizes = layout.split_sizes()
-    cols = [sum(sizes[:i]) for i in range(len(sizes))]
-    col_trap = cols[6] if layout.discretization == "trapezoid" else 0
-    col_angle = cols[-1] if S else 0
+    cols = [layout.in_proj.offset(name) for name in ("z", "x", "B", "C", "dt", "A", "trap", "angle")]
     out_mode = OUT_MODES[layout.out_norm]
     if proj.stride(-1) != 1:
         proj = proj.contiguous()
@@ -212,7 +207,7 @@ def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, l
         _contiguous(params.B_bias) if has_bias else dummy, _contiguous(params.C_bias) if has_bias else dummy,
         params.D, *((_contiguous(getattr(params, f"mimo_{w}")) if has_mimo else dummy) for w in "xzo"),
         params.norm_weight if params.norm_weight is not None else dummy,
-        H, P, G, S, cols[1], cols[2], cols[3], cols[4], cols[5], col_trap, col_angle,
+        H, P, G, S, *cols,
         float(layout.A_floor), float(layout.bc_norm_eps), float(layout.norm_eps),
         N=N, R=R, BLOCK_P=block_p, BLOCK_N=block_n, INTERLEAVED=layout.pair_layout == "interleaved",
         HAS_BIAS=has_bias, HAS_MIMO=has_mimo, DISCRETIZATION=DISCRETIZATIONS[layout.discretization],

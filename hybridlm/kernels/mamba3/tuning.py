@@ -1,0 +1,96 @@
+"""The Mamba-3 kernels' tuning knobs: one frozen object, read once, part of every compile key.
+
+The defaults are what the kernels are tuned for (docs/benchmarks.md, "Kernel design notes"); the
+knobs exist for benchmarks and experiments. :func:`kernel_tuning` reads the environment the first
+time it is called and keeps the result; :func:`use_tuning` replaces it (for a benchmark sweep)
+and :func:`tuning_from_env` parses an environment explicitly. Every value a knob sets reaches
+the compiled kernel as part of its cache key: the Triton launches pass them as ``tl.constexpr``
+or launch options (``num_warps``, ``num_stages``), which Triton's JIT keys on; the CuTe step's
+resolved tiling is its compile cache's key (:func:`hybridlm.kernels.mamba3.cute.kernel_config`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Tuning knobs of the Triton scan and the CuTe decode step (environment variable in brackets).
+
+    triton_block_pairs      rotation pairs per block of the d_state axis in the chunk kernels
+                            (a block spans twice as many state columns) [HYBRIDLM_TRITON_BLOCK_PAIRS]
+    triton_warps            warps of the chunk-parallel forward and the backward chunk kernel;
+                            None: the per-kernel choice of :class:`ScanSpec` [HYBRIDLM_TRITON_WARPS]
+    triton_backward_stages  software-pipeline stages of the backward chunk kernel
+                            [HYBRIDLM_TRITON_BACKWARD_STAGES]
+    cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
+                            4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
+    cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
+                            many as 128 registers a thread give [HYBRIDLM_CUTE_MIN_BLOCKS]
+    """
+
+    triton_block_pairs: int = 16
+    triton_warps: int | None = None
+    triton_backward_stages: int = 1
+    cute_max_rows: int | None = None
+    cute_min_blocks: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
+        if self.triton_block_pairs & (self.triton_block_pairs - 1):
+            raise ValueError(f"KernelTuning.triton_block_pairs must be a power of two; got {self.triton_block_pairs}")
+
+
+ENV_VARS: dict[str, str] = {
+    "triton_block_pairs": "HYBRIDLM_TRITON_BLOCK_PAIRS",
+    "triton_warps": "HYBRIDLM_TRITON_WARPS",
+    "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
+    "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
+    "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
+}
+
+
+def tuning_from_env(environ: Mapping[str, str] | None = None) -> KernelTuning:
+    """The defaults, with every knob whose environment variable is set taken from it."""
+    environ = os.environ if environ is None else environ
+    given = {}
+    for name, var in ENV_VARS.items():
+        if environ.get(var):
+            try:
+                given[name] = int(environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={environ[var]!r} is not an integer") from None
+    return KernelTuning(**given)
+
+
+_current: KernelTuning | None = None
+
+
+def kernel_tuning() -> KernelTuning:
+    """The tuning in force: the environment's, read on the first call, unless replaced."""
+    global _current
+    if _current is None:
+        _current = tuning_from_env()
+    return _current
+
+
+@contextlib.contextmanager
+def use_tuning(tuning: KernelTuning | None = None, **changes) -> Iterator[KernelTuning]:
+    """Run the block with ``tuning`` (default: the current one) with ``changes`` applied, e.g.
+    ``with use_tuning(triton_warps=8): ...`` in a benchmark; the previous tuning comes back after."""
+    global _current
+    previous = kernel_tuning()
+    _current = dataclasses.replace(tuning or previous, **changes)
+    try:
+        yield _current
+    finally:
+        _current = previous
