@@ -66,8 +66,8 @@ def grid(name: str) -> list[dict]:
         # the README's GPU commands, checked once: a larger spec with the one-GPU config (bf16, compile)
         runs.append(run("gpu-hybrid-small", "hybrid", "mqar:pairs=8:queries=64", 512, 16, 40, 1e-3,
                         spec="specs/hybrid-small.yaml", config="1gpu", extra=["--hybrid.loss_on", "answers"]))
-        q16, p2 = "mqar:pairs=4:queries=16", "mqar:pairs=2:queries=16"
-        niah, niah3 = "niah-1:template=short:digits=2", "niah-1:template=short:digits=3"
+        q16 = "mqar:pairs=4:queries=16"
+        niah = "niah-1:template=short:digits=2"
         # NIAH-1, 2 digits: at L 96 (600 x 32 rows, lr 3e-3) the hybrid was 100/100/81/47 on the CPU.
         # A longer training length (more haystack to learn to skip), at about the same tokens:
         for L, B, S in ((128, 32, 400), (192, 16, 500), (256, 16, 400), (256, 8, 800)):
