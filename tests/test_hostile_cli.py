@@ -283,7 +283,7 @@ def test_train_data_error_is_one_line_exit_2(tmp_path):
 
 def test_train_ctrl_c_exits_130_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "hybridlm", "train", DEMO, "--job.dump_folder", str(tmp_path / "dump"),
-           "--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps", "100000"]
+           "--training.seq_len", "128", "--training.local_batch_size", "2", "--training.steps", "100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_titan_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
