@@ -89,3 +89,15 @@ def test_the_checker_finds_missing_files_sections_and_bare_citations(tmp_path):
         "f.py:2: docs/a.md has no heading §9",
         "f.py:3: docs/b.md does not exist",
     ]
+
+
+OUTSIDE = re.compile(r"\.\./shared\b")
+
+
+def test_nothing_shipped_cites_files_outside_the_repository():
+    """Users get the repository alone: a path into the developers' ``../shared`` means nothing to them."""
+    shipped = cited_files() + sorted((REPO / "docs").rglob("*.md")) + sorted((REPO / "specs").rglob("*"))
+    problems = [f"{p.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: cites {m.group(0)}"
+                for p in shipped if p.is_file() for text in [p.read_text(errors="replace")]
+                for m in OUTSIDE.finditer(text)]
+    assert not problems, "\n".join(problems)

@@ -101,8 +101,8 @@ def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_off
 def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
     """The backend of :func:`cached_attention` for these inputs.
 
-    ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs: on an H100 it
-    matched SDPA and replayed bitwise from a CUDA graph (tests/gpu/test_decode_gpu.py).
+    ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs; it is checked
+    against SDPA and for bitwise CUDA-graph replay in tests/gpu/test_decode_gpu.py.
     """
     return registry.choose(KIND, "cached", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
                            int(q.shape[-1]), True)

@@ -3,12 +3,15 @@
     args.py           HybridModelArgs: the spec as plain fields, FLOPs from the builder's accounting
     model.py          the HybridLM torchtitan builds (document boundaries -> cu_seqlens)
     parallelize.py    TP -> activation checkpointing -> per-block compile -> FSDP2
-    tensor_parallel.py  the TP plan (Mamba-3 sharded by heads)
-    optim.py          AdamW without weight decay on Mamba-3 scalars, norms and biases
+    tensor_parallel.py  the TP plan: every block kind with a ``tp_plan``, sharded by heads
+    optim.py          AdamW without weight decay on norms, biases and each block kind's ``no_decay``
     data.py           task generators, text files, HF datasets -> rows with doc_starts
     job_config.py     the [hybrid] config section
     register.py       registers the train spec (imported by torchtitan)
+    trainer.py        torchtitan's Trainer plus the run record next to the checkpoints
     launch.py         the entry point (CPU shim, single-process env, compact log)
+    cpu.py            lets torchtitan run without an accelerator (device type cpu, gloo)
+    progress.py       the output `hybridlm train` shows a person (step N/total, ETA, loss)
     export.py         DCP checkpoint -> model folder
 
 Importing this package imports nothing from torchtitan, so the launcher can prepare the CPU first.

@@ -1,4 +1,4 @@
-"""GPU tests: the official mamba_ssm module is the oracle where it is staged (stage.sh peer).
+"""GPU tests: the official mamba_ssm module is the oracle where it is staged (docs/offline-gpu.md: .gpu/peer).
 
 Its Triton autotuning takes minutes on a fresh machine; for correctness runs we keep only the
 first config of each kernel (HYBRIDLM_PEER_FULL_AUTOTUNE=1 keeps them all: needed for timing).

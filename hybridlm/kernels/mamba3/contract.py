@@ -18,9 +18,6 @@ from torch import Tensor
 
 PairLayout = Literal["interleaved", "half"]
 OutNormKind = Literal["none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default"]
-OUT_NORMS: tuple[str, ...] = ("none", "pregate_grouped", "pregate_default", "postgate_grouped", "postgate_default")
-DISCRETIZATIONS: tuple[str, ...] = ("trapezoid", "euler", "half")
-A_ACTIVATIONS: tuple[str, ...] = ("heavy_tail", "softplus")
 
 
 class Mamba3State(NamedTuple):

@@ -118,6 +118,14 @@ def output_stage(y: Tensor, z: Tensor | None, params: ScanParams) -> Tensor:
                          out_norm=params.out_norm, norm_eps=params.norm_eps)
 
 
+def fp32_state_reason(state: Mamba3State, kernel: str) -> str | None:
+    """Why a fused step cannot update ``state`` in place (None when it can): the step kernels keep
+    the SSM state and the angle in fp32."""
+    if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
+        return f"state dtype {state.ssm.dtype}; {kernel} keeps an fp32 state"
+    return None
+
+
 def fp32_contiguous(t: Tensor | None) -> Tensor | None:
     """A parameter as the fused kernels read it: fp32, contiguous (None stays None)."""
     return None if t is None else t.float().contiguous()

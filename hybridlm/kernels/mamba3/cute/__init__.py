@@ -18,7 +18,7 @@ from torch import Tensor
 from hybridlm.kernels.hopper import hopper_reason
 from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
 from hybridlm.kernels.mamba3.cute.layout import VEC, default_min_blocks, row_groups
-from hybridlm.kernels.mamba3.shared import fp32_contiguous
+from hybridlm.kernels.mamba3.shared import fp32_contiguous, fp32_state_reason
 from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
 from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
@@ -82,11 +82,9 @@ def import_error() -> str | None:
 
 def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -> str | None:
     """Why the CuTe step cannot take these inputs (None when it can)."""
-    device = hopper_reason(proj, "the CuTe step")
-    if device:
-        return device
-    if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
-        return f"state dtype {state.ssm.dtype}; the CuTe step keeps an fp32 state"
+    reason = hopper_reason(proj, "the CuTe step") or fp32_state_reason(state, "the CuTe step")
+    if reason:
+        return reason
     if state.v.dtype != state.k.dtype:
         return f"k cache {state.k.dtype} and v cache {state.v.dtype}; the CuTe step takes one dtype for both"
     config = kernel_config(layout, proj.dtype, state.k.dtype)

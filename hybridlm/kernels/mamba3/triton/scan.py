@@ -11,7 +11,6 @@ warning that names the reason.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,11 @@ from hybridlm.kernels.mamba3.triton.layout import dense_layout, kernel_chunk, pa
 from hybridlm.kernels.mamba3.triton.output import FUSED_NORMS, gated_output_fwd
 from hybridlm.kernels.mamba3.triton.ranks import expand_ranks_fwd
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+from hybridlm.kernels.registry import warn_once
 
 MAX_D_STATE = 256
 MAX_HEADDIM = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_warned: set[str] = set()
 
 
 def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str | None:
@@ -58,9 +57,7 @@ def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str |
 
 
 def warn_fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"Mamba-3 Triton backend: falling back to the reference scan: {reason}", stacklevel=3)
+    warn_once(f"Mamba-3 Triton backend: falling back to the reference scan: {reason}", stacklevel=4)
 
 
 def mamba3_chunked(

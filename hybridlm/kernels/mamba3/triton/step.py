@@ -9,12 +9,12 @@ the state tile stays in registers from its load to its store. Arguments and sema
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
+from hybridlm.kernels.mamba3.shared import fp32_state_reason
 from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
 
@@ -169,11 +169,9 @@ def _step_kernel(
 
 def unsupported_reason(proj: Tensor, state: Mamba3State, layout: DecodeLayout) -> str | None:
     """Why the kernel cannot take these inputs (None when it can)."""
-    device = device_reason(proj, "the Triton kernels")
-    if device:
-        return device
-    if state.ssm.dtype != torch.float32 or state.angle.dtype != torch.float32:
-        return f"state dtype {state.ssm.dtype}; the step kernel keeps an fp32 state"
+    reason = device_reason(proj, "the Triton kernels") or fp32_state_reason(state, "the step kernel")
+    if reason:
+        return reason
     if layout.d_state % 2 or layout.d_state > 256:
         return f"d_state {layout.d_state}; the step kernel takes even d_state up to 256"
     if layout.headdim > 128:
