@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STUDIES = ("state-tracking", "out-norm", "discretization")
+WALKTHROUGH_TASK = "niah-1:template=short:digits=1"  # the README walkthrough's eval = cpu-debug.toml's data
 
 
 def run(cmd: list[str], label: str, keep: int = 6) -> tuple[float, str]:
@@ -59,8 +60,8 @@ def main() -> None:
     run(hybridlm("train", "specs/tiny-hybrid.yaml", "--job.dump_folder", str(work / "train")),
         "the CPU walkthrough: train (README: Training, the three output lines)", keep=4)
     run(hybridlm("export", str(work / "train"), "--out", str(work / "model")), "export", keep=2)
-    run(hybridlm("eval", str(work / "model"), "--task", "mqar:pairs=8", "--lengths", "1x,2x",
-                 "--samples", "32", "--out", str(work / "eval")), "eval of the walkthrough model", keep=5)
+    run(hybridlm("eval", str(work / "model"), "--task", WALKTHROUGH_TASK, "--lengths", "1x,2x,4x,8x",
+                 "--out", str(work / "eval")), "eval of the walkthrough model (README: Training)", keep=7)
 
     if not args.no_studies:
         for study in STUDIES:
