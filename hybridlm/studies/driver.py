@@ -10,6 +10,8 @@ A study module (``hybridlm/studies/<name>.py``) provides
                                    -> Summary: markdown tables and PNG plots from the finished runs
     prepare(cfg, out, look_only)   (optional) -> metadata for every run, e.g. of a corpus it builds
                                    on first use (not when only listing or summarizing)
+    executor_class(cfg)            (optional) -> an Executor subclass (or a factory of one) for runs
+                                   that train another way; None keeps the default
 
 The driver repeats plan -> run until every planned run is done, the time budget is spent, or a run
 fails, then summarizes whatever is done (also partial results, marked as such).
@@ -97,8 +99,9 @@ def run_study(name: str, opts: Options, log: Callable[[str], None] = print) -> i
             plan.runs = [r for r in plan.runs if r.meta.get("model") in opts.only]
         return plan
 
-    executor = Executor(recipe=cfg.path(cfg.train_config), work=out / "work", store=store, jobs=jobs, log=log,
-                        keep_checkpoints=opts.keep_checkpoints)
+    executor_cls = (module.executor_class(cfg) if hasattr(module, "executor_class") else None) or Executor
+    executor = executor_cls(recipe=cfg.path(cfg.train_config), work=out / "work", store=store, jobs=jobs, log=log,
+                            keep_checkpoints=opts.keep_checkpoints)
     if opts.summarize_only:
         return _summarize(module, cfg, store, out, log, complete=None)
     if opts.dry_run:
@@ -131,8 +134,8 @@ def run_study(name: str, opts: Options, log: Callable[[str], None] = print) -> i
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in {display_path(store.path)})")
         return EXIT_FAILED
     if postponed or waiting:
-        log(f"INCOMPLETE: {len(postponed)} run(s) did not fit in --max-minutes {opts.max_minutes:g}"
-            if postponed else f"INCOMPLETE: {waiting}")
+        budget = f"--max-minutes {opts.max_minutes:g}" if opts.max_minutes else "this call"  # or a run's own stop
+        log(f"INCOMPLETE: {len(postponed)} run(s) did not fit in {budget}" if postponed else f"INCOMPLETE: {waiting}")
         log("run the same command again to continue where this one stopped")
         return EXIT_INCOMPLETE
     return status

@@ -10,6 +10,8 @@ curriculum (3..40 growing to 3..160 in four stages).
     python -m hybridlm.studies.parity_probe --seconds 500 --out runs/parity-probe --resume runs/parity-probe
 
 ``--resume`` continues every recipe from its checkpoint (weights, optimizer, step, data stream).
+The paper's own protocol (its sweep, batch and schedule; the official module as a control) is the
+study's ``--set protocol=paper`` (state_tracking_paper.py); this probe stays as it ran.
 """
 from __future__ import annotations
 

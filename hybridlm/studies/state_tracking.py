@@ -1,4 +1,8 @@
-"""Study 1: state tracking (paper Table 5b, scaled).
+"""Study 1: state tracking (paper Table 5b, scaled), in two protocols.
+
+The default (`protocol = "packed"`), below, is the scaled-down one of the first GPU session. The
+paper's own protocol (`--set protocol=paper`: the full sweep, 4 x 10^4 steps of 256 examples, the
+best held-out evaluation, the official module as a control) lives in state_tracking_paper.py.
 
 Parity, modular arithmetic without and with brackets; 1-layer models for parity, 3-layer for
 arithmetic (the paper's sizes); Mamba-3 against Mamba-3 with the rotation off (real-valued
@@ -11,6 +15,7 @@ learning rate for all runs, the best of a short sweep of Mamba-3 on every task.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -18,7 +23,9 @@ from hybridlm.eval.run import EvalRequest
 from hybridlm.eval.tasks.state_tracking import LengthCurriculum
 from hybridlm.studies.config import Strict, StudyConfig, TrainSettings
 from hybridlm.studies.plots import Panel, plot_panels, smooth
+from hybridlm.studies import state_tracking_paper
 from hybridlm.studies.runner import Run
+from hybridlm.studies.state_tracking_paper import PaperProtocol, lift
 from hybridlm.studies.tables import environment_lines, markdown_table, mean, pct, training_table
 
 NAME = "state-tracking"
@@ -49,15 +56,24 @@ class StateEval(Strict):
 
 
 class Config(StudyConfig):
+    protocol: Literal["packed", "paper"] = "packed"
     tasks: list[str] = Field(min_length=1)
     layers: dict[str, int]
     models: dict[str, LayeredModel]
     train: TrainSettings
     sweep: Sweep
     eval: StateEval
+    paper: PaperProtocol | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_paper(cls, data):
+        return lift(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        if self.protocol == "paper" and self.paper is None:
+            raise ValueError("protocol 'paper' needs a [paper] table")
         for task in {*self.tasks, *self.sweep.tasks}:
             if task not in TASKS:
                 raise ValueError(f"task {task!r} is not a state-tracking task ({', '.join(TASKS)})")
@@ -112,9 +128,18 @@ def choose_lr(cfg: Config, finished: dict[str, dict]) -> tuple[float | None, lis
     return best["lr"], scores
 
 
+def executor_class(cfg: Config):
+    """The driver's executor for this protocol: None = the default (train, export, evaluate)."""
+    if cfg.protocol == "paper":
+        return state_tracking_paper.executor_class(cfg)
+    return None
+
+
 def plan(cfg: Config, finished: dict[str, dict], *, preview: bool = False, extra_meta: dict | None = None):
     from hybridlm.studies.driver import Plan
 
+    if cfg.protocol == "paper":
+        return Plan(state_tracking_paper.runs(cfg))
     runs: list[Run] = []
     lr = cfg.train.lr
     if lr is None:  # no lr given: sweep first
@@ -135,6 +160,9 @@ def _cell(record: dict, length: int) -> dict | None:
 def summarize(cfg: Config, finished: dict[str, dict], out: Path, sessions: list[dict]):
     from hybridlm.studies.driver import Summary
 
+    if cfg.protocol == "paper":
+        return state_tracking_paper.summarize(cfg, finished, out, sessions)
+    finished = {rid: r for rid, r in finished.items() if r["meta"].get("protocol", "packed") == "packed"}
     main = {(r["meta"]["model"], r["meta"]["task"]): r for r in finished.values() if r["meta"]["phase"] == "main"}
     lr, sweep = choose_lr(cfg, finished) if cfg.train.lr is None else (cfg.train.lr, [])
     parts = [f"### {cfg.title}"]

@@ -1,0 +1,321 @@
+"""The paper's own state-tracking protocol (arXiv 2603.15569 App. D, with Grazzi et al.'s recipe).
+
+``hybridlm study state-tracking --set protocol=paper`` (config: the ``[paper]`` table of
+specs/studies/state-tracking/study.toml; docs/results.md §1):
+
+* every model x task x width {32, 64} x 8 learning rates log-spaced in [1e-4, 1e-2];
+* batch 256 examples of one length, the curriculum 3..40 -> 3..160 in 4 stages of 10^4 steps;
+* AdamW, 2,000 warm-up steps then cosine, weight decay 0 for parity, no clipping; fp32;
+* a held-out evaluation at length 256 every 1,000 steps; the best is reported, per model and task
+  the best over the sweep (as the paper does); every run's curve is kept.
+
+Each run is a process of :mod:`hybridlm.studies.state_tracking_train`, run side by side and
+resumed across calls by :mod:`hybridlm.studies.resumable_runner`. To measure how many fit side by side:
+
+    python -m hybridlm.studies.state_tracking_paper --side-by-side 1,8,16,24 --seconds 60
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from hybridlm.eval.run import EvalRequest
+from hybridlm.studies.config import Estimate, Strict
+from hybridlm.studies.resumable_runner import TRAINER, ResumableExecutor, read_progress
+from hybridlm.studies.runner import Run
+from hybridlm.studies.state_tracking_settings import RunSettings
+from hybridlm.studies.tables import environment_lines, markdown_table, pct
+
+PROTOCOL = "paper"
+
+
+class PaperModel(Strict):
+    label: str
+    spec: str  # a spec file in the study folder; its pattern "(...) *1" is repeated to the task's depth
+
+
+class PaperProtocol(Strict):
+    """The ``[paper]`` table of study.toml."""
+
+    jobs: int = Field(gt=0)  # runs side by side on one GPU
+    budget_minutes: float = Field(gt=0)
+    estimate: Estimate
+    tasks: list[str] = Field(min_length=1)
+    models: dict[str, PaperModel] = Field(min_length=1)
+    widths: list[int] = Field(min_length=1)
+    lr_min: float = Field(gt=0)
+    lr_max: float = Field(gt=0)
+    lr_count: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    stages: int = Field(gt=0)
+    steps_per_stage: int = Field(gt=0)
+    min_length: int = Field(gt=0)
+    first_max: int = Field(gt=0)
+    last_max: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    min_lr_factor: float = Field(ge=0, le=1)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    max_norm: float = Field(0.0, ge=0)
+    weight_decay: dict[str, float]  # task -> AdamW weight decay
+    eval_lengths: list[int] = Field(min_length=1)
+    report_length: int
+    eval_every: int = Field(gt=0)
+    eval_samples: int = Field(gt=0)
+    diagnostics_every: int = Field(ge=0)
+    log_freq: int = Field(gt=0)
+    steps_per_call: int = Field(0, ge=0)  # stop every run after this many steps per call; 0 = the time budget
+    lr_first: float = Field(1e-3, gt=0)  # runs start at the lr nearest this one and go outwards
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PaperProtocol":
+        missing = [t for t in self.tasks if t not in self.weight_decay]
+        if missing:
+            raise ValueError(f"paper.weight_decay names no value for task(s) {', '.join(missing)}")
+        if self.report_length not in self.eval_lengths:
+            raise ValueError(f"paper.report_length {self.report_length} is not in paper.eval_lengths")
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"paper.lr_min {self.lr_min:g} exceeds paper.lr_max {self.lr_max:g}")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return self.stages * self.steps_per_stage
+
+    def lrs_in_run_order(self) -> list[float]:
+        """The sweep's lrs nearest ``lr_first`` first (in log distance): the runs most likely to
+        learn come first when a budget ends midway."""
+        return sorted(self.lrs(), key=lambda lr: (abs(math.log(lr / self.lr_first)), lr))
+
+    def lrs(self) -> list[float]:
+        """``lr_count`` learning rates log-spaced from lr_min to lr_max (3 significant digits)."""
+        if self.lr_count == 1:
+            return [self.lr_min]
+        ratio = math.log(self.lr_max / self.lr_min)
+        return [float(f"{self.lr_min * math.exp(ratio * i / (self.lr_count - 1)):.3g}") for i in range(self.lr_count)]
+
+
+def lift(data: dict) -> dict:
+    """With ``protocol = "paper"`` the ``[paper]`` table's jobs, budget, estimate, tasks and models
+    stand for the study's own (the driver plans, estimates and filters ``--only`` by those)."""
+    paper = data.get("paper")
+    if data.get("protocol") != PROTOCOL or not isinstance(paper, dict):
+        return data
+    depths = sorted(set((data.get("layers") or {}).values()))
+    models = {name: {"label": m.get("label"), "specs": {n: m.get("spec") for n in depths}}
+              if isinstance(m, dict) else m for name, m in (paper.get("models") or {}).items()}
+    return {**data, **{k: paper[k] for k in ("jobs", "budget_minutes", "estimate", "tasks") if k in paper},
+            "models": models}
+
+
+def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettings:
+    p: PaperProtocol = cfg.paper
+    return RunSettings(
+        task=task, spec=str(cfg.path(p.models[model].spec)), d_model=width, layers=cfg.layers[task], seed=cfg.seed,
+        steps=p.steps, batch=p.batch, max_norm=p.max_norm, lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1,
+        beta2=p.beta2, warmup_steps=p.warmup_steps, min_lr_factor=p.min_lr_factor, min_length=p.min_length,
+        first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
+        eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,
+        eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, log_freq=p.log_freq)
+
+
+def run_id(model: str, task: str, width: int, lr: float) -> str:
+    return f"paper-{model}-{task}-d{width}-lr{lr:g}"
+
+
+def runs(cfg) -> list[Run]:
+    """Task by task, lrs from ``lr_first`` outwards; within a task the models of one (lr, width)
+    next to each other, so runs that go side by side compare like with like."""
+    p: PaperProtocol = cfg.paper
+    out = []
+    for task in cfg.tasks:
+        for lr in p.lrs_in_run_order():
+            for width in p.widths:
+                for model in p.models:
+                    s = run_settings(cfg, model, task, width, lr)
+                    meta = {"protocol": PROTOCOL, "phase": PROTOCOL, "model": model, "task": task, "width": width,
+                            "lr": lr, "layers": s.layers, "spec": p.models[model].spec,
+                            "weight_decay": s.weight_decay}
+                    request = EvalRequest(task, ",".join(map(str, p.eval_lengths)), samples=p.eval_samples,
+                                          batch_size=p.batch, seed=cfg.seed)
+                    out.append(Run(run_id(model, task, width, lr), cfg.path(p.models[model].spec), s.to_flags(),
+                                   request, s.steps, s.batch, meta))
+    return out
+
+
+def executor_class(cfg):
+    return functools.partial(ResumableExecutor, steps_per_call=cfg.paper.steps_per_call or None)
+
+
+# -- summary ---------------------------------------------------------------------------------------
+def run_state(run: Run, finished: dict[str, dict], work: Path) -> dict | None:
+    """What is known of a run: its record when done, else its progress.json (``running`` True)."""
+    record = finished.get(run.id)
+    if record is not None:
+        return {"running": False, "step": record["train"]["steps"], "best": record["best"],
+                "history": record["history"], "losses": record["train"]["losses"]}
+    progress = read_progress(work / run.id)
+    if progress is None or progress.get("best") is None:
+        return None
+    return {"running": True, "step": progress["step"], "best": progress["best"],
+            "history": progress.get("history", []), "losses": progress.get("losses", [])}
+
+
+def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
+    from hybridlm.studies.driver import Summary
+    from hybridlm.studies.state_tracking import PAPER, TASKS
+    from hybridlm.studies.state_tracking_plots import paper_plots
+
+    p: PaperProtocol = cfg.paper
+    planned = runs(cfg)
+    states = {r.id: run_state(r, finished, out / "work") for r in planned}
+    rep = p.report_length
+    best: dict[tuple[str, str], tuple[Run, dict]] = {}
+    for r in planned:
+        st = states[r.id]
+        key = (r.meta["model"], r.meta["task"])
+        if st and (key not in best or st["best"]["scaled_accuracy"] > best[key][1]["best"]["scaled_accuracy"]):
+            best[key] = (r, st)
+
+    parts = [f"### {cfg.title}: the paper's protocol",
+             f"Best scaled accuracy (%) at length {rep} over the sweep ({len(p.widths)} widths × {p.lr_count} "
+             f"learning rates, best evaluation of each run, every {p.eval_every:,} steps); (width, lr, step) of "
+             "the best; * = the sweep is not finished."]
+    rows, data = [], {"best": {}, "runs": {}}
+    for model, entry in p.models.items():
+        row = [entry.label]
+        for task in cfg.tasks:
+            planned_here = [r for r in planned if r.meta["model"] == model and r.meta["task"] == task]
+            complete = all(r.id in finished for r in planned_here)
+            if (model, task) not in best:
+                row.append(None)
+                continue
+            r, st = best[(model, task)]
+            value = st["best"]["scaled_accuracy"]
+            row.append(f"{100 * value:.1f}{'' if complete else '*'} (d{r.meta['width']}, {r.meta['lr']:g}, "
+                       f"{st['best']['step']:,})")
+            data["best"][f"{model}/{task}"] = {"scaled_accuracy": value, "run": r.id, "step": st["best"]["step"],
+                                               "complete": complete}
+        rows.append(row)
+    if set(cfg.tasks) == set(TASKS):
+        rows += [[f"paper: {name}"] + [f"{v:.2f}" for v in values] for name, values in PAPER.items()]
+    parts.append(markdown_table(["model"] + [f"{t} @ {rep}" for t in cfg.tasks], rows))
+
+    run_rows = []
+    for r in planned:
+        st = states[r.id]
+        done = r.id in finished
+        run_rows.append([r.id, f"{st['step'] if st else 0:,}/{r.steps:,}", "done" if done else
+                         ("paused" if st else "not started"),
+                         pct(st["best"]["scaled_accuracy"]) if st else None,
+                         f"{st['best']['step']:,}" if st else None,
+                         f"{st['losses'][-1][1]:.4f}" if st and st["losses"] else None])
+        data["runs"][r.id] = {"step": st["step"] if st else 0, "done": done,
+                              "best": st["best"] if st else None}
+    parts.append(f"Every run (scaled accuracy (%) at {rep}, the best evaluation so far):")
+    parts.append(markdown_table(["run", "steps", "status", f"best @ {rep}", "at step", "last loss"], run_rows))
+    diag = _diagnostics_lines(best)
+    if diag:
+        parts.append("Diagnostics of each model's best run, last evaluation (layer 0): per head, the largest "
+                     "|mean Δ·tanh(θ)| over its rotated pairs on '1' and on '0' tokens (units of π), and the "
+                     "mean |A|·Δ:\n" + diag)
+    plots = paper_plots(cfg, planned, states, best, out)
+    parts.append("Runs recorded:\n" + environment_lines(sessions))
+    return Summary("\n\n".join(parts), plots, data)
+
+
+def _diagnostics_lines(best: dict) -> str:
+    lines = []
+    for (model, task), (run, st) in best.items():
+        entries = [h for h in st["history"] if h.get("diagnostics")]
+        if not entries:
+            continue
+        layer = entries[-1]["diagnostics"][0]
+        on1 = [max((abs(v) for v in pairs), default=0.0) for pairs in layer["turn_on_1"]]
+        on0 = [max((abs(v) for v in pairs), default=0.0) for pairs in layer["turn_on_0"]]
+        lines.append(f"- {run.id} (step {entries[-1]['step']:,}): on '1' "
+                     f"{', '.join(f'{v:.3f}' for v in on1)}; on '0' {', '.join(f'{v:.3f}' for v in on0)}; "
+                     f"|A|·Δ {', '.join(f'{v:.2e}' for v in layer['decay'])}")
+    return "\n".join(lines)
+
+
+# -- how many runs side by side -------------------------------------------------------------------
+def side_by_side(cfg, counts: list[int], seconds: float, work: Path, log=print) -> list[dict]:
+    """Start ``n`` copies of the first run for each n in ``counts`` (lengths of the last curriculum
+    stage, the slowest), ``seconds`` of training each after start-up; steps/s a run and in all."""
+    first = runs(cfg)[0]
+    settings = RunSettings.from_flags(first.train_flags).model_copy(update={"first_max": cfg.paper.last_max})
+    results = []
+    for n in counts:
+        folders = [work / f"side-by-side-{n}-{i}" for i in range(n)]
+        procs = []
+        for i, folder in enumerate(folders):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            cmd = [sys.executable, "-m", TRAINER, "--out", str(folder), "--time-limit", str(seconds),
+                   *settings.to_flags()]
+            with (folder / "train.log").open("w") as log_file:
+                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                              env=_env(n)))
+        started = time.monotonic()
+        codes = [proc.wait() for proc in procs]
+        rates = [(read_progress(f) or {}).get("slices", [{}])[-1].get("steady_steps_per_second") for f in folders]
+        ok = [r for r in rates if r]
+        entry = {"side_by_side": n, "failed": sum(c != 0 for c in codes), "steps_per_second_each": ok,
+                 "per_run": min(ok) if ok else None, "in_all": sum(ok),
+                 "wall_seconds": round(time.monotonic() - started)}
+        results.append(entry)
+        log(f"{n:3d} side by side: {entry['per_run'] or 0:.1f} steps/s a run (slowest), {entry['in_all']:.0f} in all, "
+            f"{entry['failed']} failed")
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def _env(jobs: int) -> dict:
+    import os
+
+    return {"TRITON_CACHE_AUTOTUNING": "1", **os.environ, "PYTHONUNBUFFERED": "1", "HYBRIDLM_STUDY_JOBS": str(jobs),
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hybridlm.studies.config import find_study_folder, load_config
+    from hybridlm.studies.driver import overrides_from
+    from hybridlm.studies.state_tracking import Config
+
+    parser = argparse.ArgumentParser(description="Measure steps/s of paper-protocol runs side by side on this machine.")
+    parser.add_argument("--side-by-side", default="1,8,16", help="comma-separated numbers of runs at once")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training seconds of each measurement")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--quick", action="store_true", help="the [quick] settings (a CPU check)")
+    parser.add_argument("--out", type=Path, default=Path("runs/studies/state-tracking-paper-probe"))
+    args = parser.parse_args(argv)
+    overrides = overrides_from(["protocol=paper", *args.overrides])
+    cfg = load_config(find_study_folder("state-tracking"), Config, quick=args.quick, overrides=overrides)
+    counts = [int(n) for n in args.side_by_side.split(",") if n.strip()]
+    results = side_by_side(cfg, counts, args.seconds, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "side_by_side.json").write_text(json.dumps(results, indent=1) + "\n")
+    steps = len(runs(cfg)) * cfg.paper.steps
+    for entry in results:
+        if entry["per_run"]:
+            minutes = steps / (entry["per_run"] * entry["side_by_side"]) / 60
+            print(f"{entry['side_by_side']} side by side: all {len(runs(cfg))} runs ({steps:,} steps) in "
+                  f"~{minutes:.0f} min "
+                  f"= {math.ceil(minutes / 8.5)} calls of 8.5 min; set --set paper.jobs={entry['side_by_side']} "
+                  f"--set paper.estimate.seconds_per_step={1 / entry['per_run']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""One run of the paper's state-tracking protocol: a plain PyTorch loop (docs/results.md §1).
+
+    python -m hybridlm.studies.state_tracking_train --out WORK FLAGS...   (FLAGS: state_tracking_settings.FLAGS)
+
+The study (``hybridlm study state-tracking --set protocol=paper``) starts one such process per run,
+several side by side. What a run does:
+
+* **Data.** Every step is ``batch`` examples of one length drawn from the curriculum (min 3, max
+  40 -> 160 in ``stages`` stages of ``steps_per_stage``), as Deletang et al. and Grazzi et al.
+  train: no padding, no packing. Step s's batch depends only on (seed, s): a run resumes anywhere.
+  The loss is the cross-entropy of the answer after '=' (the byte vocabulary, as the harness scores).
+* **Optimizer.** AdamW (betas, weight decay from the settings; the block kinds' no-decay
+  parameters, norms and biases never decay), linear warm-up then cosine to ``lr * min_lr_factor``,
+  clipping only when ``max_norm`` > 0. fp32.
+* **Evaluation.** Every ``eval_every`` steps (and at the end), accuracy on ``eval_samples``
+  held-out harness examples at each of ``eval_lengths``; the best scaled accuracy at
+  ``report_length`` is kept with its step and its weights (``best.pt``), as the paper reports the best.
+* **Diagnostics** every ``diagnostics_every`` steps (state_tracking_diagnostics.py).
+* **Stopping and resuming.** ``--time-limit S`` (or ``--stop-after-steps N``) stops the loop, writes
+  ``checkpoint.pt`` (weights, optimizer, step, history) and ``progress.json`` with status
+  ``paused``; the same command again resumes from the checkpoint when its ``--run-key`` matches,
+  and starts over when it does not. A finished run writes ``result.json`` (status ``done``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm.eval.tasks import LengthCurriculum, example_rng, make_task
+from hybridlm.studies.state_tracking_settings import RunSettings
+from hybridlm.tokenizer import ByteTokenizer
+
+DIAGNOSTIC_EXAMPLES, DIAGNOSTIC_LENGTH = 64, 64
+WARM_STEPS = 20  # a slice's steady steps/s is measured after these (the first compile the kernels)
+
+
+# -- pieces (each testable on its own) ---------------------------------------------------------------
+def curriculum(s: RunSettings) -> LengthCurriculum:
+    return LengthCurriculum(min_length=s.min_length, first_max=s.first_max, last_max=s.last_max, stages=s.stages,
+                            steps_per_stage=s.steps_per_stage)
+
+
+def lr_at(s: RunSettings, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps``, then cosine
+    from ``lr`` to ``lr * min_lr_factor`` at the last step."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    span = max(s.steps - 1 - s.warmup_steps, 1)
+    progress = min((step - s.warmup_steps) / span, 1.0)
+    return s.lr * (s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Batches:
+    """Step -> (ids (batch, length + 1) up to and including '=', answers (batch,)), on the CPU."""
+
+    def __init__(self, s: RunSettings):
+        self.s = s
+        self.task = make_task(s.task, ByteTokenizer())
+        self.curriculum = curriculum(s)
+
+    def length(self, step: int) -> int:
+        return self.curriculum.sample_length(step, example_rng(self.s.seed, "paper-length", step))
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.length(step)
+        if self.s.task == "parity":  # one tensor draw: building 256 examples in Python would dominate a step
+            gen = torch.Generator().manual_seed(example_rng(self.s.seed, "paper-bits", step).getrandbits(63))
+            bits = torch.randint(0, 2, (self.s.batch, length), generator=gen)
+            token = self.task.token
+            ids = torch.where(bits.bool(), token["1"], token["0"])
+            ids = torch.cat([ids, torch.full((self.s.batch, 1), token["="])], 1)
+            answers = torch.where(bits.sum(1) % 2 == 1, token["1"], token["0"])
+            return ids, answers
+        rng = example_rng(self.s.seed, "paper-examples", step)
+        examples = [self.task.example(length, rng, i, self.s.batch) for i in range(self.s.batch)]
+        full = torch.tensor([e.ids for e in examples])
+        return full[:, :-1], full[:, -1]
+
+    def held_out(self, length: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The harness's own evaluation examples (``hybridlm eval --seed``) at ``length``."""
+        full = torch.tensor([e.ids for e in self.task.examples(length, n, seed=self.s.seed)])
+        return full[:, :-1], full[:, -1]
+
+
+def build_model(s: RunSettings, device: str | torch.device):
+    """The spec file at width ``d_model`` with its pattern's group repeated ``layers`` times, fp32."""
+    import yaml
+
+    from hybridlm import ModelSpec
+    from hybridlm import build_model as build
+    from hybridlm.studies.official_control import register
+
+    register()  # the control's block kind, which only this study knows
+    raw = yaml.safe_load(Path(s.spec).read_text())
+    match = re.fullmatch(r"\s*\((.+)\)\s*\*\s*\d+\s*", str(raw.get("pattern", "")))
+    if match is None:
+        raise ValueError(f"{s.spec}: pattern {raw.get('pattern')!r} must be '(...) *N' so the study can set the depth")
+    raw.update(d_model=s.d_model, pattern=f"({match.group(1)}) *{s.layers}")
+    return build(ModelSpec.model_validate(raw), seed=s.seed).to(device=device, dtype=torch.float32)
+
+
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """``hybridlm train``'s two AdamW groups (hybridlm/titan/optim.py, param_groups): decay on matmul
+    weights and the embedding; none on norms, biases, vectors and each block kind's ``no_decay``
+    names. Written out here because importing hybridlm.titan loads torchtitan, seconds of start-up
+    for every run process; a test holds the two equal."""
+    from hybridlm.builder.model.registry import block_kind
+
+    exempt = {id(p): frozenset(block_kind(resolved.spec.kind).no_decay)
+              for layer, resolved in zip(model.layers, model.spec.resolve()) for p in layer.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        keep = leaf in exempt.get(id(p), ()) or leaf == "bias" or p.ndim < 2 or "norm" in name.lower()
+        (no_decay if keep else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, s: RunSettings) -> torch.optim.Optimizer:
+    # fused on a GPU: one kernel launch for the update, where these tiny models wait on launches
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(decay_groups(model, s.weight_decay), lr=lr_at(s, 0), betas=(s.beta1, s.beta2),
+                             fused=fused or None)
+
+
+def answer_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.output(model.features(ids)[:, -1]).float()
+
+
+@torch.no_grad()
+def accuracy(model, ids: torch.Tensor, answers: torch.Tensor, batch: int = 512) -> float:
+    model.eval()
+    right = sum(int((answer_logits(model, ids[i:i + batch]).argmax(-1) == answers[i:i + batch]).sum())
+                for i in range(0, len(ids), batch))
+    model.train()
+    return right / len(ids)
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, s: RunSettings, out: Path, run_key: str = "", device: str | None = None):
+        self.s, self.out, self.key = s, out, run_key
+        out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batches = Batches(s)
+        self.chance = self.batches.task.chance()
+        self.model = build_model(s, self.device)
+        self.opt = build_optimizer(self.model, s)
+        self.step = 0
+        self.losses: list[list[float]] = []  # [step, mean loss over the logged interval]
+        self.history: list[dict] = []  # one entry per evaluation
+        self.best: dict | None = None
+        self.slices: list[dict] = []
+        self.loss_sum, self.loss_count = 0.0, 0  # the logging interval in progress (kept across a pause)
+        self.held_out = {n: tuple(t.to(self.device) for t in self.batches.held_out(n, s.eval_samples))
+                         for n in s.eval_lengths}
+        token = self.batches.task.token
+        self.one_id, self.zero_id = token.get("1"), token.get("0")
+
+    # checkpoints
+    def _save(self, name: str, payload: dict) -> None:
+        tmp = self.out / f"{name}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.out / name)  # a stopped process never leaves half a checkpoint
+
+    def save_checkpoint(self) -> None:
+        self._save("checkpoint.pt", {"key": self.key, "step": self.step, "model": self.model.state_dict(),
+                                     "opt": self.opt.state_dict(), "losses": self.losses, "history": self.history,
+                                     "best": self.best, "slices": self.slices,
+                                     "loss_interval": [self.loss_sum, self.loss_count]})
+
+    def resume(self) -> str:
+        path = self.out / "checkpoint.pt"
+        if not path.is_file():
+            return "no checkpoint: starting at step 0"
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("key") != self.key:
+            return f"checkpoint of another run key ({state.get('key')}): starting over at step 0"
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.losses, self.history = state["step"], state["losses"], state["history"]
+        self.best, self.slices = state["best"], state["slices"]
+        self.loss_sum, self.loss_count = state["loss_interval"]
+        return f"resumed from the checkpoint at step {self.step}"
+
+    # evaluation
+    def evaluate(self) -> dict:
+        entry: dict = {"step": self.step, "lr": lr_at(self.s, max(self.step - 1, 0)),
+                       "max_length": self.batches.curriculum.max_length(max(self.step - 1, 0))}
+        for n, (ids, answers) in self.held_out.items():
+            acc = accuracy(self.model, ids, answers)
+            entry[f"accuracy@{n}"] = acc
+            entry[f"scaled_accuracy@{n}"] = (acc - self.chance) / (1 - self.chance)
+        if self.s.diagnostics_every and self.step % self.s.diagnostics_every == 0:
+            entry["diagnostics"] = self.diagnostics()
+        self.history.append(entry)
+        report = entry[f"scaled_accuracy@{self.s.report_length}"]
+        if self.best is None or report > self.best["scaled_accuracy"]:
+            self.best = {"step": self.step, "scaled_accuracy": report,
+                         "cells": {n: entry[f"accuracy@{n}"] for n in self.s.eval_lengths}}
+            self._save("best.pt", {"step": self.step, "model": self.model.state_dict()})
+        return entry
+
+    def diagnostics(self) -> list[dict]:
+        from hybridlm.studies.state_tracking_diagnostics import measure
+
+        ids, _ = self.batches.held_out(DIAGNOSTIC_LENGTH, DIAGNOSTIC_EXAMPLES)
+        return measure(self.model, ids.to(self.device), self.one_id, self.zero_id)
+
+    # training
+    def train(self, time_limit: float | None = None, stop_after_steps: int | None = None,
+              log=print) -> str:
+        """Train until the end, the time limit (seconds) or ``stop_after_steps`` more steps; returns
+        the status written to progress.json: ``done`` or ``paused``."""
+        s, model, opt = self.s, self.model, self.opt
+        started, first = time.monotonic(), self.step
+        last_stop = s.steps if stop_after_steps is None else min(s.steps, self.step + stop_after_steps)
+        running = torch.full((), self.loss_sum, device=self.device, dtype=torch.float64)
+        model.train()
+        if self.step == 0 and not self.history:
+            self.evaluate()  # the init's accuracy: step 0 of every curve
+        warm = None  # (step, time) once WARM_STEPS steps of this slice ran: kernel compilation is behind
+        while self.step < last_stop:
+            if time_limit is not None and time.monotonic() - started > time_limit:
+                break
+            if warm is None and self.step - first == WARM_STEPS:
+                warm = (self.step, time.monotonic())
+            ids, answers = self.batches(self.step)
+            ids, answers = ids.to(self.device, non_blocking=True), answers.to(self.device, non_blocking=True)
+            loss = F.cross_entropy(answer_logits(model, ids), answers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_norm)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(s, self.step)
+            opt.step()
+            self.step += 1
+            running += loss.detach()
+            self.loss_count += 1
+            if self.step % s.log_freq == 0 or self.step == s.steps:
+                self.losses.append([self.step, running.item() / self.loss_count])
+                running.zero_()
+                self.loss_count = 0
+            if self.step % s.eval_every == 0 or self.step == s.steps:
+                entry = self.evaluate()
+                log(f"step {self.step}/{s.steps} loss {self.losses[-1][1] if self.losses else float('nan'):.4f} "
+                    f"scaled acc@{s.report_length} {entry[f'scaled_accuracy@{s.report_length}']:.3f} "
+                    f"(best {self.best['scaled_accuracy']:.3f} at {self.best['step']})")
+                self.loss_sum = running.item()
+                self.save_checkpoint()
+                self.write_progress("running")
+        self.loss_sum = running.item()  # also waits for the device: the slice's seconds are its own
+        seconds = time.monotonic() - started
+        done = self.step >= s.steps
+        steady = None
+        if warm is not None and self.step > warm[0]:
+            steady = round((self.step - warm[0]) / (started + seconds - warm[1]), 3)
+        self.slices.append({"from": first, "to": self.step, "seconds": round(seconds, 2),
+                            "steps_per_second": round((self.step - first) / seconds, 3) if seconds > 0 else None,
+                            "steady_steps_per_second": steady,
+                            "jobs": int(os.environ.get("HYBRIDLM_STUDY_JOBS", "1"))})
+        self.save_checkpoint()
+        status = "done" if done else "paused"
+        self.write_progress(status)
+        if done:
+            (self.out / "result.json").write_text(json.dumps(self.result(), indent=1) + "\n")
+        return status
+
+    def write_progress(self, status: str) -> None:
+        tmp = self.out / "progress.json.tmp"
+        tmp.write_text(json.dumps({"status": status, "key": self.key, "step": self.step, "steps": self.s.steps,
+                                   "best": self.best, "slices": self.slices, "losses": self.losses,
+                                   "history": self.history}) + "\n")
+        os.replace(tmp, self.out / "progress.json")
+
+    def result(self) -> dict:
+        seconds = sum(sl["seconds"] for sl in self.slices)
+        last = self.slices[-1]
+        cells = [{"task": self.s.task, "length": n, "accuracy": acc, "chance": self.chance,
+                  "scaled_accuracy": (acc - self.chance) / (1 - self.chance), "examples": self.s.eval_samples,
+                  "step": self.best["step"]} for n, acc in self.best["cells"].items()]
+        return {"train": {"steps": self.step, "tokens_per_step": self.s.batch, "seconds": round(seconds, 1),
+                          "seconds_per_step": round(seconds / self.step, 6) if self.step else None,
+                          "tokens_per_second": (last["steps_per_second"] or 0) * self.s.batch,
+                          "final_loss": self.losses[-1][1] if self.losses else None, "losses": self.losses,
+                          "slices": self.slices},
+                "eval": cells, "best": self.best, "history": self.history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--out", type=Path, required=True, help="the run's folder (checkpoint, progress, result)")
+    parser.add_argument("--run-key", default="", help="resume only a checkpoint written under this key")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop (and checkpoint) after this many seconds")
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="stop (and checkpoint) at this Unix time: start-up and compilation count too")
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="stop (and checkpoint) after this many steps")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args, flags = parser.parse_known_args(argv)
+    settings = RunSettings.from_flags(flags)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[state-tracking] {message}", flush=True)
+
+    trainer = Trainer(settings, args.out, args.run_key, args.device)
+    log(f"{settings.task}, d_model {settings.d_model}, {settings.layers} layer(s), lr {settings.lr:g}, "
+        f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}; {trainer.resume()}")
+    left = None if args.stop_at is None else args.stop_at - time.time()
+    limits = [t for t in (args.time_limit, left) if t is not None]
+    status = trainer.train(min(limits, default=None), args.stop_after_steps, log)
+    last = trainer.slices[-1]
+    log(f"{status}: step {trainer.step}/{settings.steps}, {last['to'] - last['from']} steps in {last['seconds']:.0f} s"
+        f" ({last['steps_per_second']} steps/s; {last['steady_steps_per_second']} after the first {WARM_STEPS})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

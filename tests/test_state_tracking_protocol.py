@@ -1,0 +1,357 @@
+"""The state-tracking study's paper protocol (issue 19) on the CPU: that every value of study.toml's
+[paper] table reaches the trainer and the model, that a stopped run resumes to the same numbers,
+the official control's block kind (with a stand-in for mamba_ssm), the diagnostics, the gradient
+comparison and the summary. Tiny models (d_model 16, a few steps)."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm.cli.main import main as cli
+from hybridlm.studies import state_tracking, state_tracking_paper
+from hybridlm.studies.config import StudyError, find_study_folder, load_config
+from hybridlm.studies.driver import Options, run_study
+from hybridlm.studies.state_tracking_diagnostics import measure
+from hybridlm.studies.state_tracking_settings import RunSettings
+from hybridlm.studies.state_tracking_train import Batches, Trainer, build_model, build_optimizer, lr_at
+
+FOLDER = find_study_folder("state-tracking")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_control_kind():
+    """The study registers its control's block kind when it builds a model; other tests' processes
+    know only the built-in kinds, and so should theirs in this one."""
+    yield
+    from hybridlm.builder.model.registry import _KINDS
+    from hybridlm.layouts.registry import unregister_block_spec
+    from hybridlm.studies.official_control import KIND
+
+    _KINDS.pop(KIND, None)
+    unregister_block_spec(KIND)
+
+
+def paper_config(quick=False, **paper):
+    return load_config(FOLDER, state_tracking.Config, quick=quick,
+                       overrides={"protocol": "paper", **({"paper": paper} if paper else {})})
+
+
+def tiny(**changes) -> RunSettings:
+    base = dict(task="parity", spec=str(FOLDER / "paper-mamba3.yaml"), d_model=16, layers=1, seed=0, steps=6,
+                batch=4, lr=3e-3, weight_decay=0.0, warmup_steps=1, min_lr_factor=0.001, min_length=3, first_max=4,
+                last_max=6, stages=2, steps_per_stage=3, eval_lengths=[8], report_length=8, eval_every=2,
+                eval_samples=16, diagnostics_every=6, log_freq=1)
+    return RunSettings(**{**base, **changes})
+
+
+# -- the protocol's values reach the runs ---------------------------------------------------------------
+def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
+    cfg = paper_config()
+    runs = state_tracking.plan(cfg, {}).runs
+    lrs = cfg.paper.lrs()
+    assert len(lrs) == 8 and lrs[0] == 1e-4 and lrs[-1] == 1e-2
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) / min(ratios) < 1.01  # log-spaced (3 significant digits)
+    assert len(runs) == len(cfg.paper.models) * 2 * 8 and {r.meta["width"] for r in runs} == {32, 64}
+    order = [r.meta["lr"] for r in runs[::8]]  # 8 runs an lr: 2 widths x 4 models; from 1e-3 outwards
+    assert [set(order[i:i + 2]) for i in range(0, 8, 2)] == [{7.2e-4, 1.39e-3}, {3.73e-4, 2.68e-3},
+                                                             {1.93e-4, 5.18e-3}, {1e-4, 1e-2}]
+    for run in runs:
+        s = RunSettings.from_flags(run.train_flags)  # what the trainer process will read
+        assert (s.task, s.layers, s.batch, s.steps, s.steps_per_stage, s.stages) == ("parity", 1, 256, 40_000,
+                                                                                       10_000, 4)
+        assert (s.min_length, s.first_max, s.last_max) == (3, 40, 160)
+        assert (s.warmup_steps, s.min_lr_factor, s.max_norm, s.weight_decay) == (2000, 0.001, 0.0, 0.0)
+        assert (s.beta1, s.beta2) == (0.9, 0.999)
+        assert (s.eval_every, s.report_length, s.eval_lengths) == (1000, 256, [256])
+        assert s.d_model == run.meta["width"] and s.lr == run.meta["lr"] and run.steps == 40_000
+    arith = paper_config(tasks=["arith"])
+    s = RunSettings.from_flags(state_tracking.plan(arith, {}).runs[0].train_flags)
+    assert (s.layers, s.weight_decay) == (3, 0.1)
+
+
+def test_the_packed_protocol_stays_the_default():
+    cfg = load_config(FOLDER, state_tracking.Config)
+    assert cfg.protocol == "packed" and cfg.budget_minutes == 20
+    assert all(r.meta["phase"] == "sweep" for r in state_tracking.plan(cfg, {}).runs)
+    paper = paper_config().paper.model_dump()
+    with pytest.raises(ValueError, match="paper.weight_decay names no value for task.s. parity"):
+        state_tracking_paper.PaperProtocol.model_validate({**paper, "weight_decay": {"arith": 0.1}})
+
+
+def test_every_setting_survives_the_flags():
+    s = tiny(eval_lengths=[8, 16], report_length=16, max_norm=0.5, beta2=0.98)
+    assert RunSettings.from_flags(s.to_flags()) == s
+    with pytest.raises(StudyError, match="unknown flag --optimizer.lrr"):
+        RunSettings.from_flags(["--optimizer.lrr", "1"])
+
+
+def test_weight_decay_zero_reaches_the_optimizer_for_parity_and_decay_elsewhere():
+    model = build_model(tiny(), "cpu")
+    assert {g["weight_decay"] for g in build_optimizer(model, tiny()).param_groups} == {0.0}
+    opt = build_optimizer(model, tiny(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    mixer = model.layers[0].mixer
+    assert id(mixer.in_proj.weight) in decayed and id(mixer.dt_bias) not in decayed
+    from hybridlm.titan.optim import param_groups  # hybridlm train's groups: the same parameters in each
+    for ours, titans in zip(opt.param_groups, param_groups(model, 0.1)):
+        assert [id(p) for p in ours["params"]] == [id(p) for p in titans["params"]]
+        assert ours["weight_decay"] == titans["weight_decay"]
+    # with zero gradients only the decay moves the weights: none for parity
+    for wd, moved in ((0.0, False), (0.1, True)):
+        model = build_model(tiny(), "cpu")
+        opt = build_optimizer(model, tiny(weight_decay=wd))
+        before = model.layers[0].mixer.in_proj.weight.clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert (not torch.equal(before, model.layers[0].mixer.in_proj.weight)) == moved
+
+
+def test_the_model_has_the_specs_width_depth_heads_and_paper_era_a():
+    model = build_model(tiny(d_model=32, layers=3), "cpu")
+    mixers = [layer.mixer for layer in model.layers if hasattr(layer.mixer, "in_proj")]
+    assert len(mixers) == 3 and model.spec.d_model == 32
+    for m in mixers:
+        assert (m.nheads, m.headdim, m.d_state, m.a_activation) == (4, 16, 64, "softplus")
+        dt = F.softplus(m.dt_bias)
+        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001  # log-uniform in [dt_min, dt_max]
+    assert len([layer for layer in build_model(tiny(d_model=64), "cpu").layers if hasattr(layer.mixer, "in_proj")]) == 1
+    assert build_model(tiny(d_model=64), "cpu").layers[0].mixer.nheads == 8
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine_down_to_its_floor():
+    s = tiny(steps=10_000, warmup_steps=2000, lr=1e-3, min_lr_factor=1e-3)
+    assert lr_at(s, 0) == pytest.approx(1e-3 / 2000) and lr_at(s, 999) == pytest.approx(0.5e-3)
+    assert lr_at(s, 2000) == pytest.approx(1e-3)
+    mid = 2000 + (10_000 - 1 - 2000) / 2
+    assert lr_at(s, int(mid)) == pytest.approx(1e-3 * (1e-3 + (1 - 1e-3) * 0.5), rel=1e-3)
+    assert lr_at(s, 9999) == pytest.approx(1e-6)
+
+
+def test_curriculum_stages_change_the_lengths_and_batches_are_right():
+    s = tiny(steps=40_000, steps_per_stage=10_000, stages=4, first_max=40, last_max=160, batch=256)
+    batches = Batches(s)
+    for stage, top in enumerate((40, 80, 120, 160)):
+        lengths = [batches.length(stage * 10_000 + i) for i in range(0, 10_000, 50)]
+        assert min(lengths) >= 3 and max(lengths) == top
+    ids, answers = batches(35_000)
+    assert ids.shape == (256, batches.length(35_000) + 1) and (ids[:, -1] == ord("=")).all()
+    ones = (ids[:, :-1] == ord("1")).sum(1)
+    assert set(ids[:, :-1].unique().tolist()) <= {ord("0"), ord("1")}
+    assert torch.equal(answers, torch.where(ones % 2 == 1, ord("1"), ord("0")))
+    again, _ = Batches(s)(35_000)
+    assert torch.equal(ids, again)  # step s's batch depends on (seed, s) only: resumable
+    arith_ids, arith_answers = Batches(tiny(task="arith", batch=8))(0)
+    from hybridlm.eval.tasks.state_tracking import evaluate_mod
+    for row, answer in zip(arith_ids.tolist(), arith_answers.tolist()):
+        assert str(evaluate_mod([chr(t) for t in row[:-1]])) == chr(answer)
+
+
+# -- stopping and resuming -----------------------------------------------------------------------------
+def test_a_stopped_run_resumes_to_the_same_numbers(tmp_path):
+    whole = Trainer(tiny(), tmp_path / "whole", "k")
+    assert whole.train() == "done"
+    parts = tmp_path / "parts"
+    first = Trainer(tiny(), parts, "k")
+    assert first.train(stop_after_steps=3) == "paused"  # mid logging interval and between evaluations
+    assert json.loads((parts / "progress.json").read_text())["step"] == 3
+    second = Trainer(tiny(), parts, "k")
+    assert second.resume() == "resumed from the checkpoint at step 3"
+    assert second.train() == "done"
+    assert second.losses == whole.losses
+    assert [h["accuracy@8"] for h in second.history] == [h["accuracy@8"] for h in whole.history]
+    assert [h["step"] for h in second.history] == [0, 2, 4, 6]
+    for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    result = json.loads((parts / "result.json").read_text())
+    assert result["best"]["scaled_accuracy"] == max(h["scaled_accuracy@8"] for h in whole.history)
+    assert Trainer(tiny(), parts, "other key").resume().startswith("checkpoint of another run key")
+
+
+def test_clipping_only_when_asked_and_a_spent_time_limit_pauses_at_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: calls.append(norm))
+    Trainer(tiny(steps=2, diagnostics_every=0), tmp_path / "a").train()
+    assert calls == []  # max_norm 0: Grazzi et al. clip nothing
+    Trainer(tiny(steps=2, diagnostics_every=0, max_norm=1.0), tmp_path / "b").train()
+    assert calls == [1.0, 1.0]
+    paused = Trainer(tiny(diagnostics_every=0), tmp_path / "c")
+    assert paused.train(time_limit=0.0) == "paused" and paused.step == 0
+    assert (tmp_path / "c" / "checkpoint.pt").is_file()
+
+
+def test_runs_are_not_started_without_time_left(tmp_path):
+    import time
+
+    from hybridlm.studies.resumable_runner import ResumableExecutor
+    from hybridlm.studies.results import ResultStore
+
+    cfg = paper_config(quick=True)
+    executor = ResumableExecutor(recipe=cfg.path(cfg.train_config), work=tmp_path / "work",
+                                 store=ResultStore(tmp_path, "state-tracking", "t"), log=lambda m: None)
+    runs = state_tracking.plan(cfg, {}).runs
+    outcome = executor.run_all(runs, deadline=time.monotonic() + executor.stop_margin_seconds + 1)
+    assert outcome.postponed == [r.id for r in runs] and not (tmp_path / "work").exists()
+
+
+def test_the_study_stops_each_call_and_resumes_the_next(tmp_path, capsys):
+    opts = dict(quick=True, out=tmp_path, only=["mamba3"], jobs=1,
+                overrides={"protocol": "paper", "paper": {"steps_per_call": 2}})
+    assert run_study("state-tracking", Options(**opts)) == 3  # stopped: run the same command again
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs == {}
+    run_id = state_tracking_paper.run_id("mamba3", "parity", 16, 3e-3)
+    assert json.loads((tmp_path / "work" / run_id / "progress.json").read_text())["step"] == 2
+    assert run_study("state-tracking", Options(**opts)) == 0
+    record = json.loads((tmp_path / "results.json").read_text())["runs"][run_id]
+    assert record["status"] == "done" and record["train"]["steps"] == 4
+    assert [s for s, _ in record["train"]["losses"]] == [1, 2, 3, 4]
+    assert [(sl["from"], sl["to"]) for sl in record["train"]["slices"]] == [(0, 2), (2, 4)]
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert run_study("state-tracking", Options(**opts)) == 0
+    assert "start " not in capsys.readouterr().out
+    assert (tmp_path / "state-tracking-paper.png").stat().st_size > 1000
+    assert (tmp_path / "state-tracking-paper-diagnostics-mamba3-parity.png").stat().st_size > 1000
+
+
+def test_dry_run_lists_every_run_with_its_steps_and_the_planned_time(capsys):
+    assert cli(["study", "state-tracking", "--dry-run", "--set", "protocol=paper"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("40,000 steps") == 64 and "planned GPU wall time" in out
+    assert "paper-official-parity-d64-lr0.01" in out and "hybridlm.studies.state_tracking_train" in out
+
+
+# -- the official control ------------------------------------------------------------------------------
+def test_the_official_block_without_mamba_ssm_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    with pytest.raises(StudyError, match="block kind 'mamba3_official' needs the official mamba_ssm package"):
+        build_model(tiny(spec=str(FOLDER / "paper-official.yaml")), "cpu")
+
+
+@pytest.fixture
+def fake_mamba_ssm(monkeypatch):
+    """mamba_ssm.modules.mamba3.Mamba3 stood in by hybridlm's block with the official signature."""
+    from hybridlm.blocks import Mamba3
+
+    class FakeOfficial(Mamba3):
+        def __init__(self, d_model, **kwargs):
+            super().__init__(d_model, **kwargs, a_activation="softplus")
+            self.num_bc_heads = self.ngroups
+            self.dt_bias.data.fill_(-1.0)  # the official constructor's own draw, which reset_parameters replaces
+
+        def forward(self, u, seq_idx=None, cu_seqlens=None, inference_params=None):
+            return super().forward(u, cu_seqlens)
+
+    for name in ("mamba_ssm", "mamba_ssm.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    module = types.ModuleType("mamba_ssm.modules.mamba3")
+    module.Mamba3 = FakeOfficial
+    monkeypatch.setitem(sys.modules, "mamba_ssm.modules.mamba3", module)
+    return FakeOfficial
+
+
+def test_the_official_block_gets_our_init_and_trains_through_the_same_loop(fake_mamba_ssm, tmp_path):
+    ours = build_model(tiny(), "cpu")
+    official = build_model(tiny(spec=str(FOLDER / "paper-official.yaml")), "cpu")
+    assert isinstance(official.layers[0].mixer, fake_mamba_ssm)
+    assert official.spec.blocks["M"].kind == "mamba3_official"
+    theirs = official.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[name]), name  # the same weights, draw for draw
+    ids, _ = Batches(tiny())(0)
+    torch.testing.assert_close(official(ids), ours(ids), rtol=0, atol=0)
+    with pytest.raises(StudyError, match="does not decode"):
+        official.layers[0].mixer(torch.zeros(1, 1, 16), cache=object())
+    short = dict(steps=2, diagnostics_every=2)
+    a = Trainer(tiny(**short), tmp_path / "a")
+    b = Trainer(tiny(spec=str(FOLDER / "paper-official.yaml"), **short), tmp_path / "b")
+    a.train(), b.train()
+    assert a.losses == b.losses and b.history[-1]["diagnostics"][0]["decay"] == a.history[-1]["diagnostics"][0]["decay"]
+
+
+def test_the_official_spec_refuses_sizes_its_kernel_does_not_take():
+    from hybridlm import ModelSpec
+    from hybridlm.errors import SpecError
+    from hybridlm.studies.official_control import register
+
+    register()
+
+    raw = {"version": 1, "name": "x", "vocab_size": 256, "d_model": 32, "pattern": "M",
+           "blocks": {"M": {"kind": "mamba3_official", "d_state": 64, "headdim": 8}}}
+    with pytest.raises(SpecError, match="headdim.*powers of two from 16"):
+        ModelSpec.model_validate(raw)
+
+
+# -- diagnostics ------------------------------------------------------------------------------------------
+def test_diagnostics_match_a_direct_computation_from_the_weights():
+    model = build_model(tiny(), "cpu")
+    with torch.no_grad():  # make the angles and Δ differ per head and token
+        model.layers[0].mixer.in_proj.weight.mul_(3.0)
+    ids, _ = Batches(tiny(batch=6, first_max=12, last_max=12, min_length=12))(0)
+    got = measure(model, ids, ord("1"), ord("0"))[0]
+    mixer = model.layers[0].mixer
+    with torch.no_grad():
+        u = model.layers[0].norm(model.tok_embeddings(ids))[:, :-1]
+        rows = mixer.in_proj_layout().offsets()
+        proj = {k: u @ mixer.in_proj.weight[a:a + w].T for k, (a, w) in rows.items()}
+        dt = torch.log1p(torch.exp(proj["dt"] + mixer.dt_bias))  # softplus, written out
+        a = torch.log1p(torch.exp(proj["A"])).clamp(min=mixer.A_floor)
+        turn = dt[..., :, None] * torch.tanh(proj["angle"])[..., None, :]
+        symbols = ids[:, :-1]
+        for token, key in ((ord("1"), "turn_on_1"), (ord("0"), "turn_on_0")):
+            expected = turn[symbols == token].mean(0)
+            torch.testing.assert_close(torch.tensor(got[key]), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(got["decay"]), (a * dt).mean((0, 1)), rtol=1e-5, atol=1e-7)
+    assert len(got["turn_on_1"]) == 2 and len(got["turn_on_1"][0]) == 16  # 2 heads x 16 rotated pairs
+    real = measure(build_model(tiny(spec=str(FOLDER / "paper-real.yaml")), "cpu"), ids, ord("1"), ord("0"))[0]
+    assert real["turn_on_1"] == [[], []] and all(v > 0 for v in real["decay"])
+
+
+# -- gradient comparison ---------------------------------------------------------------------------------
+def test_gradient_comparison_lists_the_angle_path_first_and_sees_a_difference():
+    from hybridlm.studies.gradient_compare import compare, parity_batch
+
+    a, b = build_model(tiny(), "cpu"), build_model(tiny(), "cpu")
+    b.layers[0].mixer.backend = "sequential"  # the token-by-token recurrence: the same math
+    ids, answers = parity_batch(4, 12, seed=0)
+    result = compare(a, b, ids, answers)
+    names = [r["name"] for r in result["rows"]]
+    assert names[:5] == ["layers.0.mixer.in_proj[angle]", "layers.0.mixer.dt_bias", "layers.0.mixer.in_proj[dt]",
+                         "layers.0.mixer.in_proj[A]", "layers.0.mixer.in_proj[trap]"]
+    assert all(r["rel_diff"] < 1e-4 for r in result["rows"] if r["norm_b"] > 1e-8), result["rows"]
+    with torch.no_grad():
+        b.layers[0].mixer.dt_bias.add_(0.5)
+    changed = {r["name"]: r["rel_diff"] for r in compare(a, b, ids, answers)["rows"]}
+    assert changed["layers.0.mixer.in_proj[angle]"] > 1e-2
+
+
+# -- the summary -----------------------------------------------------------------------------------------
+def test_the_summary_reports_each_models_best_run_over_the_sweep(tmp_path):
+    cfg = paper_config(quick=True, widths=[16, 32], lr_count=2, lr_max=1e-2)
+    planned = state_tracking.plan(cfg, {}).runs
+    diag = [{"layer": 0, "turn_on_1": [[0.9, 0.1]], "turn_on_0": [[0.01, 0.0]], "decay": [1e-3]}]
+    finished = {}
+    for i, run in enumerate(planned):
+        score = 0.1 * i
+        history = [{"step": 0, "scaled_accuracy@8": 0.0, "diagnostics": diag},
+                   {"step": 2, "scaled_accuracy@8": score, "diagnostics": diag}]
+        finished[run.id] = {"id": run.id, "meta": run.meta, "history": history,
+                            "best": {"step": 2, "scaled_accuracy": score},
+                            "train": {"steps": 4, "losses": [[4, 0.5]], "seconds": 1.0, "seconds_per_step": 0.25}}
+    summary = state_tracking.summarize(cfg, finished, tmp_path, [])
+    last_official = [r for r in planned if r.meta["model"] == "official"][-1]
+    best = summary.data["best"]["official/parity"]
+    assert best["run"] == last_official.id
+    assert best["scaled_accuracy"] == pytest.approx(0.1 * planned.index(last_official))
+    assert best["complete"] and "Mamba-3, official mamba_ssm module (control)" in summary.markdown
+    assert "on '1' 0.900" in summary.markdown
+    names = {p.name for p in summary.plots}
+    assert {"state-tracking-paper.png", "state-tracking-paper-sweep.png",
+            "state-tracking-paper-diagnostics-mamba3-parity.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in summary.plots)
+    assert math.isclose(cfg.paper.lrs()[1], 1e-2)
