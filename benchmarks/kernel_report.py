@@ -84,6 +84,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
 
 def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256) -> list:
     from hybridlm.kernels.mamba3.triton import scan as scan_module
+    from hybridlm.testing import scan_kwargs
 
     original_check = scan_module.unsupported_reason
     scan_module.unsupported_reason = lambda *a: None  # CPU tensors: the stub runs nothing
@@ -101,7 +102,7 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
         leaves = [t.requires_grad_() for t in (q, k, x)]
         def run():
             out = scan_module.mamba3_chunked(*leaves, dt, -dt, torch.rand(1, seqlen, H), torch.randn(1, seqlen, S),
-                                             z=torch.randn_like(x), **kw)
+                                             z=torch.randn_like(x), **scan_kwargs(kw))
             out.float().sum().backward()  # the stubs leave garbage, but the backward launches are captured
 
         return launches(run)

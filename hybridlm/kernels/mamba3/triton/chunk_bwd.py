@@ -9,13 +9,15 @@ output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M 
     dk̄_b  = Σ_a P_ab M_ab q̄_a + e^{cs_end − cs_b} scale_b Gᵀ v_b
 and the per-token scalars get dM = P ⊙ A through M, plus the inter-chunk and state terms; dA·Δ is
 the reverse cumsum of d cs inside the chunk plus d cs_end on every token. dq̄, dk̄ are rotated back
-per head (the caller sums the heads of a group) and give dθ.
+per head (head_sums.py sums the heads of a group and the bias gradients) and give dθ.
 
 One program per (chunk, head) computes all of it. N is walked in blocks of rotation pairs twice:
 the first walk builds A and G k̄ (for dv); then the C×C tiles are formed once; the second walk
 recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does not fit) and writes dq,
 dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄ dies with dv. Every
-output is written once.
+output is written once, except dD, which each chunk adds to (atomically). The other designs, one
+program per (sequence, head) walking the chunks backwards, are reverse_bwd.py and
+reverse_blocked_bwd.py, picked by KernelTuning.triton_backward.
 
 Register pressure decides its speed (it sits at 255 registers): pair-block and angle addresses
 are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer tiles
@@ -30,6 +32,9 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
+from hybridlm.kernels.mamba3.triton.head_sums import head_sums
+from hybridlm.kernels.mamba3.triton.reverse_blocked_bwd import reverse_blocked_backward
+from hybridlm.kernels.mamba3.triton.reverse_bwd import reverse_backward
 from hybridlm.kernels.mamba3.triton.rows import (
     chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk, rows_to_tokens,
     rows_to_tokens_2d, store_pairs,
@@ -88,7 +93,8 @@ def _chunk_bwd_kernel(
     # the C×C tiles; P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand (in the
     # matmul dtype), A ∘ M goes into dv last (the order ptxas spills least in)
     weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
-    tl.store(DD + c.to(tl.int64) * n_heads + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0))
+    if HAS_D:  # the chunk's share of dD = Σ dy·v, added across chunks
+        tl.atomic_add(DD + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0), sem="relaxed")
     dweights = dprod * scores
     dscores = (dprod * weights).to(MM_DTYPE)
     ddecay = dweights * decay
@@ -151,22 +157,33 @@ def _chunk_bwd_kernel(
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
-    """Gradients of the chunk scan. Returns a dict: dq, dk (T, R, G, N) and dq_bias, dk_bias
-    (H, R, N) or None, all fp32; dtheta, dv (v's dtype), dadt, dgamma, dscale, dD and dssm0 (or None)."""
+    """Gradients of the chunk scan, by the backward design the tuning picks. Returns a dict: dq, dk
+    (T, R, G, N), in q's dtype or fp32; dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's
+    dtype), dadt, dgamma, dscale, dD (None without D) and dssm0 (or None), the rest fp32."""
+    if spec.backward_design == "reverse":
+        return reverse_backward(spec, saved, dy, dfinal, need_dssm0)
+    if spec.backward_design == "reverse-blocked":
+        return reverse_blocked_backward(spec, saved, dy, dfinal, need_dssm0)
+    return chunk_parallel_backward(spec, saved, dy, dfinal, need_dssm0)
+
+
+def chunk_parallel_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
+    """The states kernel walks every sequence backwards and stores the state gradient leaving each
+    chunk; the chunk kernel then takes all chunks in parallel; one kernel sums the heads of a group
+    and the bias gradients (head_sums.py)."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))
-    T, H, P, N, R, S, G = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles, spec.n_groups
+    T, H, P, N, R, S = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    # Every token belongs to one chunk, so the chunk kernel writes all of these. dq, dk are per head
-    # in q's dtype; the group sum and the bias sums are torch reductions in fp32.
+    # Every token belongs to one chunk, so the chunk kernel writes all of these; dq, dk per head.
     dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dk_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     dtheta = torch.empty(T, H, S, **f32)
     dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
-    dd = torch.zeros(lay.n_chunks, H, **f32)  # per chunk: Σ dy·v, the gradient of D (0 for empty slots)
+    dD = torch.zeros(H, **f32) if D is not None else None  # Σ dy·v, added chunk by chunk
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
@@ -177,17 +194,9 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     if lay.n_chunks:
         _chunk_bwd_kernel[(lay.n_chunks, H)](
             q, k, qb, kb, theta, v, dy, adt, gamma, scale, D if D is not None else adt, states, dstates,
-            dq_heads, dk_heads, dv, dtheta, dadt, dgamma, dscale, dd, lay.cu_seqlens, lay.chunk_seq,
-            lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None,
+            dq_heads, dk_heads, dv, dtheta, dadt, dgamma, dscale, dD if D is not None else adt, lay.cu_seqlens,
+            lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None,
             num_warps=spec.backward_warps, num_stages=spec.backward_stages, **common)
-
-    def group_sum(per_head: Tensor) -> Tensor:  # (T, R, H, N) -> (T, R, G, N): head h reads group h // (H/G)
-        return per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)
-
-    def bias_grad(per_head: Tensor) -> Tensor:  # (T, R, H, N) -> (H, R, N)
-        return per_head.sum(0, dtype=torch.float32).transpose(0, 1)
-
-    return dict(dq=group_sum(dq_heads), dk=group_sum(dk_heads),
-                dq_bias=bias_grad(dq_heads) if has_bias else None, dk_bias=bias_grad(dk_heads) if has_bias else None,
-                dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma, dscale=dscale, dD=dd.sum(0),
-                dssm0=dssm0 if need_dssm0 else None)
+    dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, spec.n_groups, has_bias)
+    return dict(dq=dq, dk=dk, dq_bias=dq_bias, dk_bias=dk_bias, dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma,
+                dscale=dscale, dD=dD, dssm0=dssm0 if need_dssm0 else None)

@@ -68,14 +68,15 @@ def chunk_bwd(q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None
               chunk: int, interleaved: bool, matmul_dtype: torch.dtype, need_dssm0: bool) -> list[Tensor]:
     """[dq, dk (T, R, G, N) in q's dtype, dq_bias, dk_bias (H, R, N) fp32, dθ (T, H, S), dv (v's
     dtype), dA·Δ, dγ, d scale (T, H), dD (H,), dssm0 (NS, H, P, N)], all but dq, dk, dv fp32. The
-    bias gradients without biases and dssm0 unless ``need_dssm0`` are empty placeholders."""
+    bias gradients without biases, dD without D and dssm0 unless ``need_dssm0`` are empty
+    placeholders. The backward design is KernelTuning.triton_backward (chunk_bwd.scan_backward)."""
     spec = _spec(q, v, theta, cu_seqlens, cu_chunks, chunk_seq, chunk_start, chunk, interleaved, matmul_dtype)
     saved = dict(q=q, k=k, q_bias=q_bias, k_bias=k_bias, theta=theta, v=v, adt=adt, gamma=gamma, scale=scale, D=D,
                  states=states)
     g = scan_backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
     return [g["dq"].to(q.dtype), g["dk"].to(k.dtype),
-            *(g[n].contiguous() if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
-            g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], g["dD"],
+            *(g[n] if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
+            g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], g["dD"] if g["dD"] is not None else _absent(q),
             g["dssm0"] if g["dssm0"] is not None else _absent(q)]
 
 
@@ -87,7 +88,8 @@ def _(q, k, q_bias, k_bias, theta, v, adt, gamma, scale, D, states, dy, dfinal, 
     f32 = dict(dtype=torch.float32)
     bias = (lambda b: q.new_empty(H, R, N, **f32) if b is not None else _absent(q))
     return [q.new_empty(q.shape), k.new_empty(k.shape), bias(q_bias), bias(k_bias), theta.new_empty(T, H, theta.shape[-1], **f32),
-            v.new_empty(v.shape), *(adt.new_empty(T, H, **f32) for _ in range(3)), adt.new_empty(H, **f32),
+            v.new_empty(v.shape), *(adt.new_empty(T, H, **f32) for _ in range(3)),
+            adt.new_empty(H, **f32) if D is not None else _absent(q),
             adt.new_empty(cu_seqlens.shape[0] - 1, H, P, N, **f32) if need_dssm0 else _absent(q)]
 
 
