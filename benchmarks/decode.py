@@ -12,7 +12,8 @@ median); the official module's ``step`` on the same weights is measured the same
 run. Roofline: (the layer's parameter bytes + the decode state read and written) ÷ the device
 copy bandwidth measured here. ``kernel_ms`` times the step kernel alone (no projections).
 End to end: random-init weights of the given spec, a random prompt of ``--prompt`` tokens, then
-greedy generation; tokens/s counts the generated tokens of the whole batch over the decode time.
+greedy generation; tokens/s counts the generated tokens of the whole batch over the decode time
+(benchmarks/generate.py's measurement; that script runs the four 1.5B presets side by side).
 """
 from __future__ import annotations
 
@@ -120,33 +121,24 @@ def layer_rows(args, bandwidth: float) -> list[dict]:
 
 
 def e2e_rows(args) -> list[dict]:
-    from hybridlm.builder import Decoder, build_model
+    """Generation with one spec at each ``--e2e-batch``: benchmarks/generate.py's measurement
+    (fused norms, CUDA-graph steps, the prompt prefilled in one forward)."""
+    from generate import Case, measure  # benchmarks/generate.py, beside this script
+
+    from hybridlm.builder import build_model
     from hybridlm.layouts.presets import spec_or_preset
 
     spec = spec_or_preset(args.e2e)
     model = build_model(spec, device="cuda", dtype=BF16, seed=0).eval()
     rows = []
     for batch in args.e2e_batch:
-        ids = torch.randint(0, spec.vocab_size, (batch, args.prompt), device="cuda")
-        decoder = Decoder(model, batch, args.prompt + args.new_tokens + 1)  # captures the step graph
-        decoder.prefill(ids[:, :64])  # compile the prefill kernels outside the timing
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens = decoder.prefill(ids).argmax(-1)
-        torch.cuda.synchronize()
-        prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.new_tokens):  # greedy: the argmax is part of every generated token
-            tokens = decoder.step(tokens).argmax(-1)
-        torch.cuda.synchronize()
-        decode_s = time.perf_counter() - t0
+        case = Case("a", args.e2e, batch, args.prompt, args.new_tokens, "fused")
+        t = measure(model, case, token_budget=batch * args.prompt)
         row = {"spec": args.e2e, "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-               "prefill_s": prefill_s, "decode_s": decode_s,
-               "decode_tokens_per_s": batch * args.new_tokens / decode_s,
-               "ms_per_step": decode_s / args.new_tokens * 1e3}
+               "prefill_s": t["prefill_s"], "decode_s": t["decode_s"],
+               "decode_tokens_per_s": t["generated_tokens_per_s"], "ms_per_step": t["ms_per_step"]}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del decoder
         torch.cuda.empty_cache()
     return rows
 

@@ -24,6 +24,15 @@ class ResidualBlock(nn.Module):
         out = self.mixer(x, cu_seqlens=cu_seqlens, cache=cache)
         return h + out.to(h.dtype)
 
+    def fused_forward(self, h: Tensor, residual: Tensor | None, cu_seqlens: Tensor | None = None,
+                      cache=None) -> tuple[Tensor, Tensor]:
+        """The inference form, one fused op per block boundary: add the previous block's output
+        ``residual`` (None for the first block) to the stream ``h`` and norm it in one op, then run
+        the mixer. Returns (this block's output, the stream); the next block's norm adds the output.
+        With the reference kernel, the same roundings as :meth:`forward` (bitwise)."""
+        x, h = self.norm.add_forward(h, residual, self.norm.weight.dtype)
+        return self.mixer(x, cu_seqlens=cu_seqlens, cache=cache), h
+
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None):
         alloc = getattr(self.mixer, "allocate_cache", None)
         return None if alloc is None else alloc(batch_size, max_seqlen, device=device, dtype=dtype)

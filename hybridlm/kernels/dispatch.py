@@ -99,6 +99,7 @@ def mamba3_step(*args, backend: str | None = None, **kwargs):
     return registry.implementation(KIND, name, "step")(*args, **kwargs)
 
 
+@torch.compiler.disable  # inference only, one kernel a layer; dynamo would trace into the CuTe DSL's JIT
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout, *,
                        backend: str | None = None) -> Tensor:
     """One token of a whole layer after in_proj, the state in place; as

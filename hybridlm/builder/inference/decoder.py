@@ -5,10 +5,15 @@
     logits = decoder.step(next_tokens)                      # (3,) -> (3, vocab), every row advances
 
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
-state and keys/values into its cache row. A step feeds one token per row; attention reads the
-preallocated KV cache with per-row lengths, Mamba-3 runs its decode step. Every state is updated
-in place on the device and the step has fixed shapes, so on CUDA it is recorded once in a
-``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small kernels.
+state and keys/values into its cache row; with ``prefill_chunk=C`` it runs C tokens of every
+prompt at a time instead (the states and KV caches carried from chunk to chunk), so a long prompt
+needs the activations of C tokens, not of the whole prompt. A step feeds one token per row;
+attention reads the preallocated KV cache with per-row lengths, Mamba-3 runs its decode step.
+Every state is updated in place on the device and the step has fixed shapes, so on CUDA it is
+recorded once in a ``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small
+kernels. Prefill and step run the model's inference path (``features(..., fused_norms=True)``:
+one fused residual add + RMSNorm per block boundary); ``compile_step`` runs the step through
+``torch.compile`` (inside the captured graph on CUDA).
 """
 from __future__ import annotations
 
@@ -41,14 +46,29 @@ class Decoder:
 
     ``cuda_graph``: replay the step from a CUDA graph when the model is on CUDA (ignored on other
     devices); False runs it eagerly, which is what the graph is tested against.
+    ``prefill_chunk``: prefill at most this many tokens of each prompt per forward (None: whole
+    prompts in one forward); the result equals the unchunked prefill up to summation order.
+    ``compile_step``: run the step through ``torch.compile`` (True: the default inductor backend;
+    a string: that ``torch.compile`` backend); on CUDA the compiled step is what the graph captures.
+    ``fused_norms``: the model's fused add + RMSNorm path (False: the blocks' own ops, as in training).
     """
 
-    def __init__(self, model: "HybridLM", batch_size: int, max_len: int, *, cuda_graph: bool = True):
+    def __init__(self, model: "HybridLM", batch_size: int, max_len: int, *, cuda_graph: bool = True,
+                 prefill_chunk: int | None = None, compile_step: bool | str = False, fused_norms: bool = True):
         if batch_size < 1 or max_len < 1:
             raise ShapeError(f"Decoder needs batch_size >= 1 and max_len >= 1; got {batch_size} and {max_len}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ShapeError(f"Decoder prefill_chunk must be a positive number of tokens or None; "
+                             f"got {prefill_chunk!r}")
+        if not isinstance(compile_step, (bool, str)):
+            raise ValueError(f"Decoder compile_step must be True, False or a torch.compile backend name; "
+                             f"got {compile_step!r}")
         self.model = model
         self.batch_size = batch_size
         self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        self.fused_norms = fused_norms
         self.device = model.tok_embeddings.weight.device
         _check_cache_fits(model, batch_size, max_len, self.device)
         self.cache = model.allocate_cache(batch_size, max_len)
@@ -58,6 +78,10 @@ class Decoder:
         self._step_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the graph's input
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: Tensor | None = None  # the graph's output
+        self._step_fn = self._step_logits
+        if compile_step:
+            backend = "inductor" if compile_step is True else compile_step
+            self._step_fn = torch.compile(self._step_logits, backend=backend)
         if self.uses_cuda_graph:
             self._capture_step()
 
@@ -81,8 +105,7 @@ class Decoder:
             raise ShapeError(f"a prompt of {max(lengths)} tokens does not fit the Decoder's max_len "
                              f"{self.max_len}; create the Decoder with max_len >= prompt length + new tokens")
         self.reset()
-        hidden = self.model.features(ids, cu_seqlens=cu_seqlens, cache=self.cache)
-        last = hidden[:, -1] if cu_seqlens is None else hidden[0, cu_seqlens[1:].long() - 1]
+        last = self._prefill_last_hidden(ids, cu_seqlens, lengths)
         self.lengths = lengths
         self._prefilled = True
         return self.model.output(last)
@@ -104,20 +127,56 @@ class Decoder:
             self._graph.replay()
             logits = self._graph_logits.clone()  # the next replay overwrites the graph's output
         else:
-            logits = self._step_logits(tokens.to(self.device))
+            logits = self._step_fn(tokens.to(self.device))
         self.lengths = [n + 1 for n in self.lengths]
         self.cache.set_host_length(longest + 1)  # a replay ran no Python: keep the host bounds here
         return logits
 
     # -- internals ----------------------------------------------------------------------------------
+    def _features(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        return self.model.features(ids, cu_seqlens=cu_seqlens, cache=self.cache, fused_norms=self.fused_norms)
+
     def _step_logits(self, tokens: Tensor) -> Tensor:
         """The whole step on the device: fixed shapes, in-place state updates, no host sync."""
-        hidden = self.model.features(tokens[:, None], cache=self.cache)
-        return self.model.output(hidden[:, 0])
+        return self.model.output(self._features(tokens[:, None])[:, 0])
+
+    def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
+        """Run the prompts into the (empty) cache; every prompt's last hidden state (B, d_model).
+
+        Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = ``prefill_chunk``): a dense
+        (B, L) chunk, or a packed one where a prompt already finished has no token (an empty
+        sequence: its state and keys pass through)."""
+        chunk = self.prefill_chunk or max(lengths)
+        if cu_seqlens is None:
+            for start in range(0, ids.shape[1], chunk):
+                hidden = self._features(ids[:, start: start + chunk])
+            return hidden[:, -1]
+        if chunk >= max(lengths):
+            hidden = self._features(ids, cu_seqlens)
+            return hidden[0, cu_seqlens[1:].long() - 1]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        last = None
+        for start in range(0, max(lengths), chunk):
+            taken = [min(max(n - start, 0), chunk) for n in lengths]
+            pieces = [ids[0, offsets[i] + start: offsets[i] + start + t] for i, t in enumerate(taken) if t]
+            ends = [0]
+            for t in taken:
+                ends.append(ends[-1] + t)
+            hidden = self._features(torch.cat(pieces)[None],
+                                    torch.tensor(ends, dtype=torch.int32, device=self.device))
+            if last is None:
+                last = hidden.new_empty(self.batch_size, hidden.shape[-1])
+            done = [i for i, n in enumerate(lengths) if start < n <= start + chunk]  # rows ending in this chunk
+            if done:
+                rows = torch.tensor(done, device=self.device)
+                last[rows] = hidden[0, torch.tensor([ends[i + 1] - 1 for i in done], device=self.device)]
+        return last
 
     @torch.no_grad()
     def _capture_step(self) -> None:
-        """Record ``_step_logits`` on the static token buffer into a CUDA graph.
+        """Record the step (``_step_logits``, compiled or not) on the static token buffer into a CUDA graph.
 
         Warm-up and capture run on the empty cache, so resetting it afterwards undoes what they wrote.
         """
@@ -125,14 +184,14 @@ class Decoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
+            for _ in range(WARMUP_STEPS):  # the first one compiles, with compile_step
                 self.cache.reset()  # each warm-up step starts empty: max_len = 1 must work too
-                self._step_logits(self._step_tokens)
+                self._step_fn(self._step_tokens)
         current.wait_stream(side)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._graph_logits = self._step_logits(self._step_tokens)
+            self._graph_logits = self._step_fn(self._step_tokens)
         self._graph = graph
         self.reset()
 

@@ -61,10 +61,14 @@ class HybridLM(nn.Module):
         """
         return self.output(self.features(ids, cu_seqlens, cache))
 
-    def features(self, ids: Tensor, cu_seqlens: Tensor | None = None, cache: HybridCache | None = None) -> Tensor:
+    def features(self, ids: Tensor, cu_seqlens: Tensor | None = None, cache: HybridCache | None = None, *,
+                 fused_norms: bool = False) -> Tensor:
         """The final-normed hidden states (B, L, d_model) that ``output`` maps to logits.
 
         Scorers apply ``output`` only where they need logits, which saves the (B, L, vocab) tensor.
+        ``fused_norms``: the inference path (the Decoder's): every block boundary, the residual add
+        and the next RMSNorm, is one op (hybridlm/kernels/rmsnorm/: a Triton kernel on CUDA, the
+        reference elsewhere and whenever autograd records), instead of an add and seven torch ops.
         """
         if ids.dim() != 2:
             raise ShapeError(f"ids must be (batch, seq); got shape {tuple(ids.shape)}")
@@ -74,11 +78,19 @@ class HybridLM(nn.Module):
         h = self.tok_embeddings(ids)
         if self.spec.residual_in_fp32:
             h = h.float()
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i])
+        layer_caches = [None] * len(self.layers) if cache is None else cache.layers
+        if fused_norms:
+            out = None  # the previous block's output, added to the stream by the next norm
+            for layer, layer_cache in zip(self.layers, layer_caches):
+                out, h = layer.fused_forward(h, out, cu_seqlens=cu_seqlens, cache=layer_cache)
+            hidden = self.norm.add_forward(h, out, self.output.weight.dtype)[0]
+        else:
+            for layer, layer_cache in zip(self.layers, layer_caches):
+                h = layer(h, cu_seqlens=cu_seqlens, cache=layer_cache)
+            hidden = self.norm(h).to(self.output.weight.dtype)
         if cache is not None:
             cache.seqlen_offset += new_tokens
-        return self.norm(h).to(self.output.weight.dtype)
+        return hidden
 
     @staticmethod
     def _check_cache_room(ids: Tensor, cu_seqlens: Tensor | None, cache: HybridCache) -> int:
@@ -109,16 +121,20 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, ids: Tensor | Sequence[Tensor], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None, cuda_graph: bool = True) -> Tensor | list[Tensor]:
+                 eos_token_id: int | None = None, cuda_graph: bool = True, prefill_chunk: int | None = None,
+                 compile_step: bool | str = False) -> Tensor | list[Tensor]:
         """Prefill the prompts, then sample ``max_new_tokens`` one step at a time.
 
         ``ids``: (B, L) or 1-D -> returns (B, L + new); or a list of 1-D prompts of any lengths ->
         returns a list of 1-D tensors (prompt + its new tokens, cut after its first EOS).
         temperature 0 is greedy; ``top_k`` keeps the k most likely tokens; generation stops early
         once every row has produced ``eos_token_id``. On CUDA the decode step replays a CUDA graph
-        unless ``cuda_graph=False``. Lower level: :class:`hybridlm.builder.inference.decoder.Decoder`.
+        unless ``cuda_graph=False``; ``prefill_chunk`` bounds the prefill's memory (that many tokens
+        of each prompt per forward), ``compile_step`` runs the step through ``torch.compile``.
+        Lower level: :class:`hybridlm.builder.inference.decoder.Decoder`.
         """
         from hybridlm.builder.inference.generate import generate  # the model's convenience entry to inference
 
         return generate(self, ids, max_new_tokens, temperature, top_k, generator=generator,
-                        eos_token_id=eos_token_id, cuda_graph=cuda_graph)
+                        eos_token_id=eos_token_id, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
+                        compile_step=compile_step)

@@ -1,0 +1,61 @@
+"""SwiGLU's gate as one Triton kernel, in place: ``gate <- silu(gate) * value``.
+
+One pass over the two (tokens, hidden) tensors instead of two kernels. Roundings are the
+reference's (hybridlm/kernels/swiglu_gate/reference.py): silu is computed in fp32 and rounded to
+the gate's dtype, then the product in fp32, rounded again. A ``torch.library`` custom op that
+mutates ``gate`` (opaque to ``torch.compile``, capturable in a CUDA graph); no backward.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
+
+BLOCK = 1024
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _OnDevice(NamedTuple):
+    """What the device check reads of a tensor."""
+    device: torch.device
+
+
+@triton.jit
+def _silu_mul_kernel(GATE, VALUE, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(VALUE + offs, mask=mask, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(GATE.dtype.element_ty).to(tl.float32)
+    tl.store(GATE + offs, (silu * v).to(GATE.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("hybridlm::silu_mul_", mutates_args=("gate",))
+def silu_mul_op(gate: Tensor, value: Tensor) -> None:
+    """gate, value (..., hidden), same shape and dtype, contiguous: gate <- silu(gate) * value."""
+    n = gate.numel()
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, value, n, BLOCK=BLOCK)
+
+
+def silu_mul_(gate: Tensor, value: Tensor) -> Tensor:
+    """As :func:`hybridlm.kernels.swiglu_gate.reference.silu_mul_`, in one kernel."""
+    silu_mul_op(gate, value.contiguous())
+    return gate
+
+
+def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], contiguous: bool) -> str | None:
+    """Why the kernel cannot take these inputs (plain values); None when it can."""
+    where = device_reason(_OnDevice(device), "the Triton SwiGLU gate kernel")  # it reads only .device
+    if where:
+        return where
+    if len(set(dtypes)) > 1 or dtypes[0] not in DTYPES:
+        return f"dtypes {', '.join(str(d).removeprefix('torch.') for d in dtypes)} (one of fp32, bf16, fp16 for both)"
+    if not contiguous:
+        return "a gate that is not contiguous (it is written in place)"
+    return None

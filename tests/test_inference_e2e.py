@@ -1,0 +1,333 @@
+"""Inference end to end on the CPU (issue 21): the fused residual add + RMSNorm kernel against its
+reference, the model's fused inference path against the blocks' own path, prefill + teacher-forced
+steps of every family against the full forward (fp32, and bf16 against its measured bound),
+chunked prefill against unchunked, the compiled step against the eager one, and the generation
+benchmark's quick run. Triton runs under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlm import build_model, get_preset, spec_from_yaml
+from hybridlm.blocks import RMSNorm, SwiGLU
+from hybridlm.builder import Decoder
+from hybridlm.errors import ShapeError
+from hybridlm.kernels import registry
+from hybridlm.kernels.rmsnorm import add_rms_norm, reference
+from hybridlm.kernels.swiglu_gate import reference as swiglu_reference
+from hybridlm.kernels.swiglu_gate import silu_mul_
+from hybridlm.testing import randomize_mamba3_, rel_err
+from test_decode import tiny_model
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (TRITON_INTERPRET=1 on the CPU)")
+FAMILIES = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
+# Two paths that differ only in summation order (chunked scan vs recurrence, attention over the
+# sequence vs over the cache, a tree sum of squares vs torch's mean): measured ~2e-7 in fp32,
+# ~5e-16 in fp64 (tests/test_decode.py).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+STEPS = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: a second thread only adds OpenMP waits (on the shared 2-core machine, 64 steps
+    of hybrid-tiny took 42 s on two threads, 1.2 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def family_model(name: str, dtype=torch.float32):
+    model = build_model(get_preset(name), dtype=dtype, seed=0)
+    for layer in model.layers:
+        if hasattr(layer.mixer, "B_norm"):
+            randomize_mamba3_(layer.mixer, seed=layer.mixer.layer_idx)
+    return model.eval()
+
+
+def use_kernel_backend(model, name):
+    """The fused norms' and SwiGLU gates' backend (``triton``: the GPU's kernels, interpreted here)."""
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.backend = name
+        if isinstance(m, SwiGLU):
+            m.gate_backend = name
+
+
+# -- the kernel -----------------------------------------------------------------------------------
+# (stream dtype, residual dtype, weight dtype, out dtype): plain fp32 and bf16, then residual_in_fp32
+# (an fp32 stream, bf16 block outputs and weights)
+DTYPE_CASES = [(torch.float32,) * 4, (torch.bfloat16,) * 4,
+               (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=["fp32", "bf16", "fp32-stream"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_triton_add_rms_norm_matches_reference(dtypes, with_residual):
+    """fp32: the stream bitwise, the normed rows 1e-6 apart (only the order of the sum of squares
+    differs). bf16: on the GPU the stream is bitwise and the normed rows one rounding step apart
+    (tests/gpu/test_inference_e2e_gpu.py), but Triton 3.6's interpreter rounds fp32 -> bf16
+    toward zero (the GPU and torch: to nearest even), so here the stream may be one step off and
+    the normed rows, rounded from it and rounded again, two."""
+    stream_dt, res_dt, w_dt, out_dt = dtypes
+    h = torch.randn(3, 5, 48).to(stream_dt)  # 48: not a power of two, the row is masked
+    residual = torch.randn(3, 5, 48).to(res_dt) if with_residual else None
+    weight = (torch.rand(48) + 0.5).to(w_dt)
+    got, got_stream = add_rms_norm(h, residual, weight, 1e-5, out_dtype=out_dt, backend="triton")
+    want, want_stream = reference.add_rms_norm(h, residual, weight, 1e-5, out_dt)
+    assert got.dtype == out_dt and got_stream.dtype == stream_dt
+    if stream_dt == torch.float32:
+        assert torch.equal(got_stream, want_stream)
+    else:
+        assert within_steps(got_stream, want_stream, 1)
+    if out_dt == torch.float32:
+        assert rel_err(got, want) <= 1e-6
+    else:
+        assert within_steps(got, want, 2)
+
+
+def within_steps(got, want, steps):
+    """Elementwise at most ``steps`` bf16 rounding steps apart (a step is at most 2^-7 of the value)."""
+    return bool(((got.float() - want.float()).abs() <= want.float().abs() * steps * 2**-7).all())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_gate_matches_reference(dtype):
+    """In place, silu rounded to the dtype, then the product: fp32 1e-6 (exp's rounding); bf16 two
+    rounding steps on the CPU (the interpreter rounds toward zero, see above), one on the GPU."""
+    gate, value = torch.randn(3, 5, 40).to(dtype), torch.randn(3, 5, 40).to(dtype)  # 600: a partial block
+    want = swiglu_reference.silu_mul(gate, value)
+    buffer = gate.clone()
+    got = silu_mul_(buffer, value, backend="triton")
+    assert got.data_ptr() == buffer.data_ptr()  # written into the gate's buffer
+    if dtype == torch.float32:
+        assert rel_err(got, want) <= 1e-6
+    else:
+        assert within_steps(got, want, 2)
+
+
+def test_swiglu_gate_with_autograd_is_the_plain_ops():
+    gate = torch.randn(4, 8, requires_grad=True)
+    value = torch.randn(4, 8)
+    out = silu_mul_(gate, value, backend="triton")  # autograd records: out of place, differentiable
+    out.sum().backward()
+    expected = torch.sigmoid(gate) * (1 + gate * (1 - torch.sigmoid(gate))) * value
+    assert torch.allclose(gate.grad, expected.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="gate shape"):
+        silu_mul_(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_reference_is_the_residual_block_bitwise():
+    """The fused path's reference adds and norms with exactly the residual block's roundings."""
+    model = family_model("hybrid-tiny", torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        fused = model.features(ids, fused_norms=True)
+        blocks = model.features(ids)
+    assert torch.equal(fused, blocks)
+
+
+def test_backend_choice_and_autograd_falls_back_to_the_reference():
+    h = torch.randn(4, 16, requires_grad=True)
+    w = torch.rand(16) + 0.5
+    assert registry.choose("rmsnorm", "add_rms_norm", None, "cpu", None, (torch.float32,), 16) == "reference"
+    out, _ = add_rms_norm(h, None, w, 1e-5, backend="triton")  # autograd records: the reference runs
+    out.square().sum().backward()
+    g = h.grad.clone()
+    h.grad = None
+    reference.add_rms_norm(h, None, w, 1e-5, torch.float32)[0].square().sum().backward()
+    assert torch.equal(g, h.grad)
+    with pytest.raises(ValueError, match="residual shape"):
+        add_rms_norm(h.detach(), torch.zeros(4, 8), w, 1e-5)
+    with pytest.raises(ValueError, match="weight shape"):
+        add_rms_norm(h.detach(), None, torch.ones(8), 1e-5)
+
+
+@needs_triton
+@torch.no_grad()
+def test_model_with_triton_kernels_matches_blocks_path():
+    model = tiny_model()  # every block kind: Mamba-3 with conv and MIMO, windowed and QK-normed attention
+    ids = torch.randint(0, 64, (2, 11))
+    expected = model.features(ids)
+    use_kernel_backend(model, "triton")
+    assert rel_err(model.features(ids, fused_norms=True), expected) <= TOL[torch.float32]
+
+
+# -- decode against the full forward --------------------------------------------------------------
+@torch.no_grad()
+def teacher_forced(model, prompts, fed, **decoder_kw):
+    """Prefill ``prompts`` (list of 1-D), then feed ``fed`` (B, STEPS): logits (B, STEPS + 1, V)."""
+    decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + fed.shape[1], **decoder_kw)
+    logits = [decoder.prefill(prompts)]
+    for t in range(fed.shape[1]):
+        logits.append(decoder.step(fed[:, t]))
+    return torch.stack(logits, 1)
+
+
+@torch.no_grad()
+def forward_logits(model, prompts, fed):
+    """Each prompt + its fed tokens, full forward; the logits at the decoded positions."""
+    return torch.stack([model(torch.cat([p, f])[None])[0, len(p) - 1:] for p, f in zip(prompts, fed)])
+
+
+def family_inputs(seed=0, lengths=(23, 7), steps=STEPS, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths], torch.randint(0, vocab, (len(lengths), steps),
+                                                                                           generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_64_steps_match_full_forward_fp32(family):
+    model = family_model(family)
+    prompts, fed = family_inputs()
+    decoded = teacher_forced(model, prompts, fed)
+    assert rel_err(decoded, forward_logits(model, prompts, fed)) <= TOL[torch.float32]
+
+
+# bf16 on the CPU, measured 2026-12-03 (tiny presets, prompts of 23 and 7 tokens, 64 teacher-forced
+# steps, norm-wise against the fp32 model on the same bf16-rounded weights): the bf16 full forward
+# is itself 0.59e-2 (transformer-tiny), 1.41e-2 (hybrid), 1.33e-2 (MIMO), 1.82e-2 (mamba3) from
+# it, and the bf16 decode 0.58, 1.41, 1.26, 1.74e-2: never more than 1.01x the forward's. Both
+# paths round every block's output to bf16 (2^-8 relative, 3.9e-3) at comparable places; the
+# errors add up over 12 blocks to a few roundoffs and do not grow with the steps (fp32 Mamba-3
+# state; a step reads keys/values written once). Bound, as in the GPU tests: max(1e-2, 1.25 x the
+# bf16 forward's own error).
+BF16_FLOOR = 1e-2
+BF16_FACTOR = 1.25
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_decode_within_the_bf16_forward_bound(family):
+    model = family_model(family, torch.bfloat16)
+    exact = family_model(family)  # the same (bf16-rounded) weights in fp32: the exact math
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    prompts, fed = family_inputs()
+    truth = forward_logits(exact, prompts, fed).double()
+    err_forward = rel_err(forward_logits(model, prompts, fed), truth)
+    err_decode = rel_err(teacher_forced(model, prompts, fed), truth)
+    assert err_decode <= max(BF16_FLOOR, BF16_FACTOR * err_forward), (err_decode, err_forward)
+
+
+# -- chunked prefill ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["hybrid-tiny", "mamba3-tiny", "transformer-tiny", "decode-test"])
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_prefill_equals_unchunked(family, chunk):
+    """Chunks of 1 (every token a decode step), 5 (across the scan's chunks and the window, a
+    packed chunk where a short prompt has no token left) and 16; dense and packed prompts.
+    ``decode-test`` is tests/test_decode.py's spec: short conv, MIMO, windowed RoPE and QK-norm."""
+    model = tiny_model() if family == "decode-test" else family_model(family)
+    vocab = model.spec.vocab_size
+    prompts, fed = family_inputs(lengths=(19, 3, 12), steps=4, vocab=vocab)
+    dense = torch.stack([prompts[0][:9], prompts[2][:9], prompts[0][5:14]])  # (3, 9)
+    for inputs in (prompts, dense):
+        whole = Decoder(model, 3, 24)
+        chunked = Decoder(model, 3, 24, prefill_chunk=chunk)
+        got = [chunked.prefill(inputs)] + [chunked.step(fed[:, t]) for t in range(fed.shape[1])]
+        want = [whole.prefill(inputs)] + [whole.step(fed[:, t]) for t in range(fed.shape[1])]
+        assert chunked.lengths == whole.lengths and chunked.cache.seqlen_offset == whole.cache.seqlen_offset
+        assert rel_err(torch.stack(got), torch.stack(want)) <= TOL[torch.float32], type(inputs)
+
+
+@torch.no_grad()
+def test_chunked_prefill_fp64_and_generate():
+    model = tiny_model(torch.float64)
+    prompts, _ = family_inputs(lengths=(13, 2, 8), vocab=64)
+    whole = Decoder(model, 3, 16).prefill(prompts)
+    assert rel_err(Decoder(model, 3, 16, prefill_chunk=4).prefill(prompts), whole) <= TOL[torch.float64]
+    fp32 = tiny_model()
+    assert all(torch.equal(a, b) for a, b in zip(fp32.generate(prompts, 5, temperature=0, prefill_chunk=3),
+                                                 fp32.generate(prompts, 5, temperature=0)))
+
+
+def test_decoder_argument_errors():
+    model = tiny_model()
+    with pytest.raises(ShapeError, match="prefill_chunk must be a positive number of tokens"):
+        Decoder(model, 2, 8, prefill_chunk=0)
+    with pytest.raises(ValueError, match="compile_step must be True, False or a torch.compile backend"):
+        Decoder(model, 2, 8, compile_step=3)
+
+
+# -- the compiled step ----------------------------------------------------------------------------
+COMPILE_SPEC = """
+version: 1
+name: compile-test
+vocab_size: 64
+d_model: 32
+blocks:
+  M: {kind: mamba3, d_state: 8, headdim: 8, chunk_size: 4, out_norm: pregate_grouped}
+  W: {kind: attention, n_heads: 4, n_kv_heads: 2, position: rope, window: 5}
+  F: {kind: swiglu, hidden: 48}
+pattern: "M F W F"
+"""
+
+
+@torch.no_grad()
+def test_compiled_step_equals_eager_step():
+    """``compile_step`` with dynamo and AOT autograd but no code generation (``aot_eager``): what
+    dynamo traces of the step (a break at the Mamba-3 step kernel, the KV-cache path, SwiGLU)
+    computes what the eager step computes (measured: bitwise). Inductor's code generation is
+    checked on the GPU (tests/gpu/test_inference_e2e_gpu.py; on this CPU it took 25 s and gave
+    1.4e-8). One block of each kind: every distinct layer is another trace (~5 s on one core)."""
+    torch._dynamo.reset()
+    model = build_model(spec_from_yaml(COMPILE_SPEC), seed=0).eval()
+    if HAS_TRITON:  # the GPU's custom ops (the gate's mutates its input) through AOT's functionalization
+        use_kernel_backend(model, "triton")
+    prompts, fed = family_inputs(lengths=(7, 12), steps=3, vocab=64)
+    eager = teacher_forced(model, prompts, fed)
+    compiled = teacher_forced(model, prompts, fed, compile_step="aot_eager")
+    assert rel_err(compiled, eager) <= 1e-6
+
+
+# -- the benchmark's quick run --------------------------------------------------------------------
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/generate.py as a module."""
+    path = Path(__file__).parents[1] / "benchmarks" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_benchmark_quick(bench, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    bench.main(["--quick", "--contexts", "16", "--a-new-tokens", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    ids = {r["id"] for r in rows}
+    assert {f"a:{m}:fused" for m in bench.QUICK_MODELS} <= ids
+    # the Transformer's fit batch (6, capped) and the state models' batch (4, which fits it) for every model
+    assert {f"b16:{m}:{b}:fused" for m in bench.QUICK_MODELS for b in (4, 6)} <= ids
+    for r in rows:
+        assert "error" not in r, r
+        assert r["generated_tokens_per_s"] == pytest.approx(r["batch"] * r["new_tokens"] / r["decode_s"])
+        assert r["ratio_to_bound"] == pytest.approx(r["ms_per_step"] / r["weight_read_bound_ms"])
+    table = capsys.readouterr().out
+    assert "| hybrid-tiny | fused | 24 | 4 |" in table and "| 16 | transformer-tiny | fused | 6 |" in table
+    bench.main(["--quick", "--only", "a:mamba3-tiny:*", "--a-new-tokens", "2", "--json", str(out)])
+    assert len(json.loads(out.read_text())["rows"]) == len(rows)  # merged by id, not appended
+
+
+@needs_triton
+def test_fused_step_has_one_op_per_block_boundary(bench):
+    """The op count of one bf16 step of mamba3-tiny (6 (M F) pairs) with the GPU's kernels: every
+    block boundary is one fused op and the final norm another, every SwiGLU gate one op, and no
+    norm op is left outside them. Before issue 21 (``unfused``): 179 ops; now 57."""
+    model = build_model(get_preset("mamba3-tiny"), dtype=torch.bfloat16, seed=0).eval()
+    use_kernel_backend(model, "triton")
+    fused = bench.count_step_ops(model, "fused")
+    unfused = bench.count_step_ops(model, "unfused")
+    blocks = len(model.layers)
+    assert fused["by_name"]["hybridlm::add_rms_norm_fwd"] == blocks - 1 + 1  # 11 between blocks, the final one
+    assert fused["by_name"]["hybridlm::rms_norm_fwd"] == 1  # the first block's norm (no residual yet)
+    assert fused["by_name"]["hybridlm::silu_mul_"] == blocks // 2
+    assert not {"aten::rsqrt", "aten::pow", "aten::mean", "aten::silu", "aten::silu_"} & set(fused["by_name"])
+    assert (unfused["ops"], fused["ops"]) == (179, 57)
