@@ -28,6 +28,7 @@ give up on the whole block).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -82,6 +83,20 @@ def register_backend(kind: str, name: str, ops: Mapping[str, Op | Callable] | No
 
 def backend_names(kind: str) -> list[str]:
     return sorted(_BACKENDS.get(kind, {}))
+
+
+def register_reference_and_triton(kind: str, op: str, reference: Callable, triton_module: str,
+                                  triton_name: str) -> None:
+    """The usual pair for a small fused op: ``reference`` everywhere, and on CUDA the Triton kernel
+    ``triton_module.triton_name`` (imported on first use; its module's ``unsupported_reason`` says which
+    inputs it refuses), falling back to the reference."""
+    def load() -> dict[str, Op]:
+        module = importlib.import_module(triton_module)
+        return {op: Op(getattr(module, triton_name), module.unsupported_reason)}
+
+    register_backend(kind, "reference", {op: reference}, auto_priority=0)
+    register_backend(kind, "triton", load=load, fallback="reference", auto_priority=1,
+                     auto_devices=("cuda",), installed=installed("triton"))
 
 
 def installed(module: str) -> Callable[[], bool]:

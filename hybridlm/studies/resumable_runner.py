@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,12 +112,7 @@ class ResumableExecutor(Executor):
             try:
                 record = self.execute(run, slot, left)
             except Exception as err:  # one failed run must not stop the others; it is recorded
-                message = str(err) if isinstance(err, RunFailed) else traceback.format_exc(limit=3)
-                self.store.put({"id": run.id, "key": run.key(self.recipe), "status": "failed",
-                                "finished": now(), "meta": run.meta, "error": message})
-                with lock:
-                    outcome.failed.append(run.id)
-                self.log(f"FAILED {run.id}: {message}")
+                self.record_failure(run, err, outcome, lock)
                 return
             progress = self.progress(run) or {}
             if record is None:

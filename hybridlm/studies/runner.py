@@ -173,6 +173,15 @@ class Executor:
         if failed:
             raise RunFailed(f"`{shlex.join(cmd)}` failed; {_tail(log_path)}")
 
+    def record_failure(self, run: Run, err: Exception, outcome: "Outcome", lock: threading.Lock) -> None:
+        """Store ``run`` as failed with its error (the message of a RunFailed, else a short traceback)."""
+        message = str(err) if isinstance(err, RunFailed) else traceback.format_exc(limit=3)
+        self.store.put({"id": run.id, "key": run.key(self.recipe), "status": "failed",
+                        "finished": now(), "meta": run.meta, "error": message})
+        with lock:
+            outcome.failed.append(run.id)
+        self.log(f"FAILED {run.id}: {message}")
+
     def run_all(self, runs: list[Run], *, deadline: float | None = None,
                 estimate: Callable[[Run], float] = lambda run: 0.0) -> "Outcome":
         """Run ``runs`` with ``jobs`` at a time; none starts that would end after ``deadline`` (monotonic)."""
@@ -184,12 +193,7 @@ class Executor:
             try:
                 record = self.execute(run, slot)
             except Exception as err:  # one failed run must not stop the others; it is recorded
-                message = str(err) if isinstance(err, RunFailed) else traceback.format_exc(limit=3)
-                self.store.put({"id": run.id, "key": run.key(self.recipe), "status": "failed",
-                                "finished": now(), "meta": run.meta, "error": message})
-                with lock:
-                    outcome.failed.append(run.id)
-                self.log(f"FAILED {run.id}: {message}")
+                self.record_failure(run, err, outcome, lock)
                 return
             self.store.put(record)
             with lock:

@@ -21,22 +21,13 @@ import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
-from hybridlm.kernels.registry import Op
 from hybridlm.kernels.rmsnorm import reference
 
 KIND = "rmsnorm"
 OP = "add_rms_norm"
 
-
-def _triton_ops():
-    from hybridlm.kernels.rmsnorm import triton as kernels
-
-    return {OP: Op(kernels.add_rms_norm, kernels.unsupported_reason)}
-
-
-registry.register_backend(KIND, "reference", {OP: reference.add_rms_norm}, auto_priority=0)
-registry.register_backend(KIND, "triton", load=_triton_ops, fallback="reference", auto_priority=1,
-                          auto_devices=("cuda",), installed=registry.installed("triton"))
+registry.register_reference_and_triton(KIND, OP, reference.add_rms_norm, "hybridlm.kernels.rmsnorm.triton",
+                                       "add_rms_norm")
 
 
 def _records_autograd(*tensors: Tensor | None) -> bool:

@@ -14,22 +14,13 @@ import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
-from hybridlm.kernels.registry import Op
 from hybridlm.kernels.swiglu_gate import reference
 
 KIND = "swiglu_gate"
 OP = "silu_mul_"
 
-
-def _triton_ops():
-    from hybridlm.kernels.swiglu_gate import triton as kernels
-
-    return {OP: Op(kernels.silu_mul_, kernels.unsupported_reason)}
-
-
-registry.register_backend(KIND, "reference", {OP: reference.silu_mul_}, auto_priority=0)
-registry.register_backend(KIND, "triton", load=_triton_ops, fallback="reference", auto_priority=1,
-                          auto_devices=("cuda",), installed=registry.installed("triton"))
+registry.register_reference_and_triton(KIND, OP, reference.silu_mul_, "hybridlm.kernels.swiglu_gate.triton",
+                                       "silu_mul_")
 
 
 def silu_mul_(gate: Tensor, value: Tensor, *, backend: str | None = None) -> Tensor:
