@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import fnmatch
 import json
 import sys
@@ -324,6 +325,7 @@ def run(args) -> dict:
             print(json.dumps(row), flush=True)
             rows.append(row)
         del model
+        gc.collect()  # whatever an exception's traceback kept (a failed case's decoder) goes now
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"header": header, "rows": rows}

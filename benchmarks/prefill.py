@@ -151,6 +151,16 @@ def time_layer(layer, batch: int, seqlen: int, d_model: int) -> dict:
     return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "tokens_per_s_fwd_bwd": batch * seqlen / fwd_bwd * 1e3}
 
 
+def time_or_error(layer, batch: int, seqlen: int, d_model: int) -> dict:
+    """time_layer, or {"error": ...} when a design fails to compile or run at this shape (one
+    design's failure, e.g. out of shared memory, must not cost the other designs' measurements)."""
+    try:
+        return time_layer(layer, batch, seqlen, d_model)
+    except Exception as e:  # noqa: BLE001 - any compile/launch failure is reported in the row
+        torch.cuda.synchronize()
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
 def time_projections(layer, batch: int, seqlen: int, d_model: int) -> float:
     """Forward+backward ms of the layer's in_proj and out_proj GEMMs alone: the floor every
     implementation of the layer shares, so (layer − projections) is the scan's own cost."""
@@ -225,9 +235,9 @@ def main() -> None:
                                                                                            args.d_model)}
             for label, changes in designs.items():
                 with use_tuning(**changes):
-                    row[f"ours[{label}]"] = time_layer(ours, args.batch, L, args.d_model)
+                    row[f"ours[{label}]"] = time_or_error(ours, args.batch, L, args.d_model)
                     if mimo is not None:
-                        row[f"ours_mimo{args.mimo_rank}[{label}]"] = time_layer(mimo, args.batch, L, args.d_model)
+                        row[f"ours_mimo{args.mimo_rank}[{label}]"] = time_or_error(mimo, args.batch, L, args.d_model)
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
                 if args.tune:
@@ -239,8 +249,9 @@ def main() -> None:
             if args.profile and i == 0:
                 for label, changes in designs.items():
                     with use_tuning(**changes):
-                        for name, layer in ((f"ours [{label}]", ours), (f"ours MIMO [{label}]", mimo)):
-                            if layer is not None:
+                        for name, layer, key in ((f"ours [{label}]", ours, f"ours[{label}]"),
+                                                 (f"ours MIMO [{label}]", mimo, f"ours_mimo{args.mimo_rank}[{label}]")):
+                            if layer is not None and "error" not in row[key]:
                                 print(f"--- {name}, d_state {n}, L {L}\n"
                                       f"{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
@@ -263,13 +274,18 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[str]) -> None:
         gemm = r["projections_fwd_bwd_ms"]
         for label in designs:
             o = r[f"ours[{label}]"]
+            if "error" in o:
+                print(f"| {r['d_state']} | {r['seqlen']} | {label} | {o['error']} |")
+                continue
             cells = [r["d_state"], r["seqlen"], label, f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
                      f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
                      f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
                      f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
                      f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
             m = r.get(f"ours_mimo{mimo_rank}[{label}]")
-            if m:
+            if m and "error" in m:
+                cells += [m["error"], "—"]
+            elif m:
                 cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
             print("| " + " | ".join(map(str, cells)) + " |")
 

@@ -159,3 +159,27 @@ def test_step_has_no_data_dependent_host_work():
     assert not decoder.uses_cuda_graph
     logits = decoder._step_logits(torch.zeros(3, dtype=torch.long, device="meta"))  # the captured function
     assert logits.shape == (3, 64) and logits.device.type == "meta"
+
+
+@pytest.mark.parametrize("compile_step", [False, "aot_eager"])
+def test_decoder_is_freed_when_its_last_reference_goes(compile_step):
+    """No reference cycle through the Decoder: with the cycle collector off, dropping it frees its
+    cache at once. (A Decoder that held a bound method of itself kept a batch-128 cache and its
+    CUDA graph's pool alive until a collection: the next case of benchmarks/generate.py ran out of
+    memory on the H200, 2026-12-03.)"""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    decoder = Decoder(model, 2, 32, compile_step=compile_step, prefill_chunk=5)
+    decoder.step(decoder.prefill(prompts([7, 3])).argmax(-1))
+    decoder_ref, cache_ref = weakref.ref(decoder), weakref.ref(decoder.cache)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        del decoder
+        assert decoder_ref() is None and cache_ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()

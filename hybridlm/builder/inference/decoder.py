@@ -78,10 +78,13 @@ class Decoder:
         self._step_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the graph's input
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: Tensor | None = None  # the graph's output
-        self._step_fn = self._step_logits
+        # A plain function of (model, cache, ...), never a bound method: a Decoder that referenced
+        # itself would be freed only by Python's cycle collector, keeping its cache (GBs at large
+        # batch) and its graph's memory pool alive after the last reference goes.
+        self._step_fn = _step_logits
         if compile_step:
             backend = "inductor" if compile_step is True else compile_step
-            self._step_fn = torch.compile(self._step_logits, backend=backend)
+            self._step_fn = torch.compile(_step_logits, backend=backend)
         if self.uses_cuda_graph:
             self._capture_step()
 
@@ -127,7 +130,7 @@ class Decoder:
             self._graph.replay()
             logits = self._graph_logits.clone()  # the next replay overwrites the graph's output
         else:
-            logits = self._step_fn(tokens.to(self.device))
+            logits = self._step_logits(tokens.to(self.device))
         self.lengths = [n + 1 for n in self.lengths]
         self.cache.set_host_length(longest + 1)  # a replay ran no Python: keep the host bounds here
         return logits
@@ -137,8 +140,7 @@ class Decoder:
         return self.model.features(ids, cu_seqlens=cu_seqlens, cache=self.cache, fused_norms=self.fused_norms)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
-        """The whole step on the device: fixed shapes, in-place state updates, no host sync."""
-        return self.model.output(self._features(tokens[:, None])[:, 0])
+        return self._step_fn(self.model, self.cache, tokens, self.fused_norms)
 
     def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
         """Run the prompts into the (empty) cache; every prompt's last hidden state (B, d_model).
@@ -186,12 +188,12 @@ class Decoder:
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):  # the first one compiles, with compile_step
                 self.cache.reset()  # each warm-up step starts empty: max_len = 1 must work too
-                self._step_fn(self._step_tokens)
+                self._step_logits(self._step_tokens)
         current.wait_stream(side)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._graph_logits = self._step_fn(self._step_tokens)
+            self._graph_logits = self._step_logits(self._step_tokens)
         self._graph = graph
         self.reset()
 
@@ -218,3 +220,8 @@ class Decoder:
             offsets.append(offsets[-1] + n)
         cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=self.device)
         return ids, cu_seqlens, lengths
+
+
+def _step_logits(model: "HybridLM", cache, tokens: Tensor, fused_norms: bool) -> Tensor:
+    """The whole decode step on the device: fixed shapes, in-place state updates, no host sync."""
+    return model.output(model.features(tokens[:, None], cache=cache, fused_norms=fused_norms)[:, 0])
