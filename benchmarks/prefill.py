@@ -3,7 +3,7 @@
 
     python benchmarks/prefill.py [--peer-configs benchmarks/peer_autotune_h200.json] [--tune]
         [--d-state 64,128] [--seqlen 2048,8192,16384] [--batch 8] [--d-model 2048] [--headdim 64]
-        [--mimo-rank 4] [--backward chunk-parallel,reverse] [--json out.json] [--profile]
+        [--mimo-rank 4] [--json out.json] [--profile]
 
 Times the whole layer (projections, norms, scan, gate, output projection) forward and
 forward+backward with ``triton.testing.do_bench`` (median). The official kernels run only with the
@@ -12,11 +12,6 @@ and writes the chosen configs to ``--peer-configs``; without ``--tune`` that fil
 pinned, so no config is ever picked by hand. The autotune keys hold no sequence length or batch,
 so one tuning per d_state covers every length. ``--peer-configs`` defaults to
 ``benchmarks/peer_autotune_<gpu>.json`` for this GPU (h100, h200, ...).
-
-``--backward`` times our layer once per backward design (``KernelTuning.triton_backward``), side
-by side with the peer: ``chunk-parallel``, ``reverse``, ``reverse-blocked``, the last two optionally
-with ``:<tokens per chunk>[:<warps>]`` (``triton_backward_chunk``, ``triton_reverse_warps``), e.g.
-``--backward chunk-parallel,reverse,reverse-blocked:16:4``.
 """
 from __future__ import annotations
 
@@ -88,29 +83,6 @@ def default_peer_configs() -> Path:
     return Path(__file__).parent / f"peer_autotune_{slug}.json"
 
 
-def backward_designs(text: str) -> dict[str, dict]:
-    """``--backward`` -> {label: KernelTuning changes}; see the module docstring."""
-    from hybridlm.kernels.mamba3.tuning import BACKWARD_DESIGNS, KernelTuning
-
-    designs = {}
-    for label in text.split(","):
-        name, *rest = label.split(":")
-        if name not in BACKWARD_DESIGNS or len(rest) > 2 or (rest and name == "chunk-parallel"):
-            sys.exit(f"--backward {label!r}: expected one of {', '.join(BACKWARD_DESIGNS)}, optionally "
-                     "reverse[-blocked]:<tokens>[:<warps>]")
-        changes = dict(triton_backward=name)
-        try:
-            if rest:
-                changes["triton_backward_chunk"] = int(rest[0])
-            if len(rest) > 1:
-                changes["triton_reverse_warps"] = int(rest[1])
-            KernelTuning(**changes)
-        except ValueError as e:
-            sys.exit(f"--backward {label!r}: {e}")
-        designs[label] = changes
-    return designs
-
-
 def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool):
     from hybridlm.blocks import Mamba3
     from hybridlm.testing import randomize_mamba3_
@@ -152,8 +124,8 @@ def time_layer(layer, batch: int, seqlen: int, d_model: int) -> dict:
 
 
 def time_or_error(layer, batch: int, seqlen: int, d_model: int) -> dict:
-    """time_layer, or {"error": ...} when a design fails to compile or run at this shape (one
-    design's failure, e.g. out of shared memory, must not cost the other designs' measurements)."""
+    """time_layer, or {"error": ...} when our layer fails to compile or run at this shape (one
+    shape's failure, e.g. out of shared memory, must not cost the other measurements)."""
     try:
         return time_layer(layer, batch, seqlen, d_model)
     except Exception as e:  # noqa: BLE001 - any compile/launch failure is reported in the row
@@ -205,17 +177,12 @@ def main() -> None:
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
     parser.add_argument("--peer-configs", type=Path, default=None,
                         help="the official autotuner's choices (JSON); default benchmarks/peer_autotune_<gpu>.json")
-    parser.add_argument("--backward", default="chunk-parallel",
-                        help="our backward designs to time, comma-separated (see the module docstring)")
     parser.add_argument("--tune", action="store_true", help="run the official full autotune, save to --peer-configs")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel table per layer (first shape)")
     args = parser.parse_args()
 
-    from hybridlm.kernels.mamba3.tuning import use_tuning
-
-    designs = backward_designs(args.backward)
     with_peer = not args.no_peer
     if with_peer:
         if args.peer_configs is None:
@@ -225,19 +192,17 @@ def main() -> None:
                 sys.exit(f"{args.peer_configs} does not exist: run once with --tune to write it (or --no-peer)")
             print(f"pinned {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
-          f"headdim {args.headdim}  bf16  backward designs {', '.join(designs)}")
+          f"headdim {args.headdim}  bf16")
     rows = []
     for n in map(int, args.d_state.split(",")):
         ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
         mimo = build_pair(args.d_model, n, args.headdim, args.mimo_rank, False)[0] if args.mimo_rank > 1 else None
         for i, L in enumerate(map(int, args.seqlen.split(","))):
             row = {"d_state": n, "seqlen": L, "projections_fwd_bwd_ms": time_projections(ours, args.batch, L,
-                                                                                           args.d_model)}
-            for label, changes in designs.items():
-                with use_tuning(**changes):
-                    row[f"ours[{label}]"] = time_or_error(ours, args.batch, L, args.d_model)
-                    if mimo is not None:
-                        row[f"ours_mimo{args.mimo_rank}[{label}]"] = time_or_error(mimo, args.batch, L, args.d_model)
+                                                                                           args.d_model),
+                   "ours": time_or_error(ours, args.batch, L, args.d_model)}
+            if mimo is not None:
+                row[f"ours_mimo{args.mimo_rank}"] = time_or_error(mimo, args.batch, L, args.d_model)
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
                 if args.tune:
@@ -247,22 +212,18 @@ def main() -> None:
             if args.json:  # after every shape, so a run cut short keeps what it measured
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")
             if args.profile and i == 0:
-                for label, changes in designs.items():
-                    with use_tuning(**changes):
-                        for name, layer, key in ((f"ours [{label}]", ours, f"ours[{label}]"),
-                                                 (f"ours MIMO [{label}]", mimo, f"ours_mimo{args.mimo_rank}[{label}]")):
-                            if layer is not None and "error" not in row[key]:
-                                print(f"--- {name}, d_state {n}, L {L}\n"
-                                      f"{profile_layer(layer, args.batch, L, args.d_model)}")
+                for name, layer, key in (("ours", ours, "ours"), ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
+                    if layer is not None and "error" not in row[key]:
+                        print(f"--- {name}, d_state {n}, L {L}\n{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
                     print(f"--- official, d_state {n}, L {L}\n{profile_layer(peer, args.batch, L, args.d_model)}")
         del ours, peer, mimo
         torch.cuda.empty_cache()
-    print_table(rows, args.mimo_rank, list(designs))
+    print_table(rows, args.mimo_rank)
 
 
-def print_table(rows: list[dict], mimo_rank: int, designs: list[str]) -> None:
-    head = ("| d_state | L | backward | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
+def print_table(rows: list[dict], mimo_rank: int) -> None:
+    head = ("| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
             "| official ÷ ours (fwd+bwd) | ours Mtok/s | projections fwd+bwd ms "
             "| scan speed-up (layer − projections) |")
     if mimo_rank > 1:
@@ -272,22 +233,21 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[str]) -> None:
     for r in rows:
         p = r.get("official")
         gemm = r["projections_fwd_bwd_ms"]
-        for label in designs:
-            o = r[f"ours[{label}]"]
-            if "error" in o:
-                print(f"| {r['d_state']} | {r['seqlen']} | {label} | {o['error']} |")
-                continue
-            cells = [r["d_state"], r["seqlen"], label, f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
-                     f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
-                     f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
-                     f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
-                     f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
-            m = r.get(f"ours_mimo{mimo_rank}[{label}]")
-            if m and "error" in m:
-                cells += [m["error"], "—"]
-            elif m:
-                cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
-            print("| " + " | ".join(map(str, cells)) + " |")
+        o = r["ours"]
+        if "error" in o:
+            print(f"| {r['d_state']} | {r['seqlen']} | {o['error']} |")
+            continue
+        cells = [r["d_state"], r["seqlen"], f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
+                 f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
+                 f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
+                 f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
+                 f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
+        m = r.get(f"ours_mimo{mimo_rank}")
+        if m and "error" in m:
+            cells += [m["error"], "—"]
+        elif m:
+            cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

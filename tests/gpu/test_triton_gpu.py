@@ -1,13 +1,11 @@
 """The Triton Mamba-3 kernels on the GPU: against the reference in fp32 at realistic shapes,
 against the official module (bf16, same weights) relative to exact fp64 math, and one 64K-token
-sequence; the scan tests run once per backward design (KernelTuning.triton_backward, at its
-default chunk). Set HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
+sequence. Set HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
 
 import pytest
 import torch
 
 from hybridlm.kernels.mamba3 import oracle
-from hybridlm.kernels.mamba3.tuning import use_tuning
 from hybridlm.testing import rel_err, scan_kwargs, write_results
 from test_official_equivalence import CONFIGS as OFFICIAL_CONFIGS
 from test_official_equivalence import build
@@ -15,11 +13,6 @@ from test_official_equivalence import build
 pytestmark = pytest.mark.gpu
 triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 RESULTS: dict = {}
-DESIGNS = {  # label: KernelTuning changes
-    "chunk-parallel": dict(triton_backward="chunk-parallel"),
-    "reverse": dict(triton_backward="reverse"),
-    "reverse-blocked": dict(triton_backward="reverse-blocked"),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,31 +65,27 @@ KERNEL_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("design", list(DESIGNS))
 @pytest.mark.parametrize("name", list(KERNEL_CONFIGS))
-def test_fp32_kernels_match_reference(name, design):
+def test_fp32_kernels_match_reference(name):
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
-    with use_tuning(**DESIGNS[design]):
-        y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
+    y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
     y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
-    RESULTS.setdefault("fp32_vs_reference", {}).setdefault(design, {})[name] = errs
+    RESULTS.setdefault("fp32_vs_reference", {})[name] = errs
     bad = {k: v for k, v in errs.items() if v > (1e-5 if k in ("output", "final_ssm") else 1e-4)}
     assert not bad, bad
 
 
-@pytest.mark.parametrize("design", list(DESIGNS))
-def test_packed_fp32_matches_reference(design):
+def test_packed_fp32_matches_reference():
     args, kw = kernel_inputs(1, 700, 2, 2, 8, 64, 64, 16, "half")
     cu = torch.tensor([0, 1, 65, 64 + 200, 64 + 200, 700], dtype=torch.int32, device="cuda")
-    with use_tuning(**DESIGNS[design]):
-        y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
+    y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
     y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64, cu)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
-    RESULTS.setdefault("fp32_vs_reference", {}).setdefault(design, {})["packed"] = errs
+    RESULTS.setdefault("fp32_vs_reference", {})["packed"] = errs
     bad = {k: v for k, v in errs.items() if v > (1e-5 if k in ("output", "final_ssm") else 1e-4)}
     assert not bad, bad
 
@@ -113,9 +102,8 @@ def _ours(exact, dtype):
     return ours
 
 
-@pytest.mark.parametrize("design", list(DESIGNS))
 @pytest.mark.parametrize("name", list(OFFICIAL_CONFIGS))
-def test_bf16_triton_against_official(name, design):
+def test_bf16_triton_against_official(name):
     """Ours (bf16 module, Triton) and the official module (bf16), both against exact fp64 math:
     forward ≤ max(1e-2, 1.25 × official) and every gradient ≤ max(2e-2, 1.25 × official)."""
     official, exact, _, u = build(name)
@@ -127,9 +115,8 @@ def test_bf16_triton_against_official(name, design):
     for label, mod, dtype in (("official", official, torch.bfloat16), ("ours", ours, torch.bfloat16),
                               ("exact", exact, torch.float64)):
         ui = u.to(dtype).requires_grad_()
-        with use_tuning(**DESIGNS[design]):
-            out = mod(ui)
-            (out.double() * w.double()).sum().backward()
+        out = mod(ui)
+        (out.double() * w.double()).sum().backward()
         grads[label] = {"input": ui.grad, **{n: p.grad for n, p in mod.named_parameters()}}
         grads[label]["__out"] = out.detach()
     for label in ("official", "ours"):
@@ -138,7 +125,7 @@ def test_bf16_triton_against_official(name, design):
     with torch.no_grad():
         ours.pair_layout = "half"  # negative control: the MIMO pair layout on a SISO module
         errs["ours_wrong_layout"] = rel_err(ours(u.bfloat16()), grads["exact"]["__out"])
-    RESULTS.setdefault("bf16_vs_exact", {}).setdefault(design, {})[name] = errs
+    RESULTS.setdefault("bf16_vs_exact", {})[name] = errs
     bad = {}
     for key, e in errs["ours"].items():
         bound = max(1e-2 if key == "forward" else 2e-2, 1.25 * errs["official"][key])

@@ -25,16 +25,8 @@ class KernelTuning:
                             (a block spans twice as many state columns) [HYBRIDLM_TRITON_BLOCK_PAIRS]
     triton_warps            warps of the chunk-parallel forward and the backward chunk kernel;
                             None: the per-kernel choice of :class:`ScanSpec` [HYBRIDLM_TRITON_WARPS]
-    triton_backward_stages  software-pipeline stages of the backward kernels
+    triton_backward_stages  software-pipeline stages of the backward chunk kernel
                             [HYBRIDLM_TRITON_BACKWARD_STAGES]
-    triton_backward         the scan's backward design: "chunk-parallel" (one program per chunk and
-                            head after a reverse state pass), "reverse" (one program per sequence
-                            and head walks its chunks backwards with the state gradient in
-                            registers) or "reverse-blocked" (the same walk, d_state in pair blocks,
-                            the state gradient in a per-program scratch) [HYBRIDLM_TRITON_BACKWARD]
-    triton_backward_chunk   tokens per chunk of the two reverse designs (a chunk is these tokens
-                            times R rows; at least the forward's chunk) [HYBRIDLM_TRITON_BACKWARD_CHUNK]
-    triton_reverse_warps    warps of the two reverse backward kernels [HYBRIDLM_TRITON_REVERSE_WARPS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -44,39 +36,24 @@ class KernelTuning:
     triton_block_pairs: int = 16
     triton_warps: int | None = None
     triton_backward_stages: int = 1
-    triton_backward: str = "chunk-parallel"
-    triton_backward_chunk: int = 64
-    triton_reverse_warps: int = 8
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
     def __post_init__(self):
-        if self.triton_backward not in BACKWARD_DESIGNS:
-            raise ValueError(f"KernelTuning.triton_backward must be one of {', '.join(BACKWARD_DESIGNS)}; "
-                             f"got {self.triton_backward!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if (value is None and f.default is None) or f.name in _TEXT_KNOBS:
+            if value is None and f.default is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
-        for name in ("triton_block_pairs", "triton_backward_chunk"):
-            value = getattr(self, name)
-            if value & (value - 1):
-                raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
-
-
-BACKWARD_DESIGNS = ("chunk-parallel", "reverse", "reverse-blocked")
-_TEXT_KNOBS = ("triton_backward",)
+        if self.triton_block_pairs & (self.triton_block_pairs - 1):
+            raise ValueError(f"KernelTuning.triton_block_pairs must be a power of two; got {self.triton_block_pairs}")
 
 
 ENV_VARS: dict[str, str] = {
     "triton_block_pairs": "HYBRIDLM_TRITON_BLOCK_PAIRS",
     "triton_warps": "HYBRIDLM_TRITON_WARPS",
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
-    "triton_backward": "HYBRIDLM_TRITON_BACKWARD",
-    "triton_backward_chunk": "HYBRIDLM_TRITON_BACKWARD_CHUNK",
-    "triton_reverse_warps": "HYBRIDLM_TRITON_REVERSE_WARPS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }
@@ -87,11 +64,7 @@ def tuning_from_env(environ: Mapping[str, str] | None = None) -> KernelTuning:
     environ = os.environ if environ is None else environ
     given = {}
     for name, var in ENV_VARS.items():
-        if environ.get(var) and name in _TEXT_KNOBS:
-            if environ[var] not in BACKWARD_DESIGNS:
-                raise ValueError(f"{var}={environ[var]!r}: expected one of {', '.join(BACKWARD_DESIGNS)}")
-            given[name] = environ[var]
-        elif environ.get(var):
+        if environ.get(var):
             try:
                 given[name] = int(environ[var])
             except ValueError:

@@ -15,9 +15,7 @@ One program per (chunk, head) computes all of it. N is walked in blocks of rotat
 the first walk builds A and G k̄ (for dv); then the C×C tiles are formed once; the second walk
 recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does not fit) and writes dq,
 dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄ dies with dv. Every
-output is written once, except dD, which each chunk adds to (atomically). The other designs, one
-program per (sequence, head) walking the chunks backwards, are reverse_bwd.py and
-reverse_blocked_bwd.py, picked by KernelTuning.triton_backward.
+output is written once, except dD, which each chunk adds to (atomically).
 
 Register pressure decides its speed (it sits at 255 registers): pair-block and angle addresses
 are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer tiles
@@ -33,8 +31,6 @@ from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
-from hybridlm.kernels.mamba3.triton.reverse_blocked_bwd import reverse_blocked_backward
-from hybridlm.kernels.mamba3.triton.reverse_bwd import reverse_backward
 from hybridlm.kernels.mamba3.triton.rows import (
     chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk, rows_to_tokens,
     rows_to_tokens_2d, store_pairs,
@@ -157,20 +153,11 @@ def _chunk_bwd_kernel(
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
-    """Gradients of the chunk scan, by the backward design the tuning picks. Returns a dict: dq, dk
-    (T, R, G, N), in q's dtype or fp32; dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's
-    dtype), dadt, dgamma, dscale, dD (None without D) and dssm0 (or None), the rest fp32."""
-    if spec.backward_design == "reverse":
-        return reverse_backward(spec, saved, dy, dfinal, need_dssm0)
-    if spec.backward_design == "reverse-blocked":
-        return reverse_blocked_backward(spec, saved, dy, dfinal, need_dssm0)
-    return chunk_parallel_backward(spec, saved, dy, dfinal, need_dssm0)
-
-
-def chunk_parallel_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
-    """The states kernel walks every sequence backwards and stores the state gradient leaving each
-    chunk; the chunk kernel then takes all chunks in parallel; one kernel sums the heads of a group
-    and the bias gradients (head_sums.py)."""
+    """Gradients of the chunk scan. The states kernel walks every sequence backwards and stores the
+    state gradient leaving each chunk; the chunk kernel then takes all chunks in parallel; one
+    kernel sums the heads of a group and the bias gradients (head_sums.py). Returns a dict: dq, dk
+    (T, R, G, N) in q's dtype; dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's dtype),
+    dadt, dgamma, dscale, dD (None without D) and dssm0 (or None), the rest fp32."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))

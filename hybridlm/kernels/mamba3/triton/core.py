@@ -69,7 +69,7 @@ def chunk_bwd(q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None
     """[dq, dk (T, R, G, N) in q's dtype, dq_bias, dk_bias (H, R, N) fp32, dθ (T, H, S), dv (v's
     dtype), dA·Δ, dγ, d scale (T, H), dD (H,), dssm0 (NS, H, P, N)], all but dq, dk, dv fp32. The
     bias gradients without biases, dD without D and dssm0 unless ``need_dssm0`` are empty
-    placeholders. The backward design is KernelTuning.triton_backward (chunk_bwd.scan_backward)."""
+    placeholders."""
     spec = _spec(q, v, theta, cu_seqlens, cu_chunks, chunk_seq, chunk_start, chunk, interleaved, matmul_dtype)
     saved = dict(q=q, k=k, q_bias=q_bias, k_bias=k_bias, theta=theta, v=v, adt=adt, gamma=gamma, scale=scale, D=D,
                  states=states)

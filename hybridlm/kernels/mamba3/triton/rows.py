@@ -88,43 +88,6 @@ def store_pairs(X, row_stride, rows, valid, i0, half_n, a, b, BLOCK_PAIRS: tl.co
 
 
 @triton.jit
-def add_pairs(X, row_stride, rows, valid, i0, half_n, a, b, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Like :func:`store_pairs`, but atomically added to X (fp32): for sums that several programs share."""
-    if INTERLEAVED:
-        d = tl.arange(0, 2 * BLOCK_PAIRS)
-        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * BLOCK_PAIRS))
-        tl.atomic_add((X + 2 * i0) + (rows[:, None] * row_stride + d[None, :]), x,
-                      mask=valid[:, None] & (d < 2 * (half_n - i0))[None, :], sem="relaxed")
-    else:
-        i = tl.arange(0, BLOCK_PAIRS)
-        offs = rows[:, None] * row_stride + i[None, :]
-        mask = valid[:, None] & (i < half_n - i0)[None, :]
-        tl.atomic_add((X + i0) + offs, a, mask=mask, sem="relaxed")
-        tl.atomic_add((X + half_n + i0) + offs, b, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def opaque_zero(x, OPAQUE: tl.constexpr):
-    """0, derived from x through inline PTX the compiler cannot see through. A loop over chunks
-    adds it to its aranges so that the index tiles and masks built from them are recomputed per
-    chunk: otherwise they are loop-invariant, hoisted out of the loop and kept live (spilled)
-    across all of it (sm_90 ptxas, reverse-blocked backward: 1.3 KB of stack a thread without it,
-    0.7 KB with it). The plain 0 where PTX cannot run (the interpreter)."""
-    if OPAQUE:
-        z = tl.inline_asm_elementwise("mov.b32 $0, 0; // $1", "=r,r", [tl.full([1], 0, tl.int32) + x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-        return tl.sum(z, 0)
-    else:
-        return 0
-
-
-@triton.jit
-def rows_to_ranks(x, CHUNK: tl.constexpr, R: tl.constexpr, WIDTH: tl.constexpr):
-    """Sum the C tokens of each rank: (C·R, W) -> (R, W)."""
-    return tl.sum(tl.reshape(x, (CHUNK, R, WIDTH)), axis=0)
-
-
-@triton.jit
 def chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK: tl.constexpr, R: tl.constexpr):
     """Per row: cs (chunk-local inclusive cumsum of A·Δ), γ, scale; and cs at the chunk's last token."""
     t = tl.arange(0, CHUNK)

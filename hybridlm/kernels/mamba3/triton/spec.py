@@ -11,11 +11,6 @@ from hybridlm.kernels.mamba3.triton.interpreter_compat import interpreting
 from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
 from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
-# Most token-rank rows of a reverse-backward chunk with 16-bit products; half as many with fp32 ones.
-# Shared memory on sm_90 (benchmarks/kernel_report.py, d_state 128): 176 KB at 128 rows in bf16,
-# 352 KB at 256 rows in bf16 or 128 in fp32, where 227 KB is all a program may have.
-MAX_REVERSE_ROWS = 128
-
 
 @dataclass(frozen=True)
 class ScanSpec:
@@ -69,27 +64,6 @@ class ScanSpec:
         """Software-pipeline stages of the backward chunk kernel's pair-block loops. The kernel is
         latency-bound at 255 registers, and prefetching the next block only adds live values."""
         return self.knobs.triton_backward_stages
-
-    @property
-    def backward_design(self) -> str:
-        """"chunk-parallel" (chunk_bwd.py), "reverse" (reverse_bwd.py) or "reverse-blocked"
-        (reverse_blocked_bwd.py)."""
-        return self.knobs.triton_backward
-
-    @property
-    def reverse_chunk(self) -> int:
-        """Tokens per chunk of the two reverse backward designs: the knob, capped at MAX_REVERSE_ROWS
-        token-rank rows (half that for fp32 products: a chunk's tiles must fit the GPU's shared
-        memory) and at least the forward's chunk (all powers of two, so a backward chunk is a
-        whole number of forward chunks)."""
-        max_rows = MAX_REVERSE_ROWS // (2 if self.matmul_dtype == torch.float32 else 1)
-        return max(self.layout.chunk, min(self.knobs.triton_backward_chunk, max(1, max_rows // self.rank)))
-
-    @property
-    def reverse_warps(self) -> int:
-        """Warps of both reverse backward kernels: 8 by default, where sm_90 ptxas spills the least
-        (docs/benchmarks.md, the backward redesign)."""
-        return self.knobs.triton_reverse_warps
 
     def dims(self) -> tuple[int, ...]:
         """The runtime sizes every chunk kernel takes, in its argument order."""
