@@ -102,19 +102,25 @@ def prefill_chunk_for(batch: int, prompt: int, token_budget: int) -> int:
     return chunk - chunk % 64 if chunk >= 64 else chunk
 
 
+# The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, attention's
+# RoPE); the norms' switch is the Decoder's ``fused_norms``.
+OP_BACKENDS = ("gate_backend", "rope_backend")
+
+
 @contextlib.contextmanager
 def variant_kernels(model, variant: str):
-    """``unfused``: the SwiGLU gates on the reference too (silu, then mul: the ops before issue 21;
-    the norms are the Decoder's ``fused_norms=False``). Other variants change nothing."""
-    gates = [m for m in model.modules() if hasattr(m, "gate_backend")] if variant == "unfused" else []
-    before = [m.gate_backend for m in gates]
-    for m in gates:
-        m.gate_backend = "reference"
+    """``unfused``: the SwiGLU gates and RoPE on the reference too (the plain torch ops before issue
+    21; the norms are the Decoder's ``fused_norms=False``). Other variants change nothing."""
+    switched = [(m, attr) for m in model.modules() for attr in OP_BACKENDS
+                if hasattr(m, attr)] if variant == "unfused" else []
+    before = [getattr(m, attr) for m, attr in switched]
+    for m, attr in switched:
+        setattr(m, attr, "reference")
     try:
         yield
     finally:
-        for m, backend in zip(gates, before):
-            m.gate_backend = backend
+        for (m, attr), backend in zip(switched, before):
+            setattr(m, attr, backend)
 
 
 def measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
@@ -233,8 +239,9 @@ def op_counts(args) -> list[dict]:
         for m in model.modules():  # the GPU's kernels on the CPU (under TRITON_INTERPRET=1)
             if hasattr(m, "add_forward"):  # RMSNorm
                 m.backend = args.kernel_backend
-            if hasattr(m, "gate_backend"):  # SwiGLU
-                m.gate_backend = args.kernel_backend
+            for attr in OP_BACKENDS:  # SwiGLU's gate, attention's RoPE
+                if hasattr(m, attr):
+                    setattr(m, attr, args.kernel_backend)
         for variant in ("unfused", "fused"):
             row = {"model": model_name, "variant": variant, "device": str(device), **count_step_ops(model, variant)}
             print(json.dumps(row), flush=True)

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from hybridlm import build_model, get_preset, spec_from_yaml
-from hybridlm.blocks import RMSNorm, SwiGLU
+from hybridlm.blocks import Attention, RMSNorm, SwiGLU
 from hybridlm.builder import Decoder
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import registry
 from hybridlm.kernels.rmsnorm import add_rms_norm, reference
+from hybridlm.kernels.rope import reference as rope_reference
+from hybridlm.kernels.rope import rope_qk
 from hybridlm.kernels.swiglu_gate import reference as swiglu_reference
 from hybridlm.kernels.swiglu_gate import silu_mul_
 from hybridlm.testing import randomize_mamba3_, rel_err
@@ -52,12 +54,14 @@ def family_model(name: str, dtype=torch.float32):
 
 
 def use_kernel_backend(model, name):
-    """The fused norms' and SwiGLU gates' backend (``triton``: the GPU's kernels, interpreted here)."""
+    """The fused norms', SwiGLU gates' and RoPE's backend (``triton``: the GPU's kernels, interpreted here)."""
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.backend = name
         if isinstance(m, SwiGLU):
             m.gate_backend = name
+        if isinstance(m, Attention):
+            m.rope_backend = name
 
 
 # -- the kernel -----------------------------------------------------------------------------------
@@ -123,6 +127,50 @@ def test_swiglu_gate_with_autograd_is_the_plain_ops():
     assert torch.allclose(gate.grad, expected.detach(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="gate shape"):
         silu_mul_(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# (q shape, k heads, positions shape): a prefill without a cache (positions over L, every row),
+# decode steps at far positions (one per row), packed prompts (one position per token); head_dim 24
+# has a half of 12, so the pair axis is masked
+ROPE_CASES = {"dense": ((2, 5, 4, 16), 2, (5,)), "decode": ((3, 1, 4, 24), 4, (3, 1)),
+              "packed": ((1, 7, 6, 24), 2, (7,))}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_triton_rope_matches_reference(case, dtype):
+    """fp32: the same frequencies and angles; cos/sin and the products may differ by an ulp: 1e-6.
+    bf16: rounded once from fp32, on the CPU toward zero by the interpreter (see above): two steps."""
+    q_shape, k_heads, pos_shape = ROPE_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(q_shape, generator=g).to(dtype)
+    k = torch.randn(*q_shape[:-2], k_heads, q_shape[-1], generator=g).to(dtype)
+    positions = torch.randint(0, 5000, pos_shape, generator=g)
+    want_q, want_k = rope_reference.rope_qk(q, k, positions, 10000.0)
+    got_q, got_k = rope_qk(q, k, positions, 10000.0, backend="triton")
+    assert got_q.dtype == dtype and got_q.shape == q.shape and got_k.shape == k.shape
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        if dtype == torch.float32:
+            assert rel_err(got, want) <= 1e-6
+        else:
+            assert within_steps(got, want, 2)
+    assert rel_err(got_q.float(), q.float()) > 0.1  # it did rotate
+
+
+def test_rope_with_autograd_is_the_reference_and_checks_shapes():
+    q = torch.randn(2, 3, 4, 8, requires_grad=True)
+    k = torch.randn(2, 3, 2, 8)
+    positions = torch.arange(3)
+    rq, rk = rope_qk(q, k, positions, 500.0, backend="triton")  # autograd records: the reference runs
+    (rq.square().sum() + rk.sum()).backward()
+    g = q.grad.clone()
+    q.grad = None
+    wq, wk = rope_reference.rope_qk(q, k, positions, 500.0)
+    (wq.square().sum() + wk.sum()).backward()
+    assert torch.equal(g, q.grad) and torch.equal(rq, wq) and torch.equal(rk, wk)
+    with pytest.raises(ValueError, match="same leading shape"):
+        rope_qk(q.detach(), torch.zeros(2, 4, 2, 8), positions, 500.0)
 
 
 def test_reference_is_the_residual_block_bitwise():
@@ -331,3 +379,18 @@ def test_fused_step_has_one_op_per_block_boundary(bench):
     assert fused["by_name"]["hybridlm::silu_mul_"] == blocks // 2
     assert not {"aten::rsqrt", "aten::pow", "aten::mean", "aten::silu", "aten::silu_"} & set(fused["by_name"])
     assert (unfused["ops"], fused["ops"]) == (179, 57)
+
+
+@needs_triton
+def test_fused_transformer_step_rotates_q_and_k_in_one_op(bench):
+    """The op count of one bf16 step of transformer-tiny (6 (A F) pairs) with the GPU's kernels: RoPE
+    is one op a layer (the angles, cos/sin, the halves and the cats were ≈ 28); what is left per
+    attention layer is the KV-cache bookkeeping. Unfused 443 ops, fused 153 (321 before RoPE)."""
+    model = build_model(get_preset("transformer-tiny"), dtype=torch.bfloat16, seed=0).eval()
+    use_kernel_backend(model, "triton")
+    fused = bench.count_step_ops(model, "fused")
+    unfused = bench.count_step_ops(model, "unfused")
+    attention_layers = sum(isinstance(m, Attention) for m in model.modules())
+    assert fused["by_name"]["hybridlm::rope_qk"] == attention_layers == 6
+    assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg"} & set(fused["by_name"])
+    assert (unfused["ops"], fused["ops"]) == (443, 153)

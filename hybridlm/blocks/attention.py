@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.attention import cached_attention, causal_attention
-from hybridlm.kernels.mamba3.shared import rotate_pairs
-from hybridlm.kernels.norms import upcast
+from hybridlm.kernels.rope import rope_qk
 from hybridlm.layouts.blocks import attention_problems
 
 
@@ -61,16 +60,6 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2 + self.lengths.numel() * self.lengths.element_size()
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float64) -> Tensor:
-    """positions (any shape) -> (..., head_dim/2) angles, frequencies theta^(-2i/head_dim), in ``dtype``.
-
-    The rotation runs in fp32 for bf16/fp16/fp32 activations, so its angles are fp32 too (as in
-    Llama): under torch.compile these few ops are fused into the rotation of every q/k element,
-    and fp64 powers there cost a Transformer step about 15 % on an H200 (2026-12-02 profile)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim)
-    return positions.to(dtype)[..., None] * inv_freq
-
-
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  position: str = "rope", rope_theta: float = 10000.0, qk_norm: bool = False,
@@ -92,6 +81,7 @@ class Attention(nn.Module):
         self.window = window
         self.layer_idx = layer_idx
         self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/registry.py)
+        self.rope_backend: str | None = None  # kernels/rope/: auto is Triton on CUDA when autograd is off
         factory = {"device": device, "dtype": dtype}
         hd = self.head_dim
         self.wq = nn.Linear(d_model, n_heads * hd, bias=False, **factory)
@@ -117,11 +107,7 @@ class Attention(nn.Module):
 
     def _rope(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate q and k (..., heads, head_dim) by their tokens' positions (any leading shape of q)."""
-        dtype = upcast(q).dtype
-        ang = rope_angles(positions, self.head_dim, self.rope_theta, dtype).unsqueeze(-2)  # broadcast over heads
-        q = rotate_pairs(upcast(q), ang, "half").to(q.dtype)
-        k = rotate_pairs(upcast(k), ang, "half").to(k.dtype)
-        return q, k
+        return rope_qk(q, k, positions, self.rope_theta, backend=self.rope_backend)
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:

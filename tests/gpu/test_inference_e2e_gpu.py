@@ -1,7 +1,7 @@
 """Inference end to end on the GPU (issue 21), bf16, the small presets of every family: prefill +
 64 teacher-forced steps against the full forward, chunked prefill against unchunked, CUDA-graph
 replay against eager steps (also with the step compiled by inductor), and the fused add + RMSNorm
-and SwiGLU gate kernels against their references at the 1.5B widths. Set
+SwiGLU gate and RoPE kernels against their references at the 1.5B widths. Set
 HYBRIDLM_RESULTS_E2E=path.json to write the measured errors."""
 import pytest
 import torch
@@ -11,6 +11,8 @@ from hybridlm.builder import Decoder
 from hybridlm.kernels.rmsnorm import add_rms_norm, reference
 from hybridlm.kernels.swiglu_gate import reference as swiglu_reference
 from hybridlm.kernels.swiglu_gate import silu_mul_
+from hybridlm.kernels.rope import reference as rope_reference
+from hybridlm.kernels.rope import rope_qk
 from hybridlm.testing import randomize_mamba3_, rel_err, write_results
 
 pytestmark = pytest.mark.gpu
@@ -157,3 +159,24 @@ def test_swiglu_gate_kernel_at_the_1_5b_width(rows):
     got = silu_mul_(gate.clone(), value, backend="triton")
     RESULTS[f"swiglu-gate-{rows}-mismatched-fraction"] = float((got != want).float().mean())
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 * 2**-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 80])
+def test_rope_kernel_at_the_1_5b_shapes(rows, dtype):
+    """transformer-1.5b's heads (16 q, 4 kv, head_dim 128): a decode step at positions up to 32K and
+    a 512-token prefill. The same fp32 angles; libdevice's cos/sin and torch's, and an FMA, may
+    differ in the last fp32 bit: fp32 2e-6 (norm-wise), bf16 one rounding step elementwise."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for L, top in ((1, 32768), (512, 512)):
+        q = torch.randn(rows, L, 16, 128, device="cuda", generator=g).to(dtype)
+        k = torch.randn(rows, L, 4, 128, device="cuda", generator=g).to(dtype)
+        positions = torch.randint(0, top, (rows, 1), device="cuda", generator=g) + torch.arange(L, device="cuda")
+        got = rope_qk(q, k, positions, 10000.0, backend="triton")
+        want = rope_reference.rope_qk(q, k, positions, 10000.0)
+        for a, b in zip(got, want):
+            RESULTS[f"rope-{rows}x{L}-{dtype}"] = rel_err(a, b)
+            if dtype == torch.float32:
+                assert rel_err(a, b) <= 2e-6
+            else:
+                assert ((a.float() - b.float()).abs() <= b.float().abs() * 2**-7 + 1e-30).all()
