@@ -128,6 +128,22 @@ def measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         return _measure(model, case, token_budget=token_budget, seed=seed)
 
 
+def prefill_within_memory(decoder, ids: torch.Tensor, smallest: int = 64) -> torch.Tensor:
+    """``decoder.prefill(ids)``, halving the decoder's prefill chunk after an out-of-memory error
+    until it is ``smallest`` tokens: at large batch the cache leaves less room for a chunk's
+    activations than the token budget assumed (state models at batch 2,664 on the H200)."""
+    while True:
+        try:
+            return decoder.prefill(ids)
+        except torch.OutOfMemoryError:
+            if decoder.prefill_chunk <= smallest:
+                raise
+        # out of the except block: the error's frames, and the activations they hold, are gone
+        decoder.prefill_chunk = max(smallest, decoder.prefill_chunk // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     """Build a Decoder (graph capture untimed), warm the prefill path, then time one prefill of a
     random prompt and ``new_tokens`` greedy steps (argmax included)."""
@@ -142,7 +158,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
                       fused_norms=case.variant != "unfused", compile_step=case.variant == "compiled")
     g = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, model.spec.vocab_size, (case.batch, case.prompt), device=device, generator=g)
-    decoder.prefill(ids[:, : min(case.prompt, 2 * chunk)])  # compile both prefill paths (fresh, cached)
+    prefill_within_memory(decoder, ids[:, : min(case.prompt, 2 * chunk)])  # compile both prefill paths
     sync(device)
     t0 = time.perf_counter()
     tokens = decoder.prefill(ids).argmax(-1)
@@ -153,7 +169,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         tokens = decoder.step(tokens).argmax(-1)
     sync(device)
     decode_s = time.perf_counter() - t0
-    row = {"prefill_chunk": chunk, "prefill_s": prefill_s, "decode_s": decode_s,
+    row = {"prefill_chunk": decoder.prefill_chunk, "prefill_s": prefill_s, "decode_s": decode_s,
            "ms_per_step": decode_s / case.new_tokens * 1e3,
            "generated_tokens_per_s": case.batch * case.new_tokens / decode_s,
            "peak_memory_GiB": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,

@@ -364,6 +364,34 @@ def test_generate_benchmark_quick(bench, tmp_path, capsys):
     assert len(json.loads(out.read_text())["rows"]) == len(rows)  # merged by id, not appended
 
 
+def test_benchmark_prefill_halves_its_chunk_after_out_of_memory(bench, monkeypatch):
+    """A prefill chunk whose activations do not fit beside a large cache is halved until it does;
+    the logits are the unchunked prefill's (chunking changes only summation order)."""
+    model = family_model("hybrid-tiny")
+    ids = torch.randint(0, 256, (2, 40))
+    decoder = Decoder(model, 2, 48, prefill_chunk=32)
+    real = type(model).features
+    chunks = []
+
+    def features_limited(self, ids_, *args, **kwargs):  # "out of memory" above 8 tokens a row
+        chunks.append(ids_.shape[1])
+        if ids_.shape[1] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, ids_, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "features", features_limited)
+    got = bench.prefill_within_memory(decoder, ids, smallest=4)
+    assert decoder.prefill_chunk == 8 and chunks[:3] == [32, 16, 8]
+    monkeypatch.setattr(type(model), "features", real)
+    with torch.no_grad():
+        want = Decoder(model, 2, 48).prefill(ids)
+    assert rel_err(got, want) <= TOL[torch.float32]
+    decoder.prefill_chunk = 16
+    monkeypatch.setattr(type(model), "features", features_limited)
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.prefill_within_memory(decoder, ids, smallest=16)
+
+
 @needs_triton
 def test_fused_step_has_one_op_per_block_boundary(bench):
     """The op count of one bf16 step of mamba3-tiny (6 (M F) pairs) with the GPU's kernels: every
