@@ -10,23 +10,17 @@ no backward: the entry point (hybridlm/kernels/rmsnorm/__init__.py) sends autogr
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason
 
 # A row lives in one program's registers; wider rows (d_model > 16K) go to the reference.
 MAX_DIM = 16384
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-class _OnDevice(NamedTuple):
-    """What the device check reads of a tensor."""
-    device: torch.device
 
 
 @triton.jit
@@ -95,7 +89,7 @@ def add_rms_norm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], dim: int) -> str | None:
     """Why the kernel cannot take these inputs (plain values: the device, every dtype involved,
     the row width); None when it can."""
-    where = device_reason(_OnDevice(device), "the Triton RMSNorm kernel")  # it reads only .device
+    where = device_type_reason(device, "the Triton RMSNorm kernel")
     if where:
         return where
     odd = sorted({str(d).removeprefix("torch.") for d in dtypes if d not in DTYPES})

@@ -10,23 +10,17 @@ backward: the entry point (hybridlm/kernels/rope/__init__.py) sends autograd to 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, one_dtype_reason
 from hybridlm.kernels.rope.reference import inverse_frequencies
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512  # a token's heads of one tensor live in one program's registers, in blocks of heads
 
-
-class _OnDevice(NamedTuple):
-    """What the device check reads of a tensor."""
-    device: torch.device
 
 
 @triton.jit
@@ -91,11 +85,12 @@ def rope_qk(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tens
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can."""
-    where = device_reason(_OnDevice(device), "the Triton RoPE kernel")  # it reads only .device
+    where = device_type_reason(device, "the Triton RoPE kernel")
     if where:
         return where
-    if len(set(dtypes)) > 1 or dtypes[0] not in DTYPES:
-        return f"dtypes {', '.join(str(d).removeprefix('torch.') for d in dtypes)} (one of fp32, bf16, fp16 for both)"
+    dtype = one_dtype_reason(dtypes, DTYPES)
+    if dtype:
+        return dtype
     if head_dim % 2 or head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} (an even number up to {MAX_HEAD_DIM})"
     return None

@@ -7,22 +7,16 @@ mutates ``gate`` (opaque to ``torch.compile``, capturable in a CUDA graph); no b
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, one_dtype_reason
 
 BLOCK = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-class _OnDevice(NamedTuple):
-    """What the device check reads of a tensor."""
-    device: torch.device
 
 
 @triton.jit
@@ -51,11 +45,12 @@ def silu_mul_(gate: Tensor, value: Tensor) -> Tensor:
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], contiguous: bool) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can."""
-    where = device_reason(_OnDevice(device), "the Triton SwiGLU gate kernel")  # it reads only .device
+    where = device_type_reason(device, "the Triton SwiGLU gate kernel")
     if where:
         return where
-    if len(set(dtypes)) > 1 or dtypes[0] not in DTYPES:
-        return f"dtypes {', '.join(str(d).removeprefix('torch.') for d in dtypes)} (one of fp32, bf16, fp16 for both)"
+    dtype = one_dtype_reason(dtypes, DTYPES)
+    if dtype:
+        return dtype
     if not contiguous:
         return "a gate that is not contiguous (it is written in place)"
     return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 
@@ -25,8 +26,21 @@ def interpreting() -> bool:
 
 def device_reason(t: Tensor, what: str) -> str | None:
     """Why ``what`` (Triton kernels) cannot run on ``t``'s device; None when it can."""
-    if t.device.type != "cuda" and not interpreting():
-        return f"tensors are on {t.device.type}; {what} need CUDA (or TRITON_INTERPRET=1)"
+    return device_type_reason(t.device, what)
+
+
+def device_type_reason(device: torch.device, what: str) -> str | None:
+    """:func:`device_reason` for a device (the registry's support checks take plain values)."""
+    if device.type != "cuda" and not interpreting():
+        return f"tensors are on {device.type}; {what} need CUDA (or TRITON_INTERPRET=1)"
+    return None
+
+
+def one_dtype_reason(dtypes: tuple[torch.dtype, ...], allowed: tuple[torch.dtype, ...]) -> str | None:
+    """Why a kernel that takes one dtype of ``allowed`` for all its inputs cannot take ``dtypes``."""
+    if len(set(dtypes)) > 1 or dtypes[0] not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"dtypes {names} (one of {', '.join(str(d).removeprefix('torch.') for d in allowed)} for all)"
     return None
 
 
