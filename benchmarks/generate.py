@@ -19,7 +19,14 @@ chunked prefill), one process. Two kinds of case, each with an id that ``--only`
   ``ctx`` generated tokens: prefill s, decode s, generated tokens/s (batch × ctx ÷ decode s),
   peak memory. Every model runs at the largest batch the Transformer's KV cache fits
   (computed from the device's memory, see :func:`transformer_batch`); the state models also at
-  batch 128, and the Transformer too where 128 fits.
+  batch 128, and the Transformer too where 128 fits. With ``--b-samples K`` (id suffix ``:sK``)
+  the decode is sampled instead of run whole: ``SAMPLE_STEPS`` timed steps at K contexts spread
+  evenly from the prompt to the last token (the cache filled by a prefill of random tokens, as
+  random weights generate), and decode s is the sum over every generated token of ms/step
+  interpolated linearly between them. A step's cost is affine in its context (the KV-cache read
+  grows by one token a step; a Mamba-3 state does not grow), so the estimate is exact up to the
+  timing noise and costs K·SAMPLE_STEPS steps instead of ``ctx``: the 16K Transformer row takes
+  about a minute instead of eight.
 
 Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary,
 one SwiGLU gate kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and mul: the ops
@@ -46,6 +53,7 @@ GPU_MODELS = ["hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b", "transformer-1.5
 QUICK_MODELS = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
 TRANSFORMER_PREFIX = "transformer"
 GIB = 2**30
+SAMPLE_STEPS = 32  # timed steps at each context of a sampled decode (--b-samples)
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,13 @@ class Case:
     new_tokens: int
     variant: str
     batch_reason: str = ""
+    samples: int = 0  # (b) only: the decode sampled at this many contexts (0: every step timed)
 
     @property
     def id(self) -> str:
         if self.kind == "a":
             return f"a:{self.model}:{self.variant}"
-        return f"b{self.prompt}:{self.model}:{self.batch}:{self.variant}"
+        return f"b{self.prompt}:{self.model}:{self.batch}:{self.variant}" + (f":s{self.samples}" if self.samples else "")
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -144,6 +153,41 @@ def prefill_within_memory(decoder, ids: torch.Tensor, smallest: int = 64) -> tor
             torch.cuda.empty_cache()
 
 
+def sample_starts(prompt: int, new_tokens: int, samples: int, steps: int = SAMPLE_STEPS) -> list[int]:
+    """The contexts a sampled decode starts its timed steps at: ``samples`` of them, evenly from the
+    prompt to the last window of ``steps`` steps that still fits in ``new_tokens``."""
+    last = prompt + max(new_tokens - steps, 0)
+    if samples < 2 or last == prompt:
+        return [prompt]
+    return sorted({round(prompt + i * (last - prompt) / (samples - 1)) for i in range(samples)})
+
+
+def interpolated_decode_s(points: list[tuple[float, float]], prompt: int, new_tokens: int) -> float:
+    """Seconds for steps at contexts prompt .. prompt + new_tokens - 1, each step's ms read off the
+    line through the measured (context, ms) points (extended past the first and last)."""
+    points = sorted(points)
+    if len(points) == 1:
+        return points[0][1] * new_tokens / 1e3
+
+    def ms_at(x: float) -> float:
+        i = 0  # the segment of x (the first or last one beyond the ends)
+        while i < len(points) - 2 and points[i + 1][0] <= x:
+            i += 1
+        (x0, y0), (x1, y1) = points[i], points[i + 1]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    return sum(ms_at(prompt + t) for t in range(new_tokens)) / 1e3
+
+
+def timed_steps(decoder, tokens: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = decoder.step(tokens).argmax(-1)
+    sync(device)
+    return tokens, time.perf_counter() - t0
+
+
 def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     """Build a Decoder (graph capture untimed), warm the prefill path, then time one prefill of a
     random prompt and ``new_tokens`` greedy steps (argmax included)."""
@@ -164,12 +208,21 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     tokens = decoder.prefill(ids).argmax(-1)
     sync(device)
     prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(case.new_tokens):
-        tokens = decoder.step(tokens).argmax(-1)
-    sync(device)
-    decode_s = time.perf_counter() - t0
-    row = {"prefill_chunk": decoder.prefill_chunk, "prefill_s": prefill_s, "decode_s": decode_s,
+    sampled = {}
+    if case.samples:
+        points = []
+        steps = min(SAMPLE_STEPS, case.new_tokens)
+        for i, start in enumerate(sample_starts(case.prompt, case.new_tokens, case.samples, steps)):
+            if i:  # fill the cache to this context (random tokens, as the weights are random)
+                context = torch.randint(0, model.spec.vocab_size, (case.batch, start), device=device, generator=g)
+                tokens = prefill_within_memory(decoder, context).argmax(-1)
+            tokens, seconds = timed_steps(decoder, tokens, steps, device)
+            points.append((start + (steps - 1) / 2, seconds / steps * 1e3))
+        decode_s = interpolated_decode_s(points, case.prompt, case.new_tokens)
+        sampled = {"decode_sampled_ms_per_step": [[x, ms] for x, ms in points]}
+    else:
+        tokens, decode_s = timed_steps(decoder, tokens, case.new_tokens, device)
+    row = {"prefill_chunk": decoder.prefill_chunk, "prefill_s": prefill_s, "decode_s": decode_s, **sampled,
            "ms_per_step": decode_s / case.new_tokens * 1e3,
            "generated_tokens_per_s": case.batch * case.new_tokens / decode_s,
            "peak_memory_GiB": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
@@ -305,7 +358,7 @@ def plan(args, dtype: torch.dtype, memory: int) -> list[Case]:
                     batches.append(args.state_batch)
                 for batch in batches:
                     why = reason if batch == shared else "the state models' batch (--state-batch)"
-                    cases.append(Case("b", model, batch, ctx, new, variant, why))
+                    cases.append(Case("b", model, batch, ctx, new, variant, why, args.b_samples))
     return [c for c in cases if selected(c.id, args.only)]
 
 
@@ -387,12 +440,13 @@ def markdown(rows: list[dict]) -> str:
               "| L | model | variant | batch | prefill s | decode s | generated tokens/s | ÷ Transformer's | "
               "peak memory GiB |", "|---|---|---|---|---|---|---|---|---|"]
     b_rows = [r for r in rows if r["kind"] == "b"]
-    transformer = {(r["prompt"], r["batch"], r["variant"]): r.get("generated_tokens_per_s") for r in b_rows
-                   if r["model"].startswith(TRANSFORMER_PREFIX)}
-    for r in sorted(b_rows, key=lambda r: (r["prompt"], r["batch"], r["variant"], r["model"])):
-        base = transformer.get((r["prompt"], r["batch"], r["variant"]))
+    key = lambda r: (r["prompt"], r["batch"], r["variant"], r.get("samples", 0))  # noqa: E731
+    transformer = {key(r): r.get("generated_tokens_per_s") for r in b_rows if r["model"].startswith(TRANSFORMER_PREFIX)}
+    for r in sorted(b_rows, key=lambda r: (*key(r), r["model"])):
+        base = transformer.get(key(r))
         ratio = r["generated_tokens_per_s"] / base if base and "error" not in r else None
-        lines.append(f"| {r['prompt']} | {r['model']} | {r['variant']} | {r['batch']} | " + (
+        variant = r["variant"] + (f", decode sampled at {r['samples']} contexts" if r.get("samples") else "")
+        lines.append(f"| {r['prompt']} | {r['model']} | {variant} | {r['batch']} | " + (
             f"error: {r['error']} | | | | |" if "error" in r else
             f"{_fmt(r['prefill_s'])} | {_fmt(r['decode_s'])} | {_fmt(r['generated_tokens_per_s'])} | "
             f"{_fmt(ratio)} | {_fmt(r['peak_memory_GiB'])} |"))
@@ -417,6 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--a-prompt", type=int, default=None)
     p.add_argument("--a-new-tokens", type=int, default=None)
     p.add_argument("--b-new-tokens", type=int, default=None, help="generated tokens in (b) (default: L)")
+    p.add_argument("--b-samples", type=int, default=0,
+                   help="(b): time the decode at this many contexts and interpolate (0: time every step)")
     p.add_argument("--state-batch", type=int, default=None, help="the state models' extra batch (default 128)")
     p.add_argument("--max-batch", type=int, default=None, help="cap on the Transformer-fit batch")
     p.add_argument("--reserve-gib", type=float, default=None,

@@ -364,6 +364,31 @@ def test_generate_benchmark_quick(bench, tmp_path, capsys):
     assert len(json.loads(out.read_text())["rows"]) == len(rows)  # merged by id, not appended
 
 
+def test_sampled_decode_is_exact_for_a_step_cost_affine_in_context(bench):
+    """The Transformer's step cost grows by one token's KV read a step: affine in the context. The
+    sampled decode's interpolation then gives the sum of every step's cost exactly."""
+    starts = bench.sample_starts(16384, 16384, 5, steps=32)
+    assert starts == [16384, 20472, 24560, 28648, 32736]  # evenly, the last window inside the generation
+    cost = lambda context: 0.25 + 3e-4 * context  # noqa: E731  (ms)
+    points = [(x + 15.5, cost(x + 15.5)) for x in starts]
+    exact = sum(cost(16384 + t) for t in range(16384)) / 1e3
+    assert bench.interpolated_decode_s(points, 16384, 16384) == pytest.approx(exact, rel=1e-12)
+    assert bench.interpolated_decode_s([(10.0, 2.0)], 8, 100) == pytest.approx(0.2)  # a state model: flat
+
+
+def test_generate_benchmark_sampled_decode_quick(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SAMPLE_STEPS", 4)
+    out = tmp_path / "gen.json"
+    bench.main(["--quick", "--only", "b16:transformer-tiny:*", "--contexts", "16", "--b-samples", "3",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["id"].endswith(":s3") and "error" not in r for r in rows)
+    for r in rows:
+        contexts = [x for x, _ in r["decode_sampled_ms_per_step"]]
+        assert contexts == [16 + 1.5, 22 + 1.5, 28 + 1.5]  # sample_starts(16, 16, 3, 4)
+        assert r["generated_tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
+
+
 def test_benchmark_prefill_halves_its_chunk_after_out_of_memory(bench, monkeypatch):
     """A prefill chunk whose activations do not fit beside a large cache is halved until it does;
     the logits are the unchunked prefill's (chunking changes only summation order)."""
