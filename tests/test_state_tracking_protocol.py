@@ -173,6 +173,27 @@ def test_a_stopped_run_resumes_to_the_same_numbers(tmp_path):
     assert Trainer(tiny(), parts, "other key").resume().startswith("checkpoint of another run key")
 
 
+def test_a_compiled_step_trains_to_the_same_numbers(tmp_path):
+    """``compile`` traces the step's forward and loss with dynamic lengths (the GPU runs it with
+    reduce-overhead); aot_eager runs the same trace without code generation: bitwise the eager run,
+    over lengths 3..6 from one trace."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = Trainer(tiny(diagnostics_every=0), tmp_path / "eager")
+    eager.train()
+    compiled = Trainer(tiny(diagnostics_every=0, compile="aot_eager"), tmp_path / "compiled")
+    compiled.train()
+    assert compiled.losses == eager.losses
+    for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    with pytest.raises(ValueError, match="compile.mode"):
+        tiny(compile="fast")
+
+
 def test_clipping_only_when_asked_and_a_spent_time_limit_pauses_at_once(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: calls.append(norm))

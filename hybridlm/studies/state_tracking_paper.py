@@ -73,6 +73,7 @@ class PaperProtocol(Strict):
     eval_samples: int = Field(gt=0)
     diagnostics_every: int = Field(ge=0)
     log_freq: int = Field(gt=0)
+    compile: str = "none"  # state_tracking_settings.COMPILE_MODES
     steps_per_call: int = Field(0, ge=0)  # stop every run after this many steps per call; 0 = the time budget
     lr_first: float = Field(1e-3, gt=0)  # runs start at the lr nearest this one and go outwards
 
@@ -125,7 +126,7 @@ def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettin
         beta2=p.beta2, warmup_steps=p.warmup_steps, min_lr_factor=p.min_lr_factor, min_length=p.min_length,
         first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
         eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,
-        eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, log_freq=p.log_freq)
+        eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, log_freq=p.log_freq, compile=p.compile)
 
 
 def run_id(model: str, task: str, width: int, lr: float) -> str:

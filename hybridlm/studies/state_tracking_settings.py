@@ -39,7 +39,12 @@ FLAGS = {
     "eval_samples": "--eval.samples",
     "diagnostics_every": "--diagnostics.every",
     "log_freq": "--metrics.log_freq",
+    "compile": "--compile.mode",
 }
+# How the training step's forward and loss run: eager, or torch.compile with dynamic lengths in one
+# of its modes ("reduce-overhead" replays CUDA graphs: these tiny models wait on kernel launches),
+# or "aot_eager" (dynamo and AOT autograd without code generation: a CPU check of the same trace).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager")
 
 
 class RunSettings(Strict):
@@ -70,9 +75,12 @@ class RunSettings(Strict):
     eval_samples: int = Field(gt=0)
     diagnostics_every: int = Field(0, ge=0)  # 0 = no diagnostics
     log_freq: int = Field(gt=0)
+    compile: str = "none"  # COMPILE_MODES
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunSettings":
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile.mode {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
         if self.report_length not in self.eval_lengths:
             raise ValueError(f"eval.report_length {self.report_length} is not one of eval.lengths {self.eval_lengths}")
         if not self.min_length <= self.first_max <= self.last_max:

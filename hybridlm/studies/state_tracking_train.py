@@ -9,6 +9,8 @@ several side by side. What a run does:
   40 -> 160 in ``stages`` stages of ``steps_per_stage``), as Deletang et al. and Grazzi et al.
   train: no padding, no packing. Step s's batch depends only on (seed, s): a run resumes anywhere.
   The loss is the cross-entropy of the answer after '=' (the byte vocabulary, as the harness scores).
+* **Step.** Forward and loss eager, or through ``torch.compile`` (``compile`` in the settings;
+  ``reduce-overhead`` replays CUDA graphs, as these tiny models wait on kernel launches).
 * **Optimizer.** AdamW (betas, weight decay from the settings; the block kinds' no-decay
   parameters, norms and biases never decay), linear warm-up then cosine to ``lr * min_lr_factor``,
   clipping only when ``max_norm`` > 0. fp32.
@@ -136,6 +138,20 @@ def answer_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model.output(model.features(ids)[:, -1]).float()
 
 
+def training_loss(model, mode: str):
+    """(ids, answers) -> the step's loss, eager or compiled. Lengths change every step, so the
+    compile is dynamic: one trace serves every length up to the scan's chunk, and each further
+    chunk count adds one (3 for lengths up to 160; measured on the CPU)."""
+    def loss(ids: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(answer_logits(model, ids), answers)
+
+    if mode == "none":
+        return loss
+    if mode == "aot_eager":
+        return torch.compile(loss, backend="aot_eager", dynamic=True)
+    return torch.compile(loss, mode=mode, dynamic=True)
+
+
 @torch.no_grad()
 def accuracy(model, ids: torch.Tensor, answers: torch.Tensor, batch: int = 512) -> float:
     model.eval()
@@ -155,6 +171,7 @@ class Trainer:
         self.chance = self.batches.task.chance()
         self.model = build_model(s, self.device)
         self.opt = build_optimizer(self.model, s)
+        self.loss = training_loss(self.model, s.compile)
         self.step = 0
         self.losses: list[list[float]] = []  # [step, mean loss over the logged interval]
         self.history: list[dict] = []  # one entry per evaluation
@@ -236,7 +253,9 @@ class Trainer:
                 warm = (self.step, time.monotonic())
             ids, answers = self.batches(self.step)
             ids, answers = ids.to(self.device, non_blocking=True), answers.to(self.device, non_blocking=True)
-            loss = F.cross_entropy(answer_logits(model, ids), answers)
+            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step (no-op otherwise)
+            loss = self.loss(ids, answers)
+            running += loss.detach()  # before the backward: a replayed graph's output is its own memory
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.max_norm > 0:
@@ -245,7 +264,6 @@ class Trainer:
                 group["lr"] = lr_at(s, self.step)
             opt.step()
             self.step += 1
-            running += loss.detach()
             self.loss_count += 1
             if self.step % s.log_freq == 0 or self.step == s.steps:
                 self.losses.append([self.step, running.item() / self.loss_count])
