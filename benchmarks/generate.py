@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from hybridlm.builder.inference.decoder import PREFILL_TOKENS, chunk_within
+
 GPU_MODELS = ["hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b", "transformer-1.5b"]
 QUICK_MODELS = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
 TRANSFORMER_PREFIX = "transformer"
@@ -105,10 +107,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def prefill_chunk_for(batch: int, prompt: int, token_budget: int) -> int:
-    """Tokens of each prompt per prefill forward: at most ``token_budget`` tokens a forward in all,
-    a multiple of 64 (the Mamba-3 scan's chunk) when it is that large."""
-    chunk = max(1, min(prompt, token_budget // batch))
-    return chunk - chunk % 64 if chunk >= 64 else chunk
+    """Tokens of each prompt per prefill forward: at most ``token_budget`` tokens a forward in all."""
+    return chunk_within(batch, prompt, token_budget)
 
 
 # The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, attention's
@@ -477,7 +477,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=None, help="cap on the Transformer-fit batch")
     p.add_argument("--reserve-gib", type=float, default=None,
                    help="memory kept free of KV cache for weights' neighbours: activations, logits (default 12)")
-    p.add_argument("--prefill-tokens", type=int, default=None, help="tokens per prefill forward (default 131072)")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="tokens per prefill forward (default: the Decoder's PREFILL_TOKENS, 131072)")
     p.add_argument("--cpu-memory-gib", type=float, default=1.0,
                    help="the memory the fit assumes on the CPU (--dry-run --device cpu --cpu-memory-gib 139.8: "
                         "an H200's plan)")
@@ -502,7 +503,7 @@ def parse_args(argv=None):
     defaults = dict(models=QUICK_MODELS if quick else GPU_MODELS, contexts=[16, 32] if quick else [512, 16384],
                     a_prompt=24 if quick else 2048, a_new_tokens=8 if quick else 256, state_batch=4 if quick else 128,
                     max_batch=6 if quick else None, reserve_gib=0.0 if quick else 12.0,
-                    prefill_tokens=48 if quick else 131072, device="cpu" if quick else "cuda")
+                    prefill_tokens=48 if quick else PREFILL_TOKENS, device="cpu" if quick else "cuda")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

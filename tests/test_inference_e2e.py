@@ -285,6 +285,29 @@ def test_chunked_prefill_equals_unchunked(family, chunk):
 
 
 @torch.no_grad()
+def test_a_large_prefill_is_chunked_by_default(monkeypatch):
+    """Without ``prefill_chunk`` a batch whose prompts total more than PREFILL_TOKENS tokens is
+    prefilled in chunks of PREFILL_TOKENS // batch tokens a prompt (a multiple of 64 from 64 up),
+    so ``generate`` on long prompts at large batch keeps its activations bounded."""
+    from hybridlm.builder.inference import decoder as decoder_module
+
+    assert decoder_module.chunk_within(128, 16384, 131072) == 1024
+    assert decoder_module.chunk_within(80, 16384, 131072) == 1600  # 1638 rounded down to a multiple of 64
+    assert decoder_module.chunk_within(2, 100, 131072) == 100 and decoder_module.chunk_within(3, 100, 30) == 10
+    model = family_model("hybrid-tiny")
+    prompts, _ = family_inputs(steps=1)  # lengths 23 and 7
+    with torch.no_grad():
+        want = Decoder(model, 2, 32).prefill(prompts)
+    monkeypatch.setattr(decoder_module, "PREFILL_TOKENS", 16)  # 30 tokens > 16: chunks of 8
+    forwards = []
+    real = type(model).features
+    monkeypatch.setattr(type(model), "features", lambda self, *a, **k: forwards.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        got = Decoder(model, 2, 32).prefill(prompts)
+    assert len(forwards) == 3  # tokens 0-7, 8-15, 16-22 of the long prompt
+    assert rel_err(got, want) <= TOL[torch.float32]
+
+
 def test_chunked_prefill_fp64_and_generate():
     model = tiny_model(torch.float64)
     prompts, _ = family_inputs(lengths=(13, 2, 8), vocab=64)

@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 # Eager runs before capture, as torch.cuda.graphs asks: lazy initialisation, cuBLAS workspaces
 # and JIT compiles (Triton, CuTe) must happen outside the recording.
 WARMUP_STEPS = 3
+# Tokens a prefill forward takes at most unless ``prefill_chunk`` says otherwise: the 1.5B presets'
+# activations at this many tokens take about 11 GiB (hybrid-1.5b on the H200, 2026-12-03).
+PREFILL_TOKENS = 131072
+
+
+def chunk_within(batch_size: int, longest: int, budget: int) -> int:
+    """Tokens of each prompt per prefill forward so that a forward takes at most ``budget`` tokens:
+    the whole prompt when it fits, else a multiple of 64 (the Mamba-3 scan's chunk) when that large."""
+    chunk = max(1, min(longest, budget // batch_size))
+    return chunk - chunk % 64 if 64 <= chunk < longest else chunk
 
 
 def _check_cache_fits(model: "HybridLM", batch_size: int, max_len: int, device: torch.device) -> None:
@@ -47,7 +57,8 @@ class Decoder:
     ``cuda_graph``: replay the step from a CUDA graph when the model is on CUDA (ignored on other
     devices); False runs it eagerly, which is what the graph is tested against.
     ``prefill_chunk``: prefill at most this many tokens of each prompt per forward (None: whole
-    prompts in one forward); the result equals the unchunked prefill up to summation order.
+    prompts in one forward while the batch's prompts total at most ``PREFILL_TOKENS`` tokens, else
+    :func:`chunk_within` that budget); the result equals the unchunked prefill up to summation order.
     ``compile_step``: run the step through ``torch.compile`` (True: the default inductor backend;
     a string: that ``torch.compile`` backend); on CUDA the compiled step is what the graph captures.
     ``fused_norms``: the model's fused add + RMSNorm path (False: the blocks' own ops, as in training).
@@ -148,7 +159,8 @@ class Decoder:
         Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = ``prefill_chunk``): a dense
         (B, L) chunk, or a packed one where a prompt already finished has no token (an empty
         sequence: its state and keys pass through)."""
-        chunk = self.prefill_chunk or max(lengths)
+        chunk = self.prefill_chunk or (max(lengths) if sum(lengths) <= PREFILL_TOKENS
+                                       else chunk_within(len(lengths), max(lengths), PREFILL_TOKENS))
         if cu_seqlens is None:
             for start in range(0, ids.shape[1], chunk):
                 hidden = self._features(ids[:, start: start + chunk])
