@@ -4,7 +4,8 @@
         [--models m1,m2] [--contexts 512,16384] [--variants fused,unfused,compiled]
     python benchmarks/generate.py --quick           # tiny presets on the CPU in seconds (a test runs it)
     python benchmarks/generate.py --report a.json b.json  # the tables of the rows of several calls
-    python benchmarks/generate.py --op-count [--quick] # ops (and kernels) of one eager step, unfused vs fused
+    python benchmarks/generate.py --op-count [--quick] # ops of one eager step, unfused vs fused (on CUDA also
+                                                    # its kernels and their device time, the largest by name)
     TRITON_INTERPRET=1 python benchmarks/generate.py --quick --dtype bfloat16 --op-count --kernel-backend triton
                                                     # the same on the CPU, the GPU's kernels interpreted
 
@@ -291,8 +292,14 @@ def count_step_ops(model, variant: str, batch: int = 1, prompt: int = 8) -> dict
 
     ops = [e.name for e in events if counted(e) and not nested(e) and (e.name not in NO_KERNEL_OPS or copies(e))]
     row = {"ops": len(ops), "by_name": dict(sorted(collections.Counter(ops).items()))}
-    if device.type == "cuda":
-        row["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    if device.type == "cuda":  # where an eager step's device time goes (the graph removes the gaps)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        by_kernel = collections.Counter()
+        for e in kernels:
+            by_kernel[e.name[:80]] += e.time_range.elapsed_us()
+        row["kernels"] = len(kernels)
+        row["kernel_us"] = round(sum(by_kernel.values()), 1)
+        row["top_kernels_us"] = {name: round(us, 1) for name, us in by_kernel.most_common(12)}
     return row
 
 
