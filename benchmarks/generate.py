@@ -107,11 +107,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def prefill_chunk_for(batch: int, prompt: int, token_budget: int) -> int:
-    """Tokens of each prompt per prefill forward: at most ``token_budget`` tokens a forward in all."""
-    return chunk_within(batch, prompt, token_budget)
-
-
 # The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, attention's
 # RoPE); the norms' switch is the Decoder's ``fused_norms``.
 OP_BACKENDS = ("gate_backend", "rope_backend")
@@ -195,7 +190,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     from hybridlm.builder import Decoder
 
     device = model.tok_embeddings.weight.device
-    chunk = prefill_chunk_for(case.batch, case.prompt, token_budget)
+    chunk = chunk_within(case.batch, case.prompt, token_budget)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -384,7 +379,7 @@ def run(args) -> dict:
     cases = plan(args, dtype, memory)
     if args.dry_run:
         for case in cases:
-            print(json.dumps({"id": case.id, "prefill_chunk": prefill_chunk_for(case.batch, case.prompt,
+            print(json.dumps({"id": case.id, "prefill_chunk": chunk_within(case.batch, case.prompt,
                                                                                  args.prefill_tokens),
                               "batch_reason": case.batch_reason}))
         return {"header": {}, "rows": []}

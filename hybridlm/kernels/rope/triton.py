@@ -10,6 +10,7 @@ backward: the entry point (hybridlm/kernels/rope/__init__.py) sends autograd to 
 from __future__ import annotations
 
 import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +21,6 @@ from hybridlm.kernels.rope.reference import inverse_frequencies
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512  # a token's heads of one tensor live in one program's registers, in blocks of heads
-
 
 
 @triton.jit
@@ -85,12 +85,6 @@ def rope_qk(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tens
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can."""
-    where = device_type_reason(device, "the Triton RoPE kernel")
-    if where:
-        return where
-    dtype = one_dtype_reason(dtypes, DTYPES)
-    if dtype:
-        return dtype
-    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim} (an even number up to {MAX_HEAD_DIM})"
-    return None
+    odd_head_dim = head_dim % 2 or head_dim > MAX_HEAD_DIM
+    return (device_type_reason(device, "the Triton RoPE kernel") or one_dtype_reason(dtypes, DTYPES)
+            or (f"head_dim {head_dim} (an even number up to {MAX_HEAD_DIM})" if odd_head_dim else None))

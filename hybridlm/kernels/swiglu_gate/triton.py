@@ -45,12 +45,5 @@ def silu_mul_(gate: Tensor, value: Tensor) -> Tensor:
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], contiguous: bool) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can."""
-    where = device_type_reason(device, "the Triton SwiGLU gate kernel")
-    if where:
-        return where
-    dtype = one_dtype_reason(dtypes, DTYPES)
-    if dtype:
-        return dtype
-    if not contiguous:
-        return "a gate that is not contiguous (it is written in place)"
-    return None
+    return (device_type_reason(device, "the Triton SwiGLU gate kernel") or one_dtype_reason(dtypes, DTYPES)
+            or (None if contiguous else "a gate that is not contiguous (it is written in place)"))
