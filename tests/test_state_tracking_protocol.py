@@ -254,6 +254,71 @@ def test_the_official_block_without_mamba_ssm_is_one_clear_error(monkeypatch):
         build_model(tiny(spec=str(FOLDER / "paper-official.yaml")), "cpu")
 
 
+def test_an_official_import_that_raises_names_the_cute_set_up(monkeypatch):
+    """mamba_ssm imports the CuTe DSL, which raises RuntimeError (not ImportError) when its libraries
+    are missing: the first GPU run of the control failed so, 15 runs with a deep traceback each."""
+    import importlib
+
+    from hybridlm.studies import official_control
+
+    real = importlib.import_module
+
+    def failing(name, *args):
+        if name == official_control.OFFICIAL_MODULE:
+            raise RuntimeError("No CTK flavor installed: expected one or more of ...\nmore")
+        return real(name, *args)
+
+    monkeypatch.setattr(official_control.importlib, "import_module", failing)
+    with pytest.raises(StudyError, match=r"fails to import \(RuntimeError: No CTK flavor.*\.gpu-cute/setup\.sh"):
+        official_control.official_class()
+
+
+def test_the_autotune_turn_is_one_process_at_a_time(tmp_path):
+    """Runs side by side take turns for the official kernels' first autotune (a lock file in their
+    shared folder): while one holds it, another process cannot take it."""
+    import subprocess
+
+    from hybridlm.studies.official_control import autotune_turn
+
+    probe = ("import fcntl, sys; h = open(sys.argv[1], 'w')\n"
+             "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB); print('took')\n"
+             "except BlockingIOError:\n    print('waits')")
+    lock = str(tmp_path / ".official-autotune.lock")
+    with autotune_turn(tmp_path):
+        held = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
+    free = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
+    assert (held, free) == ("waits", "took")
+
+
+def test_the_warm_up_changes_nothing_a_run_computes(tmp_path):
+    """The control's warm-up (one forward and backward before step 0, gradients dropped) leaves the
+    weights, the optimizer and the data stream as they were: the run's numbers are bitwise the same."""
+    plain = Trainer(tiny(steps=3, diagnostics_every=0), tmp_path / "plain")
+    plain.train()
+    warmed = Trainer(tiny(steps=3, diagnostics_every=0), tmp_path / "warmed")
+    warmed.warm_up()
+    assert all(p.grad is None for p in warmed.model.parameters())
+    warmed.train()
+    assert warmed.losses == plain.losses
+    for a, b in zip(plain.model.state_dict().values(), warmed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_embedding_std_redraws_the_table_alike_for_every_model_kind(fake_mamba_ssm):
+    """``embedding_std`` (Grazzi et al.'s harness: nn.Embedding's N(0, 1)) redraws only the token
+    embedding, from the seed alone, so ours and the control still start from the same weights."""
+    base, wide = build_model(tiny(), "cpu"), build_model(tiny(embedding_std=1.0), "cpu")
+    control = build_model(tiny(spec=str(FOLDER / "paper-official.yaml"), embedding_std=1.0), "cpu")
+    table = wide.tok_embeddings.weight
+    assert 0.9 < float(table.std()) < 1.1 and abs(float(base.tok_embeddings.weight.std()) - 0.02) < 0.005
+    theirs = control.state_dict()
+    for name, value in wide.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+        if name != "tok_embeddings.weight":
+            assert torch.equal(value, base.state_dict()[name]), name
+    assert RunSettings.from_flags(tiny(embedding_std=1.0).to_flags()).embedding_std == 1.0
+
+
 @pytest.fixture
 def fake_mamba_ssm(monkeypatch):
     """mamba_ssm.modules.mamba3.Mamba3 stood in by hybridlm's block with the official signature."""

@@ -22,9 +22,12 @@ Without ``mamba_ssm`` building such a block raises one :class:`StudyError` sayin
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import importlib
 import math
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import torch
@@ -79,7 +82,32 @@ def official_class() -> type[torch.nn.Module]:
     except ImportError as err:
         raise StudyError(f"block kind {KIND!r} needs the official mamba_ssm package ({OFFICIAL_MODULE} does not "
                          f"import: {err}); on the GPU machine `source .gpu/setup.sh` puts it on the path") from None
+    except Exception as err:  # noqa: BLE001 - mamba_ssm imports the CuTe DSL, which raises RuntimeError
+        raise StudyError(f"block kind {KIND!r}: {OFFICIAL_MODULE} fails to import ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); it imports the CuTe DSL, whose libraries a fresh GPU "
+                         f"machine gets from a first call that carries .gpu-cute and sources .gpu-cute/setup.sh") from None
     return _adapted(module.Mamba3)
+
+
+def uses_official(model: torch.nn.Module) -> bool:
+    return any(resolved.spec.kind == KIND for resolved in model.spec.resolve())
+
+
+@contextlib.contextmanager
+def autotune_turn(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.official-autotune.lock`` (runs side by side share the folder).
+
+    The official kernels autotune 27-81 configs each on their first call, keyed by head sizes and
+    dtypes only; 16 processes doing so at once took ~6 minutes before their 20th step on the H200
+    (2026-12-03). Under this lock the first process tunes alone and, with TRITON_CACHE_AUTOTUNING=1
+    (the study sets it), writes the choices to Triton's disk cache, where the others find them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".official-autotune.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache

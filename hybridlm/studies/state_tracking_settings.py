@@ -18,6 +18,7 @@ FLAGS = {
     "spec": "--spec",
     "d_model": "--model.d_model",
     "layers": "--model.layers",
+    "embedding_std": "--model.embedding_std",
     "seed": "--seed",
     "steps": "--training.steps",
     "batch": "--training.local_batch_size",
@@ -54,6 +55,8 @@ class RunSettings(Strict):
     spec: str  # a spec file whose pattern is "(...) *N": the trainer sets d_model and N
     d_model: int = Field(gt=0)
     layers: int = Field(gt=0)
+    # the token embedding's init std; 0 = the spec's init_std (Grazzi et al.'s harness: nn.Embedding's N(0, 1))
+    embedding_std: float = Field(0.0, ge=0)
     seed: int = 0
     steps: int = Field(gt=0)
     batch: int = Field(gt=0)  # examples a step, all of one length

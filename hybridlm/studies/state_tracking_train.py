@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.eval.tasks import LengthCurriculum, example_rng, make_task
+from hybridlm.studies.official_control import autotune_turn, uses_official
 from hybridlm.studies.state_tracking_settings import RunSettings
 from hybridlm.tokenizer import ByteTokenizer
 
 DIAGNOSTIC_EXAMPLES, DIAGNOSTIC_LENGTH = 64, 64
+WARM_UP_LENGTH = 64  # symbols of the warm-up batch (the official kernels' autotune keys hold no length)
 WARM_STEPS = 20  # a slice's steady steps/s is measured after these (the first compile the kernels)
 
 
@@ -107,7 +109,12 @@ def build_model(s: RunSettings, device: str | torch.device):
     if match is None:
         raise ValueError(f"{s.spec}: pattern {raw.get('pattern')!r} must be '(...) *N' so the study can set the depth")
     raw.update(d_model=s.d_model, pattern=f"({match.group(1)}) *{s.layers}")
-    return build(ModelSpec.model_validate(raw), seed=s.seed).to(device=device, dtype=torch.float32)
+    model = build(ModelSpec.model_validate(raw), seed=s.seed)
+    if s.embedding_std:  # redrawn from the seed alone, so every model kind of one run gets the same table
+        with torch.no_grad():
+            model.tok_embeddings.weight.normal_(0.0, s.embedding_std,
+                                                generator=torch.Generator().manual_seed(s.seed))
+    return model.to(device=device, dtype=torch.float32)
 
 
 def decay_groups(model, weight_decay: float) -> list[dict]:
@@ -234,6 +241,15 @@ class Trainer:
         return measure(self.model, ids.to(self.device), self.one_id, self.zero_id)
 
     # training
+    def warm_up(self) -> None:
+        """One forward and backward of a short batch, gradients dropped: every kernel compiled and
+        autotuned, the weights, optimizer and data stream untouched."""
+        ids, answers = self.batches.held_out(WARM_UP_LENGTH, 2)
+        self.loss(ids.to(self.device), answers.to(self.device)).backward()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def train(self, time_limit: float | None = None, stop_after_steps: int | None = None,
               log=print) -> str:
         """Train until the end, the time limit (seconds) or ``stop_after_steps`` more steps; returns
@@ -243,6 +259,9 @@ class Trainer:
         last_stop = s.steps if stop_after_steps is None else min(s.steps, self.step + stop_after_steps)
         running = torch.full((), self.loss_sum, device=self.device, dtype=torch.float64)
         model.train()
+        if uses_official(model) and self.device.type == "cuda":
+            with autotune_turn(self.out.parent):
+                self.warm_up()
         if self.step == 0 and not self.history:
             self.evaluate()  # the init's accuracy: step 0 of every curve
         warm = None  # (step, time) once WARM_STEPS steps of this slice ran: kernel compilation is behind
