@@ -273,6 +273,23 @@ def test_an_official_import_that_raises_names_the_cute_set_up(monkeypatch):
         official_control.official_class()
 
 
+def test_a_solved_run_ends_at_the_evaluation_that_solves_it(tmp_path, monkeypatch):
+    """``solved_at``: once the best held-out scaled accuracy reaches it, training on cannot raise the
+    reported number, so the run is done there (its curve and result kept); 0 trains every step."""
+    from hybridlm.studies import state_tracking_train
+
+    trainers = []
+    monkeypatch.setattr(state_tracking_train, "accuracy",
+                        lambda model, ids, answers: 1.0 if trainers[-1].step >= 4 else 0.5)
+    for solved_at, steps in ((1.0, 4), (0.0, 6)):
+        trainers.append(Trainer(tiny(diagnostics_every=0, solved_at=solved_at), tmp_path / str(solved_at)))
+        assert trainers[-1].train() == "done" and trainers[-1].step == steps
+    result = json.loads((tmp_path / "1.0" / "result.json").read_text())
+    assert result["train"]["solved"] and result["best"] == {"step": 4, "scaled_accuracy": 1.0, "cells": {"8": 1.0}}
+    assert [h["step"] for h in result["history"]] == [0, 2, 4]
+    assert paper_config().paper.solved_at == 1.0
+
+
 def test_the_autotune_turn_is_one_process_at_a_time(tmp_path):
     """Runs side by side take turns for the official kernels' first autotune (a lock file in their
     shared folder): while one holds it, another process cannot take it."""

@@ -75,6 +75,7 @@ class PaperProtocol(Strict):
     log_freq: int = Field(gt=0)
     compile: str = "none"  # state_tracking_settings.COMPILE_MODES
     embedding_std: float = Field(0.0, ge=0)  # the token embedding's init std; 0 = the spec's init_std
+    solved_at: float = Field(0.0, ge=0, le=1)  # a run stops once its best scaled accuracy reaches this; 0 = never
     steps_per_call: int = Field(0, ge=0)  # stop every run after this many steps per call; 0 = the time budget
     lr_first: float = Field(1e-3, gt=0)  # runs start at the lr nearest this one and go outwards
 
@@ -123,7 +124,7 @@ def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettin
     p: PaperProtocol = cfg.paper
     return RunSettings(
         task=task, spec=str(cfg.path(p.models[model].spec)), d_model=width, layers=cfg.layers[task], seed=cfg.seed,
-        embedding_std=p.embedding_std, steps=p.steps, batch=p.batch, max_norm=p.max_norm, lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1,
+        embedding_std=p.embedding_std, steps=p.steps, solved_at=p.solved_at, batch=p.batch, max_norm=p.max_norm, lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1,
         beta2=p.beta2, warmup_steps=p.warmup_steps, min_lr_factor=p.min_lr_factor, min_length=p.min_length,
         first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
         eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,

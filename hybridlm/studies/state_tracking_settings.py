@@ -21,6 +21,7 @@ FLAGS = {
     "embedding_std": "--model.embedding_std",
     "seed": "--seed",
     "steps": "--training.steps",
+    "solved_at": "--training.solved_at",
     "batch": "--training.local_batch_size",
     "max_norm": "--training.max_norm",
     "lr": "--optimizer.lr",
@@ -59,6 +60,7 @@ class RunSettings(Strict):
     embedding_std: float = Field(0.0, ge=0)
     seed: int = 0
     steps: int = Field(gt=0)
+    solved_at: float = Field(0.0, ge=0, le=1)  # stop once the best scaled accuracy reaches this; 0 = never
     batch: int = Field(gt=0)  # examples a step, all of one length
     max_norm: float = Field(0.0, ge=0)  # gradient clipping; 0 = none (Grazzi et al.)
     lr: float = Field(gt=0)

@@ -234,6 +234,11 @@ class Trainer:
             self._save("best.pt", {"step": self.step, "model": self.model.state_dict()})
         return entry
 
+    def solved(self) -> bool:
+        """The best held-out accuracy reached ``solved_at`` (scaled): training on cannot raise the
+        number the paper reports, so the run ends there (0 = never)."""
+        return bool(self.s.solved_at) and self.best is not None and self.best["scaled_accuracy"] >= self.s.solved_at
+
     def diagnostics(self) -> list[dict]:
         from hybridlm.studies.state_tracking_diagnostics import measure
 
@@ -265,7 +270,7 @@ class Trainer:
         if self.step == 0 and not self.history:
             self.evaluate()  # the init's accuracy: step 0 of every curve
         warm = None  # (step, time) once WARM_STEPS steps of this slice ran: kernel compilation is behind
-        while self.step < last_stop:
+        while self.step < last_stop and not self.solved():
             if time_limit is not None and time.monotonic() - started > time_limit:
                 break
             if warm is None and self.step - first == WARM_STEPS:
@@ -298,7 +303,7 @@ class Trainer:
                 self.write_progress("running")
         self.loss_sum = running.item()  # also waits for the device: the slice's seconds are its own
         seconds = time.monotonic() - started
-        done = self.step >= s.steps
+        done = self.step >= s.steps or self.solved()
         steady = None
         if warm is not None and self.step > warm[0]:
             steady = round((self.step - warm[0]) / (started + seconds - warm[1]), 3)
@@ -326,7 +331,7 @@ class Trainer:
         cells = [{"task": self.s.task, "length": n, "accuracy": acc, "chance": self.chance,
                   "scaled_accuracy": (acc - self.chance) / (1 - self.chance), "examples": self.s.eval_samples,
                   "step": self.best["step"]} for n, acc in self.best["cells"].items()]
-        return {"train": {"steps": self.step, "tokens_per_step": self.s.batch, "seconds": round(seconds, 1),
+        return {"train": {"steps": self.step, "solved": self.solved(), "tokens_per_step": self.s.batch, "seconds": round(seconds, 1),
                           "seconds_per_step": round(seconds / self.step, 6) if self.step else None,
                           "tokens_per_second": (last["steps_per_second"] or 0) * self.s.batch,
                           "final_loss": self.losses[-1][1] if self.losses else None, "losses": self.losses,
