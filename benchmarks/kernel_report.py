@@ -4,7 +4,8 @@
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
-Device time is scarce; this answers "does it spill?" for free.
+Device time is scarce; this answers "does it spill?" for free. The tuning knobs come from the
+environment as in any run, e.g. HYBRIDLM_TRITON_BACKWARD_KERNELS=2 for the split backward kernels.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 
     python benchmarks/prefill.py [--peer-configs benchmarks/peer_autotune_h200.json] [--tune]
         [--d-state 64,128] [--seqlen 2048,8192,16384] [--batch 8] [--d-model 2048] [--headdim 64]
-        [--mimo-rank 4] [--json out.json] [--profile]
+        [--mimo-rank 4] [--backward-kernels 1,2] [--json out.json] [--profile]
 
 Times the whole layer (projections, norms, scan, gate, output projection) forward and
 forward+backward with ``triton.testing.do_bench`` (median). The official kernels run only with the
@@ -12,6 +12,10 @@ and writes the chosen configs to ``--peer-configs``; without ``--tune`` that fil
 pinned, so no config is ever picked by hand. The autotune keys hold no sequence length or batch,
 so one tuning per d_state covers every length. ``--peer-configs`` defaults to
 ``benchmarks/peer_autotune_<gpu>.json`` for this GPU (h100, h200, ...).
+
+``--backward-kernels`` times our layers once per backward design, in one run: 1 the fused chunk
+kernel, 2 the split pair (``KernelTuning.triton_backward_kernels``). The table has a row per
+design (column "backward"); the JSON keys of design 2 end in ``[split]`` (``ours[split]``).
 """
 from __future__ import annotations
 
@@ -81,6 +85,28 @@ def default_peer_configs() -> Path:
     model = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
     slug = model.group(1).lower() if model else re.sub(r"\W+", "_", name).strip("_").lower()
     return Path(__file__).parent / f"peer_autotune_{slug}.json"
+
+
+BACKWARD_LABELS = {1: "fused", 2: "split"}
+
+
+def backward_designs(text: str) -> list[int]:
+    """``--backward-kernels`` -> the designs to time, checked by KernelTuning."""
+    from hybridlm.kernels.mamba3.tuning import KernelTuning
+
+    designs = []
+    for item in text.split(","):
+        try:
+            designs.append(KernelTuning(triton_backward_kernels=int(item)).triton_backward_kernels)
+        except ValueError as e:
+            sys.exit(f"--backward-kernels {item!r}: {e}")
+    return designs
+
+
+def ours_key(base: str, backward_kernels: int) -> str:
+    """A row's key for one of our layers under a backward design: the fused design keeps the plain
+    key ("ours", "ours_mimo4"), so a default run's JSON reads as before."""
+    return base if backward_kernels == 1 else f"{base}[{BACKWARD_LABELS[backward_kernels]}]"
 
 
 def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool):
@@ -175,6 +201,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=2048)
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
+    parser.add_argument("--backward-kernels", default="1",
+                        help="our backward designs to time, comma-separated: 1 fused, 2 split")
     parser.add_argument("--peer-configs", type=Path, default=None,
                         help="the official autotuner's choices (JSON); default benchmarks/peer_autotune_<gpu>.json")
     parser.add_argument("--tune", action="store_true", help="run the official full autotune, save to --peer-configs")
@@ -183,6 +211,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel table per layer (first shape)")
     args = parser.parse_args()
 
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    designs = backward_designs(args.backward_kernels)
     with_peer = not args.no_peer
     if with_peer:
         if args.peer_configs is None:
@@ -192,17 +223,20 @@ def main() -> None:
                 sys.exit(f"{args.peer_configs} does not exist: run once with --tune to write it (or --no-peer)")
             print(f"pinned {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
-          f"headdim {args.headdim}  bf16")
+          f"headdim {args.headdim}  bf16  backward {', '.join(BACKWARD_LABELS[d] for d in designs)}")
     rows = []
     for n in map(int, args.d_state.split(",")):
         ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
         mimo = build_pair(args.d_model, n, args.headdim, args.mimo_rank, False)[0] if args.mimo_rank > 1 else None
         for i, L in enumerate(map(int, args.seqlen.split(","))):
             row = {"d_state": n, "seqlen": L, "projections_fwd_bwd_ms": time_projections(ours, args.batch, L,
-                                                                                           args.d_model),
-                   "ours": time_or_error(ours, args.batch, L, args.d_model)}
-            if mimo is not None:
-                row[f"ours_mimo{args.mimo_rank}"] = time_or_error(mimo, args.batch, L, args.d_model)
+                                                                                           args.d_model)}
+            for d in designs:
+                with use_tuning(triton_backward_kernels=d):
+                    row[ours_key("ours", d)] = time_or_error(ours, args.batch, L, args.d_model)
+                    if mimo is not None:
+                        row[ours_key(f"ours_mimo{args.mimo_rank}", d)] = time_or_error(mimo, args.batch, L,
+                                                                                         args.d_model)
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
                 if args.tune:
@@ -212,18 +246,22 @@ def main() -> None:
             if args.json:  # after every shape, so a run cut short keeps what it measured
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")
             if args.profile and i == 0:
-                for name, layer, key in (("ours", ours, "ours"), ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
-                    if layer is not None and "error" not in row[key]:
-                        print(f"--- {name}, d_state {n}, L {L}\n{profile_layer(layer, args.batch, L, args.d_model)}")
+                for d in designs:
+                    with use_tuning(triton_backward_kernels=d):
+                        for name, layer, key in (("ours", ours, "ours"),
+                                                 ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
+                            if layer is not None and "error" not in row[ours_key(key, d)]:
+                                print(f"--- {name} [{BACKWARD_LABELS[d]}], d_state {n}, L {L}\n"
+                                      f"{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
                     print(f"--- official, d_state {n}, L {L}\n{profile_layer(peer, args.batch, L, args.d_model)}")
         del ours, peer, mimo
         torch.cuda.empty_cache()
-    print_table(rows, args.mimo_rank)
+    print_table(rows, args.mimo_rank, designs)
 
 
-def print_table(rows: list[dict], mimo_rank: int) -> None:
-    head = ("| d_state | L | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
+def print_table(rows: list[dict], mimo_rank: int, designs: list[int]) -> None:
+    head = ("| d_state | L | backward | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
             "| official ÷ ours (fwd+bwd) | ours Mtok/s | projections fwd+bwd ms "
             "| scan speed-up (layer − projections) |")
     if mimo_rank > 1:
@@ -233,21 +271,23 @@ def print_table(rows: list[dict], mimo_rank: int) -> None:
     for r in rows:
         p = r.get("official")
         gemm = r["projections_fwd_bwd_ms"]
-        o = r["ours"]
-        if "error" in o:
-            print(f"| {r['d_state']} | {r['seqlen']} | {o['error']} |")
-            continue
-        cells = [r["d_state"], r["seqlen"], f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
-                 f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
-                 f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
-                 f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
-                 f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
-        m = r.get(f"ours_mimo{mimo_rank}")
-        if m and "error" in m:
-            cells += [m["error"], "—"]
-        elif m:
-            cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
-        print("| " + " | ".join(map(str, cells)) + " |")
+        for d in designs:
+            label = BACKWARD_LABELS[d]
+            o = r[ours_key("ours", d)]
+            if "error" in o:
+                print(f"| {r['d_state']} | {r['seqlen']} | {label} | {o['error']} |")
+                continue
+            cells = [r["d_state"], r["seqlen"], label, f"{o['fwd_ms']:.2f}", f"{p['fwd_ms']:.2f}" if p else "—",
+                     f"{o['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms']:.2f}" if p else "—",
+                     f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
+                     f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
+                     f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
+            m = r.get(ours_key(f"ours_mimo{mimo_rank}", d))
+            if m and "error" in m:
+                cells += [m["error"], "—"]
+            elif m:
+                cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
+            print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,82 @@ def test_tuning_knobs_reach_the_spec_and_keep_the_results():
     assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw))
 
 
+def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
+    from hybridlm.kernels.mamba3.triton.layout import dense_layout
+    from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+    from hybridlm.kernels.mamba3.tuning import KernelTuning, tuning_from_env, use_tuning
+
+    assert KernelTuning().triton_backward_kernels == 1  # the fused kernel until the split one is measured
+    assert tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "2"}).triton_backward_kernels == 2
+    with pytest.raises(ValueError, match="triton_backward_kernels must be 1 .* or 2"):
+        tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "3"})
+    with pytest.raises(ValueError, match="HYBRIDLM_TRITON_BACKWARD_KERNELS"):
+        tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "split"})
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="triton_backward_kernels"):
+            KernelTuning(triton_backward_kernels=bad)
+    spec = ScanSpec(layout=dense_layout(1, 16, 16, torch.device(DEVICE)), rank=1, n_groups=1, n_heads=2, d_state=16,
+                    headdim=8, n_angles=4, interleaved=True, matmul_dtype=torch.float32)
+    with use_tuning(triton_backward_kernels=2):
+        assert spec.backward_kernels == 2
+    assert spec.backward_kernels == 1
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records its name at every launch, then launches it."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(self.kernel.__name__)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def split_backward_case(case):
+    """(args, kw, initial state, cu_seqlens, chunk size) of one split-backward test case."""
+    if case == "siso-packed":  # ragged lengths (one empty, one of a single token), initial states
+        R, G, H, N, P, frac, layout, out_norm = CONFIGS["siso"]
+        lengths = [13, 0, 21, 1, 9]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        S = _angles(N, frac)
+        args, kw = make_inputs(B=1, L=sum(lengths), R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
+        return args, kw, random_state(len(lengths), H, P, N, S, R), cu, 8
+    if case == "half-no-bias-no-D":
+        args, kw = make_inputs(B=2, L=20, S=4, lam=0.5)
+        kw.update(q_bias=None, k_bias=None, D=None)
+        return args, kw, None, None, 16
+    R, G, H, N, P, frac, layout, out_norm = CONFIGS[case]
+    S = _angles(N, frac)
+    args, kw = make_inputs(B=2, L=37, R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
+    return args, kw, random_state(2, H, P, N, S, R), None, 16
+
+
+@pytest.mark.parametrize("case", ["siso-N64", "mimo2-groups", "mimo4-rope1", "siso-packed", "half-no-bias-no-D"])
+def test_split_backward_matches_reference_and_fused(case, monkeypatch):
+    """The split backward design (triton_backward_kernels=2: a dv kernel, then a dq/dk kernel)
+    against the reference, and against the fused kernel: the same formulas, so the gradients agree
+    to fp32 rounding (only the order of some sums differs) and the forward is the same."""
+    from hybridlm.kernels.mamba3.triton import chunk_bwd
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    launched = []
+    for name in ("_chunk_bwd_kernel", "_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel"):
+        monkeypatch.setattr(chunk_bwd, name, _LaunchSpy(getattr(chunk_bwd, name), launched))
+    args, kw, init, cu, chunk = split_backward_case(case)
+    with use_tuning(triton_backward_kernels=2):
+        split = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=chunk)
+    assert launched == ["_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel"]
+    fused = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=chunk)
+    assert launched[2:] == ["_chunk_bwd_kernel"]
+    assert_same(split, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=chunk))
+    assert torch.equal(split[0], fused[0])
+    off = {n: rel_err(g, fused[2][n]) for n, g in split[2].items() if g is not None and rel_err(g, fused[2][n]) > 1e-6}
+    assert not off, f"split vs fused gradients beyond fp32 rounding: {off}"
+
+
 def test_bfloat16_inputs_accumulate_in_fp32():
     """bf16 inputs: the state accumulates in fp32, so the error stays at bf16 rounding."""
     args, kw = make_inputs(B=1, L=40, H=2, N=16, P=16, S=4)

@@ -1,11 +1,14 @@
 """The Triton Mamba-3 kernels on the GPU: against the reference in fp32 at realistic shapes,
 against the official module (bf16, same weights) relative to exact fp64 math, and one 64K-token
-sequence. Set HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
+sequence. The backward tests run under both backward designs (``triton_backward_kernels`` 1, the
+fused kernel, and 2, the split pair; results of the split one under "<name>/split"). Set
+HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
 
 import pytest
 import torch
 
 from hybridlm.kernels.mamba3 import oracle
+from hybridlm.kernels.mamba3.tuning import use_tuning
 from hybridlm.testing import rel_err, scan_kwargs, write_results
 from test_official_equivalence import CONFIGS as OFFICIAL_CONFIGS
 from test_official_equivalence import build
@@ -13,6 +16,12 @@ from test_official_equivalence import build
 pytestmark = pytest.mark.gpu
 triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 RESULTS: dict = {}
+BACKWARD_DESIGNS = pytest.mark.parametrize("backward_kernels", [1, 2], ids=["fused", "split"])
+
+
+def design_key(name: str, backward_kernels: int) -> str:
+    """The results key of a test case: its name, with "/split" for the split backward design."""
+    return name if backward_kernels == 1 else f"{name}/split"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,27 +74,31 @@ KERNEL_CONFIGS = {
 }
 
 
+@BACKWARD_DESIGNS
 @pytest.mark.parametrize("name", list(KERNEL_CONFIGS))
-def test_fp32_kernels_match_reference(name):
+def test_fp32_kernels_match_reference(name, backward_kernels):
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
-    y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
+    with use_tuning(triton_backward_kernels=backward_kernels):
+        y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
     y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
-    RESULTS.setdefault("fp32_vs_reference", {})[name] = errs
+    RESULTS.setdefault("fp32_vs_reference", {})[design_key(name, backward_kernels)] = errs
     bad = {k: v for k, v in errs.items() if v > (1e-5 if k in ("output", "final_ssm") else 1e-4)}
     assert not bad, bad
 
 
-def test_packed_fp32_matches_reference():
+@BACKWARD_DESIGNS
+def test_packed_fp32_matches_reference(backward_kernels):
     args, kw = kernel_inputs(1, 700, 2, 2, 8, 64, 64, 16, "half")
     cu = torch.tensor([0, 1, 65, 64 + 200, 64 + 200, 700], dtype=torch.int32, device="cuda")
-    y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
+    with use_tuning(triton_backward_kernels=backward_kernels):
+        y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
     y_ref, fin_ref, grads_ref = grads_of(oracle.mamba3_chunked, args, kw, 64, cu)
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
-    RESULTS.setdefault("fp32_vs_reference", {})["packed"] = errs
+    RESULTS.setdefault("fp32_vs_reference", {})[design_key("packed", backward_kernels)] = errs
     bad = {k: v for k, v in errs.items() if v > (1e-5 if k in ("output", "final_ssm") else 1e-4)}
     assert not bad, bad
 
@@ -102,8 +115,9 @@ def _ours(exact, dtype):
     return ours
 
 
+@BACKWARD_DESIGNS
 @pytest.mark.parametrize("name", list(OFFICIAL_CONFIGS))
-def test_bf16_triton_against_official(name):
+def test_bf16_triton_against_official(name, backward_kernels):
     """Ours (bf16 module, Triton) and the official module (bf16), both against exact fp64 math:
     forward ≤ max(1e-2, 1.25 × official) and every gradient ≤ max(2e-2, 1.25 × official)."""
     official, exact, _, u = build(name)
@@ -115,8 +129,9 @@ def test_bf16_triton_against_official(name):
     for label, mod, dtype in (("official", official, torch.bfloat16), ("ours", ours, torch.bfloat16),
                               ("exact", exact, torch.float64)):
         ui = u.to(dtype).requires_grad_()
-        out = mod(ui)
-        (out.double() * w.double()).sum().backward()
+        with use_tuning(triton_backward_kernels=backward_kernels):
+            out = mod(ui)
+            (out.double() * w.double()).sum().backward()
         grads[label] = {"input": ui.grad, **{n: p.grad for n, p in mod.named_parameters()}}
         grads[label]["__out"] = out.detach()
     for label in ("official", "ours"):
@@ -125,7 +140,7 @@ def test_bf16_triton_against_official(name):
     with torch.no_grad():
         ours.pair_layout = "half"  # negative control: the MIMO pair layout on a SISO module
         errs["ours_wrong_layout"] = rel_err(ours(u.bfloat16()), grads["exact"]["__out"])
-    RESULTS.setdefault("bf16_vs_exact", {})[name] = errs
+    RESULTS.setdefault("bf16_vs_exact", {})[design_key(name, backward_kernels)] = errs
     bad = {}
     for key, e in errs["ours"].items():
         bound = max(1e-2 if key == "forward" else 2e-2, 1.25 * errs["official"][key])

@@ -23,10 +23,13 @@ class KernelTuning:
 
     triton_block_pairs      rotation pairs per block of the d_state axis in the chunk kernels
                             (a block spans twice as many state columns) [HYBRIDLM_TRITON_BLOCK_PAIRS]
-    triton_warps            warps of the chunk-parallel forward and the backward chunk kernel;
+    triton_warps            warps of the chunk-parallel forward and the backward chunk kernels;
                             None: the per-kernel choice of :class:`ScanSpec` [HYBRIDLM_TRITON_WARPS]
-    triton_backward_stages  software-pipeline stages of the backward chunk kernel
+    triton_backward_stages  software-pipeline stages of the backward chunk kernels
                             [HYBRIDLM_TRITON_BACKWARD_STAGES]
+    triton_backward_kernels the backward chunk pass's design: 1, one fused kernel; 2, split in
+                            a dv kernel and a dq/dk kernel (triton/chunk_bwd.py)
+                            [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -36,6 +39,7 @@ class KernelTuning:
     triton_block_pairs: int = 16
     triton_warps: int | None = None
     triton_backward_stages: int = 1
+    triton_backward_kernels: int = 1
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -48,12 +52,16 @@ class KernelTuning:
                 raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
         if self.triton_block_pairs & (self.triton_block_pairs - 1):
             raise ValueError(f"KernelTuning.triton_block_pairs must be a power of two; got {self.triton_block_pairs}")
+        if self.triton_backward_kernels not in (1, 2):
+            raise ValueError("KernelTuning.triton_backward_kernels must be 1 (fused) or 2 (split); "
+                             f"got {self.triton_backward_kernels}")
 
 
 ENV_VARS: dict[str, str] = {
     "triton_block_pairs": "HYBRIDLM_TRITON_BLOCK_PAIRS",
     "triton_warps": "HYBRIDLM_TRITON_WARPS",
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
+    "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

@@ -1,4 +1,4 @@
-"""Backward chunk kernel.
+"""Backward chunk kernels.
 
 With G the gradient of the state leaving a chunk (S_{c+1}) and dy the gradient of the pre-gate
 output, per chunk and head (rows a, b; P_ab = dy_a·v_b, A_ab = q̄_a·k̄_b, M the intra weights):
@@ -11,16 +11,25 @@ and the per-token scalars get dM = P ⊙ A through M, plus the inter-chunk and s
 the reverse cumsum of d cs inside the chunk plus d cs_end on every token. dq̄, dk̄ are rotated back
 per head (head_sums.py sums the heads of a group and the bias gradients) and give dθ.
 
-One program per (chunk, head) computes all of it. N is walked in blocks of rotation pairs twice:
-the first walk builds A and G k̄ (for dv); then the C×C tiles are formed once; the second walk
-recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does not fit) and writes dq,
-dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄ dies with dv. Every
-output is written once, except dD, which each chunk adds to (atomically).
+N is walked in blocks of rotation pairs twice: walk 1 builds A and G k̄ (for dv); then the C×C
+tiles are formed; walk 2 recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does
+not fit) and writes dq, dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄
+dies with dv. Every output is written once, except dD, which each chunk adds to (atomically).
 
-Register pressure decides its speed (it sits at 255 registers): pair-block and angle addresses
-are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer tiles
-spill), row validity is a compare against a scalar, ⟨S_c, G⟩ is a scalar, and between the walks
-P comes first and A ∘ M goes into dv last. Its history: docs/benchmarks.md, kernel design notes.
+Two designs, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
+head), the same helpers and formulas):
+
+* fused (1): one kernel does both walks; A dies with dv, before walk 2.
+* split (2): kernel 1 does walk 1 and what needs A (dv, dγ, dD, and the A-parts of d cs and
+  d scale, summed per token into fp32 (T, H) scratch); kernel 2 recomputes P and M (C×C, cheap),
+  does walk 2 and adds the rest, so no kernel holds A next to walk 2's tiles. Adding the A-parts
+  last, per token, changes only the order of the fp32 sums. Not yet timed on a GPU; for sm_90
+  ptxas gives both kernels 255 registers too, with far fewer spills (benchmarks/kernel_report.py).
+
+Register pressure decides their speed (the fused kernel sits at 255 registers): pair-block and angle
+addresses are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer
+tiles spill), row validity is a compare against a scalar, ⟨S_c, G⟩ is a scalar, and between the
+walks P comes first and A ∘ M goes into dv last. Its history: docs/benchmarks.md, kernel design notes.
 """
 from __future__ import annotations
 
@@ -49,26 +58,13 @@ def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da,
 
 
 @triton.jit
-def _chunk_bwd_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, STATES, DSTATES,
-    DQ, DK, DV, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
-    v_row, v_head, dy_row, dy_head,
-    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Per chunk and head: dv, dq and dk of the head, dθ, dγ, d scale, dA·Δ and the chunk's share of dD."""
-    c, h = tl.program_id(0), tl.program_id(1)
-    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
-        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    if end <= tok0:  # an empty slot of a packed layout (layout.py)
-        return
-    at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
-
-    # walk 1: A = q̄ k̄ᵀ and G k̄ over all of N
+def _scores_and_state_grad(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads,
+                           n_angles, d_state, half_n, rows, valid, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr,
+                           BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Walk 1: A = q̄ k̄ᵀ and, row b, G k̄_b, over all of N."""
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
-    k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)  # row b: G k̄_b
+    k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
     for i0 in range(0, half_n, BLOCK_PAIRS):
         qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
                                           n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
@@ -76,21 +72,34 @@ def _chunk_bwd_kernel(
         scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
         grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+    return scores, k_grad
 
-    # dv and the per-token scalars that need no second walk
-    t = tl.arange(0, CHUNK)
-    t_valid = t < end - tok0
-    at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
-    at_token = t * n_heads
+
+@triton.jit
+def _chunk_tiles(ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid,
+                 tok_local, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr, MM_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """What the chunk's tiles need besides q̄, k̄: per row cs, scale; cs_end; the v and dy rows;
+    P = dy vᵀ; the intra weights M, the strictly-earlier decay E and the same-token mask."""
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
-    # the C×C tiles; P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand (in the
-    # matmul dtype), A ∘ M goes into dv last (the order ptxas spills least in)
     weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
-    if HAS_D:  # the chunk's share of dD = Σ dy·v, added across chunks
-        tl.atomic_add(DD + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0), sem="relaxed")
+    return cs, cs_end, scale, v, dy, dprod, weights, decay, same
+
+
+@triton.jit
+def _add_chunk_dD(DD, h, dy, v):
+    """The chunk's share of dD = Σ dy·v, added across chunks."""
+    tl.atomic_add(DD + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0), sem="relaxed")
+
+
+@triton.jit
+def _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay, same, scale,
+                     CHUNK: tl.constexpr, R: tl.constexpr, MM_DTYPE: tl.constexpr):
+    """dM = P ⊙ A through M: stores dγ and returns the rows' d cs and d scale parts; also P ∘ M,
+    walk 2's operand (in the matmul dtype; formed here, in the order ptxas spills least in)."""
     dweights = dprod * scores
     dscores = (dprod * weights).to(MM_DTYPE)
     ddecay = dweights * decay
@@ -99,8 +108,13 @@ def _chunk_bwd_kernel(
     dscale = tl.sum(ddecay, 0)
     tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R),
              mask=t_valid)
-    to_end = tl.exp(cs_end - cs)
-    w = to_end * scale
+    return dscores, dcs, dscale
+
+
+@triton.jit
+def _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad, w,
+              R: tl.constexpr, HAS_D: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dv = (A ∘ M)ᵀ dy + w G k̄ (+ D dy); w = e^{cs_end − cs_b} scale_b per row."""
     dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
     if HAS_D:
         dv += tl.load(D + h) * dy.to(tl.float32)
@@ -108,12 +122,17 @@ def _chunk_bwd_kernel(
     tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
              dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
 
-    # walk 2: dq̄, dk̄ block by block, rotated back; dθ from both sides
-    growth = tl.exp(cs)[:, None]
-    w = w[:, None]
+
+@triton.jit
+def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
+                tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask,
+                dscores, dy, v, growth, w, dcs, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+                BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Walk 2: dq̄, dk̄ block by block, rotated back and stored, and dθ from both sides; dscores =
+    P ∘ M, dy and v in the matmul dtype, growth = e^{cs_a} and w per row as columns. Returns dcs
+    plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and k̄_b·(Gᵀ v_b)."""
     dscores_t = tl.trans(dscores)
-    dy = dy.to(MM_DTYPE)
-    v = v.to(MM_DTYPE)
     entering = 0.0  # ⟨S_c, G⟩, accumulated
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
     for i0 in range(0, half_n, BLOCK_PAIRS):
@@ -143,28 +162,163 @@ def _chunk_bwd_kernel(
                          R, BLOCK_PAIRS, INTERLEAVED)
         _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
                          R, BLOCK_PAIRS, INTERLEAVED)
-    # the state term: e^{cs_end − cs_b} ratio_b is the d scale_b of k̄_b's contribution to S_{c+1}
+    return dcs, entering, ratio
+
+
+@triton.jit
+def _state_terms(ratio, entering, to_end, scale, cs_end):
+    """The state term: e^{cs_end − cs_b} ratio_b is the d scale_b of k̄_b's contribution to S_{c+1};
+    times scale_b it is −d cs_b, and with e^{cs_end} ⟨S_c, G⟩ it sums to d cs_end. Returns the
+    d scale part, the d cs part per row and d cs_end."""
     ratio *= to_end
-    tl.store((DSCALE + at_token0) + at_token, rows_to_tokens(dscale + ratio, CHUNK, R), mask=t_valid)
     state_term = ratio * scale
-    dcs -= state_term
-    dcs_end = tl.sum(state_term, 0) + tl.exp(cs_end) * entering
-    tl.store((DADT + at_token0) + at_token, tl.cumsum(rows_to_tokens(dcs, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
+    return ratio, state_term, tl.sum(state_term, 0) + tl.exp(cs_end) * entering
+
+
+@triton.jit
+def _chunk_bwd_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, STATES, DSTATES,
+    DQ, DK, DV, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    v_row, v_head, dy_row, dy_head,
+    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fused: per chunk and head, dv, dq and dk of the head, dθ, dγ, d scale, dA·Δ and the chunk's
+    share of dD."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if end <= tok0:  # an empty slot of a packed layout (layout.py)
+        return
+    at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+    scores, k_grad = _scores_and_state_grad(
+        Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads, n_angles, d_state,
+        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
+
+    # dv and the per-token scalars that need no second walk
+    t = tl.arange(0, CHUNK)
+    t_valid = t < end - tok0
+    at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
+    at_token = t * n_heads
+    cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
+        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
+        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+    # P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand, A ∘ M goes into dv
+    # last (the order ptxas spills least in)
+    if HAS_D:
+        _add_chunk_dD(DD, h, dy, v)
+    dscores, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay,
+                                            same, scale, CHUNK, R, MM_DTYPE)
+    to_end = tl.exp(cs_end - cs)
+    w = to_end * scale
+    _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad, w,
+              R, HAS_D, MM_DTYPE, PRECISION)
+
+    dcs, entering, ratio = _dq_dk_walk(
+        Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
+        end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, dscores, dy.to(MM_DTYPE),
+        v.to(MM_DTYPE), tl.exp(cs)[:, None], w[:, None], dcs, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED,
+        HAS_BIAS, MM_DTYPE, PRECISION)
+    ratio, state_term, dcs_end = _state_terms(ratio, entering, to_end, scale, cs_end)
+    tl.store((DSCALE + at_token0) + at_token, rows_to_tokens(dscale + ratio, CHUNK, R), mask=t_valid)
+    tl.store((DADT + at_token0) + at_token,
+             tl.cumsum(rows_to_tokens(dcs - state_term, CHUNK, R), 0, reverse=True) + dcs_end, mask=t_valid)
+
+
+@triton.jit
+def _chunk_bwd_dv_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, DSTATES,
+    DV, DCS_PART, DGAMMA, DSCALE_PART, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    v_row, v_head, dy_row, dy_head,
+    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split, kernel 1 (walk 1): dv, dγ, the chunk's share of dD, and per token the parts of d cs
+    and d scale that need A (into DCS_PART, DSCALE_PART (T, H) fp32, for kernel 2)."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if end <= tok0:
+        return
+    at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+    scores, k_grad = _scores_and_state_grad(
+        Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads, n_angles, d_state,
+        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
+    t = tl.arange(0, CHUNK)
+    t_valid = t < end - tok0
+    at_token0 = tok0.to(tl.int64) * n_heads + h
+    at_token = t * n_heads
+    cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
+        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
+        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+    if HAS_D:
+        _add_chunk_dD(DD, h, dy, v)
+    _, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay, same,
+                                      scale, CHUNK, R, MM_DTYPE)  # P ∘ M unused here: compiled away
+    tl.store((DCS_PART + at_token0) + at_token, rows_to_tokens(dcs, CHUNK, R), mask=t_valid)
+    tl.store((DSCALE_PART + at_token0) + at_token, rows_to_tokens(dscale, CHUNK, R), mask=t_valid)
+    _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad,
+              tl.exp(cs_end - cs) * scale, R, HAS_D, MM_DTYPE, PRECISION)
+
+
+@triton.jit
+def _chunk_bwd_dqk_kernel(
+    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
+    DQ, DK, DTHETA, DADT, DSCALE, DCS_PART, DSCALE_PART, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    v_row, v_head, dy_row, dy_head,
+    n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split, kernel 2 (walk 2): P and M again, then dq and dk of the head and dθ; d scale and dA·Δ
+    from kernel 1's parts plus the inter-chunk and state terms."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
+        CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if end <= tok0:
+        return
+    at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+    t = tl.arange(0, CHUNK)
+    t_valid = t < end - tok0
+    at_token0 = tok0.to(tl.int64) * n_heads + h
+    at_token = t * n_heads
+    cs, cs_end, scale, v, dy, dprod, weights, _, _ = _chunk_tiles(
+        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
+        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+    to_end = tl.exp(cs_end - cs)
+    dcs, entering, ratio = _dq_dk_walk(
+        Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
+        end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask,
+        (dprod * weights).to(MM_DTYPE), dy.to(MM_DTYPE), v.to(MM_DTYPE), tl.exp(cs)[:, None],
+        (to_end * scale)[:, None], tl.zeros([CHUNK * R], dtype=tl.float32), CHUNK, R, BLOCK_PAIRS, BLOCK_P,
+        INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
+    ratio, state_term, dcs_end = _state_terms(ratio, entering, to_end, scale, cs_end)
+    dscale_part = tl.load((DSCALE_PART + at_token0) + at_token, mask=t_valid, other=0.0)
+    dcs_part = tl.load((DCS_PART + at_token0) + at_token, mask=t_valid, other=0.0)
+    tl.store((DSCALE + at_token0) + at_token, dscale_part + rows_to_tokens(ratio, CHUNK, R), mask=t_valid)
+    dcs_tokens = dcs_part + rows_to_tokens(dcs - state_term, CHUNK, R)
+    tl.store((DADT + at_token0) + at_token, tl.cumsum(dcs_tokens, 0, reverse=True) + dcs_end, mask=t_valid)
 
 
 def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None, need_dssm0: bool):
     """Gradients of the chunk scan. The states kernel walks every sequence backwards and stores the
-    state gradient leaving each chunk; the chunk kernel then takes all chunks in parallel; one
-    kernel sums the heads of a group and the bias gradients (head_sums.py). Returns a dict: dq, dk
-    (T, R, G, N) in q's dtype; dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's dtype),
-    dadt, dgamma, dscale, dD (None without D) and dssm0 (or None), the rest fp32."""
+    state gradient leaving each chunk; the chunk kernel (or the split pair, by
+    ``spec.backward_kernels``) then takes all chunks in parallel; one kernel sums the heads of a
+    group and the bias gradients (head_sums.py). Returns a dict: dq, dk (T, R, G, N) in q's dtype;
+    dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's dtype), dadt, dgamma, dscale, dD (None
+    without D) and dssm0 (or None), the rest fp32."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))
     T, H, P, N, R, S = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    # Every token belongs to one chunk, so the chunk kernel writes all of these; dq, dk per head.
+    # Every token belongs to one chunk, so the chunk kernels write all of these; dq, dk per head.
     dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dk_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
@@ -174,16 +328,28 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     has_bias = k_bias is not None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
-    common = dict(HAS_BIAS=has_bias, **spec.constexprs())
+    common = dict(HAS_BIAS=has_bias, BLOCK_P=spec.block_p, num_warps=spec.backward_warps,
+                  num_stages=spec.backward_stages, **spec.constexprs())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
     dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
-    if lay.n_chunks:
-        _chunk_bwd_kernel[(lay.n_chunks, H)](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D if D is not None else adt, states, dstates,
+    grid = (lay.n_chunks, H)
+    D_or_any = D if D is not None else adt  # an unread pointer without D
+    if lay.n_chunks and spec.backward_kernels == 1:
+        _chunk_bwd_kernel[grid](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D_or_any, states, dstates,
             dq_heads, dk_heads, dv, dtheta, dadt, dgamma, dscale, dD if D is not None else adt, lay.cu_seqlens,
-            lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None,
-            num_warps=spec.backward_warps, num_stages=spec.backward_stages, **common)
+            lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), HAS_D=D is not None, **common)
+    elif lay.n_chunks:
+        dcs_part, dscale_part = (torch.empty(T, H, **f32) for _ in range(2))  # kernel 1's A-parts per token
+        _chunk_bwd_dv_kernel[grid](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D_or_any, dstates,
+            dv, dcs_part, dgamma, dscale_part, dD if D is not None else adt, lay.cu_seqlens,
+            lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), HAS_D=D is not None, **common)
+        _chunk_bwd_dqk_kernel[grid](
+            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates,
+            dq_heads, dk_heads, dtheta, dadt, dscale, dcs_part, dscale_part, lay.cu_seqlens,
+            lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), **common)
     dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, spec.n_groups, has_bias)
     return dict(dq=dq, dk=dk, dq_bias=dq_bias, dk_bias=dk_bias, dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma,
                 dscale=dscale, dD=dD, dssm0=dssm0 if need_dssm0 else None)

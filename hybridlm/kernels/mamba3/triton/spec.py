@@ -53,7 +53,7 @@ class ScanSpec:
 
     @property
     def backward_warps(self) -> int:
-        """Warps of the fused backward chunk kernel: 4, or 8 for fp32 products (on 4 warps ptxas
+        """Warps of the backward chunk kernel(s): 4, or 8 for fp32 products (on 4 warps ptxas
         keeps most of their tiles on the stack)."""
         if self.knobs.triton_warps is not None:
             return self.knobs.triton_warps
@@ -61,9 +61,16 @@ class ScanSpec:
 
     @property
     def backward_stages(self) -> int:
-        """Software-pipeline stages of the backward chunk kernel's pair-block loops. The kernel is
-        latency-bound at 255 registers, and prefetching the next block only adds live values."""
+        """Software-pipeline stages of the backward chunk kernels' pair-block loops. The fused
+        kernel is latency-bound at 255 registers, and prefetching the next block only adds live
+        values."""
         return self.knobs.triton_backward_stages
+
+    @property
+    def backward_kernels(self) -> int:
+        """The backward chunk pass's design: 1, the fused kernel; 2, the split pair (chunk_bwd.py).
+        Both take backward_warps and backward_stages."""
+        return self.knobs.triton_backward_kernels
 
     def dims(self) -> tuple[int, ...]:
         """The runtime sizes every chunk kernel takes, in its argument order."""
