@@ -125,7 +125,8 @@ def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettin
     return RunSettings(
         task=task, spec=str(cfg.path(p.models[model].spec)), d_model=width, layers=cfg.layers[task], seed=cfg.seed,
         embedding_std=p.embedding_std, steps=p.steps, solved_at=p.solved_at, batch=p.batch, max_norm=p.max_norm,
-        lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1, beta2=p.beta2, warmup_steps=p.warmup_steps, min_lr_factor=p.min_lr_factor, min_length=p.min_length,
+        lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1, beta2=p.beta2, warmup_steps=p.warmup_steps,
+        min_lr_factor=p.min_lr_factor, min_length=p.min_length,
         first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
         eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,
         eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, log_freq=p.log_freq, compile=p.compile)
