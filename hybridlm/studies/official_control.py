@@ -85,7 +85,8 @@ def official_class() -> type[torch.nn.Module]:
     except Exception as err:  # noqa: BLE001 - mamba_ssm imports the CuTe DSL, which raises RuntimeError
         raise StudyError(f"block kind {KIND!r}: {OFFICIAL_MODULE} fails to import ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}); it imports the CuTe DSL, whose libraries a fresh GPU "
-                         f"machine gets from a first call that carries .gpu-cute and sources .gpu-cute/setup.sh") from None
+                         f"machine gets from a first call that carries .gpu-cute and sources "
+                         f".gpu-cute/setup.sh") from None
     return _adapted(module.Mamba3)
 
 

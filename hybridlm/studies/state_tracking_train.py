@@ -331,7 +331,8 @@ class Trainer:
         cells = [{"task": self.s.task, "length": n, "accuracy": acc, "chance": self.chance,
                   "scaled_accuracy": (acc - self.chance) / (1 - self.chance), "examples": self.s.eval_samples,
                   "step": self.best["step"]} for n, acc in self.best["cells"].items()]
-        return {"train": {"steps": self.step, "solved": self.solved(), "tokens_per_step": self.s.batch, "seconds": round(seconds, 1),
+        return {"train": {"steps": self.step, "solved": self.solved(), "tokens_per_step": self.s.batch,
+                          "seconds": round(seconds, 1),
                           "seconds_per_step": round(seconds / self.step, 6) if self.step else None,
                           "tokens_per_second": (last["steps_per_second"] or 0) * self.s.batch,
                           "final_loss": self.losses[-1][1] if self.losses else None, "losses": self.losses,
