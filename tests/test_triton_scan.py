@@ -183,7 +183,8 @@ def split_backward_case(case):
     return args, kw, random_state(2, H, P, N, S, R), None, 16
 
 
-@pytest.mark.parametrize("case", ["siso-N64", "mimo2-groups", "mimo4-rope1", "siso-packed", "half-no-bias-no-D"])
+# three cases keep the default run under its budget; tests/gpu runs both designs over every config
+@pytest.mark.parametrize("case", ["mimo4-rope1", "siso-packed", "half-no-bias-no-D"])
 def test_split_backward_matches_reference_and_fused(case, monkeypatch):
     """The split backward design (triton_backward_kernels=2: a dv kernel, then a dq/dk kernel)
     against the reference, and against the fused kernel: the same formulas, so the gradients agree
