@@ -84,7 +84,7 @@ def test_compiled_packed_training_has_no_graph_break_and_no_recompile_after_the_
         model.layers.register_module(name, torch.compile(block, backend="aot_eager"))
     graphs_after_first = None
     seen_docs = set()
-    for step in range(20):
+    for step in range(6):  # the document count cycles through 5, 7, 6: each seen twice
         inputs, labels = packed_batch(step)
         seen_docs.add(inputs["cu_seqlens"].numel() - 1)
         model.zero_grad()
