@@ -67,11 +67,27 @@ def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
         assert (s.min_length, s.first_max, s.last_max) == (3, 40, 160)
         assert (s.warmup_steps, s.min_lr_factor, s.max_norm, s.weight_decay) == (2000, 0.001, 0.0, 0.0)
         assert (s.beta1, s.beta2) == (0.9, 0.999)
-        assert (s.eval_every, s.report_length, s.eval_lengths) == (1000, 256, [256])
+        assert (s.eval_every, s.report_length, s.eval_lengths) == (100, 256, [256])
+        assert (s.diagnostics_every, s.checkpoint_every) == (1000, 1000)
         assert s.d_model == run.meta["width"] and s.lr == run.meta["lr"] and run.steps == 40_000
     arith = paper_config(tasks=["arith"])
     s = RunSettings.from_flags(state_tracking.plan(arith, {}).runs[0].train_flags)
     assert (s.layers, s.weight_decay) == (3, 0.1)
+
+
+def test_how_often_a_run_is_looked_at_is_not_part_of_its_key():
+    """A finer evaluation (or logging, checkpoint) cadence resumes the runs in progress; anything that
+    changes what is trained starts them over."""
+    def key(**paper):
+        cfg = paper_config(**paper)
+        run = state_tracking.plan(cfg, {}).runs[0]
+        return run.key(cfg.path(cfg.train_config))
+
+    base = key()
+    assert key(eval_every=50, diagnostics_every=500, checkpoint_every=500, log_freq=10) == base
+    assert key(max_norm=1.0) != base and key(warmup_steps=1000) != base
+    with pytest.raises(StudyError, match="multiple of eval.every"):
+        RunSettings.from_flags(tiny().to_flags() + ["--eval.every", "4"])  # diagnostics every 6
 
 
 def test_the_packed_protocol_stays_the_default():

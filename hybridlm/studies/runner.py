@@ -51,10 +51,15 @@ class Run:
     steps: int
     tokens_per_step: int
     meta: dict = field(default_factory=dict)
+    # flags that only set how often the run is observed (evaluated, logged, saved): not in the key
+    cadence_flags: tuple[str, ...] = ()
 
     def key(self, recipe: Path) -> str:
         """Changes whenever anything that decides the result changes."""
-        material = [self.spec.read_text(), recipe.read_text(), self.train_flags, self.eval.flags(), self.meta]
+        pairs = zip(self.train_flags[::2], self.train_flags[1::2])
+        trained = [x for flag, value in pairs if flag not in self.cadence_flags for x in (flag, value)] \
+            if self.cadence_flags else self.train_flags
+        material = [self.spec.read_text(), recipe.read_text(), trained, self.eval.flags(), self.meta]
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

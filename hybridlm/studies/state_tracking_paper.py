@@ -32,7 +32,7 @@ from hybridlm.eval.run import EvalRequest
 from hybridlm.studies.config import Estimate, Strict
 from hybridlm.studies.resumable_runner import TRAINER, ResumableExecutor, read_progress
 from hybridlm.studies.runner import Run
-from hybridlm.studies.state_tracking_settings import RunSettings
+from hybridlm.studies.state_tracking_settings import CADENCE_FLAGS, RunSettings
 from hybridlm.studies.tables import environment_lines, markdown_table, pct
 
 PROTOCOL = "paper"
@@ -72,6 +72,7 @@ class PaperProtocol(Strict):
     eval_every: int = Field(gt=0)
     eval_samples: int = Field(gt=0)
     diagnostics_every: int = Field(ge=0)
+    checkpoint_every: int = Field(1000, gt=0)
     log_freq: int = Field(gt=0)
     compile: str = "none"  # state_tracking_settings.COMPILE_MODES
     embedding_std: float = Field(0.0, ge=0)  # the token embedding's init std; 0 = the spec's init_std
@@ -129,7 +130,8 @@ def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettin
         min_lr_factor=p.min_lr_factor, min_length=p.min_length,
         first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
         eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,
-        eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, log_freq=p.log_freq, compile=p.compile)
+        eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, checkpoint_every=p.checkpoint_every,
+        log_freq=p.log_freq, compile=p.compile)
 
 
 def run_id(model: str, task: str, width: int, lr: float) -> str:
@@ -152,7 +154,7 @@ def runs(cfg) -> list[Run]:
                     request = EvalRequest(task, ",".join(map(str, p.eval_lengths)), samples=p.eval_samples,
                                           batch_size=p.batch, seed=cfg.seed)
                     out.append(Run(run_id(model, task, width, lr), cfg.path(p.models[model].spec), s.to_flags(),
-                                   request, s.steps, s.batch, meta))
+                                   request, s.steps, s.batch, meta, cadence_flags=CADENCE_FLAGS))
     return out
 
 

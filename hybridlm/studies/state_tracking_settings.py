@@ -40,9 +40,14 @@ FLAGS = {
     "eval_every": "--eval.every",
     "eval_samples": "--eval.samples",
     "diagnostics_every": "--diagnostics.every",
+    "checkpoint_every": "--checkpoint.interval",
     "log_freq": "--metrics.log_freq",
     "compile": "--compile.mode",
 }
+# Settings that only decide how often a run is looked at (evaluated, diagnosed, logged, saved), not
+# what it trains: left out of the run key, so a finer evaluation resumes runs instead of restarting them.
+CADENCE_FIELDS = ("eval_every", "diagnostics_every", "checkpoint_every", "log_freq")
+CADENCE_FLAGS = tuple(FLAGS[f] for f in CADENCE_FIELDS)
 # How the training step's forward and loss run: eager, or torch.compile with dynamic lengths in one
 # of its modes ("reduce-overhead" replays CUDA graphs: these tiny models wait on kernel launches),
 # or "aot_eager" (dynamo and AOT autograd without code generation: a CPU check of the same trace).
@@ -78,7 +83,8 @@ class RunSettings(Strict):
     report_length: int = Field(gt=0)
     eval_every: int = Field(gt=0)
     eval_samples: int = Field(gt=0)
-    diagnostics_every: int = Field(0, ge=0)  # 0 = no diagnostics
+    diagnostics_every: int = Field(0, ge=0)  # 0 = no diagnostics; a multiple of eval_every (taken at evaluations)
+    checkpoint_every: int = Field(1000, gt=0)  # checkpoint.pt, progress.json and a log line
     log_freq: int = Field(gt=0)
     compile: str = "none"  # COMPILE_MODES
 
@@ -86,6 +92,9 @@ class RunSettings(Strict):
     def _consistent(self) -> "RunSettings":
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile.mode {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.diagnostics_every % self.eval_every:
+            raise ValueError(f"diagnostics.every {self.diagnostics_every} must be a multiple of eval.every "
+                             f"{self.eval_every}: diagnostics are taken at evaluations")
         if self.report_length not in self.eval_lengths:
             raise ValueError(f"eval.report_length {self.report_length} is not one of eval.lengths {self.eval_lengths}")
         if not self.min_length <= self.first_max <= self.last_max:

@@ -17,11 +17,13 @@ several side by side. What a run does:
 * **Evaluation.** Every ``eval_every`` steps (and at the end), accuracy on ``eval_samples``
   held-out harness examples at each of ``eval_lengths``; the best scaled accuracy at
   ``report_length`` is kept with its step and its weights (``best.pt``), as the paper reports the best.
+  Often (the paper protocol: every 100 steps): a run can solve the task and lose it again within a
+  few hundred steps (docs/results.md §1).
 * **Diagnostics** every ``diagnostics_every`` steps (state_tracking_diagnostics.py).
-* **Stopping and resuming.** ``--time-limit S`` (or ``--stop-after-steps N``) stops the loop, writes
-  ``checkpoint.pt`` (weights, optimizer, step, history) and ``progress.json`` with status
-  ``paused``; the same command again resumes from the checkpoint when its ``--run-key`` matches,
-  and starts over when it does not. A finished run writes ``result.json`` (status ``done``).
+* **Stopping and resuming.** Every ``checkpoint_every`` steps, and when ``--time-limit S`` (or
+  ``--stop-after-steps N``) stops the loop, the trainer writes ``checkpoint.pt`` (weights, optimizer,
+  step, history) and ``progress.json`` (status ``paused`` at a stop); the same command again
+  resumes from the checkpoint when its ``--run-key`` matches, and starts over when it does not. A finished run writes ``result.json`` (status ``done``).
 """
 from __future__ import annotations
 
@@ -294,7 +296,9 @@ class Trainer:
                 running.zero_()
                 self.loss_count = 0
             if self.step % s.eval_every == 0 or self.step == s.steps:
-                entry = self.evaluate()
+                self.evaluate()
+            if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                entry = self.history[-1]
                 log(f"step {self.step}/{s.steps} loss {self.losses[-1][1] if self.losses else float('nan'):.4f} "
                     f"scaled acc@{s.report_length} {entry[f'scaled_accuracy@{s.report_length}']:.3f} "
                     f"(best {self.best['scaled_accuracy']:.3f} at {self.best['step']})")
