@@ -155,17 +155,44 @@ def test_curriculum_stages_change_the_lengths_and_batches_are_right():
     for stage, top in enumerate((40, 80, 120, 160)):
         lengths = [batches.length(stage * 10_000 + i) for i in range(0, 10_000, 50)]
         assert min(lengths) >= 3 and max(lengths) == top
-    ids, answers = batches(35_000)
+    ids, answers, ends = batches(35_000)
+    assert (ends == batches.length(35_000)).all()
     assert ids.shape == (256, batches.length(35_000) + 1) and (ids[:, -1] == ord("=")).all()
     ones = (ids[:, :-1] == ord("1")).sum(1)
     assert set(ids[:, :-1].unique().tolist()) <= {ord("0"), ord("1")}
     assert torch.equal(answers, torch.where(ones % 2 == 1, ord("1"), ord("0")))
-    again, _ = Batches(s)(35_000)
-    assert torch.equal(ids, again)  # step s's batch depends on (seed, s) only: resumable
-    arith_ids, arith_answers = Batches(tiny(task="arith", batch=8))(0)
+    assert torch.equal(ids, Batches(s)(35_000).ids)  # step s's batch depends on (seed, s) only: resumable
+    arith_ids, arith_answers, _ = Batches(tiny(task="arith", batch=8))(0)
     from hybridlm.eval.tasks.state_tracking import evaluate_mod
     for row, answer in zip(arith_ids.tolist(), arith_answers.tolist()):
         assert str(evaluate_mod([chr(t) for t in row[:-1]])) == chr(answer)
+
+
+@pytest.mark.parametrize("task", ["parity", "arith"])
+def test_lengths_per_example_pad_on_the_right_and_leave_each_answer_as_alone(task):
+    """Grazzi et al.'s batches: every example its own length in [3, the stage's max], right-padded.
+    Each row reads its answer at its own '=': the loss of the padded batch is the mean of each
+    example's loss computed alone, so padding reaches nothing."""
+    from hybridlm.studies.state_tracking_train import PAD_ID, training_loss
+
+    s = tiny(task=task, batch=12, first_max=9, last_max=9, min_length=3, length_per="example")
+    batches = Batches(s)
+    ids, answers, ends = batches(0)
+    assert len(set(ends.tolist())) >= 3 and ends.min() >= 3
+    assert ids.shape[1] == int(ends.max()) + 1 and torch.equal(batches(0).ids, ids)  # resumable
+    rows = torch.arange(len(ids))
+    assert (ids[rows, ends] == ord("=")).all()
+    assert all((ids[r, int(e) + 1:] == PAD_ID).all() for r, e in enumerate(ends))
+    if task == "parity":
+        ones = [(ids[r, :int(e)] == ord("1")).sum().item() for r, e in enumerate(ends)]
+        assert answers.tolist() == [ord("1") if n % 2 else ord("0") for n in ones] and ends.max() <= 9
+    model = build_model(s, "cpu")
+    loss = training_loss(model, "none")
+    alone = torch.stack([loss(ids[r:r + 1, :int(e) + 1], answers[r:r + 1], e.view(1))
+                         for r, e in enumerate(ends)])
+    torch.testing.assert_close(loss(ids, answers, ends), alone.mean(), rtol=1e-5, atol=1e-6)
+    one_length = Batches(tiny(task=task, batch=12, first_max=9, last_max=9, min_length=3))(0)
+    assert len(set(one_length.ends.tolist())) == 1
 
 
 # -- stopping and resuming -----------------------------------------------------------------------------
@@ -296,7 +323,7 @@ def test_a_solved_run_ends_at_the_evaluation_that_solves_it(tmp_path, monkeypatc
 
     trainers = []
     monkeypatch.setattr(state_tracking_train, "accuracy",
-                        lambda model, ids, answers: 1.0 if trainers[-1].step >= 4 else 0.5)
+                        lambda model, examples: 1.0 if trainers[-1].step >= 4 else 0.5)
     for solved_at, steps in ((1.0, 4), (0.0, 6)):
         trainers.append(Trainer(tiny(diagnostics_every=0, solved_at=solved_at), tmp_path / str(solved_at)))
         assert trainers[-1].train() == "done" and trainers[-1].step == steps
@@ -382,7 +409,7 @@ def test_the_official_block_gets_our_init_and_trains_through_the_same_loop(fake_
     theirs = official.state_dict()
     for name, value in ours.state_dict().items():
         assert torch.equal(value, theirs[name]), name  # the same weights, draw for draw
-    ids, _ = Batches(tiny())(0)
+    ids = Batches(tiny())(0).ids
     torch.testing.assert_close(official(ids), ours(ids), rtol=0, atol=0)
     with pytest.raises(StudyError, match="does not decode"):
         official.layers[0].mixer(torch.zeros(1, 1, 16), cache=object())
@@ -411,7 +438,7 @@ def test_diagnostics_match_a_direct_computation_from_the_weights():
     model = build_model(tiny(), "cpu")
     with torch.no_grad():  # make the angles and Δ differ per head and token
         model.layers[0].mixer.in_proj.weight.mul_(3.0)
-    ids, _ = Batches(tiny(batch=6, first_max=12, last_max=12, min_length=12))(0)
+    ids = Batches(tiny(batch=6, first_max=12, last_max=12, min_length=12))(0).ids
     got = measure(model, ids, ord("1"), ord("0"))[0]
     mixer = model.layers[0].mixer
     with torch.no_grad():

@@ -104,7 +104,8 @@ def parity_batch(n: int, length: int, seed: int) -> tuple[Tensor, Tensor]:
                     weight_decay=0.0, warmup_steps=0, min_lr_factor=0.0, min_length=length, first_max=length,
                     last_max=length, stages=1, steps_per_stage=1, eval_lengths=[length], report_length=length,
                     eval_every=1, eval_samples=1, log_freq=1)
-    return Batches(s)(0)
+    batch = Batches(s)(0)
+    return batch.ids, batch.answers
 
 
 def main(argv: list[str] | None = None) -> int:

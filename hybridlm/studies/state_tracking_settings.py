@@ -8,6 +8,8 @@ the study driver's ``--probe`` shorten a run the same way for both protocols.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from hybridlm.studies.config import Strict, StudyError
@@ -35,6 +37,7 @@ FLAGS = {
     "last_max": "--curriculum.last_max",
     "stages": "--curriculum.stages",
     "steps_per_stage": "--curriculum.steps_per_stage",
+    "length_per": "--curriculum.length_per",
     "eval_lengths": "--eval.lengths",
     "report_length": "--eval.report_length",
     "eval_every": "--eval.every",
@@ -79,6 +82,9 @@ class RunSettings(Strict):
     last_max: int = Field(gt=0)
     stages: int = Field(gt=0)
     steps_per_stage: int = Field(gt=0)
+    # "example": each example of a step draws its length, rows right-padded (Grazzi et al.'s harness);
+    # "batch": one length a step (Deletang et al.)
+    length_per: Literal["example", "batch"] = "batch"
     eval_lengths: list[int] = Field(min_length=1)
     report_length: int = Field(gt=0)
     eval_every: int = Field(gt=0)

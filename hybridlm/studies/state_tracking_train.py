@@ -35,6 +35,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,22 @@ def lr_at(s: RunSettings, step: int) -> float:
     return s.lr * (s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Batch(NamedTuple):
+    """A step's examples: ``ids`` (batch, width) up to and including each '=', right-padded with
+    PAD_ID; ``answers`` (batch,); ``ends`` (batch,), each row's '=' position (the answer is read there)."""
+
+    ids: torch.Tensor
+    answers: torch.Tensor
+    ends: torch.Tensor
+
+
+PAD_ID = 0  # after '=': the models are causal, so nothing after the answer position reaches it
+
+
 class Batches:
-    """Step -> (ids (batch, length + 1) up to and including '=', answers (batch,)), on the CPU."""
+    """Step -> :class:`Batch` on the CPU. ``length_per = "batch"``: one length for the step's
+    examples (Deletang et al.); ``"example"``: each example draws its own length and rows are
+    right-padded (Grazzi et al.'s harness), so every step holds short examples."""
 
     def __init__(self, s: RunSettings):
         self.s = s
@@ -76,25 +91,39 @@ class Batches:
     def length(self, step: int) -> int:
         return self.curriculum.sample_length(step, example_rng(self.s.seed, "paper-length", step))
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        length = self.length(step)
+    def lengths(self, step: int) -> torch.Tensor:
+        """The step's example lengths (batch,)."""
+        if self.s.length_per == "batch":
+            return torch.full((self.s.batch,), self.length(step))
+        gen = torch.Generator().manual_seed(example_rng(self.s.seed, "paper-lengths", step).getrandbits(63))
+        top = self.curriculum.max_length(step)
+        return torch.randint(self.curriculum.min_length, top + 1, (self.s.batch,), generator=gen)
+
+    def __call__(self, step: int) -> Batch:
+        lengths = self.lengths(step)
+        width = int(lengths.max())
+        rows = torch.arange(self.s.batch)
         if self.s.task == "parity":  # one tensor draw: building 256 examples in Python would dominate a step
             gen = torch.Generator().manual_seed(example_rng(self.s.seed, "paper-bits", step).getrandbits(63))
-            bits = torch.randint(0, 2, (self.s.batch, length), generator=gen)
+            bits = torch.randint(0, 2, (self.s.batch, width), generator=gen)
+            inside = torch.arange(width) < lengths[:, None]
+            bits = bits * inside
             token = self.task.token
-            ids = torch.where(bits.bool(), token["1"], token["0"])
-            ids = torch.cat([ids, torch.full((self.s.batch, 1), token["="])], 1)
+            ids = torch.where(inside, torch.where(bits.bool(), token["1"], token["0"]), PAD_ID)
+            ids = torch.cat([ids, torch.full((self.s.batch, 1), PAD_ID)], 1)
+            ids[rows, lengths] = token["="]
             answers = torch.where(bits.sum(1) % 2 == 1, token["1"], token["0"])
-            return ids, answers
+            return Batch(ids, answers, lengths)
         rng = example_rng(self.s.seed, "paper-examples", step)
-        examples = [self.task.example(length, rng, i, self.s.batch) for i in range(self.s.batch)]
-        full = torch.tensor([e.ids for e in examples])
-        return full[:, :-1], full[:, -1]
+        examples = [self.task.example(int(n), rng, i, self.s.batch).ids for i, n in enumerate(lengths.tolist())]
+        wide = max(map(len, examples)) - 1  # up to '='; the answer is the label
+        ids = torch.tensor([e[:-1] + [PAD_ID] * (wide - len(e) + 1) for e in examples])
+        return Batch(ids, torch.tensor([e[-1] for e in examples]), torch.tensor([len(e) - 2 for e in examples]))
 
-    def held_out(self, length: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def held_out(self, length: int, n: int) -> Batch:
         """The harness's own evaluation examples (``hybridlm eval --seed``) at ``length``."""
         full = torch.tensor([e.ids for e in self.task.examples(length, n, seed=self.s.seed)])
-        return full[:, :-1], full[:, -1]
+        return Batch(full[:, :-1], full[:, -1], torch.full((n,), full.shape[1] - 2))
 
 
 def build_model(s: RunSettings, device: str | torch.device):
@@ -143,16 +172,18 @@ def build_optimizer(model, s: RunSettings) -> torch.optim.Optimizer:
                              fused=fused or None)
 
 
-def answer_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model.output(model.features(ids)[:, -1]).float()
+def answer_logits(model, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The logits at each row's '=' (``ends``): the answer's prediction."""
+    features = model.features(ids)
+    return model.output(features[torch.arange(len(ids), device=ids.device), ends]).float()
 
 
 def training_loss(model, mode: str):
-    """(ids, answers) -> the step's loss, eager or compiled. Lengths change every step, so the
+    """(ids, answers, ends) -> the step's loss, eager or compiled. Lengths change every step, so the
     compile is dynamic: one trace serves every length up to the scan's chunk, and each further
     chunk count adds one (3 for lengths up to 160; measured on the CPU)."""
-    def loss(ids: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(answer_logits(model, ids), answers)
+    def loss(ids: torch.Tensor, answers: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(answer_logits(model, ids, ends), answers)
 
     if mode == "none":
         return loss
@@ -162,10 +193,13 @@ def training_loss(model, mode: str):
 
 
 @torch.no_grad()
-def accuracy(model, ids: torch.Tensor, answers: torch.Tensor, batch: int = 512) -> float:
+def accuracy(model, examples: Batch, batch: int = 512) -> float:
     model.eval()
-    right = sum(int((answer_logits(model, ids[i:i + batch]).argmax(-1) == answers[i:i + batch]).sum())
-                for i in range(0, len(ids), batch))
+    ids, answers, ends = examples
+    right = 0
+    for i in range(0, len(ids), batch):
+        guess = answer_logits(model, ids[i:i + batch], ends[i:i + batch]).argmax(-1)
+        right += int((guess == answers[i:i + batch]).sum())
     model.train()
     return right / len(ids)
 
@@ -187,7 +221,7 @@ class Trainer:
         self.best: dict | None = None
         self.slices: list[dict] = []
         self.loss_sum, self.loss_count = 0.0, 0  # the logging interval in progress (kept across a pause)
-        self.held_out = {n: tuple(t.to(self.device) for t in self.batches.held_out(n, s.eval_samples))
+        self.held_out = {n: Batch(*(t.to(self.device) for t in self.batches.held_out(n, s.eval_samples)))
                          for n in s.eval_lengths}
         token = self.batches.task.token
         self.one_id, self.zero_id = token.get("1"), token.get("0")
@@ -222,8 +256,8 @@ class Trainer:
     def evaluate(self) -> dict:
         entry: dict = {"step": self.step, "lr": lr_at(self.s, max(self.step - 1, 0)),
                        "max_length": self.batches.curriculum.max_length(max(self.step - 1, 0))}
-        for n, (ids, answers) in self.held_out.items():
-            acc = accuracy(self.model, ids, answers)
+        for n, examples in self.held_out.items():
+            acc = accuracy(self.model, examples)
             entry[f"accuracy@{n}"] = acc
             entry[f"scaled_accuracy@{n}"] = (acc - self.chance) / (1 - self.chance)
         if self.s.diagnostics_every and self.step % self.s.diagnostics_every == 0:
@@ -244,15 +278,14 @@ class Trainer:
     def diagnostics(self) -> list[dict]:
         from hybridlm.studies.state_tracking_diagnostics import measure
 
-        ids, _ = self.batches.held_out(DIAGNOSTIC_LENGTH, DIAGNOSTIC_EXAMPLES)
+        ids = self.batches.held_out(DIAGNOSTIC_LENGTH, DIAGNOSTIC_EXAMPLES).ids
         return measure(self.model, ids.to(self.device), self.one_id, self.zero_id)
 
     # training
     def warm_up(self) -> None:
         """One forward and backward of a short batch, gradients dropped: every kernel compiled and
         autotuned, the weights, optimizer and data stream untouched."""
-        ids, answers = self.batches.held_out(WARM_UP_LENGTH, 2)
-        self.loss(ids.to(self.device), answers.to(self.device)).backward()
+        self.loss(*(t.to(self.device) for t in self.batches.held_out(WARM_UP_LENGTH, 2))).backward()
         self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -277,10 +310,9 @@ class Trainer:
                 break
             if warm is None and self.step - first == WARM_STEPS:
                 warm = (self.step, time.monotonic())
-            ids, answers = self.batches(self.step)
-            ids, answers = ids.to(self.device, non_blocking=True), answers.to(self.device, non_blocking=True)
+            batch = [t.to(self.device, non_blocking=True) for t in self.batches(self.step)]
             torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step (no-op otherwise)
-            loss = self.loss(ids, answers)
+            loss = self.loss(*batch)
             running += loss.detach()  # before the backward: a replayed graph's output is its own memory
             opt.zero_grad(set_to_none=True)
             loss.backward()
