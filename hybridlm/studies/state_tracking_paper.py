@@ -4,9 +4,10 @@
 specs/studies/state-tracking/study.toml; docs/results.md §1):
 
 * every model x task x width {32, 64} x 8 learning rates log-spaced in [1e-4, 1e-2];
-* batch 256 examples of one length, the curriculum 3..40 -> 3..160 in 4 stages of 10^4 steps;
+* batch 256 examples, each of its own length (right-padded, as Grazzi et al.'s harness), the
+  curriculum 3..40 -> 3..160 in 4 stages of 10^4 steps;
 * AdamW, 2,000 warm-up steps then cosine, weight decay 0 for parity, no clipping; fp32;
-* a held-out evaluation at length 256 every 1,000 steps; the best is reported, per model and task
+* a held-out evaluation at length 256 every 100 steps; the best is reported, per model and task
   the best over the sweep (as the paper does); every run's curve is kept.
 
 Each run is a process of :mod:`hybridlm.studies.state_tracking_train`, run side by side and

@@ -69,7 +69,7 @@ class RunSettings(Strict):
     seed: int = 0
     steps: int = Field(gt=0)
     solved_at: float = Field(0.0, ge=0, le=1)  # stop once the best scaled accuracy reaches this; 0 = never
-    batch: int = Field(gt=0)  # examples a step, all of one length
+    batch: int = Field(gt=0)  # examples a step
     max_norm: float = Field(0.0, ge=0)  # gradient clipping; 0 = none (Grazzi et al.)
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)

@@ -5,9 +5,10 @@
 The study (``hybridlm study state-tracking --set protocol=paper``) starts one such process per run,
 several side by side. What a run does:
 
-* **Data.** Every step is ``batch`` examples of one length drawn from the curriculum (min 3, max
-  40 -> 160 in ``stages`` stages of ``steps_per_stage``), as Deletang et al. and Grazzi et al.
-  train: no padding, no packing. Step s's batch depends only on (seed, s): a run resumes anywhere.
+* **Data.** Every step is ``batch`` examples with lengths drawn from the curriculum (min 3, max
+  40 -> 160 in ``stages`` stages of ``steps_per_stage``): each example its own length, rows
+  right-padded (``length_per = "example"``, Grazzi et al.'s harness), or one length for the step
+  (``"batch"``, Deletang et al.). Step s's batch depends only on (seed, s): a run resumes anywhere.
   The loss is the cross-entropy of the answer after '=' (the byte vocabulary, as the harness scores).
 * **Step.** Forward and loss eager, or through ``torch.compile`` (``compile`` in the settings;
   ``reduce-overhead`` replays CUDA graphs, as these tiny models wait on kernel launches).
