@@ -67,7 +67,7 @@ def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
         assert (s.min_length, s.first_max, s.last_max) == (3, 40, 160)
         assert (s.warmup_steps, s.min_lr_factor, s.max_norm, s.weight_decay) == (2000, 0.001, 0.0, 0.0)
         assert (s.beta1, s.beta2) == (0.9, 0.999)
-        assert (s.eval_every, s.report_length, s.eval_lengths) == (100, 256, [256])
+        assert (s.eval_every, s.report_length, s.eval_lengths) == (100, 256, [40, 160, 256])
         assert (s.diagnostics_every, s.checkpoint_every) == (1000, 1000)
         assert s.d_model == run.meta["width"] and s.lr == run.meta["lr"] and run.steps == 40_000
     arith = paper_config(tasks=["arith"])
@@ -478,18 +478,22 @@ def test_gradient_comparison_lists_the_angle_path_first_and_sees_a_difference():
 
 # -- the summary -----------------------------------------------------------------------------------------
 def test_the_summary_reports_each_models_best_run_over_the_sweep(tmp_path):
-    cfg = paper_config(quick=True, widths=[16, 32], lr_count=2, lr_max=1e-2)
+    cfg = paper_config(quick=True, widths=[16, 32], lr_count=2, lr_max=1e-2, eval_lengths=[4, 8])
     planned = state_tracking.plan(cfg, {}).runs
     diag = [{"layer": 0, "turn_on_1": [[0.9, 0.1]], "turn_on_0": [[0.01, 0.0]], "decay": [1e-3]}]
     finished = {}
     for i, run in enumerate(planned):
         score = 0.1 * i
-        history = [{"step": 0, "scaled_accuracy@8": 0.0, "diagnostics": diag},
-                   {"step": 2, "scaled_accuracy@8": score, "diagnostics": diag}]
+        history = [{"step": 0, "scaled_accuracy@8": 0.0, "scaled_accuracy@4": 0.0, "diagnostics": diag},
+                   {"step": 1, "scaled_accuracy@8": 0.0, "scaled_accuracy@4": 0.987},
+                   {"step": 2, "scaled_accuracy@8": score, "scaled_accuracy@4": 0.5, "diagnostics": diag}]
         finished[run.id] = {"id": run.id, "meta": run.meta, "history": history,
                             "best": {"step": 2, "scaled_accuracy": score},
-                            "train": {"steps": 4, "losses": [[4, 0.5]], "seconds": 1.0, "seconds_per_step": 0.25}}
+                            "train": {"steps": 4, "losses": [[2, 0.0123], [4, 0.5]], "seconds": 1.0,
+                                      "seconds_per_step": 0.25}}
     summary = state_tracking.summarize(cfg, finished, tmp_path, [])
+    # each run's row: the best at the other lengths over every evaluation, the lowest and the last loss
+    assert f"| {planned[0].id} | 4/4 | done | 0.0 | 2 | 98.7 | 0.0123 | 0.5000 |" in summary.markdown
     last_official = [r for r in planned if r.meta["model"] == "official"][-1]
     best = summary.data["best"]["official/parity"]
     assert best["run"] == last_official.id

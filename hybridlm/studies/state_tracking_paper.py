@@ -220,19 +220,25 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
         rows += [[f"paper: {name}"] + [f"{v:.2f}" for v in values] for name, values in PAPER.items()]
     parts.append(markdown_table(["model"] + [f"{t} @ {rep}" for t in cfg.tasks], rows))
 
+    others = [n for n in p.eval_lengths if n != rep]
     run_rows = []
     for r in planned:
         st = states[r.id]
         done = r.id in finished
+        losses = [loss for _, loss in st["losses"]] if st else []
         run_rows.append([r.id, f"{st['step'] if st else 0:,}/{r.steps:,}", "done" if done else
                          ("paused" if st else "not started"),
                          pct(st["best"]["scaled_accuracy"]) if st else None,
                          f"{st['best']['step']:,}" if st else None,
-                         f"{st['losses'][-1][1]:.4f}" if st and st["losses"] else None])
+                         *[pct(best_at(st["history"], n)) if st else None for n in others],
+                         f"{min(losses):.4f}" if losses else None, f"{losses[-1]:.4f}" if losses else None])
         data["runs"][r.id] = {"step": st["step"] if st else 0, "done": done,
                               "best": st["best"] if st else None}
-    parts.append(f"Every run (scaled accuracy (%) at {rep}, the best evaluation so far):")
-    parts.append(markdown_table(["run", "steps", "status", f"best @ {rep}", "at step", "last loss"], run_rows))
+    parts.append(f"Every run (scaled accuracy (%) at {rep}, the best evaluation so far; at "
+                 f"{', '.join(map(str, others)) or '-'}: the best of any evaluation, whether the run learned "
+                 f"the task within its training lengths; the training loss: {p.log_freq}-step means):")
+    parts.append(markdown_table(["run", "steps", "status", f"best @ {rep}", "at step",
+                                 *[f"best @ {n}" for n in others], "lowest loss", "last loss"], run_rows))
     diag = _diagnostics_lines(best)
     if diag:
         parts.append("Diagnostics of each model's best run, last evaluation (layer 0): per head, the largest "
@@ -241,6 +247,11 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
     plots = paper_plots(cfg, planned, states, best, out)
     parts.append("Runs recorded:\n" + environment_lines(sessions))
     return Summary("\n\n".join(parts), plots, data)
+
+
+def best_at(history: list[dict], length: int) -> float | None:
+    """The highest scaled accuracy at ``length`` over a run's evaluations (None: never evaluated there)."""
+    return max((h[f"scaled_accuracy@{length}"] for h in history if f"scaled_accuracy@{length}" in h), default=None)
 
 
 def _diagnostics_lines(best: dict) -> str:
