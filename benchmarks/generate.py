@@ -30,7 +30,7 @@ chunked prefill), one process. Two kinds of case, each with an id that ``--only`
   about a minute instead of eight.
 
 Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary,
-one SwiGLU gate kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and mul: the ops
+one SwiGLU gate kernel, or at decode sizes w1, w3 and the gate in one GEMV kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and mul: the ops
 before issue 21), ``compiled`` (``fused`` with the step run through ``torch.compile`` inside the
 captured graph). ``--json`` merges the rows into the file by case id, so calls that each stay
 under a time limit fill one table.
@@ -107,14 +107,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-# The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, attention's
-# RoPE); the norms' switch is the Decoder's ``fused_norms``.
-OP_BACKENDS = ("gate_backend", "rope_backend")
+# The blocks' own backend switches of the small fused inference ops (SwiGLU's gate and its up
+# projection GEMV, attention's RoPE); the norms' switch is the Decoder's ``fused_norms``.
+OP_BACKENDS = ("gate_backend", "up_backend", "rope_backend")
 
 
 @contextlib.contextmanager
 def variant_kernels(model, variant: str):
-    """``unfused``: the SwiGLU gates and RoPE on the reference too (the plain torch ops before issue
+    """``unfused``: the SwiGLU gates, their GEMVs and RoPE on the reference too (the plain torch ops before issue
     21; the norms are the Decoder's ``fused_norms=False``). Other variants change nothing."""
     switched = [(m, attr) for m in model.modules() for attr in OP_BACKENDS
                 if hasattr(m, attr)] if variant == "unfused" else []

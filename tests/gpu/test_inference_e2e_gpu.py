@@ -161,6 +161,27 @@ def test_swiglu_gate_kernel_at_the_1_5b_width(rows):
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 * 2**-7).all()
 
 
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
+    """w1, w3 and the gate in one kernel at the 1.5B presets' SwiGLU (2048 -> 4096): fp32 within 1e-5
+    of cuBLAS's GEMMs (summation order); bf16 at most two rounding steps from the reference (the
+    projections' fp32 sums in another order can move a rounding, then silu and the product)."""
+    from hybridlm.kernels.swiglu_up import reference as up_reference
+    from hybridlm.kernels.swiglu_up import silu_mul_gemv
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2048, device="cuda", generator=g)
+    w1, w3 = (torch.randn(4096, 2048, device="cuda", generator=g) / 2048 ** 0.5 for _ in range(2))
+    RESULTS[f"swiglu-gemv-{rows}-fp32"] = rel_err(silu_mul_gemv(x, w1, w3, backend="triton"),
+                                                 up_reference.silu_mul_gemv(x, w1, w3))
+    assert RESULTS[f"swiglu-gemv-{rows}-fp32"] <= 1e-5
+    x, w1, w3 = x.bfloat16(), w1.bfloat16(), w3.bfloat16()
+    got = silu_mul_gemv(x, w1, w3, backend="triton")
+    want = up_reference.silu_mul_gemv(x, w1, w3)
+    RESULTS[f"swiglu-gemv-{rows}-mismatched-fraction"] = float((got != want).float().mean())
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 * 2**-7 + 1e-30).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 80])
 def test_rope_kernel_at_the_1_5b_shapes(rows, dtype):
