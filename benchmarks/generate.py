@@ -107,9 +107,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-# The blocks' own backend switches of the small fused inference ops (SwiGLU's gate and its up
-# projection GEMV, attention's RoPE); the norms' switch is the Decoder's ``fused_norms``.
-OP_BACKENDS = ("gate_backend", "up_backend", "rope_backend")
+# The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, the decode GEMVs
+# of SwiGLU and Mamba-3 with the block boundary's norm in front, attention's RoPE); the norms' switch
+# is the Decoder's ``fused_norms``.
+OP_BACKENDS = ("gate_backend", "gemv_backend", "rope_backend")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of our Triton kernels for Hopper, without a GPU.
 
     python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16]
+    python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
@@ -10,6 +11,7 @@ environment as in any run, e.g. HYBRIDLM_TRITON_BACKWARD_KERNELS=2 for the split
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -111,15 +113,37 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
         scan_module.unsupported_reason = original_check
 
 
+def decode_gemv_launches(dtype: torch.dtype) -> list:
+    """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, norm_gemv plain) at the 1.5B
+    presets' SwiGLU (2048 -> 4096) at 1, 8 and 16 rows, on CUDA cores and then on tensor cores."""
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    def run():
+        for kernel.TENSOR_CORES, rows in itertools.product((False, True), (1, 8, 16)):
+            h, residual = torch.randn(rows, 2048, dtype=dtype), torch.randn(rows, 2048, dtype=dtype)
+            g, w1, w3 = torch.rand(2048, dtype=dtype), *(torch.randn(4096, 2048, dtype=dtype) for _ in range(2))
+            kernel.silu_mul_gemv(h, w1, w3)
+            kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
+            kernel.norm_gemv(h, residual, g, 1e-5, w1)
+
+    try:
+        return launches(run)
+    finally:
+        kernel.TENSOR_CORES = False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    for fn, a, kw in scan_launches(args.d_state, args.headdim, args.rank, dtype):
+    found = (decode_gemv_launches(dtype) if args.decode_gemv
+             else scan_launches(args.d_state, args.headdim, args.rank, dtype))
+    for fn, a, kw in found:
         print(resource_line(fn, a, dict(kw)))
 
 

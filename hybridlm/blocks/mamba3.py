@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
-from hybridlm.kernels import dispatch
+from hybridlm.kernels import decode_gemv, dispatch
 from hybridlm.kernels.mamba3.contract import (DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
                                              ScanParams)
 from hybridlm.kernels.mamba3.shared import causal_conv1d, step_scalars
@@ -138,6 +138,7 @@ class Mamba3(nn.Module):
         self.is_outproj_norm = out_norm == "pregate_grouped"
         self.norm_eps = norm_eps
         self.backend = backend
+        self.gemv_backend: str | None = None  # decode_gemv's, for normed_forward (None: auto)
 
         H, R, G, N, P = self.nheads, self.mimo_rank, ngroups, d_state, headdim
         layout = InProjLayout(H, P, G, R, N, self.num_rope_angles, discretization == "trapezoid")
@@ -279,8 +280,7 @@ class Mamba3(nn.Module):
             out = result[0] if return_final_state else result
             out = out.view(u.shape)
             return (out, result[1]) if return_final_state else out
-        if (cache is not None and u.shape[1] == 1 and cu_seqlens is None and not self.conv_kernel
-                and not return_final_state and initial_state is None):
+        if self._takes_decode_step(u, cu_seqlens, cache) and not return_final_state and initial_state is None:
             return self._decode_step(u, cache)
         conv_state = None
         if cache is not None:
@@ -322,11 +322,32 @@ class Mamba3(nn.Module):
             B_bias=p.k_bias, C_bias=p.q_bias, mimo_x=p.mimo_x, mimo_z=p.mimo_z, mimo_o=p.mimo_o,
             norm_weight=p.norm_weight)
 
+    def _takes_decode_step(self, u: Tensor, cu_seqlens: Tensor | None, cache: Mamba3Cache | None) -> bool:
+        return cache is not None and u.shape[1] == 1 and cu_seqlens is None and not self.conv_kernel
+
     def _decode_step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
         """One token through the fused step (in_proj -> step kernel -> out_proj), the cache in place."""
-        o = dispatch.mamba3_decode_step(self.in_proj(u[:, 0]), cache.state, self.decode_params(),
-                                        self.decode_layout(), backend=self.backend)
+        return self._step_projected(self.in_proj(u[:, 0]), cache)
+
+    def _step_projected(self, zxbc: Tensor, cache: Mamba3Cache) -> Tensor:
+        o = dispatch.mamba3_decode_step(zxbc, cache.state, self.decode_params(), self.decode_layout(),
+                                        backend=self.backend)
         return self.out_proj(o.to(self.out_proj.weight.dtype)).unsqueeze(1)
+
+    def normed_forward(self, h: Tensor, residual: Tensor | None, norm: RMSNorm, cu_seqlens: Tensor | None = None,
+                       *, cache: Mamba3Cache | None = None) -> tuple[Tensor, Tensor] | None:
+        """A decode step with the block boundary in front of it (``norm`` of h + residual) and in_proj
+        as one op (:mod:`hybridlm.kernels.decode_gemv`): (output, stream). None where this input
+        takes the separate norm (not a decode step, autograd, or no kernel for it)."""
+        if torch.is_grad_enabled() or not self._takes_decode_step(h, cu_seqlens, cache):
+            return None
+        row = None if residual is None else residual[:, 0]
+        if decode_gemv.backend_for("norm_gemv", h[:, 0], row, norm.weight, self.in_proj.weight,
+                                   backend=self.gemv_backend) == "reference":
+            return None
+        zxbc, stream = decode_gemv.norm_gemv(h[:, 0], row, norm.weight, norm.eps, self.in_proj.weight,
+                                             backend=self.gemv_backend)
+        return self._step_projected(zxbc, cache), stream.unsqueeze(1)
 
     # -- decode (official API) ---------------------------------------------------------------------
     def allocate_cache(self, batch_size: int, max_seqlen: int = 0, device=None, dtype=None) -> Mamba3Cache:

@@ -29,7 +29,13 @@ class ResidualBlock(nn.Module):
         """The inference form, one fused op per block boundary: add the previous block's output
         ``residual`` (None for the first block) to the stream ``h`` and norm it in one op, then run
         the mixer. Returns (this block's output, the stream); the next block's norm adds the output.
-        With the reference kernel, the same roundings as :meth:`forward` (bitwise)."""
+        With the reference kernel, the same roundings as :meth:`forward` (bitwise). A mixer with
+        ``normed_forward`` may take the norm into its first projection (one kernel at decode sizes)."""
+        normed_forward = getattr(self.mixer, "normed_forward", None)
+        if normed_forward is not None:
+            fused = normed_forward(h, residual, self.norm, cu_seqlens, cache=cache)
+            if fused is not None:
+                return fused
         x, h = self.norm.add_forward(h, residual, self.norm.weight.dtype)
         return self.mixer(x, cu_seqlens=cu_seqlens, cache=cache), h
 

@@ -28,6 +28,7 @@ give up on the whole block).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -90,13 +91,27 @@ def register_reference_and_triton(kind: str, op: str, reference: Callable, trito
     """The usual pair for a small fused op: ``reference`` everywhere, and on CUDA the Triton kernel
     ``triton_module.triton_name`` (imported on first use; its module's ``unsupported_reason`` says which
     inputs it refuses), falling back to the reference."""
+    register_reference_and_triton_ops(kind, triton_module, {op: (reference, triton_name)})
+
+
+def register_reference_and_triton_ops(kind: str, triton_module: str,
+                                      ops: dict[str, tuple[Callable, str]]) -> None:
+    """:func:`register_reference_and_triton` for a kind of several ops: ``{op: (reference, triton_name)}``,
+    one ``unsupported_reason(device, op, *check)`` in the Triton module for all of them."""
     def load() -> dict[str, Op]:
         module = importlib.import_module(triton_module)
-        return {op: Op(getattr(module, triton_name), module.unsupported_reason)}
+        if len(ops) == 1:
+            return {op: Op(getattr(module, name), module.unsupported_reason) for op, (_, name) in ops.items()}
+        return {op: Op(getattr(module, name), functools.partial(_reason_of_op, module.unsupported_reason, op))
+                for op, (_, name) in ops.items()}
 
-    register_backend(kind, "reference", {op: reference}, auto_priority=0)
+    register_backend(kind, "reference", {op: ref for op, (ref, _) in ops.items()}, auto_priority=0)
     register_backend(kind, "triton", load=load, fallback="reference", auto_priority=1,
                      auto_devices=("cuda",), installed=installed("triton"))
+
+
+def _reason_of_op(unsupported_reason: Callable, op: str, device: torch.device, *check) -> str | None:
+    return unsupported_reason(device, op, *check)
 
 
 def installed(module: str) -> Callable[[], bool]:

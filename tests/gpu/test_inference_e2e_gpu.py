@@ -166,8 +166,8 @@ def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
     """w1, w3 and the gate in one kernel at the 1.5B presets' SwiGLU (2048 -> 4096): fp32 within 1e-5
     of cuBLAS's GEMMs (summation order); bf16 at most two rounding steps from the reference (the
     projections' fp32 sums in another order can move a rounding, then silu and the product)."""
-    from hybridlm.kernels.swiglu_up import reference as up_reference
-    from hybridlm.kernels.swiglu_up import silu_mul_gemv
+    from hybridlm.kernels.decode_gemv import reference as up_reference
+    from hybridlm.kernels.decode_gemv import silu_mul_gemv
 
     g = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, 2048, device="cuda", generator=g)
@@ -180,6 +180,41 @@ def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
     want = up_reference.silu_mul_gemv(x, w1, w3)
     RESULTS[f"swiglu-gemv-{rows}-mismatched-fraction"] = float((got != want).float().mean())
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 * 2**-7 + 1e-30).all()
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("projection", ["mamba3-in_proj", "swiglu"])
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-cores", "tensor-cores"])
+def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, monkeypatch):
+    """The block boundary (residual add + RMSNorm) inside the next projection at the 1.5B presets'
+    shapes: mamba3-1.5b's in_proj, SwiGLU's w1, w3 and gate. fp32: the stream bitwise, the output
+    within 1e-5 of the reference (summation order). bf16: the stream bitwise (one rounded add); the
+    output normwise within 4e-3 of the reference, i.e. about one rounding step (2^-8) on every
+    element: the fp32 sums of squares and of products run in another order, which can move the
+    normed row's and the output's roundings by a step. Both forms of the kernel (rows on CUDA cores,
+    a 16-row tile through tl.dot)."""
+    from hybridlm.kernels.decode_gemv import norm_gemv
+    from hybridlm.kernels.decode_gemv import reference as gemv_reference
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    monkeypatch.setattr(kernel, "TENSOR_CORES", tensor_cores)
+
+    meta = build_model(get_preset("mamba3-1.5b"), device="meta")
+    n = meta.layers[0].mixer.in_proj.weight.shape[0] if projection == "mamba3-in_proj" else 4096
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    h, residual = (torch.randn(rows, 2048, device="cuda", generator=g) for _ in range(2))
+    norm_weight = torch.rand(2048, device="cuda", generator=g) + 0.5
+    w, w_up = (torch.randn(n, 2048, device="cuda", generator=g) / 2048 ** 0.5 for _ in range(2))
+    w_up = w_up if projection == "swiglu" else None
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 4e-3)):
+        args = [None if t is None else t.to(dtype) for t in (h, residual, norm_weight)]
+        weights = [None if t is None else t.to(dtype) for t in (w, w_up)]
+        got, stream = norm_gemv(*args, 1e-5, *weights, backend="triton")
+        want, want_stream = gemv_reference.norm_gemv(*args, 1e-5, *weights)
+        key = f"norm-gemv-{projection}-{rows}-{str(dtype).removeprefix('torch.')}-tc{int(tensor_cores)}"
+        RESULTS[key] = dict(rel_err=rel_err(got, want), mismatched_fraction=float((got != want).float().mean()))
+        assert torch.equal(stream, want_stream)
+        assert RESULTS[key]["rel_err"] <= bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

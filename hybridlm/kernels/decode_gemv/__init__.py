@@ -1,0 +1,82 @@
+"""The GEMVs of a decode step, with what surrounds them in the block, as one op each.
+
+    hidden = silu_mul_gemv(x, w1.weight, w3.weight)                  # SwiGLU: then w2(hidden)
+    y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w)     # a block boundary + its first projection
+    y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w1, w3)  # ... + SwiGLU's w1, w3 and gate
+
+``norm_gemv`` is the residual add and RMSNorm of a block boundary
+(:func:`hybridlm.kernels.rmsnorm.add_rms_norm`) followed by the block's first projection, so a
+decode step need not launch a norm kernel before each block.
+
+Backends (kind ``decode_gemv``, ops ``silu_mul_gemv`` and ``norm_gemv``), chosen by
+:mod:`hybridlm.kernels.registry`: ``reference`` (``reference.py``: the norm, GEMMs and gate as
+plain ops, every device, dtype and size) and ``triton`` (``triton.py``: one kernel for inputs of at
+most ``MAX_ROWS`` rows; ``auto`` on CUDA, on the CPU under ``TRITON_INTERPRET=1`` when asked for by
+name). No autograd: the blocks call these only while autograd does not record, and only for
+decode-sized inputs (:func:`backend_for`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridlm.kernels import registry
+from hybridlm.kernels.decode_gemv import reference
+
+KIND = "decode_gemv"
+MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode steps up to batch 16
+
+registry.register_reference_and_triton_ops(KIND, "hybridlm.kernels.decode_gemv.triton", {
+    "silu_mul_gemv": (reference.silu_mul_gemv, "silu_mul_gemv"),
+    "norm_gemv": (reference.norm_gemv, "norm_gemv")})
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None = None) -> str:
+    """The backend that would run ``op`` on these inputs (x, then the op's other tensors in order):
+    ``reference`` for more than ``MAX_ROWS`` rows (a prefill or training batch: cuBLAS GEMMs are the
+    right tool there, no warning), else the registry's."""
+    if _rows(x) > MAX_ROWS:
+        return "reference"
+    dtypes = (x.dtype, *(None if t is None else t.dtype for t in tensors))
+    return registry.choose(KIND, op, backend, x.device.type, x.device.index, dtypes, _rows(x))
+
+
+def _records_autograd(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor, *, backend: str | None = None) -> Tensor:
+    """silu(x w1ᵀ) * (x w3ᵀ): x (..., d_model), w1 and w3 (hidden, d_model) -> (..., hidden).
+    ``backend``: a registered ``decode_gemv`` backend, None or ``"auto"``."""
+    if w1.shape != w3.shape or x.shape[-1] != w1.shape[-1]:
+        raise ValueError(f"silu_mul_gemv: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} "
+                         "do not fit (w1 and w3 (hidden, d_model), x (..., d_model))")
+    if _records_autograd(x, w1, w3):
+        return reference.silu_mul_gemv(x, w1, w3)
+    name = backend_for("silu_mul_gemv", x, w1, w3, backend=backend)
+    return registry.implementation(KIND, name, "silu_mul_gemv")(x, w1, w3)
+
+
+def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor,
+              w_up: Tensor | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """h, residual (..., d_model) -> (rms_norm(h + residual) wᵀ, or silu(· wᵀ) * (· w_upᵀ) with
+    ``w_up``, (..., N) in w's dtype; the stream h + residual in h's dtype). ``residual=None``: no add,
+    the stream is h. w, w_up (N, d_model); norm_weight (d_model,)."""
+    d_model = h.shape[-1]
+    if (residual is not None and residual.shape != h.shape) or norm_weight.shape != (d_model,) \
+            or w.shape[-1] != d_model or (w_up is not None and w_up.shape != w.shape):
+        raise ValueError(f"norm_gemv: h {tuple(h.shape)}, residual {None if residual is None else tuple(residual.shape)}, "
+                         f"norm_weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}, "
+                         f"w_up {None if w_up is None else tuple(w_up.shape)} do not fit (h and residual (..., d_model), "
+                         "norm_weight (d_model,), w and w_up (N, d_model))")
+    if _records_autograd(h, residual, norm_weight, w, w_up):
+        return reference.norm_gemv(h, residual, norm_weight, eps, w, w_up)
+    name = backend_for("norm_gemv", h, residual, norm_weight, w, w_up, backend=backend)
+    return registry.implementation(KIND, name, "norm_gemv")(h, residual, norm_weight, eps, w, w_up)
+
+
+__all__ = ["silu_mul_gemv", "norm_gemv", "backend_for", "KIND", "MAX_ROWS"]

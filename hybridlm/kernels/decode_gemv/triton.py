@@ -1,0 +1,211 @@
+"""The decode GEMVs as one Triton kernel for decode-sized inputs (a few rows).
+
+At batch 1 a block is a few weight reads, and through cuBLAS each is its own GEMV kernel, plus a
+kernel for the residual add + RMSNorm in front and the SwiGLU gate behind. This kernel streams the
+weights once and does the rest around them:
+
+- ``NORM``: the block's residual add and RMSNorm as the prologue. Every program needs the whole
+  normed row, so each first walks the row once for its sum of squares (d_model elements: a few KiB,
+  next to the BLOCK_N × d_model weight rows it reads) and then norms each slice of it as the weight
+  tiles stream past; program 0 writes the new stream.
+- ``GATED``: two weights side by side, then ``silu(x wᵀ) * (x w_upᵀ)`` (SwiGLU's w1, w3 and gate).
+
+Each program owns ``BLOCK_N`` output units and streams its weight rows over d_model, each tile used
+by every row of x (at most ``MAX_ROWS``). Roundings are the reference's
+(hybridlm/kernels/decode_gemv/reference.py): the stream in its dtype, the normed row in the stream's
+dtype then the weights', each projection accumulated in fp32 and rounded to the dtype, silu in fp32
+rounded, then the product; only the sums are ordered differently. ``torch.library`` custom ops
+(opaque to ``torch.compile``, capturable in a CUDA graph); no backward (inference only).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybridlm.kernels.decode_gemv import MAX_ROWS
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, interpreting, one_dtype_reason
+
+BLOCK_N = 16  # output units a program: 352 programs at the 1.5B presets' hidden 5,632
+BLOCK_K = 256
+NUM_WARPS = 4
+TENSOR_CORES = False  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype):
+    """x (the stream's rows at ``at``) plus its residual, normed (rstd per row, broadcast), in W's dtype."""
+    if HAS_RES:
+        res = tl.load(RES + at, mask=mask, other=0.0).to(dtype)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(dtype)
+    g = tl.load(G + ks, mask=k_in, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * rstd * g).to(dtype).to(W.dtype.element_ty)
+
+
+@triton.jit
+def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, OUT, M, N, K, eps, NORM: tl.constexpr,
+                        HAS_RES: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr, DOT_FP32: tl.constexpr):
+    # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
+    # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
+    # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
+    # loads of a dot loop). Otherwise the rows of x go one at a time through the loaded tiles as
+    # CUDA-core multiply-adds. benchmarks/gemv.py --sweep times both.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, ROWS)
+    col_in = cols < N
+    row_in = rows < M
+    dtype = H.dtype.element_ty
+    rstd = tl.zeros([ROWS], dtype=tl.float32)
+    if NORM:  # each row's sum of squares of its stream; program 0 writes the stream
+        squares = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            at = rows[:, None] * K + ks[None, :]
+            mask = row_in[:, None] & (ks < K)[None, :]
+            s = tl.load(H + at, mask=mask, other=0.0)
+            if HAS_RES:
+                res = tl.load(RES + at, mask=mask, other=0.0).to(dtype)
+                s = (s.to(tl.float32) + res.to(tl.float32)).to(dtype)
+                tl.store(STREAM + at, s, mask=mask & (pid == 0))
+            s = s.to(tl.float32)
+            squares += tl.sum(s * s, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        w_at = cols[:, None].to(tl.int64) * K + ks[None, :]
+        w_mask = col_in[:, None] & k_in[None, :]
+        w = tl.load(W + w_at, mask=w_mask, other=0.0)
+        if GATED:
+            w_up = tl.load(W_UP + w_at, mask=w_mask, other=0.0)
+        if TENSOR_CORES:
+            at = rows[:, None] * K + ks[None, :]
+            mask = row_in[:, None] & k_in[None, :]
+            x = tl.load(H + at, mask=mask, other=0.0)
+            if NORM:
+                x = _normed(x, RES, G, W, at, mask, ks[None, :], k_in[None, :], rstd[:, None], HAS_RES, dtype)
+            if DOT_FP32:  # fp32 weights, or the interpreter (its bf16 dot is wrong: Triton 3.6)
+                x, w = x.to(tl.float32), w.to(tl.float32)
+                if GATED:
+                    w_up = w_up.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if DOT_FP32 else None)
+            if GATED:
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee" if DOT_FP32 else None)
+        else:
+            for r in tl.static_range(ROWS):
+                x_in = k_in & (r < M)
+                x = tl.load(H + r * K + ks, mask=x_in, other=0.0)
+                if NORM:
+                    rstd_r = tl.sum(tl.where(rows == r, rstd, 0.0), axis=0)
+                    x = _normed(x, RES, G, W, r * K + ks, x_in, ks, k_in, rstd_r, HAS_RES, dtype)
+                x = x.to(tl.float32)[None, :]
+                here = (rows == r)[:, None]
+                acc = tl.where(here, acc + tl.sum(w.to(tl.float32) * x, axis=1)[None, :], acc)
+                if GATED:
+                    acc_up = tl.where(here, acc_up + tl.sum(w_up.to(tl.float32) * x, axis=1)[None, :], acc_up)
+    w_dtype = W.dtype.element_ty
+    out = acc.to(w_dtype)
+    if GATED:
+        g = out.to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(w_dtype).to(tl.float32)
+        out = (silu * acc_up.to(w_dtype).to(tl.float32)).to(w_dtype)
+    tl.store(OUT + rows[:, None] * N + cols[None, :], out, mask=row_in[:, None] & col_in[None, :])
+
+
+def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, w: Tensor,
+            w_up: Tensor | None, stream: Tensor | None) -> Tensor:
+    rows, k = h.shape
+    n = w.shape[0]
+    out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
+    if rows and n:
+        _decode_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+            h, h if residual is None else residual, w if norm_weight is None else norm_weight,
+            h if stream is None else stream, w, w if w_up is None else w_up, out, rows, n, k, eps,
+            NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
+            ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            TENSOR_CORES=TENSOR_CORES, DOT_FP32=w.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS)
+    return out
+
+
+@torch.library.custom_op("hybridlm::silu_mul_gemv", mutates_args=())
+def silu_mul_gemv_op(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    """x (rows <= MAX_ROWS, K), w1 and w3 (N, K), all contiguous and of one dtype -> (rows, N)."""
+    return _launch(x, None, None, 0.0, w1, w3, None)
+
+
+@silu_mul_gemv_op.register_fake
+def _(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("hybridlm::rms_norm_gemv", mutates_args=())
+def rms_norm_gemv_op(h: Tensor, norm_weight: Tensor, eps: float, w: Tensor, w_up: Tensor | None) -> Tensor:
+    """h (rows <= MAX_ROWS, K) -> the GEMV (or gated pair) of rms_norm(h): (rows, N) in w's dtype."""
+    return _launch(h, None, norm_weight, eps, w, w_up, None)
+
+
+@rms_norm_gemv_op.register_fake
+def _(h, norm_weight, eps, w, w_up):
+    return h.new_empty(h.shape[0], w.shape[0], dtype=w.dtype)
+
+
+@torch.library.custom_op("hybridlm::add_rms_norm_gemv", mutates_args=())
+def add_rms_norm_gemv_op(h: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, w: Tensor,
+                         w_up: Tensor | None) -> tuple[Tensor, Tensor]:
+    """As :func:`rms_norm_gemv_op` of the stream h + residual; returns (the GEMV, the stream)."""
+    stream = torch.empty_like(h)
+    return _launch(h, residual, norm_weight, eps, w, w_up, stream), stream
+
+
+@add_rms_norm_gemv_op.register_fake
+def _(h, residual, norm_weight, eps, w, w_up):
+    return h.new_empty(h.shape[0], w.shape[0], dtype=w.dtype), torch.empty_like(h)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
+    """As :func:`hybridlm.kernels.decode_gemv.reference.silu_mul_gemv`, in one kernel."""
+    return silu_mul_gemv_op(_rows(x), w1.contiguous(), w3.contiguous()).view(*x.shape[:-1], w1.shape[0])
+
+
+def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor,
+              w_up: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """As :func:`hybridlm.kernels.decode_gemv.reference.norm_gemv`, in one kernel."""
+    shape = (*h.shape[:-1], w.shape[0])
+    weights = (norm_weight.contiguous(), float(eps), w.contiguous(), None if w_up is None else w_up.contiguous())
+    if residual is None:
+        return rms_norm_gemv_op(_rows(h), *weights).view(shape), h
+    out, stream = add_rms_norm_gemv_op(_rows(h), _rows(residual), *weights)
+    return out.view(shape), stream.view(h.shape)
+
+
+def gemv(x: Tensor, w: Tensor) -> Tensor:
+    """x wᵀ through the kernel's plain form (no norm, one weight), for benchmarks/gemv.py's comparison
+    with cuBLAS; the blocks call the ops above."""
+    return _launch(_rows(x), None, None, 0.0, w.contiguous(), None, None).view(*x.shape[:-1], w.shape[0])
+
+
+def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype, ...], rows: int) -> str | None:
+    """Why the kernel cannot take these inputs (plain values); None when it can. ``dtypes``: for
+    ``silu_mul_gemv`` (x, w1, w3), one dtype; for ``norm_gemv`` (stream, residual or None, norm
+    weight, w, w_up or None): the weights of one dtype, the stream and residual any of the kernel's."""
+    where = device_type_reason(device, "the Triton decode GEMV kernel")
+    if where:
+        return where
+    if op == "norm_gemv":
+        stream_dtypes = [d for d in dtypes[:2] if d is not None]
+        odd = [d for d in stream_dtypes if d not in DTYPES]
+        problem = (one_dtype_reason(tuple(d for d in dtypes[2:] if d is not None), DTYPES)
+                   or (f"stream dtype {odd[0]}" if odd else None))
+    else:
+        problem = one_dtype_reason(dtypes, DTYPES)
+    return problem or (None if rows <= MAX_ROWS else f"{rows} rows (a decode-sized input takes at most {MAX_ROWS})")
