@@ -108,9 +108,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 # The blocks' own backend switches of the small fused inference ops (SwiGLU's gate, the decode GEMVs
-# of SwiGLU and Mamba-3 with the block boundary's norm in front, attention's RoPE); the norms' switch
-# is the Decoder's ``fused_norms``.
-OP_BACKENDS = ("gate_backend", "gemv_backend", "rope_backend")
+# of SwiGLU and Mamba-3 with the block boundary's norm in front, attention's RoPE and its KV-cache
+# write); the norms' switch is the Decoder's ``fused_norms``.
+OP_BACKENDS = ("gate_backend", "gemv_backend", "rope_backend", "kv_backend")
 
 
 @contextlib.contextmanager

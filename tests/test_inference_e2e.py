@@ -65,7 +65,7 @@ def use_kernel_backend(model, name):
         if hasattr(m, "gemv_backend"):  # SwiGLU, Mamba3
             m.gemv_backend = name
         if isinstance(m, Attention):
-            m.rope_backend = name
+            m.rope_backend = m.kv_backend = name
 
 
 # -- the kernel -----------------------------------------------------------------------------------
@@ -282,6 +282,41 @@ def test_triton_rope_matches_reference(case, dtype):
         else:
             assert within_steps(got, want, 2)
     assert rel_err(got_q.float(), q.float()) > 0.1  # it did rotate
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("theta", [None, 10000.0], ids=["nope", "rope"])
+@pytest.mark.parametrize("B,L,Hq,Hk,D", [(3, 1, 4, 2, 16), (2, 3, 6, 3, 24)], ids=["step", "chunk"])
+def test_triton_kv_append_matches_reference(B, L, Hq, Hk, D, theta, dtype):
+    """A decode step (L = 1) and a 3-token chunk into caches whose rows hold 0, 5 and 9 tokens; head_dim
+    24 masks the pair axis. The new lengths exact, every untouched cache position unchanged, v's rows
+    bitwise; NoPE: k's rows and q bitwise; RoPE: q, k and k's cache rows as test_triton_rope_matches_reference
+    (fp32 1e-6, bf16 two rounding steps on the CPU), k's cache rows bitwise the returned k."""
+    from hybridlm.kernels.kv_append import append_kv
+    from hybridlm.kernels.kv_append import reference as kv_reference
+
+    g = torch.Generator().manual_seed(L)
+    q = torch.randn(B, L, Hq, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, L, Hk, D, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.tensor([0, 5, 9][:B], dtype=torch.int32)
+    caches = [torch.randn(B, 16, Hk, D, generator=g).to(dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+    got_q, got_k, got_lengths = append_kv(q, k, v, *caches, lengths, theta, backend="triton")
+    want_q, want_k, want_lengths = kv_reference.append_kv(q, k, v, *want_caches, lengths, theta)
+    assert torch.equal(got_lengths, want_lengths) and torch.equal(lengths, torch.tensor([0, 5, 9][:B], dtype=torch.int32))
+    written = torch.zeros(B, 16, dtype=torch.bool)
+    for b in range(B):
+        written[b, int(lengths[b]):int(lengths[b]) + L] = True
+    assert torch.equal(caches[0][~written], want_caches[0][~written]) and torch.equal(caches[1], want_caches[1])
+    assert torch.equal(caches[0][written], got_k.reshape(-1, Hk, D))
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        if theta is None:
+            assert torch.equal(got, want)
+        elif dtype == torch.float32:
+            assert rel_err(got, want) <= 1e-6
+        else:
+            assert within_steps(got, want, 2)
 
 
 def test_rope_with_autograd_is_the_reference_and_checks_shapes():
@@ -591,15 +626,18 @@ def test_fused_step_has_one_op_per_block_boundary(bench):
 @needs_triton
 def test_fused_transformer_step_rotates_q_and_k_in_one_op(bench):
     """The op count of one bf16 step of transformer-tiny (6 (A F) pairs) with the GPU's kernels: RoPE
-    is one op a layer (the angles, cos/sin, the halves and the cats were ≈ 28); what is left per
-    attention layer is the KV-cache bookkeeping. Unfused 443 ops, fused 135 (321 before RoPE, 153
-    before the SwiGLU GEMV: two ops fewer a SwiGLU; 141 before the norm went into it)."""
+    and the KV-cache write are one op a layer (the angles, cos/sin, the halves and the cats were ≈ 28,
+    then the positions, two scatters and the new lengths 6 more); what is left per attention layer
+    is SDPA's mask over the cache (FA4 reads the lengths instead) and the copy of the new lengths.
+    Unfused 443 ops, fused 99 (321 before RoPE, 153 before the SwiGLU GEMV: two ops fewer a SwiGLU;
+    141 before the norm went into it, 135 before the cache write)."""
     model = build_model(get_preset("transformer-tiny"), dtype=torch.bfloat16, seed=0).eval()
     use_kernel_backend(model, "triton")
     fused = bench.count_step_ops(model, "fused")
     unfused = bench.count_step_ops(model, "unfused")
     attention_layers = sum(isinstance(m, Attention) for m in model.modules())
-    assert fused["by_name"]["hybridlm::rope_qk"] == attention_layers == 6
-    assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg"} & set(fused["by_name"])
+    assert fused["by_name"]["hybridlm::append_kv"] == attention_layers == 6
+    assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg", "aten::scatter_",
+                "hybridlm::rope_qk"} & set(fused["by_name"])
     assert fused["by_name"]["hybridlm::add_rms_norm_gemv"] == 6  # each SwiGLU with its norm
-    assert (unfused["ops"], fused["ops"]) == (443, 135)
+    assert (unfused["ops"], fused["ops"]) == (443, 99)

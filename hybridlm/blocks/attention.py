@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.attention import cached_attention, causal_attention
+from hybridlm.kernels.kv_append import append_kv
 from hybridlm.kernels.rope import rope_qk
 from hybridlm.layouts.blocks import attention_problems
 
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/registry.py)
         self.rope_backend: str | None = None  # kernels/rope/: auto is Triton on CUDA when autograd is off
+        self.kv_backend: str | None = None  # kernels/kv_append/ (a dense cache write, RoPE included): the same
         factory = {"device": device, "dtype": dtype}
         hd = self.head_dim
         self.wq = nn.Linear(d_model, n_heads * hd, bias=False, **factory)
@@ -146,24 +148,20 @@ class Attention(nn.Module):
         if rows != cache.batch_size:
             what = "sequences (cu_seqlens)" if cu_seqlens is not None else "rows"
             raise ShapeError(f"KV cache was allocated for batch {cache.batch_size}; got {rows} {what}")
-        if cu_seqlens is None:
+        if cu_seqlens is None:  # row b, positions lengths[b] .. lengths[b] + L - 1: one op (kernels/kv_append/)
             new_tokens = L
-            positions = cache.lengths[:, None].long() + torch.arange(L, device=q.device)  # (B, L)
-            kv_lengths = cache.lengths + L
+            cache.check_room(new_tokens)
+            q, k, kv_lengths = append_kv(q, k, v, cache.k, cache.v, cache.lengths,
+                                      self.rope_theta if self.position == "rope" else None, backend=self.kv_backend)
         else:
             seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
             new_tokens = int(seqlens.max())  # a prefill: this host sync is fine
+            cache.check_room(new_tokens)
             seq, local = self._packed_positions(cu_seqlens, L)
             positions = cache.lengths.long()[seq] + local  # (T,)
             kv_lengths = cache.lengths + seqlens.to(cache.lengths.dtype)
-        cache.check_room(new_tokens)
-        if self.position == "rope":
-            q, k = self._rope(q, k, positions)
-        if cu_seqlens is None:
-            index = positions[:, :, None, None].expand_as(k)
-            cache.k.scatter_(1, index, k.to(cache.k.dtype))  # row b, positions lengths[b] .. lengths[b] + L - 1
-            cache.v.scatter_(1, index, v.to(cache.v.dtype))
-        else:
+            if self.position == "rope":
+                q, k = self._rope(q, k, positions)
             cache.k[seq, positions] = k[0].to(cache.k.dtype)
             cache.v[seq, positions] = v[0].to(cache.v.dtype)
         fresh = cache.max_filled == 0  # every row empty: the new tokens are the whole context

@@ -24,18 +24,20 @@ MAX_HEAD_DIM = 512  # a token's heads of one tensor live in one program's regist
 
 
 @triton.jit
-def _rotate_token(X, OUT, tok, n_heads, pos, freq, i, i_mask, half,
+def _rotate_heads(X, x_row, OUT, out_row, n_heads, pos, freq, i, i_mask, half,
                   BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Every head of row ``x_row`` of X (rows of n_heads × 2·half) rotated by ``pos``, to row ``out_row`` of OUT."""
     angle = pos * freq
     cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
     for h0 in range(0, n_heads, BLOCK_HEADS):
         h = h0 + tl.arange(0, BLOCK_HEADS)
         mask = (h < n_heads)[:, None] & i_mask[None, :]
-        at = (tok * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
-        a = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(X + at + half, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + at, (a * cos - b * sin).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + at + half, (a * sin + b * cos).to(OUT.dtype.element_ty), mask=mask)
+        x_at = (x_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
+        out_at = (out_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
+        a = tl.load(X + x_at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(X + x_at + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + out_at, (a * cos - b * sin).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + out_at + half, (a * sin + b * cos).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -48,9 +50,9 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, FREQ, n_q_heads, n_k_heads, half,
     i_mask = i < half
     freq = tl.load(FREQ + i, mask=i_mask, other=0.0)
     if tl.program_id(1) == 0:
-        _rotate_token(Q, Q_OUT, tok, n_q_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
+        _rotate_heads(Q, tok, Q_OUT, tok, n_q_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
     else:
-        _rotate_token(K, K_OUT, tok, n_k_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
+        _rotate_heads(K, tok, K_OUT, tok, n_k_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
 
 
 @functools.lru_cache(maxsize=32)
@@ -60,14 +62,19 @@ def _frequencies(head_dim: int, theta: float, device: torch.device) -> Tensor:
     return inverse_frequencies(head_dim, theta, torch.float32, device)
 
 
+def head_blocks(half: int, n_heads: int) -> tuple[int, int]:
+    """(BLOCK_HALF, BLOCK_HEADS): a head's half in one block, heads in blocks of ≤ 2,048 elements."""
+    block_half = triton.next_power_of_2(half)
+    return block_half, max(1, min(triton.next_power_of_2(n_heads), 2048 // block_half))
+
+
 @torch.library.custom_op("hybridlm::rope_qk", mutates_args=("q_out", "k_out"))
 def rope_qk_op(q: Tensor, k: Tensor, positions: Tensor, frequencies: Tensor, q_out: Tensor, k_out: Tensor) -> None:
     """q (T, Hq, D), k (T, Hk, D), positions (T,), frequencies (D/2,) fp32, all contiguous -> q_out, k_out."""
     T, n_q, D = q.shape
     if T:
         half = D // 2
-        block_half = triton.next_power_of_2(half)
-        block_heads = max(1, min(triton.next_power_of_2(max(n_q, k.shape[1])), 2048 // block_half))
+        block_half, block_heads = head_blocks(half, max(n_q, k.shape[1]))
         _rope_kernel[(T, 2)](q, k, q_out, k_out, positions, frequencies, n_q, k.shape[1], half,
                              BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
 
