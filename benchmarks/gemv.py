@@ -9,6 +9,8 @@ Each case is what a block boundary and the block's first projection cost at deco
   ``norm_gemv`` (one kernel);
 - ``swiglu``: the boundary + w1, w3 and the gate: norm kernel, two cuBLAS GEMVs and the gate kernel;
   norm kernel and ``silu_mul_gemv``; ``norm_gemv`` with both weights (one kernel);
+- ``qkv``: hybrid-1.5b's attention boundary + q, k, v (16 and 4 heads of 128): norm kernel and three
+  cuBLAS GEMVs, against ``norm_gemv`` with the three weights stacked;
 - ``plain``: one GEMV of a (2048, 4096) weight (out_proj, w2) by cuBLAS and by the kernel's plain form.
 
 Timing: ``reps`` calls captured in one CUDA graph and replayed (median of 20 replays), each call on
@@ -103,6 +105,18 @@ def cases(rows: int, in_proj_width: int):
     yield "swiglu", "norm + 2 cuBLAS + gate", nbytes, unfused_swiglu
     yield "swiglu", "norm + silu_mul_gemv", nbytes, lambda i: silu_mul_gemv(norm(), w1[i % n], w3[i % n], **triton)
     yield "swiglu", "norm_gemv", nbytes, lambda i: norm_gemv(h, residual, g, 1e-5, w1[i % n], w3[i % n], **triton)
+
+    n = copies_for(3 * D_MODEL * D_MODEL)  # q (2048 rows), k and v (512 each): 3,072 rows of 2,048
+    wq, wk, wv = (weight_copies(rows_, D_MODEL, n) for rows_ in (D_MODEL, D_MODEL // 4, D_MODEL // 4))
+    nbytes = 3 * D_MODEL * D_MODEL
+
+    def unfused_qkv(i):
+        x = norm()
+        return F.linear(x, wq[i % n]), F.linear(x, wk[i % n]), F.linear(x, wv[i % n])
+
+    yield "qkv", "norm + 3 cuBLAS", nbytes, unfused_qkv
+    yield "qkv", "norm_gemv", nbytes, \
+        lambda i: norm_gemv(h, residual, g, 1e-5, wq[i % n], stacked=(wk[i % n], wv[i % n]), **triton)
 
     yield from plain_cases(rows)
 

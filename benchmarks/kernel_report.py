@@ -114,8 +114,9 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
 
 
 def decode_gemv_launches(dtype: torch.dtype) -> list:
-    """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, norm_gemv plain) at the 1.5B
-    presets' SwiGLU (2048 -> 4096) at 1, 8 and 16 rows, on CUDA cores and then on tensor cores."""
+    """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, plain, and stacked as q, k, v)
+    at the 1.5B presets' shapes (d_model 2048, hidden 4096; q 2048, k and v 512 rows) at 1, 8 and 16
+    rows, on CUDA cores and then on tensor cores."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -125,6 +126,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
             kernel.silu_mul_gemv(h, w1, w3)
             kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
             kernel.norm_gemv(h, residual, g, 1e-5, w1)
+            kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
 
     try:
         return launches(run)

@@ -172,46 +172,55 @@ def test_swiglu_block_takes_the_gemv_only_at_decode_sizes_without_autograd():
 
 @needs_triton
 @pytest.mark.parametrize("rows,n,d_model", [(1, 96, 200), (5, 40, 300), (16, 17, 513)])
-@pytest.mark.parametrize("gated", [False, True], ids=["gemv", "gated"])
+@pytest.mark.parametrize("weights", ["gemv", "gated", "stacked"])
 @pytest.mark.parametrize("with_residual", [True, False], ids=["add", "no-add"])
 @pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-cores", "tensor-cores"])
-def test_triton_norm_gemv_matches_reference(rows, n, d_model, gated, with_residual, tensor_cores, monkeypatch):
-    """The block boundary (residual add + RMSNorm) and the next projection (or SwiGLU's gated pair) in
-    one kernel, n and d_model not multiples of its blocks. fp32: the stream bitwise, the output within
-    1e-6 of the reference (summation order). bf16: the stream bitwise the interpreter's add (rounded
-    toward zero, see round_toward_zero), the output what the kernel's roundings give on the exact
-    products of the normed row (summed in fp64), to one rounding step of the largest output (an fp32
-    sum of squares in another order can flip one normed element: measured 0 or ≤ 5e-7); against the
-    reference 2.5e-2 normwise (measured ≤ 2.1e-2 gated, ≤ 7.5e-3 not: the interpreter's roundings
-    toward zero bias every one of the norm's and GEMV's roundings the same way). Both forms of the
-    kernel: rows one at a time on CUDA cores, and a 16-row tile through tl.dot (in fp32 here: the
-    interpreter's bf16 dot is wrong; the GPU test covers the bf16 dot)."""
+def test_triton_norm_gemv_matches_reference(rows, n, d_model, weights, with_residual, tensor_cores, monkeypatch):
+    """The block boundary (residual add + RMSNorm) and the next projection (one weight, SwiGLU's gated
+    pair, or q, k, v stacked: 32 and 16 rows then n) in one kernel, n and d_model not multiples of its
+    blocks. fp32: the stream bitwise, the output within 1e-6 of the reference (summation order). bf16:
+    the stream bitwise the interpreter's add (rounded toward zero, see round_toward_zero), the output
+    what the kernel's roundings give on the exact products of the normed row (summed in fp64), to one
+    rounding step of the largest output (an fp32 sum of squares in another order can flip one normed
+    element: measured 0 or ≤ 5e-7); against the reference 2.5e-2 normwise (measured ≤ 2.1e-2 gated,
+    ≤ 7.5e-3 not: the interpreter's roundings toward zero bias every one of the norm's and GEMV's
+    roundings the same way). Both forms of the kernel: rows one at a time on CUDA cores, and a 16-row
+    tile through tl.dot (in fp32 here: the interpreter's bf16 dot is wrong; the GPU test covers it)."""
     from hybridlm.kernels.decode_gemv import norm_gemv
     from hybridlm.kernels.decode_gemv import reference as gemv_reference
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     monkeypatch.setattr(kernel, "TENSOR_CORES", tensor_cores)
-
     gen = torch.Generator().manual_seed(rows + n)
     h, residual = (torch.randn(rows, d_model, generator=gen) for _ in range(2))
     residual = residual if with_residual else None
     norm_weight = torch.rand(d_model, generator=gen) + 0.5
-    w, w_up = (torch.randn(n, d_model, generator=gen) / d_model ** 0.5 for _ in range(2))
-    w_up = w_up if gated else None
-    got, stream = norm_gemv(h, residual, norm_weight, 1e-5, w, w_up, backend="triton")
-    want, want_stream = gemv_reference.norm_gemv(h, residual, norm_weight, 1e-5, w, w_up)
+    shapes = {"gemv": (n,), "gated": (n, n), "stacked": (32, 16, n)}[weights]
+    ws = [torch.randn(rows_, d_model, generator=gen) / d_model ** 0.5 for rows_ in shapes]
+
+    def call(fn, h, residual, norm_weight, ws, **kw):
+        w_up = ws[1] if weights == "gated" else None
+        return fn(h, residual, norm_weight, 1e-5, ws[0], w_up, stacked=tuple(ws[1:]) if weights == "stacked" else None,
+                  **kw)
+
+    got, stream = call(norm_gemv, h, residual, norm_weight, ws, backend="triton")
+    want, want_stream = call(gemv_reference.norm_gemv, h, residual, norm_weight, ws)
+    assert got.shape == (rows, sum(shapes) if weights == "stacked" else n)
     assert torch.equal(stream, want_stream) and rel_err(got, want) <= 1e-6
-    bf = [None if t is None else t.bfloat16() for t in (h, residual, norm_weight, w, w_up)]
-    got, stream = norm_gemv(bf[0], bf[1], bf[2], 1e-5, bf[3], bf[4], backend="triton")
+    bf = [None if t is None else t.bfloat16() for t in (h, residual, norm_weight)]
+    bf_ws = [t.bfloat16() for t in ws]
+    got, stream = call(norm_gemv, *bf, bf_ws, backend="triton")
     want_stream = bf[0].float() if residual is None else round_toward_zero(bf[0].float() + bf[1].float())
     assert torch.equal(stream.float(), want_stream)
     rstd = torch.rsqrt(want_stream.pow(2).sum(-1, keepdim=True) / d_model + 1e-5)
     x = round_toward_zero(round_toward_zero(want_stream * rstd * bf[2].float())).double()
-    first = round_toward_zero((x @ bf[3].double().T).float())
-    exact = first if w_up is None else round_toward_zero(
-        round_toward_zero(F.silu(first)) * round_toward_zero((x @ bf[4].double().T).float()))
+    products = [round_toward_zero((x @ t.double().T).float()) for t in bf_ws]
+    if weights == "gated":
+        exact = round_toward_zero(round_toward_zero(F.silu(products[0])) * products[1])
+    else:
+        exact = torch.cat(products, dim=-1)
     assert (got.float() - exact).abs().max() <= exact.abs().max() * 2**-8
-    assert rel_err(got, gemv_reference.norm_gemv(bf[0], bf[1], bf[2], 1e-5, bf[3], bf[4])[0]) <= 2.5e-2
+    assert rel_err(got, call(gemv_reference.norm_gemv, *bf, bf_ws)[0]) <= 2.5e-2
 
 
 @needs_triton
@@ -625,19 +634,22 @@ def test_fused_step_has_one_op_per_block_boundary(bench):
 
 @needs_triton
 def test_fused_transformer_step_rotates_q_and_k_in_one_op(bench):
-    """The op count of one bf16 step of transformer-tiny (6 (A F) pairs) with the GPU's kernels: RoPE
-    and the KV-cache write are one op a layer (the angles, cos/sin, the halves and the cats were ≈ 28,
-    then the positions, two scatters and the new lengths 6 more); what is left per attention layer
-    is SDPA's mask over the cache (FA4 reads the lengths instead) and the copy of the new lengths.
-    Unfused 443 ops, fused 99 (321 before RoPE, 153 before the SwiGLU GEMV: two ops fewer a SwiGLU;
-    141 before the norm went into it, 135 before the cache write)."""
+    """The op count of one bf16 step of transformer-tiny (6 (A F) pairs) with the GPU's kernels: every
+    block boundary is inside the next block's first projection (q, k and v stacked in one GEMV op;
+    SwiGLU's w1, w3 and gate in another), and RoPE and the KV-cache write are one op a layer (the
+    angles, cos/sin, the halves and the cats were ≈ 28, then the positions, two scatters and the new
+    lengths 6 more); what is left per attention layer is SDPA's mask over the cache (FA4 reads the
+    lengths instead) and the copy of the new lengths. Unfused 443 ops, fused 81 (321 before RoPE, 153
+    before the SwiGLU GEMV, 141 before the norms went into the GEMVs, 135 before the cache write,
+    99 before q, k and v)."""
     model = build_model(get_preset("transformer-tiny"), dtype=torch.bfloat16, seed=0).eval()
     use_kernel_backend(model, "triton")
     fused = bench.count_step_ops(model, "fused")
     unfused = bench.count_step_ops(model, "unfused")
+    ops = fused["by_name"]
     attention_layers = sum(isinstance(m, Attention) for m in model.modules())
-    assert fused["by_name"]["hybridlm::append_kv"] == attention_layers == 6
-    assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg", "aten::scatter_",
-                "hybridlm::rope_qk"} & set(fused["by_name"])
-    assert fused["by_name"]["hybridlm::add_rms_norm_gemv"] == 6  # each SwiGLU with its norm
-    assert (unfused["ops"], fused["ops"]) == (443, 99)
+    assert ops["hybridlm::append_kv"] == attention_layers == 6
+    assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg", "aten::scatter_", "hybridlm::rope_qk"} & set(ops)
+    assert ops["hybridlm::rms_norm_gemv"] + ops["hybridlm::add_rms_norm_gemv"] == 12  # every block's first GEMV
+    assert ops["aten::linear"] == 2 * attention_layers + 1  # wo and w2 a pair, the output head
+    assert (unfused["ops"], fused["ops"]) == (443, 81)

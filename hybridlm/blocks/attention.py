@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
 from hybridlm.errors import ShapeError
+from hybridlm.kernels import decode_gemv
 from hybridlm.kernels.attention import cached_attention, causal_attention
 from hybridlm.kernels.kv_append import append_kv
 from hybridlm.kernels.rope import rope_qk
@@ -84,6 +85,7 @@ class Attention(nn.Module):
         self.backend = backend  # None: HYBRIDLM_ATTENTION, then auto (kernels/registry.py)
         self.rope_backend: str | None = None  # kernels/rope/: auto is Triton on CUDA when autograd is off
         self.kv_backend: str | None = None  # kernels/kv_append/ (a dense cache write, RoPE included): the same
+        self.gemv_backend: str | None = None  # kernels/decode_gemv/, for normed_forward (None: auto)
         factory = {"device": device, "dtype": dtype}
         hd = self.head_dim
         self.wq = nn.Linear(d_model, n_heads * hd, bias=False, **factory)
@@ -114,11 +116,32 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ShapeError(f"Attention expects (batch, seq, {self.d_model}); got {tuple(x.shape)}")
-        B, L, _ = x.shape
+        return self._attend(self.wq(x), self.wk(x), self.wv(x), cu_seqlens, cache)
+
+    def normed_forward(self, h: Tensor, residual: Tensor | None, norm: RMSNorm, cu_seqlens: Tensor | None = None,
+                       *, cache: KVCache | None = None) -> tuple[Tensor, Tensor] | None:
+        """A decode step with the block boundary in front of it (``norm`` of h + residual) and q, k and v
+        as one op (:mod:`hybridlm.kernels.decode_gemv`): (output, stream). None where this input takes
+        the separate norm (not a dense one-token step with a cache, autograd, or no kernel for it)."""
+        if torch.is_grad_enabled() or cache is None or cu_seqlens is not None or h.dim() != 3 or h.shape[1] != 1:
+            return None
+        wq, wk, wv = self.wq.weight, self.wk.weight, self.wv.weight
+        rows = (wq.shape[0], wk.shape[0])
+        if decode_gemv.backend_for("norm_gemv", h, residual, norm.weight, wq, None, wk, wv, backend=self.gemv_backend,
+                                   stacked_rows=rows) == "reference":
+            return None
+        qkv, stream = decode_gemv.norm_gemv(h, residual, norm.weight, norm.eps, wq, stacked=(wk, wv),
+                                            backend=self.gemv_backend)
+        q, k, v = qkv.split((*rows, wv.shape[0]), dim=-1)
+        return self._attend(q, k, v, cu_seqlens, cache), stream
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, cache: KVCache | None) -> Tensor:
+        """The layer after its projections: q (B, L, Hq·D), k and v (B, L, Hk·D) -> (B, L, d_model)."""
+        B, L, _ = q.shape
         n_heads, n_kv_heads = self.heads()
-        q = self.wq(x).unflatten(-1, (n_heads, self.head_dim))
-        k = self.wk(x).unflatten(-1, (n_kv_heads, self.head_dim))
-        v = self.wv(x).unflatten(-1, (n_kv_heads, self.head_dim))
+        q = q.unflatten(-1, (n_heads, self.head_dim))
+        k = k.unflatten(-1, (n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (n_kv_heads, self.head_dim))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -126,7 +149,7 @@ class Attention(nn.Module):
             out = self._attend_with_cache(q, k, v, cu_seqlens, cache, scale)
         else:
             if self.position == "rope":
-                positions = (torch.arange(L, device=x.device) if cu_seqlens is None
+                positions = (torch.arange(L, device=q.device) if cu_seqlens is None
                              else self._packed_positions(cu_seqlens, B * L)[1].view(B, L))
                 q, k = self._rope(q, k, positions)
             out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, window=self.window, scale=scale,

@@ -183,12 +183,13 @@ def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
 
 
 @pytest.mark.parametrize("rows", [1, 16])
-@pytest.mark.parametrize("projection", ["mamba3-in_proj", "swiglu"])
+@pytest.mark.parametrize("projection", ["mamba3-in_proj", "swiglu", "attention-qkv"])
 @pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-cores", "tensor-cores"])
 def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, monkeypatch):
     """The block boundary (residual add + RMSNorm) inside the next projection at the 1.5B presets'
-    shapes: mamba3-1.5b's in_proj, SwiGLU's w1, w3 and gate. fp32: the stream bitwise, the output
-    within 1e-5 of the reference (summation order). bf16: the stream bitwise (one rounded add); the
+    shapes: mamba3-1.5b's in_proj, SwiGLU's w1, w3 and gate, attention's q, k, v (16 and 4 heads of
+    128, stacked). fp32: the stream bitwise, the output within 1e-5 of the reference (summation
+    order). bf16: the stream bitwise (one rounded add); the
     output normwise within 4e-3 of the reference, i.e. about one rounding step (2^-8) on every
     element: the fp32 sums of squares and of products run in another order, which can move the
     normed row's and the output's roundings by a step. Both forms of the kernel (rows on CUDA cores,
@@ -204,13 +205,14 @@ def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, mon
     g = torch.Generator(device="cuda").manual_seed(rows)
     h, residual = (torch.randn(rows, 2048, device="cuda", generator=g) for _ in range(2))
     norm_weight = torch.rand(2048, device="cuda", generator=g) + 0.5
-    w, w_up = (torch.randn(n, 2048, device="cuda", generator=g) / 2048 ** 0.5 for _ in range(2))
-    w_up = w_up if projection == "swiglu" else None
+    shapes = {"mamba3-in_proj": (n,), "swiglu": (n, n), "attention-qkv": (2048, 512, 512)}[projection]
+    ws = [torch.randn(rows_, 2048, device="cuda", generator=g) / 2048 ** 0.5 for rows_ in shapes]
     for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 4e-3)):
         args = [None if t is None else t.to(dtype) for t in (h, residual, norm_weight)]
-        weights = [None if t is None else t.to(dtype) for t in (w, w_up)]
-        got, stream = norm_gemv(*args, 1e-5, *weights, backend="triton")
-        want, want_stream = gemv_reference.norm_gemv(*args, 1e-5, *weights)
+        w, *more = (t.to(dtype) for t in ws)
+        kw = dict(w_up=more[0]) if projection == "swiglu" else dict(stacked=tuple(more)) if more else {}
+        got, stream = norm_gemv(*args, 1e-5, w, backend="triton", **kw)
+        want, want_stream = gemv_reference.norm_gemv(*args, 1e-5, w, **kw)
         key = f"norm-gemv-{projection}-{rows}-{str(dtype).removeprefix('torch.')}-tc{int(tensor_cores)}"
         RESULTS[key] = dict(rel_err=rel_err(got, want), mismatched_fraction=float((got != want).float().mean()))
         assert torch.equal(stream, want_stream)

@@ -3,10 +3,11 @@
     hidden = silu_mul_gemv(x, w1.weight, w3.weight)                  # SwiGLU: then w2(hidden)
     y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w)     # a block boundary + its first projection
     y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w1, w3)  # ... + SwiGLU's w1, w3 and gate
+    qkv, stream = norm_gemv(h, residual, norm.weight, norm.eps, wq, stacked=(wk, wv))  # ... + q, k, v
 
 ``norm_gemv`` is the residual add and RMSNorm of a block boundary
 (:func:`hybridlm.kernels.rmsnorm.add_rms_norm`) followed by the block's first projection, so a
-decode step need not launch a norm kernel before each block.
+decode step need not launch a norm kernel before each block (nor three GEMVs for q, k and v).
 
 Backends (kind ``decode_gemv``, ops ``silu_mul_gemv`` and ``norm_gemv``), chosen by
 :mod:`hybridlm.kernels.registry`: ``reference`` (``reference.py``: the norm, GEMMs and gate as
@@ -35,14 +36,16 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None = None) -> str:
-    """The backend that would run ``op`` on these inputs (x, then the op's other tensors in order):
-    ``reference`` for more than ``MAX_ROWS`` rows (a prefill or training batch: cuBLAS GEMMs are the
-    right tool there, no warning), else the registry's."""
+def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None = None,
+                stacked_rows: tuple[int, ...] = ()) -> str:
+    """The backend that would run ``op`` on these inputs (x, then the op's other tensors in order;
+    ``stacked_rows``: the rows of w and w2 when three weights are stacked): ``reference`` for more than
+    ``MAX_ROWS`` rows (a prefill or training batch: cuBLAS GEMMs are the right tool there, no warning),
+    else the registry's."""
     if _rows(x) > MAX_ROWS:
         return "reference"
     dtypes = (x.dtype, *(None if t is None else t.dtype for t in tensors))
-    return registry.choose(KIND, op, backend, x.device.type, x.device.index, dtypes, _rows(x))
+    return registry.choose(KIND, op, backend, x.device.type, x.device.index, dtypes, _rows(x), stacked_rows)
 
 
 def _records_autograd(*tensors: Tensor | None) -> bool:
@@ -62,21 +65,26 @@ def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor, *, backend: str | None = No
 
 
 def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor,
-              w_up: Tensor | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """h, residual (..., d_model) -> (rms_norm(h + residual) wᵀ, or silu(· wᵀ) * (· w_upᵀ) with
-    ``w_up``, (..., N) in w's dtype; the stream h + residual in h's dtype). ``residual=None``: no add,
-    the stream is h. w, w_up (N, d_model); norm_weight (d_model,)."""
+              w_up: Tensor | None = None, *, stacked: tuple[Tensor, Tensor] | None = None,
+              backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """h, residual (..., d_model) -> (rms_norm(h + residual) wᵀ, or silu(· wᵀ) * (· w_upᵀ) with ``w_up``,
+    or (· wᵀ, · w2ᵀ, · w3ᵀ) side by side with ``stacked = (w2, w3)``, (..., N) in w's dtype; the
+    stream h + residual in h's dtype). ``residual=None``: no add, the stream is h. w, w_up, w2, w3
+    (rows, d_model); norm_weight (d_model,)."""
     d_model = h.shape[-1]
+    weights = [w, *(stacked or ())]
     if (residual is not None and residual.shape != h.shape) or norm_weight.shape != (d_model,) \
-            or w.shape[-1] != d_model or (w_up is not None and w_up.shape != w.shape):
+            or any(t.dim() != 2 or t.shape[-1] != d_model for t in weights) \
+            or (w_up is not None and (w_up.shape != w.shape or stacked is not None)):
         raise ValueError(f"norm_gemv: h {tuple(h.shape)}, residual {None if residual is None else tuple(residual.shape)}, "
-                         f"norm_weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}, "
+                         f"norm_weight {tuple(norm_weight.shape)}, weights {[tuple(t.shape) for t in weights]}, "
                          f"w_up {None if w_up is None else tuple(w_up.shape)} do not fit (h and residual (..., d_model), "
-                         "norm_weight (d_model,), w and w_up (N, d_model))")
-    if _records_autograd(h, residual, norm_weight, w, w_up):
-        return reference.norm_gemv(h, residual, norm_weight, eps, w, w_up)
-    name = backend_for("norm_gemv", h, residual, norm_weight, w, w_up, backend=backend)
-    return registry.implementation(KIND, name, "norm_gemv")(h, residual, norm_weight, eps, w, w_up)
+                         "norm_weight (d_model,), weights (rows, d_model), w_up as w and not with stacked weights)")
+    if _records_autograd(h, residual, norm_weight, w_up, *weights):
+        return reference.norm_gemv(h, residual, norm_weight, eps, w, w_up, stacked)
+    name = backend_for("norm_gemv", h, residual, norm_weight, w, w_up, *(stacked or (None, None)), backend=backend,
+                       stacked_rows=() if stacked is None else (w.shape[0], stacked[0].shape[0]))
+    return registry.implementation(KIND, name, "norm_gemv")(h, residual, norm_weight, eps, w, w_up, stacked)
 
 
 __all__ = ["silu_mul_gemv", "norm_gemv", "backend_for", "KIND", "MAX_ROWS"]

@@ -9,6 +9,7 @@ weights once and does the rest around them:
   next to the BLOCK_N × d_model weight rows it reads) and then norms each slice of it as the weight
   tiles stream past; program 0 writes the new stream.
 - ``GATED``: two weights side by side, then ``silu(x wᵀ) * (x w_upᵀ)`` (SwiGLU's w1, w3 and gate).
+- ``STACKED``: three weights one after another along the output (attention's q, k and v).
 
 Each program owns ``BLOCK_N`` output units and streams its weight rows over d_model, each tile used
 by every row of x (at most ``MAX_ROWS``). Roundings are the reference's
@@ -45,18 +46,29 @@ def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype
 
 
 @triton.jit
-def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, OUT, M, N, K, eps, NORM: tl.constexpr,
-                        HAS_RES: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K, eps, NORM: tl.constexpr,
+                        HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr, DOT_FP32: tl.constexpr):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
     # loads of a dot loop). Otherwise the rows of x go one at a time through the loaded tiles as
     # CUDA-core multiply-adds. benchmarks/gemv.py --sweep times both.
+    # STACKED: the output's columns are W's N1 rows, then W2's N2, then W3's N - N1 - N2 (attention's
+    # q, k and v); BLOCK_N divides N1 and N2, so a program reads one of the three.
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, ROWS)
     col_in = cols < N
+    w_rows = cols  # the rows of the weight this program reads
+    if STACKED:
+        if pid * BLOCK_N >= N1 + N2:
+            W = W3
+            w_rows = cols - N1 - N2
+        elif pid * BLOCK_N >= N1:
+            W = W2
+            w_rows = cols - N1
     row_in = rows < M
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
@@ -79,7 +91,7 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, OUT, M, N, K, eps, NORM: tl.
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < K
-        w_at = cols[:, None].to(tl.int64) * K + ks[None, :]
+        w_at = w_rows[:, None].to(tl.int64) * K + ks[None, :]
         w_mask = col_in[:, None] & k_in[None, :]
         w = tl.load(W + w_at, mask=w_mask, other=0.0)
         if GATED:
@@ -119,17 +131,21 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, OUT, M, N, K, eps, NORM: tl.
 
 
 def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, w: Tensor,
-            w_up: Tensor | None, stream: Tensor | None) -> Tensor:
+            w_up: Tensor | None, stream: Tensor | None, w2: Tensor | None = None, w3: Tensor | None = None) -> Tensor:
     rows, k = h.shape
-    n = w.shape[0]
+    n1 = w.shape[0]
+    n2 = 0 if w2 is None else w2.shape[0]
+    n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
     if rows and n:
         _decode_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
             h, h if residual is None else residual, w if norm_weight is None else norm_weight,
-            h if stream is None else stream, w, w if w_up is None else w_up, out, rows, n, k, eps,
+            h if stream is None else stream, w, w if w_up is None else w_up, w if w2 is None else w2,
+            w if w3 is None else w3, out, rows, n, n1, n2, k, eps,
             NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
-            ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            TENSOR_CORES=TENSOR_CORES, DOT_FP32=w.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS)
+            STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1),
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, TENSOR_CORES=TENSOR_CORES,
+            DOT_FP32=w.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS)
     return out
 
 
@@ -144,28 +160,34 @@ def _(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], w1.shape[0])
 
 
+def _width(w: Tensor, w2: Tensor | None, w3: Tensor | None) -> int:
+    return w.shape[0] + sum(t.shape[0] for t in (w2, w3) if t is not None)
+
+
 @torch.library.custom_op("hybridlm::rms_norm_gemv", mutates_args=())
-def rms_norm_gemv_op(h: Tensor, norm_weight: Tensor, eps: float, w: Tensor, w_up: Tensor | None) -> Tensor:
-    """h (rows <= MAX_ROWS, K) -> the GEMV (or gated pair) of rms_norm(h): (rows, N) in w's dtype."""
-    return _launch(h, None, norm_weight, eps, w, w_up, None)
+def rms_norm_gemv_op(h: Tensor, norm_weight: Tensor, eps: float, w: Tensor, w_up: Tensor | None,
+                     w2: Tensor | None, w3: Tensor | None) -> Tensor:
+    """h (rows <= MAX_ROWS, K) -> the GEMV of rms_norm(h) (w's rows, or w, w2 and w3's stacked, or
+    the gated pair w, w_up): (rows, N) in w's dtype."""
+    return _launch(h, None, norm_weight, eps, w, w_up, None, w2, w3)
 
 
 @rms_norm_gemv_op.register_fake
-def _(h, norm_weight, eps, w, w_up):
-    return h.new_empty(h.shape[0], w.shape[0], dtype=w.dtype)
+def _(h, norm_weight, eps, w, w_up, w2, w3):
+    return h.new_empty(h.shape[0], _width(w, w2, w3), dtype=w.dtype)
 
 
 @torch.library.custom_op("hybridlm::add_rms_norm_gemv", mutates_args=())
 def add_rms_norm_gemv_op(h: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, w: Tensor,
-                         w_up: Tensor | None) -> tuple[Tensor, Tensor]:
+                         w_up: Tensor | None, w2: Tensor | None, w3: Tensor | None) -> tuple[Tensor, Tensor]:
     """As :func:`rms_norm_gemv_op` of the stream h + residual; returns (the GEMV, the stream)."""
     stream = torch.empty_like(h)
-    return _launch(h, residual, norm_weight, eps, w, w_up, stream), stream
+    return _launch(h, residual, norm_weight, eps, w, w_up, stream, w2, w3), stream
 
 
 @add_rms_norm_gemv_op.register_fake
-def _(h, residual, norm_weight, eps, w, w_up):
-    return h.new_empty(h.shape[0], w.shape[0], dtype=w.dtype), torch.empty_like(h)
+def _(h, residual, norm_weight, eps, w, w_up, w2, w3):
+    return h.new_empty(h.shape[0], _width(w, w2, w3), dtype=w.dtype), torch.empty_like(h)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -178,10 +200,12 @@ def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
 
 
 def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor,
-              w_up: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              w_up: Tensor | None = None, stacked: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """As :func:`hybridlm.kernels.decode_gemv.reference.norm_gemv`, in one kernel."""
-    shape = (*h.shape[:-1], w.shape[0])
-    weights = (norm_weight.contiguous(), float(eps), w.contiguous(), None if w_up is None else w_up.contiguous())
+    w2, w3 = (None, None) if stacked is None else (t.contiguous() for t in stacked)
+    shape = (*h.shape[:-1], _width(w, w2, w3))
+    weights = (norm_weight.contiguous(), float(eps), w.contiguous(), None if w_up is None else w_up.contiguous(),
+               w2, w3)
     if residual is None:
         return rms_norm_gemv_op(_rows(h), *weights).view(shape), h
     out, stream = add_rms_norm_gemv_op(_rows(h), _rows(residual), *weights)
@@ -194,18 +218,23 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
     return _launch(_rows(x), None, None, 0.0, w.contiguous(), None, None).view(*x.shape[:-1], w.shape[0])
 
 
-def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype, ...], rows: int) -> str | None:
+def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype | None, ...], rows: int,
+                       stacked_rows: tuple[int, ...] = ()) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can. ``dtypes``: for
-    ``silu_mul_gemv`` (x, w1, w3), one dtype; for ``norm_gemv`` (stream, residual or None, norm
-    weight, w, w_up or None): the weights of one dtype, the stream and residual any of the kernel's."""
+    ``silu_mul_gemv`` (x, w1, w3), one dtype; for ``norm_gemv`` (stream, residual, norm weight, w,
+    w_up, w2, w3; None where absent): the weights of one dtype, the stream and residual any of the
+    kernel's. ``stacked_rows``: the rows of w and w2 when w, w2, w3 are stacked (multiples of BLOCK_N)."""
     where = device_type_reason(device, "the Triton decode GEMV kernel")
     if where:
         return where
     if op == "norm_gemv":
-        stream_dtypes = [d for d in dtypes[:2] if d is not None]
-        odd = [d for d in stream_dtypes if d not in DTYPES]
+        odd = [d for d in dtypes[:2] if d is not None and d not in DTYPES]
         problem = (one_dtype_reason(tuple(d for d in dtypes[2:] if d is not None), DTYPES)
                    or (f"stream dtype {odd[0]}" if odd else None))
     else:
         problem = one_dtype_reason(dtypes, DTYPES)
-    return problem or (None if rows <= MAX_ROWS else f"{rows} rows (a decode-sized input takes at most {MAX_ROWS})")
+    if problem:
+        return problem
+    if any(n % BLOCK_N for n in stacked_rows):
+        return f"stacked weights of {', '.join(map(str, stacked_rows))} rows (multiples of {BLOCK_N})"
+    return None if rows <= MAX_ROWS else f"{rows} rows (a decode-sized input takes at most {MAX_ROWS})"

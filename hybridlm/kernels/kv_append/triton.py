@@ -1,5 +1,6 @@
 """A decode step's KV-cache write, RoPE included, as one Triton kernel: a program takes one token's
-heads of k (rotated, into the cache and k_out), of v (into the cache) or of q (rotated, RoPE only).
+heads of k (rotated, into the cache and k_out), of v (into the cache) or of q (rotated, or copied
+for NoPE, into a contiguous q_out).
 
 Positions come from the cache's lengths on the device (no host sync, so a CUDA graph replays it);
 the rotation is the RoPE kernel's own (hybridlm/kernels/rope/triton.py), so q and k round as there.
@@ -20,70 +21,93 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _copy_heads(X, x_row, OUT, out_row, n_heads, i, i_mask, half, BLOCK_HEADS: tl.constexpr):
+def _copy_heads(X, x_at, OUT, out_at, n_heads, i, i_mask, half, BLOCK_HEADS: tl.constexpr):
     for h0 in range(0, n_heads, BLOCK_HEADS):
         h = h0 + tl.arange(0, BLOCK_HEADS)
         mask = (h < n_heads)[:, None] & i_mask[None, :]
-        x_at = (x_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
-        out_at = (out_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
-        tl.store(OUT + out_at, tl.load(X + x_at, mask=mask).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + out_at + half, tl.load(X + x_at + half, mask=mask).to(OUT.dtype.element_ty), mask=mask)
+        at = h.to(tl.int64)[:, None] * (2 * half) + i[None, :]
+        tl.store(OUT + out_at + at, tl.load(X + x_at + at, mask=mask).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + out_at + at + half, tl.load(X + x_at + at + half, mask=mask).to(OUT.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
-def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, KV_LENGTHS, FREQ, L, max_len, n_q_heads,
-                      n_k_heads, half, ROPE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Program (token, k / v / q)."""
+def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, KV_LENGTHS, FREQ, L, max_len, q_stride,
+                      kv_stride, n_q_heads, n_k_heads, half, ROPE: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr):
+    """Program (token, k / v / q). q, k, v: rows of heads ``q_stride`` / ``kv_stride`` elements apart
+    (views into one projection's output are fine); the outputs and caches are contiguous."""
     tok = tl.program_id(0).to(tl.int64)
     b, t = tok // L, tok % L
     length = tl.load(LENGTHS + b)
     pos = length.to(tl.int64) + t
-    cache_row = b * max_len + pos
+    cache_at = (b * max_len + pos) * n_k_heads * 2 * half
     i = tl.arange(0, BLOCK_HALF)
     i_mask = i < half
     which = tl.program_id(1)
     if which == 1:
-        _copy_heads(V, tok, V_CACHE, cache_row, n_k_heads, i, i_mask, half, BLOCK_HEADS)
+        _copy_heads(V, tok * kv_stride, V_CACHE, cache_at, n_k_heads, i, i_mask, half, BLOCK_HEADS)
     elif ROPE:
         freq = tl.load(FREQ + i, mask=i_mask, other=0.0)
         if which == 0:  # the same instructions twice: the cache row and k_out agree bitwise
-            _rotate_heads(K, tok, K_CACHE, cache_row, n_k_heads, pos.to(tl.float32), freq, i, i_mask, half,
-                          BLOCK_HEADS, BLOCK_HALF)
-            _rotate_heads(K, tok, K_OUT, tok, n_k_heads, pos.to(tl.float32), freq, i, i_mask, half,
-                          BLOCK_HEADS, BLOCK_HALF)
+            _rotate_heads(K, tok * kv_stride, K_CACHE, cache_at, n_k_heads, pos.to(tl.float32), freq, i, i_mask,
+                          half, BLOCK_HEADS, BLOCK_HALF)
+            _rotate_heads(K, tok * kv_stride, K_OUT, tok * n_k_heads * 2 * half, n_k_heads, pos.to(tl.float32),
+                          freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
         else:
-            _rotate_heads(Q, tok, Q_OUT, tok, n_q_heads, pos.to(tl.float32), freq, i, i_mask, half,
-                          BLOCK_HEADS, BLOCK_HALF)
-    else:
-        _copy_heads(K, tok, K_CACHE, cache_row, n_k_heads, i, i_mask, half, BLOCK_HEADS)
+            _rotate_heads(Q, tok * q_stride, Q_OUT, tok * n_q_heads * 2 * half, n_q_heads, pos.to(tl.float32),
+                          freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
+    elif which == 0:
+        _copy_heads(K, tok * kv_stride, K_CACHE, cache_at, n_k_heads, i, i_mask, half, BLOCK_HEADS)
+    else:  # q as it is, into a contiguous q_out
+        _copy_heads(Q, tok * q_stride, Q_OUT, tok * n_q_heads * 2 * half, n_q_heads, i, i_mask, half, BLOCK_HEADS)
     if which == 0 and t == 0:
         tl.store(KV_LENGTHS + b, length + L)
 
 
 @torch.library.custom_op("hybridlm::append_kv", mutates_args=("q_out", "k_out", "k_cache", "v_cache", "kv_lengths"))
 def append_kv_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                 frequencies: Tensor | None, q_out: Tensor | None, k_out: Tensor | None, kv_lengths: Tensor) -> None:
-    """q (B, L, Hq, D), k, v (B, L, Hk, D), caches (B, max_len, Hk, D), all contiguous; lengths and
-    kv_lengths (B,) int32; frequencies (D/2,) fp32, q_out and k_out for RoPE, all None for NoPE."""
+                 frequencies: Tensor | None, q_out: Tensor, k_out: Tensor | None, kv_lengths: Tensor) -> None:
+    """q (B, L, Hq, D), k, v (B, L, Hk, D) with rows of heads (see :func:`_row_stride`); caches
+    (B, max_len, Hk, D), q_out and k_out contiguous; lengths and kv_lengths (B,) int32; frequencies
+    (D/2,) fp32 and k_out for RoPE, both None for NoPE (q_out then gets q as it is)."""
     B, L, n_q, D = q.shape
     if B and L:
         half = D // 2
         block_half, block_heads = head_blocks(half, max(n_q, k.shape[2]))
         rope = frequencies is not None
-        _append_kv_kernel[(B * L, 3 if rope else 2)](
-            q, k, v, q if q_out is None else q_out, k if k_out is None else k_out, k_cache, v_cache, lengths, kv_lengths, frequencies if rope else lengths, L,
-            k_cache.shape[1], n_q, k.shape[2], half, ROPE=rope, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
+        _append_kv_kernel[(B * L, 3)](
+            q, k, v, q_out, k if k_out is None else k_out, k_cache, v_cache, lengths, kv_lengths,
+            frequencies if rope else lengths, L, k_cache.shape[1], _row_stride(q), _row_stride(k), n_q, k.shape[2],
+            half, ROPE=rope, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
+
+
+def _row_stride(t: Tensor) -> int:
+    """Elements between t's tokens, for (B, L, H, D) with contiguous heads and rows evenly spaced."""
+    return t.stride(1) if t.shape[1] > 1 or t.shape[0] == 1 else t.stride(0)
+
+
+def _rows_of_heads(t: Tensor) -> Tensor:
+    """t itself where its tokens are evenly spaced rows of contiguous heads (a slice of a wider
+    projection output, say), else a contiguous copy."""
+    B, L, H, D = t.shape
+    heads_ok = t.stride(3) == 1 and (H == 1 or t.stride(2) == D)
+    rows_ok = B == 1 or L == 1 or t.stride(0) == L * t.stride(1)
+    return t if heads_ok and rows_ok else t.contiguous()
 
 
 def append_kv(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
               theta: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """As :func:`hybridlm.kernels.kv_append.reference.append_kv`, in one kernel."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """As :func:`hybridlm.kernels.kv_append.reference.append_kv`, in one kernel (q returned contiguous)."""
+    q, k, v = _rows_of_heads(q), _rows_of_heads(k), _rows_of_heads(v)
+    if _row_stride(k) != _row_stride(v):
+        k, v = k.contiguous(), v.contiguous()
     frequencies = None if theta is None else _frequencies(q.shape[-1], float(theta), q.device)
-    q_out, k_out = (None, None) if theta is None else (torch.empty_like(q), torch.empty_like(k))
+    q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    k_out = None if theta is None else torch.empty(k.shape, device=k.device, dtype=k.dtype)
     kv_lengths = torch.empty_like(lengths)
     append_kv_op(q, k, v, k_cache, v_cache, lengths, frequencies, q_out, k_out, kv_lengths)
-    return (q, k, kv_lengths) if theta is None else (q_out, k_out, kv_lengths)
+    return q_out, (k if k_out is None else k_out), kv_lengths
 
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int,

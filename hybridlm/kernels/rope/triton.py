@@ -24,20 +24,20 @@ MAX_HEAD_DIM = 512  # a token's heads of one tensor live in one program's regist
 
 
 @triton.jit
-def _rotate_heads(X, x_row, OUT, out_row, n_heads, pos, freq, i, i_mask, half,
+def _rotate_heads(X, x_at, OUT, out_at, n_heads, pos, freq, i, i_mask, half,
                   BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Every head of row ``x_row`` of X (rows of n_heads × 2·half) rotated by ``pos``, to row ``out_row`` of OUT."""
+    """Every head of the row starting at X + x_at (heads of 2·half contiguous elements) rotated by
+    ``pos``, to the row starting at OUT + out_at."""
     angle = pos * freq
     cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
     for h0 in range(0, n_heads, BLOCK_HEADS):
         h = h0 + tl.arange(0, BLOCK_HEADS)
         mask = (h < n_heads)[:, None] & i_mask[None, :]
-        x_at = (x_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
-        out_at = (out_row * n_heads + h.to(tl.int64))[:, None] * (2 * half) + i[None, :]
-        a = tl.load(X + x_at, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(X + x_at + half, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + out_at, (a * cos - b * sin).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + out_at + half, (a * sin + b * cos).to(OUT.dtype.element_ty), mask=mask)
+        at = h.to(tl.int64)[:, None] * (2 * half) + i[None, :]
+        a = tl.load(X + x_at + at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(X + x_at + at + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + out_at + at, (a * cos - b * sin).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + out_at + at + half, (a * sin + b * cos).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -50,9 +50,11 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, FREQ, n_q_heads, n_k_heads, half,
     i_mask = i < half
     freq = tl.load(FREQ + i, mask=i_mask, other=0.0)
     if tl.program_id(1) == 0:
-        _rotate_heads(Q, tok, Q_OUT, tok, n_q_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
+        at = tok * n_q_heads * 2 * half
+        _rotate_heads(Q, at, Q_OUT, at, n_q_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
     else:
-        _rotate_heads(K, tok, K_OUT, tok, n_k_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
+        at = tok * n_k_heads * 2 * half
+        _rotate_heads(K, at, K_OUT, at, n_k_heads, pos, freq, i, i_mask, half, BLOCK_HEADS, BLOCK_HALF)
 
 
 @functools.lru_cache(maxsize=32)
