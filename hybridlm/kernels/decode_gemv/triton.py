@@ -26,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.decode_gemv import MAX_ROWS
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, interpreting, one_dtype_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import (device_type_reason, dtypes_reason, interpreting,
+                                                                  one_dtype_reason)
 
 BLOCK_N = 16  # output units a program: 352 programs at the 1.5B presets' hidden 5,632
 BLOCK_K = 256
@@ -228,9 +229,8 @@ def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype 
     if where:
         return where
     if op == "norm_gemv":
-        odd = [d for d in dtypes[:2] if d is not None and d not in DTYPES]
         problem = (one_dtype_reason(tuple(d for d in dtypes[2:] if d is not None), DTYPES)
-                   or (f"stream dtype {odd[0]}" if odd else None))
+                   or dtypes_reason(dtypes[:2], DTYPES))
     else:
         problem = one_dtype_reason(dtypes, DTYPES)
     if problem:

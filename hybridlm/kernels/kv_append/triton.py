@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, dtypes_reason
 from hybridlm.kernels.rope.triton import MAX_HEAD_DIM, _frequencies, _rotate_heads, head_blocks
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,14 +113,7 @@ def append_kv(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int,
                        lengths_dtype: torch.dtype) -> str | None:
     """Why the kernel cannot take these inputs (plain values); None when it can."""
-    where = device_type_reason(device, "the Triton KV-cache kernel")
-    if where:
-        return where
-    odd = sorted({str(d).removeprefix("torch.") for d in dtypes if d not in DTYPES})
-    if odd:
-        return f"dtype {', '.join(odd)} (the kernel takes fp32, bf16 and fp16)"
-    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim} (an even number up to {MAX_HEAD_DIM})"
-    if lengths_dtype != torch.int32:
-        return f"cache lengths of dtype {lengths_dtype} (int32)"
-    return None
+    odd_head_dim = head_dim % 2 or head_dim > MAX_HEAD_DIM
+    return (device_type_reason(device, "the Triton KV-cache kernel") or dtypes_reason(dtypes, DTYPES)
+            or (f"head_dim {head_dim} (an even number up to {MAX_HEAD_DIM})" if odd_head_dim else None)
+            or (f"cache lengths of dtype {lengths_dtype} (int32)" if lengths_dtype != torch.int32 else None))

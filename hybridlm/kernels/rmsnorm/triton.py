@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason
+from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, dtypes_reason
 
 # A row lives in one program's registers; wider rows (d_model > 16K) go to the reference.
 MAX_DIM = 16384
@@ -89,12 +89,5 @@ def add_rms_norm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], dim: int) -> str | None:
     """Why the kernel cannot take these inputs (plain values: the device, every dtype involved,
     the row width); None when it can."""
-    where = device_type_reason(device, "the Triton RMSNorm kernel")
-    if where:
-        return where
-    odd = sorted({str(d).removeprefix("torch.") for d in dtypes if d not in DTYPES})
-    if odd:
-        return f"dtype {', '.join(odd)} (the kernel takes fp32, bf16 and fp16)"
-    if dim > MAX_DIM:
-        return f"rows of {dim} elements (at most {MAX_DIM})"
-    return None
+    return (device_type_reason(device, "the Triton RMSNorm kernel") or dtypes_reason(dtypes, DTYPES)
+            or (f"rows of {dim} elements (at most {MAX_DIM})" if dim > MAX_DIM else None))

@@ -44,6 +44,14 @@ def one_dtype_reason(dtypes: tuple[torch.dtype, ...], allowed: tuple[torch.dtype
     return None
 
 
+def dtypes_reason(dtypes: tuple[torch.dtype | None, ...], allowed: tuple[torch.dtype, ...]) -> str | None:
+    """Why a kernel that takes any mix of ``allowed`` dtypes cannot take ``dtypes`` (None: absent)."""
+    odd = sorted({str(d).removeprefix("torch.") for d in dtypes if d is not None and d not in allowed})
+    if odd:
+        return f"dtype {', '.join(odd)} (the kernel takes {', '.join(str(d).removeprefix('torch.') for d in allowed)})"
+    return None
+
+
 def patch_interpreter() -> None:
     if not interpreting():
         return
