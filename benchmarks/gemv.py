@@ -152,9 +152,14 @@ def sweep(rows: int, bandwidth: float, reps: int) -> list[dict]:
         for config in itertools.product((False, True), (16, 32, 64), (128, 256), (4, 8)):
             kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS = config
             for case, (nbytes, call) in calls.items():
-                ms = graph_ms(call, reps)
                 row = dict(rows=rows, case=case, tensor_cores=config[0], block_n=config[1], block_k=config[2],
-                           num_warps=config[3], us=round(ms * 1e3, 2), of_copy=round(nbytes / (ms * 1e-3) / bandwidth, 3))
+                           num_warps=config[3])
+                try:
+                    ms = graph_ms(call, reps)
+                except Exception as e:  # a config that does not compile or launch: say so, go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                else:
+                    row.update(us=round(ms * 1e3, 2), of_copy=round(nbytes / (ms * 1e-3) / bandwidth, 3))
                 print(json.dumps(row), flush=True)
                 rows_out.append(row)
     finally:
@@ -181,9 +186,14 @@ def main() -> None:
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         for case, variant, nbytes, call in cases(rows, in_proj_width):
-            ms = graph_ms(call, args.reps)
-            row = dict(rows=rows, case=case, variant=variant, us=round(ms * 1e3, 2),
-                       GBps=round(nbytes / (ms * 1e-3) / 1e9), of_copy=round(nbytes / (ms * 1e-3) / bandwidth, 3))
+            row = dict(rows=rows, case=case, variant=variant)
+            try:
+                ms = graph_ms(call, args.reps)
+            except Exception as e:  # one failing variant should not cost the rest of the run
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            else:
+                row.update(us=round(ms * 1e3, 2), GBps=round(nbytes / (ms * 1e-3) / 1e9),
+                           of_copy=round(nbytes / (ms * 1e-3) / bandwidth, 3))
             print(json.dumps(row), flush=True)
             results.append(row)
     swept = []
