@@ -8,7 +8,8 @@
 Times the whole layer (projections, norms, scan, gate, output projection) forward and
 forward+backward with ``triton.testing.do_bench`` (median). The official kernels run only with the
 configs its own autotuner picked: ``--tune`` runs its full autotune (minutes on a fresh machine)
-and writes the chosen configs to ``--peer-configs``; without ``--tune`` that file is loaded and
+and writes the chosen configs to ``--peer-configs`` (keeping those already there, so the tune can
+be split over calls, one d_state each); without ``--tune`` that file is loaded and
 pinned, so no config is ever picked by hand. The autotune keys hold no sequence length or batch,
 so one tuning per d_state covers every length. ``--peer-configs`` defaults to
 ``benchmarks/peer_autotune_<gpu>.json`` for this GPU (h100, h200, ...).
@@ -222,6 +223,9 @@ def main() -> None:
             if not args.peer_configs.exists():
                 sys.exit(f"{args.peer_configs} does not exist: run once with --tune to write it (or --no-peer)")
             print(f"pinned {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}")
+        elif args.peer_configs.exists():  # tune what is missing (say, another d_state), keep what is there
+            print(f"kept {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}; "
+                  "tuning the rest")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
           f"headdim {args.headdim}  bf16  backward {', '.join(BACKWARD_LABELS[d] for d in designs)}")
     rows = []
