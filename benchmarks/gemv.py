@@ -35,6 +35,8 @@ BF16 = torch.bfloat16
 D_MODEL, HIDDEN = 2048, 4096  # the 1.5B presets
 L2_BYTES = 50 * 2**20
 DEVICE = "cuda"
+# the kernel configs --sweep times: (tensor cores, BLOCK_N, BLOCK_K, num_warps)
+SWEEP_GRID = list(itertools.product((False, True), (16, 32, 64), (128, 256), (4, 8)))
 
 
 def copy_bandwidth() -> float:
@@ -149,7 +151,7 @@ def sweep(rows: int, bandwidth: float, reps: int) -> list[dict]:
     default = (kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS)
     rows_out = []
     try:
-        for config in itertools.product((False, True), (16, 32, 64), (128, 256), (4, 8)):
+        for config in SWEEP_GRID:
             kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS = config
             for case, (nbytes, call) in calls.items():
                 row = dict(rows=rows, case=case, tensor_cores=config[0], block_n=config[1], block_k=config[2],

@@ -567,6 +567,29 @@ def bench(monkeypatch):
     return module
 
 
+@needs_triton
+def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
+    """benchmarks/gemv.py's cases and sweep at tiny shapes on the CPU (the interpreted kernels, a
+    wall-clock timer instead of CUDA graphs): every variant and config runs without error, so a
+    GPU call does not die of a Python mistake. No timing is asserted."""
+    path = Path(__file__).parents[1] / "benchmarks" / "gemv.py"
+    spec = importlib.util.spec_from_file_location("gemv_bench", path)
+    gemv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemv)
+    monkeypatch.setattr(gemv, "DEVICE", "cpu")
+    monkeypatch.setattr(gemv, "D_MODEL", 64)
+    monkeypatch.setattr(gemv, "HIDDEN", 96)
+    monkeypatch.setattr(gemv, "L2_BYTES", 4096)
+    monkeypatch.setattr(gemv, "SWEEP_GRID", [(False, 16, 128, 4), (True, 32, 64, 4)])
+    monkeypatch.setattr(gemv, "graph_ms", lambda call, reps: [call(i) for i in range(reps)] and 1.0)
+    variants = [(case, variant) for case, variant, _, call in gemv.cases(3, 80) if gemv.graph_ms(call, 2)]
+    assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm_gemv"), ("swiglu", "norm + 2 cuBLAS + gate"),
+                        ("swiglu", "norm + silu_mul_gemv"), ("swiglu", "norm_gemv"), ("qkv", "norm + 3 cuBLAS"),
+                        ("qkv", "norm_gemv"), ("plain", "cuBLAS"), ("plain", "gemv")]
+    rows = gemv.sweep(2, 1e12, 2)
+    assert len(rows) == 4 and not any("error" in row for row in rows)
+
+
 def test_generate_benchmark_quick(bench, tmp_path, capsys):
     out = tmp_path / "gen.json"
     bench.main(["--quick", "--contexts", "16", "--a-new-tokens", "4", "--json", str(out)])
