@@ -174,8 +174,9 @@ class Attention(nn.Module):
         if cu_seqlens is None:  # row b, positions lengths[b] .. lengths[b] + L - 1: one op (kernels/kv_append/)
             new_tokens = L
             cache.check_room(new_tokens)
-            q, k, kv_lengths = append_kv(q, k, v, cache.k, cache.v, cache.lengths,
-                                      self.rope_theta if self.position == "rope" else None, backend=self.kv_backend)
+            q, k = append_kv(q, k, v, cache.k, cache.v, cache.lengths,
+                             self.rope_theta if self.position == "rope" else None, backend=self.kv_backend)
+            kv_lengths = cache.lengths  # advanced in place
         else:
             seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
             new_tokens = int(seqlens.max())  # a prefill: this host sync is fine
@@ -197,7 +198,8 @@ class Attention(nn.Module):
             out = cached_attention(q, cache.k, cache.v, kv_lengths, cu_seqlens=cu_seqlens, window=self.window,
                                    scale=scale, backend=self.backend,
                                    key_len=None if decode_step else cache.max_filled + new_tokens)
-        cache.lengths.copy_(kv_lengths)
+        if kv_lengths is not cache.lengths:
+            cache.lengths.copy_(kv_lengths)
         cache.max_filled += new_tokens
         return out
 

@@ -244,7 +244,7 @@ def test_rope_kernel_at_the_1_5b_shapes(rows, dtype):
 @pytest.mark.parametrize("rows", [1, 80])
 def test_kv_append_kernel_at_the_1_5b_shapes(rows, theta):
     """transformer-1.5b's heads (16 q, 4 kv, head_dim 128), bf16: a decode step into caches of 32K
-    positions whose rows hold up to 32K - 1 tokens. The new lengths exact, v's cache rows bitwise,
+    positions whose rows hold up to 32K - 1 tokens. The lengths advanced by one in place, v's cache rows bitwise,
     NoPE bitwise throughout; RoPE: q and k (and k's cache rows, bitwise the returned k) one rounding
     step from the reference, as the RoPE kernel's own test."""
     from hybridlm.kernels.kv_append import append_kv
@@ -253,13 +253,15 @@ def test_kv_append_kernel_at_the_1_5b_shapes(rows, theta):
     g = torch.Generator(device="cuda").manual_seed(rows)
     q = torch.randn(rows, 1, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(rows, 1, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    lengths = torch.randint(0, 32767, (rows,), device="cuda", generator=g, dtype=torch.int32)
+    before = torch.randint(0, 32767, (rows,), device="cuda", generator=g, dtype=torch.int32)
+    lengths, want_lengths = before.clone(), before.clone()
     caches = [torch.zeros(rows, 32768, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     want_caches = [torch.zeros_like(c) for c in caches]
-    got_q, got_k, got_lengths = append_kv(q, k, v, *caches, lengths, theta, backend="triton")
-    want_q, want_k, want_lengths = kv_reference.append_kv(q, k, v, *want_caches, lengths, theta)
-    rows_at = torch.arange(rows, device="cuda"), lengths.long()
-    assert torch.equal(got_lengths, want_lengths) and torch.equal(caches[1], want_caches[1])
+    got_q, got_k = append_kv(q, k, v, *caches, lengths, theta, backend="triton")
+    want_q, want_k = kv_reference.append_kv(q, k, v, *want_caches, want_lengths, theta)
+    rows_at = torch.arange(rows, device="cuda"), before.long()
+    assert torch.equal(lengths, before + 1) and torch.equal(want_lengths, before + 1)
+    assert torch.equal(caches[1], want_caches[1])
     assert torch.equal(caches[0][rows_at], got_k[:, 0])
     for a, b in ((got_q, want_q), (got_k, want_k)):
         RESULTS[f"kv-append-{rows}-{'rope' if theta else 'nope'}"] = rel_err(a, b)

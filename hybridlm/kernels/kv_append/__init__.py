@@ -1,13 +1,12 @@
 """A decode step's KV-cache write, RoPE included, as one op.
 
-    q, k, kv_lengths = append_kv(q, k, v, cache.k, cache.v, cache.lengths, theta)   # theta None: NoPE
+    q, k = append_kv(q, k, v, cache.k, cache.v, cache.lengths, theta)   # theta None: NoPE; lengths += L
 
 Row b's new keys and values go to positions ``lengths[b] ..`` of the preallocated cache, rotated by
 those positions first (RoPE); q and k are returned rotated likewise (a prefill attends over them);
-``kv_lengths = lengths + L`` is a new tensor
-(attention reads it, then the caller copies it into ``lengths``). The torch form is the positions
-(an arange, an add, a cast), RoPE, two scatters and the add of the lengths: six to eight kernels an
-attention layer of every decode step.
+then ``lengths`` advances by L in place (attention reads the new lengths). The torch form is the
+positions (an arange, an add, a cast), RoPE, two scatters, the add of the lengths and their copy:
+seven to nine kernels an attention layer of every decode step.
 
 Backends (kind ``kv_append``, op ``append_kv``), chosen by :mod:`hybridlm.kernels.registry`:
 ``reference`` (``reference.py``; every device and dtype) and ``triton`` (``triton.py``: one kernel;
@@ -30,10 +29,10 @@ registry.register_reference_and_triton(KIND, OP, reference.append_kv, "hybridlm.
 
 
 def append_kv(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-              theta: float | None, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              theta: float | None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """See the module docstring: q (B, L, Hq, D), k, v (B, L, Hk, D), k_cache, v_cache
     (B, max_len, Hk, D), lengths (B,) int32. ``backend``: a registered ``kv_append`` backend, None or
-    ``"auto"``. The caller checks the cache has room (no host sync here)."""
+    ``"auto"``. ``lengths`` advances by L in place. The caller checks the cache has room (no host sync here)."""
     B, L, _, D = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, L) or k.shape[-1] != D or k_cache.shape != v_cache.shape \
             or k_cache.shape[0] != B or k_cache.shape[2:] != k.shape[2:] or lengths.shape != (B,) \

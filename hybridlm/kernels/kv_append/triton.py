@@ -4,7 +4,9 @@ for NoPE, into a contiguous q_out).
 
 Positions come from the cache's lengths on the device (no host sync, so a CUDA graph replays it);
 the rotation is the RoPE kernel's own (hybridlm/kernels/rope/triton.py), so q and k round as there.
-The program of a row's first k token also writes ``lengths + L``. A ``torch.library`` custom op
+The lengths advance in place: in a decode step one program per row does k, v and q and then writes
+its row's new length (no other program reads it); a longer input writes them to a buffer first and
+copies. A ``torch.library`` custom op
 (opaque to ``torch.compile``, capturable in a CUDA graph) with no backward.
 """
 from __future__ import annotations
@@ -32,19 +34,11 @@ def _copy_heads(X, x_at, OUT, out_at, n_heads, i, i_mask, half, BLOCK_HEADS: tl.
 
 
 @triton.jit
-def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, KV_LENGTHS, FREQ, L, max_len, q_stride,
-                      kv_stride, n_q_heads, n_k_heads, half, ROPE: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr):
-    """Program (token, k / v / q). q, k, v: rows of heads ``q_stride`` / ``kv_stride`` elements apart
-    (views into one projection's output are fine); the outputs and caches are contiguous."""
-    tok = tl.program_id(0).to(tl.int64)
-    b, t = tok // L, tok % L
-    length = tl.load(LENGTHS + b)
-    pos = length.to(tl.int64) + t
-    cache_at = (b * max_len + pos) * n_k_heads * 2 * half
-    i = tl.arange(0, BLOCK_HALF)
-    i_mask = i < half
-    which = tl.program_id(1)
+def _append_one(which, Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, FREQ, tok, pos, cache_at, q_stride, kv_stride,
+                n_q_heads, n_k_heads, i, i_mask, half, ROPE: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
+    """Token ``tok``'s heads of k (which 0: into the cache, and k_out with RoPE), v (1: into the
+    cache) or q (2: into q_out, rotated with RoPE)."""
     if which == 1:
         _copy_heads(V, tok * kv_stride, V_CACHE, cache_at, n_k_heads, i, i_mask, half, BLOCK_HEADS)
     elif ROPE:
@@ -61,25 +55,53 @@ def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, KV_LENGT
         _copy_heads(K, tok * kv_stride, K_CACHE, cache_at, n_k_heads, i, i_mask, half, BLOCK_HEADS)
     else:  # q as it is, into a contiguous q_out
         _copy_heads(Q, tok * q_stride, Q_OUT, tok * n_q_heads * 2 * half, n_q_heads, i, i_mask, half, BLOCK_HEADS)
-    if which == 0 and t == 0:
-        tl.store(KV_LENGTHS + b, length + L)
 
 
-@torch.library.custom_op("hybridlm::append_kv", mutates_args=("q_out", "k_out", "k_cache", "v_cache", "kv_lengths"))
+@triton.jit
+def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, NEW_LENGTHS, FREQ, L, max_len, q_stride,
+                      kv_stride, n_q_heads, n_k_heads, half, ROPE: tl.constexpr, ONE_TOKEN: tl.constexpr,
+                      BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """ONE_TOKEN (a decode step): program (row), k, v and q in turn, then the row's length + 1
+    written over LENGTHS (the one program that reads it). Else program (token, k / v / q), the new
+    lengths to NEW_LENGTHS. q, k, v: rows of heads ``q_stride`` / ``kv_stride`` elements apart (views
+    into one projection's output are fine); the outputs and caches are contiguous."""
+    tok = tl.program_id(0).to(tl.int64)
+    b, t = tok // L, tok % L
+    length = tl.load(LENGTHS + b)
+    pos = length.to(tl.int64) + t
+    cache_at = (b * max_len + pos) * n_k_heads * 2 * half
+    i = tl.arange(0, BLOCK_HALF)
+    i_mask = i < half
+    if ONE_TOKEN:
+        for which in tl.static_range(3):
+            _append_one(which, Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, FREQ, tok, pos, cache_at, q_stride,
+                        kv_stride, n_q_heads, n_k_heads, i, i_mask, half, ROPE, BLOCK_HEADS, BLOCK_HALF)
+        tl.store(LENGTHS + b, length + 1)
+    else:
+        _append_one(tl.program_id(1), Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, FREQ, tok, pos, cache_at, q_stride,
+                    kv_stride, n_q_heads, n_k_heads, i, i_mask, half, ROPE, BLOCK_HEADS, BLOCK_HALF)
+        if tl.program_id(1) == 0 and t == 0:
+            tl.store(NEW_LENGTHS + b, length + L)
+
+
+@torch.library.custom_op("hybridlm::append_kv", mutates_args=("q_out", "k_out", "k_cache", "v_cache", "lengths"))
 def append_kv_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                 frequencies: Tensor | None, q_out: Tensor, k_out: Tensor | None, kv_lengths: Tensor) -> None:
+                 frequencies: Tensor | None, q_out: Tensor, k_out: Tensor | None) -> None:
     """q (B, L, Hq, D), k, v (B, L, Hk, D) with rows of heads (see :func:`_row_stride`); caches
-    (B, max_len, Hk, D), q_out and k_out contiguous; lengths and kv_lengths (B,) int32; frequencies
-    (D/2,) fp32 and k_out for RoPE, both None for NoPE (q_out then gets q as it is)."""
+    (B, max_len, Hk, D), q_out and k_out contiguous; lengths (B,) int32, advanced by L in place;
+    frequencies (D/2,) fp32 and k_out for RoPE, both None for NoPE (q_out then gets q as it is)."""
     B, L, n_q, D = q.shape
     if B and L:
         half = D // 2
         block_half, block_heads = head_blocks(half, max(n_q, k.shape[2]))
         rope = frequencies is not None
-        _append_kv_kernel[(B * L, 3)](
-            q, k, v, q_out, k if k_out is None else k_out, k_cache, v_cache, lengths, kv_lengths,
+        new_lengths = lengths if L == 1 else torch.empty_like(lengths)
+        _append_kv_kernel[(B,) if L == 1 else (B * L, 3)](
+            q, k, v, q_out, k if k_out is None else k_out, k_cache, v_cache, lengths, new_lengths,
             frequencies if rope else lengths, L, k_cache.shape[1], _row_stride(q), _row_stride(k), n_q, k.shape[2],
-            half, ROPE=rope, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
+            half, ROPE=rope, ONE_TOKEN=L == 1, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
+        if L > 1:  # several programs read a row's length: the new one went to a buffer first
+            lengths.copy_(new_lengths)
 
 
 def _row_stride(t: Tensor) -> int:
@@ -97,17 +119,17 @@ def _rows_of_heads(t: Tensor) -> Tensor:
 
 
 def append_kv(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-              theta: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """As :func:`hybridlm.kernels.kv_append.reference.append_kv`, in one kernel (q returned contiguous)."""
+              theta: float | None) -> tuple[Tensor, Tensor]:
+    """As :func:`hybridlm.kernels.kv_append.reference.append_kv`, in one kernel (two for L > 1: the
+    lengths' copy); q returned contiguous."""
     q, k, v = _rows_of_heads(q), _rows_of_heads(k), _rows_of_heads(v)
     if _row_stride(k) != _row_stride(v):
         k, v = k.contiguous(), v.contiguous()
     frequencies = None if theta is None else _frequencies(q.shape[-1], float(theta), q.device)
     q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     k_out = None if theta is None else torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    kv_lengths = torch.empty_like(lengths)
-    append_kv_op(q, k, v, k_cache, v_cache, lengths, frequencies, q_out, k_out, kv_lengths)
-    return q_out, (k if k_out is None else k_out), kv_lengths
+    append_kv_op(q, k, v, k_cache, v_cache, lengths, frequencies, q_out, k_out)
+    return q_out, (k if k_out is None else k_out)
 
 
 def unsupported_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int,
