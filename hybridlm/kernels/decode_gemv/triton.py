@@ -29,7 +29,7 @@ from hybridlm.kernels.decode_gemv import MAX_ROWS
 from hybridlm.kernels.mamba3.triton.interpreter_compat import (device_type_reason, dtypes_reason, interpreting,
                                                                   one_dtype_reason)
 
-BLOCK_N = 16  # output units a program: 352 programs at the 1.5B presets' hidden 5,632
+BLOCK_N = 16  # output units a program: 256 programs at the hybrid's hidden 4,096, 416 at the Transformer's 6,656
 BLOCK_K = 256
 NUM_WARPS = 4
 TENSOR_CORES = False  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
@@ -49,8 +49,8 @@ def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype
 @triton.jit
 def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K, eps, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr, DOT_FP32: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
