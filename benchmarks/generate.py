@@ -29,9 +29,10 @@ chunked prefill), one process. Two kinds of case, each with an id that ``--only`
   timing noise and costs K·SAMPLE_STEPS steps instead of ``ctx``: the 16K Transformer row takes
   about a minute instead of eight.
 
-Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary,
-one SwiGLU gate kernel, or at decode sizes w1, w3 and the gate in one GEMV kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and mul: the ops
-before issue 21), ``compiled`` (``fused`` with the step run through ``torch.compile`` inside the
+Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary and
+one SwiGLU gate kernel; at decode sizes the boundary inside the next block's first GEMV kernel and
+the KV-cache write with RoPE one kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and
+mul, the torch cache write: the ops before issue 21), ``compiled`` (``fused`` with the step run through ``torch.compile`` inside the
 captured graph). ``--json`` merges the rows into the file by case id, so calls that each stay
 under a time limit fill one table.
 """
@@ -115,8 +116,8 @@ OP_BACKENDS = ("gate_backend", "gemv_backend", "rope_backend", "kv_backend")
 
 @contextlib.contextmanager
 def variant_kernels(model, variant: str):
-    """``unfused``: the SwiGLU gates, their GEMVs and RoPE on the reference too (the plain torch ops before issue
-    21; the norms are the Decoder's ``fused_norms=False``). Other variants change nothing."""
+    """``unfused``: every block op of OP_BACKENDS on the reference too (the plain torch ops before
+    issue 21; the norms are the Decoder's ``fused_norms=False``). Other variants change nothing."""
     switched = [(m, attr) for m in model.modules() for attr in OP_BACKENDS
                 if hasattr(m, attr)] if variant == "unfused" else []
     before = [getattr(m, attr) for m, attr in switched]

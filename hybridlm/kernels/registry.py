@@ -28,7 +28,6 @@ give up on the whole block).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple
 
 import torch
+from torch import Tensor
 
 from hybridlm.errors import BackendUnavailable
 from hybridlm.layouts.backends import AUTO, add_backend_name
@@ -97,21 +97,21 @@ def register_reference_and_triton(kind: str, op: str, reference: Callable, trito
 def register_reference_and_triton_ops(kind: str, triton_module: str,
                                       ops: dict[str, tuple[Callable, str]]) -> None:
     """:func:`register_reference_and_triton` for a kind of several ops: ``{op: (reference, triton_name)}``,
-    one ``unsupported_reason(device, op, *check)`` in the Triton module for all of them."""
+    the Triton module's one ``unsupported_reason`` for all of them (its callers pass what tells the ops
+    apart among the checked values)."""
     def load() -> dict[str, Op]:
         module = importlib.import_module(triton_module)
-        if len(ops) == 1:
-            return {op: Op(getattr(module, name), module.unsupported_reason) for op, (_, name) in ops.items()}
-        return {op: Op(getattr(module, name), functools.partial(_reason_of_op, module.unsupported_reason, op))
-                for op, (_, name) in ops.items()}
+        return {op: Op(getattr(module, name), module.unsupported_reason) for op, (_, name) in ops.items()}
 
     register_backend(kind, "reference", {op: ref for op, (ref, _) in ops.items()}, auto_priority=0)
     register_backend(kind, "triton", load=load, fallback="reference", auto_priority=1,
                      auto_devices=("cuda",), installed=installed("triton"))
 
 
-def _reason_of_op(unsupported_reason: Callable, op: str, device: torch.device, *check) -> str | None:
-    return unsupported_reason(device, op, *check)
+def records_autograd(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors: the small fused ops have no backward, so
+    then their reference runs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def installed(module: str) -> Callable[[], bool]:

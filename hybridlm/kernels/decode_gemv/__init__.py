@@ -18,7 +18,6 @@ decode-sized inputs (:func:`backend_for`).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
@@ -45,11 +44,8 @@ def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None
     if _rows(x) > MAX_ROWS:
         return "reference"
     dtypes = (x.dtype, *(None if t is None else t.dtype for t in tensors))
-    return registry.choose(KIND, op, backend, x.device.type, x.device.index, dtypes, _rows(x), stacked_rows)
-
-
-def _records_autograd(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # the op again among the checked values: the kernel module's one support check serves both ops
+    return registry.choose(KIND, op, backend, x.device.type, x.device.index, op, dtypes, _rows(x), stacked_rows)
 
 
 def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor, *, backend: str | None = None) -> Tensor:
@@ -58,7 +54,7 @@ def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor, *, backend: str | None = No
     if w1.shape != w3.shape or x.shape[-1] != w1.shape[-1]:
         raise ValueError(f"silu_mul_gemv: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} "
                          "do not fit (w1 and w3 (hidden, d_model), x (..., d_model))")
-    if _records_autograd(x, w1, w3):
+    if registry.records_autograd(x, w1, w3):
         return reference.silu_mul_gemv(x, w1, w3)
     name = backend_for("silu_mul_gemv", x, w1, w3, backend=backend)
     return registry.implementation(KIND, name, "silu_mul_gemv")(x, w1, w3)
@@ -80,7 +76,7 @@ def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: floa
                          f"norm_weight {tuple(norm_weight.shape)}, weights {[tuple(t.shape) for t in weights]}, "
                          f"w_up {None if w_up is None else tuple(w_up.shape)} do not fit (h and residual (..., d_model), "
                          "norm_weight (d_model,), weights (rows, d_model), w_up as w and not with stacked weights)")
-    if _records_autograd(h, residual, norm_weight, w_up, *weights):
+    if registry.records_autograd(h, residual, norm_weight, w_up, *weights):
         return reference.norm_gemv(h, residual, norm_weight, eps, w, w_up, stacked)
     name = backend_for("norm_gemv", h, residual, norm_weight, w, w_up, *(stacked or (None, None)), backend=backend,
                        stacked_rows=() if stacked is None else (w.shape[0], stacked[0].shape[0]))

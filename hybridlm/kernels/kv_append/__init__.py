@@ -15,7 +15,6 @@ while autograd records, the reference runs.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
@@ -40,7 +39,7 @@ def append_kv(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
         raise ValueError(f"append_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, caches "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}, lengths {tuple(lengths.shape)} do not fit "
                          "(q (B, L, Hq, D), k and v (B, L, Hk, D), contiguous caches (B, max_len, Hk, D), lengths (B,))")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if registry.records_autograd(q, k, v):
         return reference.append_kv(q, k, v, k_cache, v_cache, lengths, theta)
     dtypes = (q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype)
     name = registry.choose(KIND, OP, backend, q.device.type, q.device.index, dtypes, D, lengths.dtype)

@@ -30,10 +30,6 @@ registry.register_reference_and_triton(KIND, OP, reference.add_rms_norm, "hybrid
                                        "add_rms_norm")
 
 
-def _records_autograd(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def add_rms_norm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float, *,
                  out_dtype: torch.dtype | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """h, residual (..., D); weight (D,) -> (normed in ``out_dtype`` (default: h's), stream in h's dtype).
@@ -45,7 +41,7 @@ def add_rms_norm(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     if weight.shape != h.shape[-1:]:
         raise ValueError(f"add_rms_norm: weight shape {tuple(weight.shape)} != ({h.shape[-1]},), the row width")
     out_dtype = out_dtype or h.dtype
-    if _records_autograd(h, residual, weight):
+    if registry.records_autograd(h, residual, weight):
         return reference.add_rms_norm(h, residual, weight, eps, out_dtype)
     dtypes = (h.dtype, weight.dtype, out_dtype) + (() if residual is None else (residual.dtype,))
     name = registry.choose(KIND, OP, backend, h.device.type, h.device.index, dtypes, int(h.shape[-1]))

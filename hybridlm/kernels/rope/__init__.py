@@ -14,7 +14,6 @@ that requires grad) the reference runs: training is unchanged.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
@@ -32,7 +31,7 @@ def rope_qk(q: Tensor, k: Tensor, positions: Tensor, theta: float, *,
     shape, or broadcastable to it). ``backend``: a registered ``rope`` backend, None or ``"auto"``."""
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"rope_qk: q {tuple(q.shape)} and k {tuple(k.shape)} need the same leading shape and head_dim")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if registry.records_autograd(q, k):
         return reference.rope_qk(q, k, positions, theta)
     name = registry.choose(KIND, OP, backend, q.device.type, q.device.index, (q.dtype, k.dtype), q.shape[-1])
     return registry.implementation(KIND, name, OP)(q, k, positions, theta)

@@ -10,7 +10,6 @@ device and dtype) and ``triton`` (``triton.py``: one kernel; ``auto`` on CUDA, o
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hybridlm.kernels import registry
@@ -28,7 +27,7 @@ def silu_mul_(gate: Tensor, value: Tensor, *, backend: str | None = None) -> Ten
     then a new tensor. ``backend``: a registered ``swiglu_gate`` backend, None or ``"auto"``."""
     if gate.shape != value.shape:
         raise ValueError(f"silu_mul_: gate shape {tuple(gate.shape)} != value shape {tuple(value.shape)}")
-    if torch.is_grad_enabled() and (gate.requires_grad or value.requires_grad):
+    if registry.records_autograd(gate, value):
         return reference.silu_mul(gate, value)
     name = registry.choose(KIND, OP, backend, gate.device.type, gate.device.index, (gate.dtype, value.dtype),
                            gate.is_contiguous())
