@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Issue 21: the inference GPU tests, the GEMV micro-benchmark, then batch-1 generation fused vs
-# unfused. $@: the parts to run (tests, gemv, generate; default all three, ≈ 10 minutes: near a
-# call's limit, so a fresh machine is safer with `tests gemv` in one call and `generate` in the next).
+# Issue 21: the inference GPU tests, the GEMV micro-benchmark, batch-1 generation, and where a
+# batch-1 step's time goes. $@: the parts to run (default tests gemv generate, ≈ 5 minutes):
+#   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
+#   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
+#   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
+#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS)
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
   case "$part" in
     tests)
-      HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q -rf tests/gpu/test_inference_e2e_gpu.py 2>&1 \
-        | tail -n 40 | tee "$OUT/tests.log" ;;
+      HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
+        tests/gpu/test_inference_e2e_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 60 | tee "$OUT/tests.log" ;;
     gemv)
+      python3 benchmarks/gemv.py --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
+    gemv-sweep)
       python3 benchmarks/gemv.py --sweep --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
     generate)
-      python3 benchmarks/generate.py --only 'a:*' --variants fused,unfused --json "$OUT/generate.json" 2>&1 \
-        | tail -n 40 | tee "$OUT/generate.log" ;;
-    *) echo "unknown part $part (tests, gemv, generate)"; exit 2 ;;
+      python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
+        2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
+    profile)
+      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --json "$OUT/decode-profile.json" \
+        2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
+    *) echo "unknown part $part (tests, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
   esac
 done

@@ -29,10 +29,14 @@ from hybridlm.kernels.decode_gemv import MAX_ROWS
 from hybridlm.kernels.mamba3.triton.interpreter_compat import (device_type_reason, dtypes_reason, interpreting,
                                                                   one_dtype_reason)
 
-BLOCK_N = 16  # output units a program: 256 programs at the hybrid's hidden 4,096, 416 at the Transformer's 6,656
+# The fastest of benchmarks/gemv.py --sweep's 24 configs on an H200 (2026-12-03, docs/benchmarks.md):
+# SwiGLU's 2048 -> 2 x 4096 at 1 row 13.5 us (0.90 of copy bandwidth) and at 16 rows 14.9 us; rows on
+# CUDA cores were 16.1 us at 1 row but 5x slower at 8-16 rows (a row at a time through every tile).
+BLOCK_N = 32  # output units a program: 128 programs at the hybrid's hidden 4,096, 208 at the Transformer's 6,656
 BLOCK_K = 256
 NUM_WARPS = 4
-TENSOR_CORES = False  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
+TENSOR_CORES = True  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
+MIN_BLOCK_N = 16  # stacked weights halve BLOCK_N down to this until it divides their rows (tl.dot's least N)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -57,7 +61,7 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     # loads of a dot loop). Otherwise the rows of x go one at a time through the loaded tiles as
     # CUDA-core multiply-adds. benchmarks/gemv.py --sweep times both.
     # STACKED: the output's columns are W's N1 rows, then W2's N2, then W3's N - N1 - N2 (attention's
-    # q, k and v); BLOCK_N divides N1 and N2, so a program reads one of the three.
+    # q, k and v); BLOCK_N divides N1 and N2 (_block_n), so a program reads one of the three.
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, ROWS)
@@ -131,6 +135,15 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     tl.store(OUT + rows[:, None] * N + cols[None, :], out, mask=row_in[:, None] & col_in[None, :])
 
 
+def _block_n(stacked_rows: tuple[int, ...]) -> int:
+    """BLOCK_N, halved (not below MIN_BLOCK_N) until it divides every stacked weight's rows: a program
+    reads one weight (a model with 4 kv heads of 64 has k and v of 256 rows, a tiny one of 16)."""
+    block_n = BLOCK_N
+    while block_n > MIN_BLOCK_N and any(n % block_n for n in stacked_rows):
+        block_n //= 2
+    return block_n
+
+
 def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, w: Tensor,
             w_up: Tensor | None, stream: Tensor | None, w2: Tensor | None = None, w3: Tensor | None = None) -> Tensor:
     rows, k = h.shape
@@ -138,14 +151,15 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     n2 = 0 if w2 is None else w2.shape[0]
     n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
+    block_n = _block_n((n1, n2) if w2 is not None else ())
     if rows and n:
-        _decode_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+        _decode_gemv_kernel[(triton.cdiv(n, block_n),)](
             h, h if residual is None else residual, w if norm_weight is None else norm_weight,
             h if stream is None else stream, w, w if w_up is None else w_up, w if w2 is None else w2,
             w if w3 is None else w3, out, rows, n, n1, n2, k, eps,
             NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
             STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1),
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, TENSOR_CORES=TENSOR_CORES,
+            BLOCK_N=block_n, BLOCK_K=BLOCK_K, TENSOR_CORES=TENSOR_CORES,
             DOT_FP32=w.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS)
     return out
 
@@ -224,7 +238,7 @@ def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype 
     """Why the kernel cannot take these inputs (plain values); None when it can. ``dtypes``: for
     ``silu_mul_gemv`` (x, w1, w3), one dtype; for ``norm_gemv`` (stream, residual, norm weight, w,
     w_up, w2, w3; None where absent): the weights of one dtype, the stream and residual any of the
-    kernel's. ``stacked_rows``: the rows of w and w2 when w, w2, w3 are stacked (multiples of BLOCK_N)."""
+    kernel's. ``stacked_rows``: the rows of w and w2 when w, w2, w3 are stacked (multiples of MIN_BLOCK_N)."""
     where = device_type_reason(device, "the Triton decode GEMV kernel")
     if where:
         return where
@@ -235,6 +249,6 @@ def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype 
         problem = one_dtype_reason(dtypes, DTYPES)
     if problem:
         return problem
-    if any(n % BLOCK_N for n in stacked_rows):
-        return f"stacked weights of {', '.join(map(str, stacked_rows))} rows (multiples of {BLOCK_N})"
+    if any(n % _block_n(stacked_rows) for n in stacked_rows):
+        return f"stacked weights of {', '.join(map(str, stacked_rows))} rows (multiples of {MIN_BLOCK_N})"
     return None if rows <= MAX_ROWS else f"{rows} rows (a decode-sized input takes at most {MAX_ROWS})"

@@ -1,0 +1,98 @@
+"""Where a batch-1 decode step's time goes: the kernels of CUDA-graph replays under torch.profiler.
+
+    python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--json out.json]
+
+The step as users run it (``hybridlm.Decoder``, random bf16 weights, a 2,048-token prompt, the
+captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
+busy time (the union of kernel intervals) and so the time between kernels, then the kernels by
+name: count per step and device microseconds per step, largest first. What ``generate.py``'s
+ms per step is made of: weights read, other kernels, and gaps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def profile(model_name: str, steps: int, prompt: int) -> dict:
+    from hybridlm.builder import Decoder, build_model
+    from hybridlm.layouts.presets import spec_or_preset
+
+    device = torch.device("cuda")
+    model = build_model(spec_or_preset(model_name), device=device, dtype=torch.bfloat16, seed=0).eval()
+    decoder = Decoder(model, 1, prompt + 3 * steps + 8)
+    ids = torch.randint(0, model.spec.vocab_size, (1, prompt), device=device)
+    tokens = decoder.prefill(ids).argmax(-1)
+    for _ in range(steps):  # capture and warm
+        tokens = decoder.step(tokens).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = decoder.step(tokens).argmax(-1)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens = decoder.step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    intervals = []
+    for e in kernels:
+        by_name[e.name].append(e.time_range.elapsed_us())
+        intervals.append((e.time_range.start, e.time_range.end))
+    busy_us = busy_time(intervals) / steps
+    rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
+                   for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
+    return {"model": model_name, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "steps": steps, "prompt": prompt, "wall_ms_per_step": wall_ms,
+            "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
+            "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="hybrid-1.5b", help="preset or spec (comma-separated: several)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--prompt", type=int, default=2048)
+    p.add_argument("--top", type=int, default=25, help="kernels printed per model")
+    p.add_argument("--json", help="write every model's profile here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_profile.py profiles CUDA-graph replays: it needs a GPU")
+    results = []
+    for name in args.model.split(","):
+        r = profile(name, args.steps, args.prompt)
+        results.append(r)
+        print(f"## {name}: {r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
+              f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
+              f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
+        print("| kernel | per step | µs per step |\n|---|---|---|")
+        for row in r["kernels"][: args.top]:
+            print(f"| {row['kernel']} | {row['per_step']:.0f} | {row['us_per_step']:.1f} |")
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return {"profiles": results}
+
+
+if __name__ == "__main__":
+    main()
