@@ -16,9 +16,9 @@ Each case is what a block boundary and the block's first projection cost at deco
 Timing: ``reps`` calls captured in one CUDA graph and replayed (median of 20 replays), each call on
 its own copy of the weights, so that the weights read exceed the 50 MB L2 cache and come from
 memory as in a model step. ``GB/s`` counts the weight bytes; ``of copy`` divides that by the
-device-to-device copy bandwidth measured in the same run. ``--sweep`` times the kernel at each
-(tensor cores or not, BLOCK_N, BLOCK_K, num_warps) of a grid of 24 for the ``swiglu`` and ``plain``
-cases at 1 and the most rows, to pin its config (about two minutes, most of it compiling).
+device-to-device copy bandwidth measured in the same run. ``--sweep`` times the kernel's form of
+every case at each (BLOCK_N, BLOCK_K, num_warps, num_stages, split-K) of a grid of 48 on tensor
+cores (SWEEP_GRID), at 1 and the most rows, to pin its configs (a few minutes, most of it compiling).
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ BF16 = torch.bfloat16
 D_MODEL, HIDDEN = 2048, 4096  # the 1.5B presets
 L2_BYTES = 50 * 2**20
 DEVICE = "cuda"
-# the kernel configs --sweep times: (tensor cores, BLOCK_N, BLOCK_K, num_warps)
-SWEEP_GRID = list(itertools.product((False, True), (16, 32, 64), (128, 256), (4, 8)))
+# the kernel configs --sweep times, on tensor cores (rows on CUDA cores were up to 5x slower at 8-16
+# rows and no faster at 1: H200, 2026-12-03): BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, SPLIT_K
+SWEEP_KNOBS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "SPLIT_K")
+SWEEP_GRID = list(itertools.product((16, 32), (256, 512), (4, 8), (2, 4), (1, 2, 4)))
 
 
 def copy_bandwidth() -> float:
@@ -133,29 +135,20 @@ def plain_cases(rows: int):
     yield "plain", "gemv", D_MODEL * HIDDEN * 2, lambda i: gemv(x, w[i % n])
 
 
-def sweep(rows: int, bandwidth: float, reps: int) -> list[dict]:
-    """The kernel's configs on the swiglu (norm_gemv, both weights) and plain cases."""
+def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int) -> list[dict]:
+    """The kernel's configs (SWEEP_GRID) on every case's kernel variant (norm_gemv, the plain gemv)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
-    from hybridlm.kernels.decode_gemv import norm_gemv
 
-    h, residual = (torch.randn(rows, D_MODEL, device=DEVICE, dtype=BF16) for _ in range(2))
-    g = torch.rand(D_MODEL, device=DEVICE, dtype=BF16) + 0.5
-    n = copies_for(2 * HIDDEN * D_MODEL * 2)
-    w1, w3 = weight_copies(HIDDEN, D_MODEL, n), weight_copies(HIDDEN, D_MODEL, n)
-    x = torch.randn(rows, HIDDEN, device=DEVICE, dtype=BF16)
-    m = copies_for(D_MODEL * HIDDEN * 2)
-    w = weight_copies(D_MODEL, HIDDEN, m)
-    calls = {"swiglu": (2 * HIDDEN * D_MODEL * 2, lambda i: norm_gemv(h, residual, g, 1e-5, w1[i % n], w3[i % n],
-                                                                       backend="triton")),
-             "plain": (D_MODEL * HIDDEN * 2, lambda i: kernel.gemv(x, w[i % m]))}
-    default = (kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS)
+    calls = [(case, nbytes, call) for case, variant, nbytes, call in cases(rows, in_proj_width)
+             if variant in ("norm_gemv", "gemv")]
+    default = tuple(getattr(kernel, knob) for knob in SWEEP_KNOBS)
     rows_out = []
     try:
         for config in SWEEP_GRID:
-            kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS = config
-            for case, (nbytes, call) in calls.items():
-                row = dict(rows=rows, case=case, tensor_cores=config[0], block_n=config[1], block_k=config[2],
-                           num_warps=config[3])
+            for knob, value in zip(SWEEP_KNOBS, config):
+                setattr(kernel, knob, value)
+            for case, nbytes, call in calls:
+                row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(SWEEP_KNOBS, config)})
                 try:
                     ms = graph_ms(call, reps)
                 except Exception as e:  # a config that does not compile or launch: say so, go on
@@ -165,7 +158,8 @@ def sweep(rows: int, bandwidth: float, reps: int) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 rows_out.append(row)
     finally:
-        kernel.TENSOR_CORES, kernel.BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS = default
+        for knob, value in zip(SWEEP_KNOBS, default):
+            setattr(kernel, knob, value)
     return rows_out
 
 
@@ -201,7 +195,7 @@ def main() -> None:
     swept = []
     if args.sweep:
         for rows in sorted({1, max(int(r) for r in args.rows.split(","))}):
-            swept += sweep(rows, bandwidth, args.reps)
+            swept += sweep(rows, bandwidth, args.reps, in_proj_width)
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, results=results, sweep=swept), indent=1) + "\n")
 

@@ -116,11 +116,12 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
 def decode_gemv_launches(dtype: torch.dtype) -> list:
     """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, plain, and stacked as q, k, v)
     at the 1.5B presets' shapes (d_model 2048, hidden 4096; q 2048, k and v 512 rows) at 1, 8 and 16
-    rows, on CUDA cores and then on tensor cores."""
+    rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
-        for kernel.TENSOR_CORES, rows in itertools.product((False, True), (1, 8, 16)):
+        for (kernel.TENSOR_CORES, kernel.SPLIT_K), rows in itertools.product(((False, 1), (True, 1), (True, 4)),
+                                                                             (1, 8, 16)):
             h, residual = torch.randn(rows, 2048, dtype=dtype), torch.randn(rows, 2048, dtype=dtype)
             g, w1, w3 = torch.rand(2048, dtype=dtype), *(torch.randn(4096, 2048, dtype=dtype) for _ in range(2))
             kernel.silu_mul_gemv(h, w1, w3)
@@ -128,10 +129,11 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
             kernel.norm_gemv(h, residual, g, 1e-5, w1)
             kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
 
+    default = kernel.TENSOR_CORES, kernel.SPLIT_K
     try:
         return launches(run)
     finally:
-        kernel.TENSOR_CORES = False
+        kernel.TENSOR_CORES, kernel.SPLIT_K = default
 
 
 def main() -> None:

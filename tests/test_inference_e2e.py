@@ -224,6 +224,35 @@ def test_triton_norm_gemv_matches_reference(rows, n, d_model, weights, with_resi
 
 
 @needs_triton
+@pytest.mark.parametrize("rows,n,d_model", [(5, 40, 300), (16, 17, 513)])
+@pytest.mark.parametrize("weights", ["gemv", "gated", "stacked"])
+def test_triton_norm_gemv_split_k(rows, n, d_model, weights, monkeypatch):
+    """Split-K (programs sharing a column block, each a slice of d_model; the last to arrive adds the
+    fp32 partials in a fixed order and runs the epilogue): fp32 within 1e-6 of the reference, the
+    stream bitwise, the same bits on a second call (deterministic), and the tickets back at zero.
+    d_model 300 and 513 over BLOCK_K 128: 3 slices, the last short."""
+    from hybridlm.kernels.decode_gemv import norm_gemv
+    from hybridlm.kernels.decode_gemv import reference as gemv_reference
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    monkeypatch.setattr(kernel, "SPLIT_K", 3)
+    monkeypatch.setattr(kernel, "BLOCK_K", 128)
+    gen = torch.Generator().manual_seed(rows + n)
+    h, residual = (torch.randn(rows, d_model, generator=gen) for _ in range(2))
+    norm_weight = torch.rand(d_model, generator=gen) + 0.5
+    shapes = {"gemv": (n,), "gated": (n, n), "stacked": (32, 16, n)}[weights]
+    ws = [torch.randn(rows_, d_model, generator=gen) / d_model ** 0.5 for rows_ in shapes]
+    extra = dict(w_up=ws[1] if weights == "gated" else None,
+                 stacked=tuple(ws[1:]) if weights == "stacked" else None)
+    got, stream = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
+    want, want_stream = gemv_reference.norm_gemv(h, residual, norm_weight, 1e-5, ws[0], **extra)
+    assert torch.equal(stream, want_stream) and rel_err(got, want) <= 1e-6
+    again, _ = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
+    assert torch.equal(got, again)
+    assert not kernel._TICKETS[h.device].any()
+
+
+@needs_triton
 @pytest.mark.parametrize("family", ["hybrid-tiny", "mamba3-mimo-tiny", "transformer-tiny"])
 def test_blocks_take_the_norm_into_their_first_projection_at_decode(family):
     """With the decode GEMV kernel, every block of a decode step (SwiGLU, Mamba-3, attention with

@@ -195,8 +195,9 @@ def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
 
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("projection", ["mamba3-in_proj", "swiglu", "attention-qkv"])
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-cores", "tensor-cores"])
-def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, monkeypatch):
+@pytest.mark.parametrize("tensor_cores,split_k", [(False, 1), (True, 1), (True, 4)],
+                         ids=["cuda-cores", "tensor-cores", "tensor-cores-split4"])
+def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, split_k, monkeypatch):
     """The block boundary (residual add + RMSNorm) inside the next projection at the 1.5B presets'
     shapes: mamba3-1.5b's in_proj, SwiGLU's w1, w3 and gate, attention's q, k, v (16 and 4 heads of
     128, stacked). fp32: the stream bitwise, the output within 1e-5 of the reference (summation
@@ -204,12 +205,14 @@ def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, mon
     output normwise within 4e-3 of the reference, i.e. about one rounding step (2^-8) on every
     element: the fp32 sums of squares and of products run in another order, which can move the
     normed row's and the output's roundings by a step. Both forms of the kernel (rows on CUDA cores,
-    a 16-row tile through tl.dot)."""
+    a 16-row tile through tl.dot), and the tile with split-K (4 slices of d_model: the same bits on a
+    second call, the tickets back at zero)."""
     from hybridlm.kernels.decode_gemv import norm_gemv
     from hybridlm.kernels.decode_gemv import reference as gemv_reference
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     monkeypatch.setattr(kernel, "TENSOR_CORES", tensor_cores)
+    monkeypatch.setattr(kernel, "SPLIT_K", split_k)
 
     meta = build_model(get_preset("mamba3-1.5b"), device="meta")
     n = meta.layers[0].mixer.in_proj.weight.shape[0] if projection == "mamba3-in_proj" else 4096
@@ -224,10 +227,14 @@ def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, mon
         kw = dict(w_up=more[0]) if projection == "swiglu" else dict(stacked=tuple(more)) if more else {}
         got, stream = norm_gemv(*args, 1e-5, w, backend="triton", **kw)
         want, want_stream = gemv_reference.norm_gemv(*args, 1e-5, w, **kw)
-        key = f"norm-gemv-{projection}-{rows}-{str(dtype).removeprefix('torch.')}-tc{int(tensor_cores)}"
+        key = (f"norm-gemv-{projection}-{rows}-{str(dtype).removeprefix('torch.')}-tc{int(tensor_cores)}"
+               + (f"-split{split_k}" if split_k > 1 else ""))
         RESULTS[key] = dict(rel_err=rel_err(got, want), mismatched_fraction=float((got != want).float().mean()))
         assert torch.equal(stream, want_stream)
         assert RESULTS[key]["rel_err"] <= bound
+        if split_k > 1:
+            assert torch.equal(got, norm_gemv(*args, 1e-5, w, backend="triton", **kw)[0])
+            assert not kernel._TICKETS[got.device].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

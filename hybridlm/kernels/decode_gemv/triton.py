@@ -37,6 +37,12 @@ BLOCK_K = 256
 NUM_WARPS = 4
 TENSOR_CORES = True  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
 MIN_BLOCK_N = 16  # stacked weights halve BLOCK_N down to this until it divides their rows (tl.dot's least N)
+NUM_STAGES = 3  # Triton's software pipelining depth of the weight loads (its default on Hopper)
+# SPLIT_K > 1: SPLIT_K programs share each column block, each streaming 1/SPLIT_K of d_model, so a
+# narrow output (out_proj's 2,048: 64 programs of 32) still keeps every SM loading. Each writes its
+# fp32 partial sums to a workspace and takes a ticket; the last to arrive adds the partials in a
+# fixed order (deterministic: a CUDA graph replays bit for bit) and runs the epilogue.
+SPLIT_K = 1
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -54,7 +60,7 @@ def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype
 def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K, eps, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
-                        DOT_FP32: tl.constexpr):
+                        DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr, WS, TICKETS, K_PER_SPLIT):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
@@ -63,6 +69,7 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     # STACKED: the output's columns are W's N1 rows, then W2's N2, then W3's N - N1 - N2 (attention's
     # q, k and v); BLOCK_N divides N1 and N2 (_block_n), so a program reads one of the three.
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # which 1/SPLIT_K of d_model this program streams (0 without split-K)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, ROWS)
     col_in = cols < N
@@ -87,15 +94,17 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
             if HAS_RES:
                 res = tl.load(RES + at, mask=mask, other=0.0).to(dtype)
                 s = (s.to(tl.float32) + res.to(tl.float32)).to(dtype)
-                tl.store(STREAM + at, s, mask=mask & (pid == 0))
+                tl.store(STREAM + at, s, mask=mask & (pid == 0) & (split == 0))
             s = s.to(tl.float32)
             squares += tl.sum(s * s, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < K
+        k_in = ks < k_end
         w_at = w_rows[:, None].to(tl.int64) * K + ks[None, :]
         w_mask = col_in[:, None] & k_in[None, :]
         w = tl.load(W + w_at, mask=w_mask, other=0.0)
@@ -126,13 +135,38 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
                 acc = tl.where(here, acc + tl.sum(w.to(tl.float32) * x, axis=1)[None, :], acc)
                 if GATED:
                     acc_up = tl.where(here, acc_up + tl.sum(w_up.to(tl.float32) * x, axis=1)[None, :], acc_up)
+    out_mask = row_in[:, None] & col_in[None, :]
+    if SPLIT_K > 1:
+        tile = rows[:, None] * N + cols[None, :]
+        tl.store(WS + split * M * N + tile, acc, mask=out_mask)
+        if GATED:
+            tl.store(WS + (SPLIT_K + split) * M * N + tile, acc_up, mask=out_mask)
+        tl.debug_barrier()  # every thread's partials issued before the ticket (released by the atomic)
+        ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last of the column block: sum the partials in split order
+            acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            for part in range(SPLIT_K):
+                acc += tl.load(WS + part * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(WS + (SPLIT_K + part) * M * N + tile, mask=out_mask, other=0.0,
+                                      cache_modifier=".cg")
+            tl.atomic_xchg(TICKETS + pid, 0)  # ready for the next launch (and graph replay)
+            _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED)
+    else:
+        _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED: tl.constexpr):
+    """The fp32 sums rounded to W's dtype as the reference rounds them; SwiGLU's gate when GATED."""
     w_dtype = W.dtype.element_ty
     out = acc.to(w_dtype)
     if GATED:
         g = out.to(tl.float32)
         silu = (g / (1.0 + tl.exp(-g))).to(w_dtype).to(tl.float32)
         out = (silu * acc_up.to(w_dtype).to(tl.float32)).to(w_dtype)
-    tl.store(OUT + rows[:, None] * N + cols[None, :], out, mask=row_in[:, None] & col_in[None, :])
+    tl.store(OUT + rows[:, None] * N + cols[None, :], out, mask=out_mask)
 
 
 def _block_n(stacked_rows: tuple[int, ...]) -> int:
@@ -152,16 +186,43 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
     block_n = _block_n((n1, n2) if w2 is not None else ())
+    blocks = triton.cdiv(n, block_n)
+    split_k = max(1, min(SPLIT_K, triton.cdiv(k, BLOCK_K)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
+    split_k = triton.cdiv(k, k_per_split)  # no program without a slice of d_model
+    workspace = tickets = out
+    if split_k > 1:
+        workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
+                                dtype=torch.float32)
+        tickets = _tickets(h.device, blocks)
     if rows and n:
-        _decode_gemv_kernel[(triton.cdiv(n, block_n),)](
+        _decode_gemv_kernel[(blocks, split_k)](
             h, h if residual is None else residual, w if norm_weight is None else norm_weight,
             h if stream is None else stream, w, w if w_up is None else w_up, w if w2 is None else w2,
             w if w3 is None else w3, out, rows, n, n1, n2, k, eps,
             NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
             STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1),
             BLOCK_N=block_n, BLOCK_K=BLOCK_K, TENSOR_CORES=TENSOR_CORES,
-            DOT_FP32=w.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS)
+            DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
+            K_PER_SPLIT=k_per_split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
+
+
+_TICKETS: dict[torch.device, Tensor] = {}
+
+
+def _tickets(device: torch.device, blocks: int) -> Tensor:
+    """Split-K's per-column-block counters, zero between launches (the last program of a block resets
+    its own). Kept per device and reused, so a step pays no memset; launches on one stream at a time.
+    Never first made inside a CUDA-graph capture: memory from the graph's pool could be reused after
+    the graph is freed, so a capture gets counters of its own (a memset node in the graph)."""
+    have = _TICKETS.get(device)
+    if have is not None and have.numel() >= blocks:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(blocks, device=device, dtype=torch.int32)
+    _TICKETS[device] = torch.zeros(max(blocks, 1024), device=device, dtype=torch.int32)
+    return _TICKETS[device]
 
 
 @torch.library.custom_op("hybridlm::silu_mul_gemv", mutates_args=())
