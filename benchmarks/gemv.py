@@ -135,19 +135,20 @@ def plain_cases(rows: int):
     yield "plain", "gemv", D_MODEL * HIDDEN * 2, lambda i: gemv(x, w[i % n])
 
 
-def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int) -> list[dict]:
+def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[str] | None = None) -> list[dict]:
     """The kernel's configs (SWEEP_GRID) on every case's kernel variant (norm_gemv, the plain gemv)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
-    calls = [(case, nbytes, call) for case, variant, nbytes, call in cases(rows, in_proj_width)
-             if variant in ("norm_gemv", "gemv")]
     default = tuple(getattr(kernel, knob) for knob in SWEEP_KNOBS)
     rows_out = []
     try:
-        for config in SWEEP_GRID:
-            for knob, value in zip(SWEEP_KNOBS, config):
-                setattr(kernel, knob, value)
-            for case, nbytes, call in calls:
+        # one case at a time, as cases() yields it: its calls close over variables the next case rebinds
+        for case, variant, nbytes, call in cases(rows, in_proj_width):
+            if variant not in ("norm_gemv", "gemv") or (only and case not in only):
+                continue
+            for config in SWEEP_GRID:
+                for knob, value in zip(SWEEP_KNOBS, config):
+                    setattr(kernel, knob, value)
                 row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(SWEEP_KNOBS, config)})
                 try:
                     ms = graph_ms(call, reps)
@@ -168,6 +169,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,16", help="decode batch sizes (rows of x), at most 16")
     p.add_argument("--reps", type=int, default=48, help="calls per CUDA graph")
     p.add_argument("--sweep", action="store_true", help="also time the kernel's configs (a few minutes)")
+    p.add_argument("--sweep-cases", default="", help="only these cases in the sweep (in_proj,swiglu,qkv,plain)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -195,7 +197,8 @@ def main() -> None:
     swept = []
     if args.sweep:
         for rows in sorted({1, max(int(r) for r in args.rows.split(","))}):
-            swept += sweep(rows, bandwidth, args.reps, in_proj_width)
+            swept += sweep(rows, bandwidth, args.reps, in_proj_width,
+                           set(args.sweep_cases.split(",")) if args.sweep_cases else None)
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, results=results, sweep=swept), indent=1) + "\n")
 

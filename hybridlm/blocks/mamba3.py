@@ -138,7 +138,7 @@ class Mamba3(nn.Module):
         self.is_outproj_norm = out_norm == "pregate_grouped"
         self.norm_eps = norm_eps
         self.backend = backend
-        self.gemv_backend: str | None = None  # decode_gemv's, for normed_forward (None: auto)
+        self.gemv_backend: str | None = None  # decode_gemv's, for normed_forward (None: the separate norm, measured faster)
 
         H, R, G, N, P = self.nheads, self.mimo_rank, ngroups, d_state, headdim
         layout = InProjLayout(H, P, G, R, N, self.num_rope_angles, discretization == "trapezoid")
@@ -338,7 +338,14 @@ class Mamba3(nn.Module):
                        *, cache: Mamba3Cache | None = None) -> tuple[Tensor, Tensor] | None:
         """A decode step with the block boundary in front of it (``norm`` of h + residual) and in_proj
         as one op (:mod:`hybridlm.kernels.decode_gemv`): (output, stream). None where this input
-        takes the separate norm (not a decode step, autograd, or no kernel for it)."""
+        takes the separate norm (not a decode step, autograd, or no kernel for it).
+
+        Only when ``gemv_backend`` names a backend: by default (None) the separate fused norm and
+        cuBLAS's in_proj run instead, the faster pair on an H200 (2026-12-03, ``benchmarks/gemv.py``,
+        mamba3-1.5b's 2048 -> 8672 at batch 1: 12.8 µs against the kernel's best config 17.8 µs; its
+        271 column blocks of 32 fill 132 SMs in 2.05 waves)."""
+        if self.gemv_backend is None:
+            return None
         if torch.is_grad_enabled() or not self._takes_decode_step(h, cu_seqlens, cache):
             return None
         row = None if residual is None else residual[:, 0]
