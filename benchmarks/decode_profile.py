@@ -1,12 +1,14 @@
 """Where a batch-1 decode step's time goes: the kernels of CUDA-graph replays under torch.profiler.
 
-    python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--json out.json]
+    python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--fa4-splits 1,0] [--json out.json]
 
 The step as users run it (``hybridlm.Decoder``, random bf16 weights, a 2,048-token prompt, the
 captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
 busy time (the union of kernel intervals) and so the time between kernels, then the kernels by
 name: count per step and device microseconds per step, largest first. What ``generate.py``'s
-ms per step is made of: weights read, other kernels, and gaps.
+ms per step is made of: weights read, other kernels, and gaps. ``--fa4-splits``: profile each model
+once per value of FA4's split-KV for decode steps (``hybridlm/kernels/fa4.py`` DECODE_NUM_SPLITS:
+1 off, 0 FA4's heuristic).
 """
 from __future__ import annotations
 
@@ -31,9 +33,12 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(model_name: str, steps: int, prompt: int) -> dict:
+def profile(model_name: str, steps: int, prompt: int, fa4_splits: int) -> dict:
     from hybridlm.builder import Decoder, build_model
+    from hybridlm.kernels import fa4
     from hybridlm.layouts.presets import spec_or_preset
+
+    fa4.DECODE_NUM_SPLITS = fa4_splits
 
     device = torch.device("cuda")
     model = build_model(spec_or_preset(model_name), device=device, dtype=torch.bfloat16, seed=0).eval()
@@ -61,7 +66,7 @@ def profile(model_name: str, steps: int, prompt: int) -> dict:
     busy_us = busy_time(intervals) / steps
     rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
                    for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
-    return {"model": model_name, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+    return {"model": model_name, "fa4_splits": fa4_splits, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps": steps, "prompt": prompt, "wall_ms_per_step": wall_ms,
             "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
@@ -73,15 +78,16 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--top", type=int, default=25, help="kernels printed per model")
+    p.add_argument("--fa4-splits", default="1", help="FA4 decode split-KV values to profile (1 off, 0 heuristic)")
     p.add_argument("--json", help="write every model's profile here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py profiles CUDA-graph replays: it needs a GPU")
     results = []
-    for name in args.model.split(","):
-        r = profile(name, args.steps, args.prompt)
+    for name, splits in ((m, int(s)) for m in args.model.split(",") for s in args.fa4_splits.split(",")):
+        r = profile(name, args.steps, args.prompt, splits)
         results.append(r)
-        print(f"## {name}: {r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
+        print(f"## {name} (FA4 decode splits {splits}): {r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
               f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
               f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
         print("| kernel | per step | µs per step |\n|---|---|---|")

@@ -4,7 +4,7 @@
 #   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
-#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS)
+#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS)
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
@@ -20,7 +20,8 @@ for part in $parts; do
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     profile)
-      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --json "$OUT/decode-profile.json" \
+      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
+        --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
     *) echo "unknown part $part (tests, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
   esac

@@ -154,6 +154,13 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None 
     return out.unsqueeze(0)
 
 
+# FA4's split-KV for a decode step (q of one token a row): 1 = off; 0 = FA4's own heuristic (splits
+# that fill the SMs). Off, a step has batch x heads programs, each walking the whole cache: at batch
+# 1 one attention layer took 27 µs of hybrid-1.5b's step on an H200 (2026-12-03,
+# benchmarks/decode_profile.py), for 4 MiB of cache. `decode_profile.py --fa4-splits 1,0` measures both.
+DECODE_NUM_SPLITS = 1
+
+
 @torch.compiler.disable  # inference only (KV-cache reads); dynamo would trace into the CuTe DSL's JIT
 def fa4_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor, *,
                          cu_seqlens: Tensor | None = None, window: int | None = None,
@@ -165,8 +172,9 @@ def fa4_cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths
     window_size = (None, None) if window is None else (window - 1, 0)
     used = kv_lengths.to(torch.int32).contiguous()  # already int32 from the KV cache: no copy
     if cu_seqlens is None:
+        splits = {"num_splits": DECODE_NUM_SPLITS} if q.shape[1] == 1 and DECODE_NUM_SPLITS != 1 else {}
         out = flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=used, softmax_scale=scale, causal=True,
-                                     window_size=window_size)
+                                     window_size=window_size, **splits)
         return _first(out)
     out = flash_attn_varlen_func(q[0], k_cache, v_cache, cu_seqlens_q=cu_seqlens.to(torch.int32), seqused_k=used,
                                  softmax_scale=scale, causal=True, window_size=window_size)

@@ -113,3 +113,21 @@ def test_fa4_attention_block_under_torch_compile():
     compiled_out, compiled_grads = run(torch.compile(block))
     assert rel_err(compiled_out, eager_out) <= 1e-2
     assert max(rel_err(a.float(), b.float()) for a, b in zip(compiled_grads, eager_grads)) <= 2e-2
+
+
+@pytest.mark.parametrize("splits", [1, 0], ids=["one-split", "fa4-heuristic"])
+def test_fa4_cached_decode_step_with_split_kv(splits, monkeypatch):
+    """A decode step over a KV cache of 4,096 positions whose rows hold 1 .. 3,000 tokens (GQA 16/4,
+    head_dim 128, as transformer-1.5b), through FA4 without and with its split-KV (DECODE_NUM_SPLITS
+    0: FA4's heuristic), against fp32 SDPA on the same bf16 cache within the attention bound."""
+    from hybridlm.kernels.attention import sdpa_cached_attention
+
+    monkeypatch.setattr(fa4, "DECODE_NUM_SPLITS", splits)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lengths = torch.tensor([1, 700, 3000], dtype=torch.int32, device="cuda")
+    q = torch.randn(3, 1, 16, 128, generator=g, device="cuda").to(torch.bfloat16)
+    k_cache, v_cache = (torch.randn(3, 4096, 4, 128, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+    got = fa4.fa4_cached_attention(q, k_cache, v_cache, lengths, scale=128 ** -0.5)
+    want = sdpa_cached_attention(q.float(), k_cache.float(), v_cache.float(), lengths, scale=128 ** -0.5)
+    RESULTS[f"cached-decode-splits{splits}"] = rel_err(got.float(), want)
+    assert RESULTS[f"cached-decode-splits{splits}"] <= OUT_TOL
