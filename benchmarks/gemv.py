@@ -18,7 +18,8 @@ its own copy of the weights, so that the weights read exceed the 50 MB L2 cache 
 memory as in a model step. ``GB/s`` counts the weight bytes; ``of copy`` divides that by the
 device-to-device copy bandwidth measured in the same run. ``--sweep`` times the kernel's form of
 every case at each (BLOCK_N, BLOCK_K, num_warps, num_stages, split-K) of a grid of 24 on tensor
-cores (SWEEP_GRID), at 1 and the most rows, to pin its configs (a few minutes, most of it compiling).
+cores (SWEEP_GRID), at 1 and the most rows, then at one row 24 configs of the CUDA-core form
+(ONE_ROW_GRID), to pin its configs (a few minutes, most of it compiling).
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ DEVICE = "cuda"
 # rows and no faster at 1: H200, 2026-12-03): BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, SPLIT_K
 SWEEP_KNOBS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "SPLIT_K")
 SWEEP_GRID = list(itertools.product((16, 32), (256, 512), (4, 8), (3,), (1, 2, 4)))
+# and at one row, the CUDA-core form with its own blocks (CUDA_CORES_AT_ONE_ROW): 24 more configs
+ONE_ROW_KNOBS = ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N", "ONE_ROW_BLOCK_K", "NUM_WARPS", "SPLIT_K")
+ONE_ROW_GRID = list(itertools.product((True,), (4, 8, 16), (512, 1024), (4, 8), (1, 2)))
 
 
 def copy_bandwidth() -> float:
@@ -135,21 +139,24 @@ def plain_cases(rows: int):
     yield "plain", "gemv", D_MODEL * HIDDEN * 2, lambda i: gemv(x, w[i % n])
 
 
-def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[str] | None = None) -> list[dict]:
-    """The kernel's configs (SWEEP_GRID) on every case's kernel variant (norm_gemv, the plain gemv)."""
+def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[str] | None = None,
+          knobs: tuple[str, ...] = SWEEP_KNOBS, grid: list[tuple] | None = None) -> list[dict]:
+    """The kernel's configs (``grid`` of ``knobs``, default SWEEP_GRID) on every case's kernel
+    variant (norm_gemv, the plain gemv)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
-    default = tuple(getattr(kernel, knob) for knob in SWEEP_KNOBS)
+    grid = SWEEP_GRID if grid is None else grid
+    default = tuple(getattr(kernel, knob) for knob in knobs)
     rows_out = []
     try:
         # one case at a time, as cases() yields it: its calls close over variables the next case rebinds
         for case, variant, nbytes, call in cases(rows, in_proj_width):
             if variant not in ("norm_gemv", "gemv") or (only and case not in only):
                 continue
-            for config in SWEEP_GRID:
-                for knob, value in zip(SWEEP_KNOBS, config):
+            for config in grid:
+                for knob, value in zip(knobs, config):
                     setattr(kernel, knob, value)
-                row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(SWEEP_KNOBS, config)})
+                row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(knobs, config)})
                 try:
                     ms = graph_ms(call, reps)
                 except Exception as e:  # a config that does not compile or launch: say so, go on
@@ -159,7 +166,7 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
                 print(json.dumps(row), flush=True)
                 rows_out.append(row)
     finally:
-        for knob, value in zip(SWEEP_KNOBS, default):
+        for knob, value in zip(knobs, default):
             setattr(kernel, knob, value)
     return rows_out
 
@@ -199,6 +206,9 @@ def main() -> None:
         for rows in sorted({1, max(int(r) for r in args.rows.split(","))}):
             swept += sweep(rows, bandwidth, args.reps, in_proj_width,
                            set(args.sweep_cases.split(",")) if args.sweep_cases else None)
+        if 1 in {int(r) for r in args.rows.split(",")}:
+            swept += sweep(1, bandwidth, args.reps, in_proj_width,
+                           set(args.sweep_cases.split(",")) if args.sweep_cases else None, ONE_ROW_KNOBS, ONE_ROW_GRID)
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, results=results, sweep=swept), indent=1) + "\n")
 

@@ -116,7 +116,8 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
 def decode_gemv_launches(dtype: torch.dtype) -> list:
     """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, plain, and stacked as q, k, v)
     at the 1.5B presets' shapes (d_model 2048, hidden 4096; q 2048, k and v 512 rows) at 1, 8 and 16
-    rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores."""
+    rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores; then the one-row
+    CUDA-core form (gated and plain)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -128,12 +129,17 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
             kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
             kernel.norm_gemv(h, residual, g, 1e-5, w1)
             kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
+        kernel.CUDA_CORES_AT_ONE_ROW = True  # the one-row CUDA-core form at its default blocks
+        h, residual = torch.randn(1, 2048, dtype=dtype), torch.randn(1, 2048, dtype=dtype)
+        g, w1, w3 = torch.rand(2048, dtype=dtype), *(torch.randn(4096, 2048, dtype=dtype) for _ in range(2))
+        kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
+        kernel.norm_gemv(h, residual, g, 1e-5, w1)
 
-    default = kernel.TENSOR_CORES, kernel.SPLIT_K
+    default = kernel.TENSOR_CORES, kernel.SPLIT_K, kernel.CUDA_CORES_AT_ONE_ROW
     try:
         return launches(run)
     finally:
-        kernel.TENSOR_CORES, kernel.SPLIT_K = default
+        kernel.TENSOR_CORES, kernel.SPLIT_K, kernel.CUDA_CORES_AT_ONE_ROW = default
 
 
 def main() -> None:

@@ -253,6 +253,34 @@ def test_triton_norm_gemv_split_k(rows, n, d_model, weights, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("weights", ["gemv", "gated", "stacked"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_triton_norm_gemv_one_row_on_cuda_cores(weights, split_k, monkeypatch):
+    """CUDA_CORES_AT_ONE_ROW: a single row takes the CUDA-core form with its own blocks (8 weight rows,
+    128-wide tiles here; d_model 300 and n 40 not multiples of them), with and without split-K: fp32
+    within 1e-6 of the reference, the stream bitwise; the tensor-core form still serves two rows."""
+    from hybridlm.kernels.decode_gemv import norm_gemv
+    from hybridlm.kernels.decode_gemv import reference as gemv_reference
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    for knob, value in (("CUDA_CORES_AT_ONE_ROW", True), ("ONE_ROW_BLOCK_N", 8), ("ONE_ROW_BLOCK_K", 128),
+                        ("SPLIT_K", split_k)):
+        monkeypatch.setattr(kernel, knob, value)
+    gen = torch.Generator().manual_seed(7)
+    d_model = 300
+    norm_weight = torch.rand(d_model, generator=gen) + 0.5
+    shapes = {"gemv": (40,), "gated": (40, 40), "stacked": (32, 16, 40)}[weights]
+    ws = [torch.randn(rows_, d_model, generator=gen) / d_model ** 0.5 for rows_ in shapes]
+    extra = dict(w_up=ws[1] if weights == "gated" else None,
+                 stacked=tuple(ws[1:]) if weights == "stacked" else None)
+    for rows in (1, 2):
+        h, residual = (torch.randn(rows, d_model, generator=gen) for _ in range(2))
+        got, stream = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
+        want, want_stream = gemv_reference.norm_gemv(h, residual, norm_weight, 1e-5, ws[0], **extra)
+        assert torch.equal(stream, want_stream) and rel_err(got, want) <= 1e-6
+
+
+@needs_triton
 @pytest.mark.parametrize("family", ["hybrid-tiny", "mamba3-mimo-tiny", "transformer-tiny"])
 def test_blocks_take_the_norm_into_their_first_projection_at_decode(family):
     """With the decode GEMV kernel, every block of a decode step (SwiGLU, Mamba-3, attention with
@@ -620,6 +648,8 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     rows = gemv.sweep(2, 1e12, 2, 80)
     assert len(rows) == 8 and not any("error" in row for row in rows)  # 4 cases x 2 configs
     assert len(gemv.sweep(2, 1e12, 2, 80, only={"plain"})) == 2
+    one_row = gemv.sweep(1, 1e12, 2, 80, None, gemv.ONE_ROW_KNOBS, [(True, 8, 128, 4, 1), (True, 4, 256, 4, 2)])
+    assert len(one_row) == 8 and not any("error" in row for row in one_row)
 
 
 def test_generate_benchmark_quick(bench, tmp_path, capsys):

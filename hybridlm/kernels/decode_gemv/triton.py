@@ -43,6 +43,13 @@ NUM_STAGES = 3  # Triton's software pipelining depth of the weight loads (its de
 # fp32 partial sums to a workspace and takes a ticket; the last to arrive adds the partials in a
 # fixed order (deterministic: a CUDA graph replays bit for bit) and runs the epilogue.
 SPLIT_K = 1
+# A single row (batch-1 decode) on CUDA cores instead: each program streams ONE_ROW_BLOCK_N weight rows
+# in ONE_ROW_BLOCK_K-wide tiles, multiply-adds kept per lane over the whole loop and reduced once
+# (nothing but loads and FMAs in the loop; small blocks give many programs, so no SM waits on a last
+# wave). Off until benchmarks/gemv.py --sweep times it against the tensor-core form.
+CUDA_CORES_AT_ONE_ROW = False
+ONE_ROW_BLOCK_N = 8
+ONE_ROW_BLOCK_K = 512
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -100,6 +107,9 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
         rstd = tl.rsqrt(squares / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    # one row on CUDA cores: products added lane-wise over the whole loop, reduced across lanes once
+    lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    lanes_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -123,6 +133,14 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if DOT_FP32 else None)
             if GATED:
                 acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee" if DOT_FP32 else None)
+        elif ROWS == 1:
+            x = tl.load(H + ks, mask=k_in & (M > 0), other=0.0)
+            if NORM:
+                x = _normed(x, RES, G, W, ks, k_in, ks, k_in, tl.sum(rstd, axis=0), HAS_RES, dtype)
+            x = x.to(tl.float32)[None, :]
+            lanes += w.to(tl.float32) * x
+            if GATED:
+                lanes_up += w_up.to(tl.float32) * x
         else:
             for r in tl.static_range(ROWS):
                 x_in = k_in & (r < M)
@@ -135,6 +153,9 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
                 acc = tl.where(here, acc + tl.sum(w.to(tl.float32) * x, axis=1)[None, :], acc)
                 if GATED:
                     acc_up = tl.where(here, acc_up + tl.sum(w_up.to(tl.float32) * x, axis=1)[None, :], acc_up)
+    if not TENSOR_CORES and ROWS == 1:
+        acc = tl.sum(lanes, axis=1)[None, :]
+        acc_up = tl.sum(lanes_up, axis=1)[None, :]
     out_mask = row_in[:, None] & col_in[None, :]
     if SPLIT_K > 1:
         tile = rows[:, None] * N + cols[None, :]
@@ -169,10 +190,11 @@ def _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED: tl.constexpr)
     tl.store(OUT + rows[:, None] * N + cols[None, :], out, mask=out_mask)
 
 
-def _block_n(stacked_rows: tuple[int, ...]) -> int:
-    """BLOCK_N, halved (not below MIN_BLOCK_N) until it divides every stacked weight's rows: a program
-    reads one weight (a model with 4 kv heads of 64 has k and v of 256 rows, a tiny one of 16)."""
-    block_n = BLOCK_N
+def _block_n(stacked_rows: tuple[int, ...], block_n: int | None = None) -> int:
+    """``block_n`` (default BLOCK_N), halved (not below MIN_BLOCK_N) until it divides every stacked
+    weight's rows: a program reads one weight (a model with 4 kv heads of 64 has k and v of 256 rows,
+    a tiny one of 16)."""
+    block_n = BLOCK_N if block_n is None else block_n
     while block_n > MIN_BLOCK_N and any(n % block_n for n in stacked_rows):
         block_n //= 2
     return block_n
@@ -185,10 +207,13 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     n2 = 0 if w2 is None else w2.shape[0]
     n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
-    block_n = _block_n((n1, n2) if w2 is not None else ())
+    one_row = rows == 1 and CUDA_CORES_AT_ONE_ROW
+    tensor_cores = TENSOR_CORES and not one_row
+    block_k = ONE_ROW_BLOCK_K if one_row else BLOCK_K
+    block_n = _block_n((n1, n2) if w2 is not None else (), ONE_ROW_BLOCK_N if one_row else BLOCK_N)
     blocks = triton.cdiv(n, block_n)
-    split_k = max(1, min(SPLIT_K, triton.cdiv(k, BLOCK_K)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
+    split_k = max(1, min(SPLIT_K, triton.cdiv(k, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)  # no program without a slice of d_model
     workspace = tickets = out
     if split_k > 1:
@@ -201,8 +226,8 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             h if stream is None else stream, w, w if w_up is None else w_up, w if w2 is None else w2,
             w if w3 is None else w3, out, rows, n, n1, n2, k, eps,
             NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
-            STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if TENSOR_CORES else 1),
-            BLOCK_N=block_n, BLOCK_K=BLOCK_K, TENSOR_CORES=TENSOR_CORES,
+            STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if tensor_cores else 1),
+            BLOCK_N=block_n, BLOCK_K=block_k, TENSOR_CORES=tensor_cores,
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
             K_PER_SPLIT=k_per_split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
