@@ -2,6 +2,7 @@
 # Issue 21: the inference GPU tests, the GEMV micro-benchmark, batch-1 generation, and where a
 # batch-1 step's time goes. $@: the parts to run (default tests gemv generate, ≈ 5 minutes):
 #   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
+#   attention tests/gpu/test_attention_gpu.py (FA4, its decode split-KV included)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS)
@@ -12,6 +13,9 @@ for part in $parts; do
     tests)
       HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
         tests/gpu/test_inference_e2e_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 60 | tee "$OUT/tests.log" ;;
+    attention)
+      HYBRIDLM_RESULTS_ATTENTION="$OUT/attention-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
+        tests/gpu/test_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
     gemv)
       python3 benchmarks/gemv.py --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
     gemv-sweep)
@@ -23,6 +27,6 @@ for part in $parts; do
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
         --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
-    *) echo "unknown part $part (tests, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
+    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
   esac
 done
