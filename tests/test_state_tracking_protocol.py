@@ -505,3 +505,49 @@ def test_the_summary_reports_each_models_best_run_over_the_sweep(tmp_path):
             "state-tracking-paper-diagnostics-mamba3-parity.png"} <= names
     assert all(p.stat().st_size > 1000 for p in summary.plots)
     assert math.isclose(cfg.paper.lrs()[1], 1e-2)
+
+
+@pytest.mark.parametrize("task", ["parity", "arith"])
+def test_batches_padded_to_the_stage_hold_the_same_examples_and_loss(task):
+    """``cuda-graph`` pads every batch to its stage's longest example (one shape a stage): the same
+    ids up to each row's '=', PAD after, the same answers and '=' positions, and the same loss (the
+    models are causal: nothing after '=' reaches it), to fp32 summation order."""
+    from hybridlm.studies.state_tracking_train import PAD_ID, answer_logits
+
+    s = tiny(task=task, length_per="example", first_max=5, last_max=9)
+    batches = Batches(s)
+    model = build_model(s, "cpu")
+    for step in (0, 4):
+        plain, padded = batches(step), batches(step, padded=True)
+        top = batches.curriculum.max_length(step)
+        assert padded.ids.shape[1] == top + 1 >= plain.ids.shape[1]
+        width = plain.ids.shape[1]
+        assert torch.equal(padded.ids[:, :width], plain.ids) and (padded.ids[:, width:] == PAD_ID).all()
+        assert torch.equal(padded.answers, plain.answers) and torch.equal(padded.ends, plain.ends)
+        with torch.no_grad():
+            losses = [F.cross_entropy(answer_logits(model, b.ids, b.ends), b.answers) for b in (plain, padded)]
+        assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+
+
+def test_cuda_graph_mode_is_checked_before_a_run_starts(tmp_path):
+    """``cuda-graph`` needs lengths per example and no clipping (one clear error naming the fields),
+    and a CUDA device (the Trainer says so on the CPU); its optimizer takes the lr as a device tensor
+    that set_lr fills in place."""
+    from hybridlm.studies.state_tracking_train import set_lr
+
+    with pytest.raises(ValueError, match="length_per 'example'"):
+        tiny(compile="cuda-graph", length_per="batch")
+    with pytest.raises(ValueError, match="max_norm"):
+        tiny(compile="cuda-graph", length_per="example", max_norm=1.0)
+    s = tiny(compile="cuda-graph", length_per="example")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            Trainer(s, tmp_path / "run", device="cpu")
+    model = build_model(tiny(), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.1))
+    lr = opt.param_groups[0]["lr"]
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == 0.25
+    plain = torch.optim.AdamW(model.parameters(), lr=0.1)
+    set_lr(plain, 0.5)
+    assert plain.param_groups[0]["lr"] == 0.5

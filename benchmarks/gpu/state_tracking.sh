@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Issue 19: the paper-protocol state-tracking sweep for $1 seconds of this call (default 570),
 # models $2 (default mamba3,official). Resumes from runs/studies/state-tracking-paper when it is
-# there (carried, or left by an earlier call on a warm machine).
+# there (carried, or left by an earlier call on a warm machine). COMPILE: the step's mode
+# (paper.compile; e.g. cuda-graph: measure first with `state_tracking.sh measure`). JOBS: side by side.
+# `state_tracking.sh measure`: instead, steps/s at 1 and 16 side by side, eager and cuda-graph (≈ 4 min).
 source benchmarks/gpu/common.sh
+if [ "${1:-}" = "measure" ]; then
+  for mode in none cuda-graph; do
+    python3 -m hybridlm.studies.state_tracking_paper --side-by-side 1,16 --seconds 45 \
+      --set "paper.compile=\"$mode\"" --out "$OUT/sbs-$mode" 2>&1 | tail -n 12 | tee -a "$OUT/side-by-side.log"
+  done
+  exit
+fi
 seconds=${1:-570}; models=${2:-mamba3,official}
 minutes=$(python3 -c "print(round(($seconds - 45) / 60, 2))")  # room to pack the folder
 nvidia-smi dmon -s u -d 15 > "$OUT/dmon.txt" 2>&1 &
 python3 -m hybridlm study state-tracking --set protocol=paper --out runs/studies/state-tracking-paper \
-  --only "$models" --jobs 16 --max-minutes "$minutes" 2>&1 | tail -n 60 | tee "$OUT/study.log"
+  --only "$models" --jobs "${JOBS:-16}" --max-minutes "$minutes" ${COMPILE:+--set "paper.compile=\"$COMPILE\""} \
+  2>&1 | tail -n 60 | tee "$OUT/study.log"
 kill %1 2>/dev/null
 find runs/studies/state-tracking-paper -name checkpoint.pt -size +0 | wc -l > "$OUT/checkpoints.txt"
 bring_back st-paper runs/studies/state-tracking-paper

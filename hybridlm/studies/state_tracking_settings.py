@@ -53,8 +53,11 @@ CADENCE_FIELDS = ("eval_every", "diagnostics_every", "checkpoint_every", "log_fr
 CADENCE_FLAGS = tuple(FLAGS[f] for f in CADENCE_FIELDS)
 # How the training step's forward and loss run: eager, or torch.compile with dynamic lengths in one
 # of its modes ("reduce-overhead" replays CUDA graphs: these tiny models wait on kernel launches),
-# or "aot_eager" (dynamo and AOT autograd without code generation: a CPU check of the same trace).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager")
+# or "aot_eager" (dynamo and AOT autograd without code generation: a CPU check of the same trace);
+# or "cuda-graph": no compiler, the whole step (forward, loss, backward, AdamW) captured in a CUDA
+# graph per curriculum stage and replayed, every batch padded to its stage's longest example
+# (lengths per example only; state_tracking_train.GraphedStep).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager", "cuda-graph")
 
 
 class RunSettings(Strict):
@@ -98,6 +101,10 @@ class RunSettings(Strict):
     def _consistent(self) -> "RunSettings":
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile.mode {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.compile == "cuda-graph" and (self.length_per != "example" or self.max_norm > 0):
+            raise ValueError("compile.mode 'cuda-graph' pads each step to its stage's longest example: it needs "
+                             "curriculum.length_per 'example' (one length a step would need a graph a length) "
+                             "and no gradient clipping (max_norm 0)")
         if self.diagnostics_every % self.eval_every:
             raise ValueError(f"diagnostics.every {self.diagnostics_every} must be a multiple of eval.every "
                              f"{self.eval_every}: diagnostics are taken at evaluations")

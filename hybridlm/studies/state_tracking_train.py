@@ -11,7 +11,8 @@ several side by side. What a run does:
   (``"batch"``, Deletang et al.). Step s's batch depends only on (seed, s): a run resumes anywhere.
   The loss is the cross-entropy of the answer after '=' (the byte vocabulary, as the harness scores).
 * **Step.** Forward and loss eager, or through ``torch.compile`` (``compile`` in the settings;
-  ``reduce-overhead`` replays CUDA graphs, as these tiny models wait on kernel launches).
+  ``reduce-overhead`` replays CUDA graphs, as these tiny models wait on kernel launches), or the
+  whole step with the update captured in a CUDA graph per stage (``cuda-graph``: :class:`GraphedStep`).
 * **Optimizer.** AdamW (betas, weight decay from the settings; the block kinds' no-decay
   parameters, norms and biases never decay), linear warm-up then cosine to ``lr * min_lr_factor``,
   clipping only when ``max_norm`` > 0. fp32.
@@ -100,9 +101,11 @@ class Batches:
         top = self.curriculum.max_length(step)
         return torch.randint(self.curriculum.min_length, top + 1, (self.s.batch,), generator=gen)
 
-    def __call__(self, step: int) -> Batch:
+    def __call__(self, step: int, padded: bool = False) -> Batch:
+        """Step ``step``'s batch; ``padded``: right-padded to its stage's longest example (the same
+        examples; one shape a stage, as a CUDA graph needs)."""
         lengths = self.lengths(step)
-        width = int(lengths.max())
+        width = self.curriculum.max_length(step) if padded else int(lengths.max())
         rows = torch.arange(self.s.batch)
         if self.s.task == "parity":  # one tensor draw: building 256 examples in Python would dominate a step
             gen = torch.Generator().manual_seed(example_rng(self.s.seed, "paper-bits", step).getrandbits(63))
@@ -118,6 +121,8 @@ class Batches:
         rng = example_rng(self.s.seed, "paper-examples", step)
         examples = [self.task.example(int(n), rng, i, self.s.batch).ids for i, n in enumerate(lengths.tolist())]
         wide = max(map(len, examples)) - 1  # up to '='; the answer is the label
+        if padded:
+            wide = max(wide, self.curriculum.max_length(step) + 1)
         ids = torch.tensor([e[:-1] + [PAD_ID] * (wide - len(e) + 1) for e in examples])
         return Batch(ids, torch.tensor([e[-1] for e in examples]), torch.tensor([len(e) - 2 for e in examples]))
 
@@ -168,9 +173,78 @@ def decay_groups(model, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model, s: RunSettings) -> torch.optim.Optimizer:
     # fused on a GPU: one kernel launch for the update, where these tiny models wait on launches
-    fused = next(model.parameters()).is_cuda
+    device = next(model.parameters()).device
+    if s.compile == "cuda-graph":  # the update inside the graph: capturable, the lr a device tensor it reads
+        return torch.optim.AdamW(decay_groups(model, s.weight_decay), lr=torch.tensor(lr_at(s, 0), device=device),
+                                 betas=(s.beta1, s.beta2), fused=True, capturable=True)
     return torch.optim.AdamW(decay_groups(model, s.weight_decay), lr=lr_at(s, 0), betas=(s.beta1, s.beta2),
-                             fused=fused or None)
+                             fused=device.type == "cuda" or None)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # in place: a captured update reads this tensor
+        else:
+            group["lr"] = lr
+
+
+class GraphedStep:
+    """The whole training step (forward, loss, backward, AdamW update) as a CUDA graph, captured
+    once per batch shape (one a curriculum stage: batches padded to the stage's longest example) and
+    replayed: these one-layer models spend an eager step waiting on ~a hundred kernel launches.
+
+    Capture needs a few warm-up steps first (allocations, autotuning, the optimizer's state); they
+    run on the stage's first batch and are then undone in place (weights and optimizer state back to
+    what they were, in the storages the graph records), so the run's trajectory is the eager one's."""
+
+    WARM_UP = 3
+
+    def __init__(self, model, opt: torch.optim.Optimizer, loss):
+        self.model, self.opt, self.loss = model, opt, loss
+        self.width: int | None = None
+        self.graph = self.inputs = self.static_loss = None
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if batch.ids.shape[1] != self.width:
+            self.capture(batch)
+        for static, value in zip(self.inputs, batch):
+            static.copy_(value)
+        self.graph.replay()
+        return self.static_loss
+
+    def capture(self, batch: Batch) -> None:
+        model, opt = self.model, self.opt
+        self.graph = self.static_loss = None  # the previous stage's graph and its memory go
+        device = batch.ids.device
+        for group in opt.param_groups:  # a float lr would be baked into the graph (say, after a resume)
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        params = [p.detach().clone() for p in model.parameters()]
+        states = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()}
+        self.inputs = [t.clone() for t in batch]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARM_UP):
+                opt.zero_grad(set_to_none=True)
+                self.loss(*self.inputs).backward()
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up in place
+            for p, before in zip(model.parameters(), params):
+                p.copy_(before)
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        v.copy_(states[p][k]) if p in states else v.zero_()  # a fresh state: all zeros, step 0
+        self.graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.loss(*self.inputs)
+            self.static_loss.backward()
+            opt.step()
+        self.width = batch.ids.shape[1]
 
 
 def answer_logits(model, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -213,9 +287,14 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batches = Batches(s)
         self.chance = self.batches.task.chance()
+        if s.compile == "cuda-graph" and self.device.type != "cuda":
+            raise ValueError(f"compile.mode 'cuda-graph' captures the step in a CUDA graph: it needs a CUDA device, "
+                             f"not {self.device}")
         self.model = build_model(s, self.device)
         self.opt = build_optimizer(self.model, s)
-        self.loss = training_loss(self.model, s.compile)
+        graphed = s.compile == "cuda-graph"
+        self.loss = training_loss(self.model, "none" if graphed else s.compile)
+        self.graphed = GraphedStep(self.model, self.opt, self.loss) if graphed else None
         self.step = 0
         self.losses: list[list[float]] = []  # [step, mean loss over the logged interval]
         self.history: list[dict] = []  # one entry per evaluation
@@ -311,17 +390,21 @@ class Trainer:
                 break
             if warm is None and self.step - first == WARM_STEPS:
                 warm = (self.step, time.monotonic())
-            batch = [t.to(self.device, non_blocking=True) for t in self.batches(self.step)]
-            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step (no-op otherwise)
-            loss = self.loss(*batch)
-            running += loss.detach()  # before the backward: a replayed graph's output is its own memory
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_norm)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(s, self.step)
-            opt.step()
+            padded = self.graphed is not None
+            batch = Batch(*(t.to(self.device, non_blocking=True) for t in self.batches(self.step, padded)))
+            if self.graphed is not None:  # the step's update reads the lr tensor: set it first
+                set_lr(opt, lr_at(s, self.step))
+                running += self.graphed(batch)
+            else:
+                torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step (no-op otherwise)
+                loss = self.loss(*batch)
+                running += loss.detach()  # before the backward: a replayed graph's output is its own memory
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_norm)
+                set_lr(opt, lr_at(s, self.step))
+                opt.step()
             self.step += 1
             self.loss_count += 1
             if self.step % s.log_freq == 0 or self.step == s.steps:

@@ -57,19 +57,23 @@ def test_each_model_trains_a_few_steps_in_the_study_loop(spec, tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["paper-mamba3.yaml", "paper-official.yaml"])
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "cuda-graph"])
 def test_the_compiled_step_trains_like_the_eager_one(mode, spec, tmp_path):
     """``compile.mode``: the step's forward and loss through inductor (with CUDA graphs for
-    reduce-overhead), lengths 3..160 (three chunk counts, so three traces). Inductor's fused fp32
-    arithmetic differs from eager in the last bits and 30 AdamW steps carry that along: every logged
-    loss within 1e-3 relative. Each run is its own process, as in the study: the first H200 run of
-    reduce-overhead (torch 2.11, 2026-12-03) died of a segmentation fault in the backward, which
-    must fail this test, not end the session. Prints the steps/s of both (the reason for the mode)."""
+    reduce-overhead), lengths 3..160 (three chunk counts, so three traces), or the whole step captured
+    in a CUDA graph (``cuda-graph``: batches padded to 160, lengths per example in both runs, two
+    stages so that a second graph replaces the first). Inductor's fused fp32 arithmetic differs from
+    eager in the last bits, and the backward's atomic bias sums are not ordered, and 30 AdamW steps
+    carry that along: every logged loss within 1e-3 relative. Each run is its own process, as in the
+    study: the first H200 run of reduce-overhead (torch 2.11, 2026-12-03) died of a segmentation fault
+    in the backward, which must fail this test, not end the session. Prints the steps/s of both (the
+    reason for the mode)."""
     if spec == "paper-official.yaml":
         pytest.importorskip("mamba_ssm.modules.mamba3")
     losses = {}
+    extra = dict(length_per="example", first_max=80, stages=2, steps_per_stage=15) if mode == "cuda-graph" else {}
     for name, compile_mode in (("eager", "none"), ("compiled", mode)):
-        flags = settings(spec, 32, log_freq=1, diagnostics_every=0, compile=compile_mode).to_flags()
+        flags = settings(spec, 32, log_freq=1, diagnostics_every=0, compile=compile_mode, **extra).to_flags()
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "hybridlm.studies.state_tracking_train", "--out", str(out),
                                *flags], capture_output=True, text=True, timeout=600)
