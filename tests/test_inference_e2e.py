@@ -652,6 +652,26 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     assert len(one_row) == 8 and not any("error" in row for row in one_row)
 
 
+def test_decode_profile_helpers(monkeypatch):
+    """benchmarks/decode_profile.py: the GPU busy time is the union of kernel intervals (overlaps
+    counted once, gaps not), and --gemv-knobs sets the decode GEMV kernel's module knobs by name
+    (booleans from 0/1) and refuses a name that is not one."""
+    path = Path(__file__).parents[1] / "benchmarks" / "decode_profile.py"
+    spec = importlib.util.spec_from_file_location("decode_profile", path)
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    assert prof.busy_time([(5, 6), (0, 2), (1, 3), (2.5, 2.7)]) == 4.0
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    for knob in ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N"):
+        monkeypatch.setattr(kernel, knob, getattr(kernel, knob))
+    assert prof.set_gemv_knobs("CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=4") == {"CUDA_CORES_AT_ONE_ROW": True,
+                                                                               "ONE_ROW_BLOCK_N": 4}
+    assert kernel.CUDA_CORES_AT_ONE_ROW is True and kernel.ONE_ROW_BLOCK_N == 4
+    with pytest.raises(SystemExit, match="not a knob"):
+        prof.set_gemv_knobs("torch=1")
+
+
 def test_generate_benchmark_quick(bench, tmp_path, capsys):
     out = tmp_path / "gen.json"
     bench.main(["--quick", "--contexts", "16", "--a-new-tokens", "4", "--json", str(out)])

@@ -5,7 +5,8 @@
 #   attention tests/gpu/test_attention_gpu.py (FA4, its decode split-KV included)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
-#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS)
+#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS,
+#             IN_PROJ_GEMV, GEMV_KNOBS)
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
@@ -25,7 +26,7 @@ for part in $parts; do
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
-        --json "$OUT/decode-profile.json" \
+        --in-proj-gemv "${IN_PROJ_GEMV:-0}" --gemv-knobs "${GEMV_KNOBS:-}" --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
     *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
   esac
