@@ -38,6 +38,7 @@ NUM_WARPS = 4
 TENSOR_CORES = True  # x through tl.dot as a 16-row tile, or row by row on CUDA cores (see the kernel)
 MIN_BLOCK_N = 16  # stacked weights halve BLOCK_N down to this until it divides their rows (tl.dot's least N)
 NUM_STAGES = 3  # Triton's software pipelining depth of the weight loads (its default on Hopper)
+MAX_NORM_ROW = 16384  # one row's norm prologue loads it whole up to this d_model (fp32: 128 values a thread)
 # SPLIT_K > 1: SPLIT_K programs share each column block, each streaming 1/SPLIT_K of d_model, so a
 # narrow output (out_proj's 2,048: 64 programs of 32) still keeps every SM loading. Each writes its
 # fp32 partial sums to a workspace and takes a ticket; the last to arrive adds the partials in a
@@ -67,7 +68,8 @@ def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype
 def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K, eps, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
-                        DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr, WS, TICKETS, K_PER_SPLIT):
+                        DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr, WS, TICKETS, K_PER_SPLIT,
+                        NORM_ROW: tl.constexpr):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
@@ -91,7 +93,19 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     row_in = rows < M
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
-    if NORM:  # each row's sum of squares of its stream; program 0 writes the stream
+    if NORM and NORM_ROW > 0:  # one row: all of it in one load, then one sum of squares
+        # (walking it in BLOCK_K steps is a chain of dependent loads every program waits on first)
+        # (names of their own: Triton types a name once, and the loop below reuses ks, k_in with BLOCK_K)
+        whole = tl.arange(0, NORM_ROW)
+        whole_in = (whole < K) & (M > 0)
+        row = tl.load(H + whole, mask=whole_in, other=0.0)
+        if HAS_RES:
+            row_res = tl.load(RES + whole, mask=whole_in, other=0.0).to(dtype)
+            row = (row.to(tl.float32) + row_res.to(tl.float32)).to(dtype)
+            tl.store(STREAM + whole, row, mask=whole_in & (pid == 0) & (split == 0))
+        row = row.to(tl.float32)
+        rstd += tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)  # row 0's; the tile's padding rows are masked
+    elif NORM:  # each row's sum of squares of its stream; program 0 writes the stream
         squares = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -207,7 +221,7 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     n2 = 0 if w2 is None else w2.shape[0]
     n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
-    one_row = rows == 1 and CUDA_CORES_AT_ONE_ROW
+    one_row = rows == 1 and (CUDA_CORES_AT_ONE_ROW or not TENSOR_CORES)  # a row on CUDA cores: its own blocks
     tensor_cores = TENSOR_CORES and not one_row
     block_k = ONE_ROW_BLOCK_K if one_row else BLOCK_K
     block_n = _block_n((n1, n2) if w2 is not None else (), ONE_ROW_BLOCK_N if one_row else BLOCK_N)
@@ -229,8 +243,13 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if tensor_cores else 1),
             BLOCK_N=block_n, BLOCK_K=block_k, TENSOR_CORES=tensor_cores,
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
-            K_PER_SPLIT=k_per_split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
+
+
+def _norm_row(rows: int, k: int) -> int:
+    """The norm prologue's block for one row (the whole row at once), or 0 (walk it in BLOCK_K steps)."""
+    return triton.next_power_of_2(k) if rows == 1 and k <= MAX_NORM_ROW else 0
 
 
 _TICKETS: dict[torch.device, Tensor] = {}
