@@ -7,46 +7,28 @@ The construction (each token type a one-hot input; in_proj rows set per segment,
 - Δ = 1 on '1' tokens and ≈ 0 (softplus(-30)) on '0' and '=': only the ones write and turn;
 - the angle rate saturated (tanh(30) = 1), so a '1' turns every rotated pair by π·1·Δ = π;
 - A at its floor (softplus(-30) clamped to 1e-4): a '1' decays the state by e^-1e-4;
-- λ = σ(30) = 1 (Euler), x = 1 on each head's first channel for '1' tokens, B = C = e_0 (their biases;
-  the projections are zero, so the RMS norms give 0), z = 5 on '=' (the gate silu(5)), D = 0;
+- λ = σ(30) = 1 (Euler), x = 1 on head 0's first channel for '1' tokens, B = C = e_0 (through their
+  projections and RMS norms), z = 5 on '=' (the gate silu(5)), D = 0;
 - then the output at '=' is Σ over the ones of cos(π·(ones after it)) = 1 if their number is odd,
   else 0 (times silu(5) ≈ 4.97), read by out_proj's first row.
 """
-import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from hybridlm.blocks.mamba3 import Mamba3
+from hybridlm.studies.parity_solution import set_parity_mixer
 
 ONE, ZERO, EQUALS = 0, 1, 2  # the input dimension each token type sets
 
 
 def hand_set_mixer(rotation: bool, turn: float = 1.0) -> Mamba3:
-    """The construction above; ``turn``: Δ on '1' tokens, so each turns by π·turn."""
-    m = Mamba3(32, d_state=64, headdim=16, a_activation="softplus", rotation=rotation, backend="reference")
-    rows, start = {}, 0
-    for name, width in m.in_proj_layout().segments():
-        rows[name] = slice(start, start + width)
-        start += width
-    heads_first_channel = torch.arange(m.nheads) * m.headdim
-    w = torch.zeros_like(m.in_proj.weight)
-    w[rows["dt"], ONE] = math.log(math.expm1(turn))  # softplus⁻¹(turn), dt_bias 0
-    w[rows["dt"], ZERO] = w[rows["dt"], EQUALS] = -30.0
-    w[rows["A"], :3] = -30.0
-    if "trap" in rows:
-        w[rows["trap"], :3] = 30.0
-    if "angle" in rows:
-        w[rows["angle"], :3] = 30.0
-    w[rows["x"].start + heads_first_channel, ONE] = 1.0
-    w[rows["z"].start + heads_first_channel, EQUALS] = 5.0
-    with torch.no_grad():
-        m.in_proj.weight.copy_(w)
-        for t in (m.dt_bias, m.B_bias, m.C_bias, m.D, m.out_proj.weight):
-            t.zero_()
-        m.B_bias[:, :, 0] = m.C_bias[:, :, 0] = 1.0
-        m.out_proj.weight[0, 0] = 1.0
-    return m
+    """The construction (hybridlm/studies/parity_solution.py); ``turn``: Δ on '1' tokens, so each
+    turns by π·turn."""
+    mixer = Mamba3(32, d_state=64, headdim=16, a_activation="softplus", rotation=rotation, backend="reference")
+    set_parity_mixer(mixer, ONE, ZERO, EQUALS, turn=turn)
+    return mixer
 
 
 def parity_inputs(n: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +87,29 @@ def test_parity_at_length_needs_the_turn_to_be_pi_closely():
             out = hand_set_mixer(rotation=True, turn=0.99)(u)[:, -1, 0]
         accuracy[length] = float(((out > threshold).long() == parity).float().mean())
     assert accuracy[40] >= 0.99 and accuracy[256] <= 0.05, accuracy
+
+
+def test_the_whole_study_model_holds_the_solution():
+    """hybridlm/studies/parity_solution.py puts the construction into the study's own 1-layer model
+    (paper-mamba3.yaml at d_model 32: embedding, mixer, SwiGLU, final norm, head): every held-out
+    example right at 40 and at 256 symbols, the loss near 0."""
+    import torch.nn.functional as F
+
+    from hybridlm.studies.parity_solution import set_parity_model
+    from hybridlm.studies.state_tracking_settings import RunSettings
+    from hybridlm.studies.state_tracking_train import Batches, answer_logits, build_model
+
+    spec = Path(__file__).resolve().parents[1] / "specs/studies/state-tracking/paper-mamba3.yaml"
+    s = RunSettings(task="parity", spec=str(spec), d_model=32, layers=1, steps=1, batch=8, lr=1e-3,
+                    weight_decay=0.0, warmup_steps=0, min_lr_factor=1.0, min_length=3, first_max=40, last_max=40,
+                    stages=1, steps_per_stage=1, eval_lengths=[256], report_length=256, eval_every=1,
+                    eval_samples=8, log_freq=1)
+    model = build_model(s, "cpu")
+    batches = Batches(s)
+    set_parity_model(model, batches.task.token)
+    for length in (40, 256):
+        ids, answers, ends = batches.held_out(length, 128)
+        with torch.no_grad():
+            logits = answer_logits(model, ids, ends)
+        assert torch.equal(logits.argmax(-1), answers)
+        assert F.cross_entropy(logits, answers) < 1e-4
