@@ -65,6 +65,18 @@ def _normed(x, RES, G, W, at, mask, ks, k_in, rstd, HAS_RES: tl.constexpr, dtype
 
 
 @triton.jit
+def _stream(H, RES, STREAM, at, mask, write, HAS_RES: tl.constexpr, dtype):
+    """The stream at ``at`` (h, or h + residual rounded to the stream's dtype, stored to STREAM where
+    ``write``), in fp32 for the sum of squares."""
+    s = tl.load(H + at, mask=mask, other=0.0)
+    if HAS_RES:
+        res = tl.load(RES + at, mask=mask, other=0.0).to(dtype)
+        s = (s.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(STREAM + at, s, mask=mask & write)
+    return s.to(tl.float32)
+
+
+@triton.jit
 def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K, eps, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
@@ -97,26 +109,15 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
         # (walking it in BLOCK_K steps is a chain of dependent loads every program waits on first)
         # (names of their own: Triton types a name once, and the loop below reuses ks, k_in with BLOCK_K)
         whole = tl.arange(0, NORM_ROW)
-        whole_in = (whole < K) & (M > 0)
-        row = tl.load(H + whole, mask=whole_in, other=0.0)
-        if HAS_RES:
-            row_res = tl.load(RES + whole, mask=whole_in, other=0.0).to(dtype)
-            row = (row.to(tl.float32) + row_res.to(tl.float32)).to(dtype)
-            tl.store(STREAM + whole, row, mask=whole_in & (pid == 0) & (split == 0))
-        row = row.to(tl.float32)
+        row = _stream(H, RES, STREAM, whole, (whole < K) & (M > 0), (pid == 0) & (split == 0), HAS_RES, dtype)
         rstd += tl.rsqrt(tl.sum(row * row, axis=0) / K + eps)  # row 0's; the tile's padding rows are masked
     elif NORM:  # each row's sum of squares of its stream; program 0 writes the stream
         squares = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             at = rows[:, None] * K + ks[None, :]
-            mask = row_in[:, None] & (ks < K)[None, :]
-            s = tl.load(H + at, mask=mask, other=0.0)
-            if HAS_RES:
-                res = tl.load(RES + at, mask=mask, other=0.0).to(dtype)
-                s = (s.to(tl.float32) + res.to(tl.float32)).to(dtype)
-                tl.store(STREAM + at, s, mask=mask & (pid == 0) & (split == 0))
-            s = s.to(tl.float32)
+            s = _stream(H, RES, STREAM, at, row_in[:, None] & (ks < K)[None, :], (pid == 0) & (split == 0),
+                        HAS_RES, dtype)
             squares += tl.sum(s * s, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
