@@ -51,6 +51,7 @@ def set_gemv_knobs(knobs: str) -> dict:
 
 def profile(model_name: str, steps: int, prompt: int, fa4_splits: int, in_proj_gemv: bool = False) -> dict:
     from hybridlm.builder import Decoder, build_model
+    from hybridlm.builder.inference.generate import greedy
     from hybridlm.kernels import fa4
     from hybridlm.layouts.presets import spec_or_preset
 
@@ -63,18 +64,18 @@ def profile(model_name: str, steps: int, prompt: int, fa4_splits: int, in_proj_g
                 layer.mixer.gemv_backend = "triton"
     decoder = Decoder(model, 1, prompt + 3 * steps + 8)
     ids = torch.randint(0, model.spec.vocab_size, (1, prompt), device=device)
-    tokens = decoder.prefill(ids).argmax(-1)
+    tokens = greedy(decoder.prefill(ids))
     for _ in range(steps):  # capture and warm
-        tokens = decoder.step(tokens).argmax(-1)
+        tokens = greedy(decoder.step(tokens))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens = decoder.step(tokens).argmax(-1)
+        tokens = greedy(decoder.step(tokens))
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / steps * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens = decoder.step(tokens).argmax(-1)
+            tokens = greedy(decoder.step(tokens))
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list[float]] = defaultdict(list)

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.builder.inference.decoder import PREFILL_TOKENS, chunk_within
+from hybridlm.builder.inference.generate import greedy
 
 GPU_MODELS = ["hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b", "transformer-1.5b"]
 QUICK_MODELS = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
@@ -181,14 +182,14 @@ def timed_steps(decoder, tokens: torch.Tensor, steps: int, device: torch.device)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens = decoder.step(tokens).argmax(-1)
+        tokens = greedy(decoder.step(tokens))  # hybridlm's greedy sampling, as generate() runs it
     sync(device)
     return tokens, time.perf_counter() - t0
 
 
 def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     """Build a Decoder (graph capture untimed), warm the prefill path, then time one prefill of a
-    random prompt and ``new_tokens`` greedy steps (argmax included)."""
+    random prompt and ``new_tokens`` greedy steps (hybridlm's greedy sampling included)."""
     from hybridlm.builder import Decoder
 
     device = model.tok_embeddings.weight.device
@@ -203,7 +204,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
     prefill_within_memory(decoder, ids[:, : min(case.prompt, 2 * chunk)])  # compile both prefill paths
     sync(device)
     t0 = time.perf_counter()
-    tokens = decoder.prefill(ids).argmax(-1)
+    tokens = greedy(decoder.prefill(ids))
     sync(device)
     prefill_s = time.perf_counter() - t0
     sampled = {}
@@ -213,7 +214,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         for i, start in enumerate(sample_starts(case.prompt, case.new_tokens, case.samples, steps)):
             if i:  # fill the cache to this context (random tokens, as the weights are random)
                 context = torch.randint(0, model.spec.vocab_size, (case.batch, start), device=device, generator=g)
-                tokens = prefill_within_memory(decoder, context).argmax(-1)
+                tokens = greedy(prefill_within_memory(decoder, context))
             tokens, seconds = timed_steps(decoder, tokens, steps, device)
             points.append((start + (steps - 1) / 2, seconds / steps * 1e3))
         decode_s = interpolated_decode_s(points, case.prompt, case.new_tokens)
