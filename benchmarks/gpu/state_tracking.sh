@@ -8,7 +8,7 @@ source benchmarks/gpu/common.sh
 if [ "${1:-}" = "measure" ]; then
   for mode in none cuda-graph; do
     python3 -m hybridlm.studies.state_tracking_paper --side-by-side 1,16 --seconds 45 \
-      --set "paper.compile=\"$mode\"" --out "$OUT/sbs-$mode" 2>&1 | tail -n 12 | tee -a "$OUT/side-by-side.log"
+      --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 12 | tee -a "$OUT/side-by-side.log"
   done
   exit
 fi
