@@ -93,6 +93,21 @@ def set_parity_model(model, token: dict[str, int]) -> None:
     head[token["0"], 4], head[token["0"], 5] = -10.0, 5.0
 
 
+@torch.no_grad()
+def turns_on_one(model, one_id: int) -> list[float]:
+    """Per head of the first mixer, the turn a '1' token makes, in units of π: Δ times the mean
+    tanh of its angle rates (each rotated pair turns by π·tanh(θ)·Δ)."""
+    import torch.nn.functional as F
+
+    layer = model.layers[0]
+    mixer = layer.mixer
+    u = layer.norm(model.tok_embeddings.weight[one_id][None, None]).to(mixer.in_proj.weight.dtype)
+    seg = mixer.in_proj_layout().split(mixer.in_proj(u))
+    dt = F.softplus(seg["dt"][0, 0].float() + mixer.dt_bias)
+    rate = torch.tanh(seg["angle"][0, 0].float()).mean() if "angle" in seg else torch.tensor(0.0)
+    return [round(float(v), 5) for v in dt * rate]
+
+
 def run(lr: float, steps: int, eval_every: int, max_length: int = 40, d_model: int = 32, samples: int = 512,
         log=print) -> list[dict]:
     """Train the study's 1-layer parity model from the hand-set solution with the paper's recipe (AdamW,
@@ -116,7 +131,7 @@ def run(lr: float, steps: int, eval_every: int, max_length: int = 40, d_model: i
 
     def record(step: int, loss: float) -> None:
         entry = {"step": step, "loss": loss, **{f"accuracy@{n}": accuracy(model, b) for n, b in held.items()},
-                 "seconds": round(time.time() - started, 1)}
+                 "turn_on_one": turns_on_one(model, batches.task.token["1"]), "seconds": round(time.time() - started, 1)}
         history.append(entry)
         log(json.dumps(entry))
 
