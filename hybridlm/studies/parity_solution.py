@@ -16,10 +16,12 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+SPEC = Path(__file__).resolve().parents[2] / "specs/studies/state-tracking/paper-mamba3.yaml"
 BIG = 30.0  # softplus(-30) ≈ 1e-13: Δ and A "off"; σ(30), tanh(30) = 1: λ and the angle rate saturated
 
 
@@ -49,6 +51,8 @@ def set_parity_mixer(mixer, one: int, zero: int, equals: int, scale: float = 1.0
     if "angle" in rows:
         w[rows["angle"], [one, zero, equals]] = BIG / scale
     w[rows["x"].start + first[0], one] = 1.0 / scale
+    if constant_head:
+        w[rows["x"].start + first[1], equals] = 1.0 / scale
     w[rows["z"].start + first, equals] = 5.0 / scale
     # B and C through their projections (e_0 on every token), not their biases: RMSNorm(0) = 0 would
     # leave them at a point where any step of the projection is normed up to full size
@@ -65,8 +69,6 @@ def set_parity_mixer(mixer, one: int, zero: int, equals: int, scale: float = 1.0
     mixer.C_norm.weight.fill_(1 / norm_of_e0)
     mixer.out_proj.weight[0, first[0]] = 1.0
     if constant_head:
-        w2 = mixer.in_proj.weight
-        w2[rows["x"].start + first[1], equals] = 1.0 / scale
         mixer.D[1] = 1.0
         mixer.out_proj.weight[1, first[1]] = 1.0
 
@@ -97,8 +99,6 @@ def set_parity_model(model, token: dict[str, int]) -> None:
 def turns_on_one(model, one_id: int) -> list[float]:
     """Per head of the first mixer, the turn a '1' token makes, in units of π: Δ times the mean
     tanh of its angle rates (each rotated pair turns by π·tanh(θ)·Δ)."""
-    import torch.nn.functional as F
-
     layer = model.layers[0]
     mixer = layer.mixer
     u = layer.norm(model.tok_embeddings.weight[one_id][None, None]).to(mixer.in_proj.weight.dtype)
@@ -116,7 +116,7 @@ def run(lr: float, steps: int, eval_every: int, max_length: int = 40, d_model: i
     from hybridlm.studies.state_tracking_settings import RunSettings
     from hybridlm.studies.state_tracking_train import Batches, accuracy, answer_logits, build_model
 
-    s = RunSettings(task="parity", spec="specs/studies/state-tracking/paper-mamba3.yaml", d_model=d_model, layers=1,
+    s = RunSettings(task="parity", spec=str(SPEC), d_model=d_model, layers=1,
                     seed=0, steps=steps, batch=256, lr=lr, weight_decay=0.0, warmup_steps=0, min_lr_factor=1.0,
                     min_length=3, first_max=max_length, last_max=max_length, stages=1, steps_per_stage=steps,
                     length_per="example", eval_lengths=[max_length, 256], report_length=256, eval_every=eval_every,
