@@ -16,8 +16,11 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+from hybridlm.kernels.decode_gemv.knobs import set_knobs
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -33,23 +36,7 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def set_gemv_knobs(knobs: str) -> dict:
-    """``"SPLIT_K=4,CUDA_CORES_AT_ONE_ROW=1"`` -> hybridlm/kernels/decode_gemv/triton.py's module knobs
-    set (ints; 0/1 for the booleans); returns them as set."""
-    from hybridlm.kernels.decode_gemv import triton as kernel
-
-    done = {}
-    for item in filter(None, knobs.split(",")):
-        name, _, value = item.partition("=")
-        if not name.isupper() or not hasattr(kernel, name):
-            raise SystemExit(f"--gemv-knobs: {name!r} is not a knob of hybridlm/kernels/decode_gemv/triton.py")
-        current = getattr(kernel, name)
-        setattr(kernel, name, bool(int(value)) if isinstance(current, bool) else int(value))
-        done[name] = getattr(kernel, name)
-    return done
-
-
-def profile(model_name: str, steps: int, prompt: int, fa4_splits: int, in_proj_gemv: bool = False) -> dict:
+def profile(model_name: str, steps: int, prompt: int, fa4_splits: int) -> dict:
     from hybridlm.builder import Decoder, build_model
     from hybridlm.builder.inference.generate import greedy
     from hybridlm.kernels import fa4
@@ -58,10 +45,6 @@ def profile(model_name: str, steps: int, prompt: int, fa4_splits: int, in_proj_g
     fa4.DECODE_NUM_SPLITS = fa4_splits
     device = torch.device("cuda")
     model = build_model(spec_or_preset(model_name), device=device, dtype=torch.bfloat16, seed=0).eval()
-    if in_proj_gemv:  # Mamba-3's in_proj with the norm in the decode GEMV kernel (default: norm + cuBLAS)
-        for layer in model.layers:
-            if hasattr(layer.mixer, "in_proj"):
-                layer.mixer.gemv_backend = "triton"
     decoder = Decoder(model, 1, prompt + 3 * steps + 8)
     ids = torch.randint(0, model.spec.vocab_size, (1, prompt), device=device)
     tokens = greedy(decoder.prefill(ids))
@@ -86,10 +69,22 @@ def profile(model_name: str, steps: int, prompt: int, fa4_splits: int, in_proj_g
     busy_us = busy_time(intervals) / steps
     rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
                    for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
-    return {"model": model_name, "fa4_splits": fa4_splits, "in_proj_gemv": in_proj_gemv, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+    return {"model": model_name, "fa4_splits": fa4_splits, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps": steps, "prompt": prompt, "wall_ms_per_step": wall_ms,
             "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
+
+
+def fastest(profiles: list[dict]) -> tuple[str, dict]:
+    """(the first model profiled, its profile of the least wall time a step)."""
+    first = profiles[0]["model"]
+    return first, min((r for r in profiles if r["model"] == first), key=lambda r: r["wall_ms_per_step"])
+
+
+def print_kernels(r: dict, top: int) -> None:
+    print("| kernel | per step | µs per step |\n|---|---|---|")
+    for row in r["kernels"][:top]:
+        print(f"| {row['kernel']} | {row['per_step']:.0f} | {row['us_per_step']:.1f} |")
 
 
 def main(argv=None) -> dict:
@@ -99,27 +94,40 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--top", type=int, default=25, help="kernels printed per model")
     p.add_argument("--fa4-splits", default="1", help="FA4 decode split-KV values to profile (1 off, 0 heuristic)")
-    p.add_argument("--gemv-knobs", default="", help="decode GEMV knobs, e.g. CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=8")
-    p.add_argument("--in-proj-gemv", default="0", help="Mamba-3 in_proj in the GEMV kernel: 0, 1 or 0,1 (both)")
+    p.add_argument("--gemv-knobs", default="", help="decode GEMV knobs, e.g. CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=8; "
+                   "';' between sets profiles each (an empty set: the defaults)")
     p.add_argument("--json", help="write every model's profile here")
+    p.add_argument("--best", type=Path, default=None,
+                   help="instead: print the knobs (line 1) and FA4 splits (line 2) of the fastest profile of "
+                        "the first model in this --json file")
     args = p.parse_args(argv)
+    if args.best:
+        first, best = fastest(json.loads(args.best.read_text()))
+        print(",".join(f"{k}={int(v)}" for k, v in best["gemv_knobs"].items()))
+        print(best["fa4_splits"])
+        return {"best": best}
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py profiles CUDA-graph replays: it needs a GPU")
-    knobs = set_gemv_knobs(args.gemv_knobs)
-    results = []
-    for name, splits, fused in ((m, int(s), f == "1") for m in args.model.split(",")
-                                for s in args.fa4_splits.split(",") for f in args.in_proj_gemv.split(",")):
-        r = profile(name, args.steps, args.prompt, splits, fused)
-        r["gemv_knobs"] = knobs
-        results.append(r)
-        print(f"## {name} (FA4 splits {splits}, in_proj GEMV {int(fused)}, {knobs or 'default GEMV'}): "
-              f"{r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
-              f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
-              f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
-        print("| kernel | per step | µs per step |\n|---|---|---|")
-        for row in r["kernels"][: args.top]:
-            print(f"| {row['kernel']} | {row['per_step']:.0f} | {row['us_per_step']:.1f} |")
-        torch.cuda.empty_cache()
+    results, defaults = [], {}
+    for knob_set in args.gemv_knobs.split(";"):
+        try:
+            knobs, defaults = set_knobs(knob_set, defaults)
+        except ValueError as e:
+            raise SystemExit(f"--gemv-knobs: {e}")
+        for name, splits in ((m, int(s)) for m in args.model.split(",") for s in args.fa4_splits.split(",")):
+            r = profile(name, args.steps, args.prompt, splits)
+            r["gemv_knobs"] = knobs
+            results.append(r)
+            print(f"## {name} (FA4 splits {splits}, {knobs or 'default GEMV'}): "
+                  f"{r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
+                  f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
+                  f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
+            print_kernels(r, args.top)
+            torch.cuda.empty_cache()
+    print("## summary: ms a step (wall)")
+    for r in results:
+        print(f"{r['model']:20s} FA4 splits {r['fa4_splits']} {r['gemv_knobs'] or 'default'}: "
+              f"{r['wall_ms_per_step']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -53,6 +53,7 @@ import torch
 
 from hybridlm.builder.inference.decoder import PREFILL_TOKENS, chunk_within
 from hybridlm.builder.inference.generate import greedy
+from hybridlm.kernels.decode_gemv.knobs import set_knobs
 
 GPU_MODELS = ["hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b", "transformer-1.5b"]
 QUICK_MODELS = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
@@ -389,7 +390,8 @@ def run(args) -> dict:
     bandwidth = copy_bandwidth(device)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-              "copy_bandwidth_TBps": bandwidth / 1e12, "command": args.command}
+              "copy_bandwidth_TBps": bandwidth / 1e12, "command": args.command,
+              "gemv_knobs": getattr(args, "gemv_knob_values", {}), "fa4_decode_splits": args.fa4_splits}
     print(json.dumps(header), flush=True)
     rows = []
     for model_name in dict.fromkeys(c.model for c in cases):  # one model in memory at a time
@@ -497,6 +499,10 @@ def parse_args(argv=None):
                    help="print the tables of these JSON files (rows merged by case id, later files win) and exit")
     p.add_argument("--op-count", action="store_true",
                    help="count the ops (and CUDA kernels) of one eager step per model, unfused vs fused, and exit")
+    p.add_argument("--gemv-knobs", default="",
+                   help="decode GEMV knobs for every case, e.g. PDL=1,PREFETCH_L2=1 (hybridlm/kernels/decode_gemv/knobs.py)")
+    p.add_argument("--fa4-splits", type=int, default=None,
+                   help="FA4's split-KV for decode steps (hybridlm/kernels/fa4.py DECODE_NUM_SPLITS: 1 off, 0 its heuristic)")
     p.add_argument("--kernel-backend", default=None,
                    help="rmsnorm and swiglu_gate backend for --op-count (triton with TRITON_INTERPRET=1: the GPU's "
                         "path on a CPU)")
@@ -520,6 +526,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    try:
+        args.gemv_knob_values = set_knobs(args.gemv_knobs)[0]
+    except ValueError as e:
+        raise SystemExit(f"--gemv-knobs: {e}")
+    if args.fa4_splits is not None:
+        from hybridlm.kernels import fa4
+
+        fa4.DECODE_NUM_SPLITS = args.fa4_splits
     if args.report:
         rows = {r["id"]: r for path in args.report for r in json.loads(path.read_text())["rows"]}
         print(markdown(list(rows.values())), end="")

@@ -77,6 +77,8 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
         out = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", out)
+    if not regs:
+        raise SystemExit(f"ptxas failed on {fn.__name__}:\n{out[-2000:]}")
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stack = re.search(r"(\d+) bytes stack frame", out)
     return (f"{fn.__name__:28s} warps {num_warps} regs {regs.group(1) if regs else '?':>4s} "
@@ -117,7 +119,8 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
     """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, plain, and stacked as q, k, v)
     at the 1.5B presets' shapes (d_model 2048, hidden 4096; q 2048, k and v 512 rows) at 1, 8 and 16
     rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores; then the one-row
-    CUDA-core form (gated and plain)."""
+    CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the default form (the Hopper
+    instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -134,12 +137,19 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         g, w1, w3 = torch.rand(2048, dtype=dtype), *(torch.randn(4096, 2048, dtype=dtype) for _ in range(2))
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.norm_gemv(h, residual, g, 1e-5, w1)
+        kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2, kernel.PDL = False, True, True
+        kernel._hopper = lambda device: True  # CPU tensors: the stub runs nothing
+        kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
+        kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
+        kernel.gemv(h, w1)
 
-    default = kernel.TENSOR_CORES, kernel.SPLIT_K, kernel.CUDA_CORES_AT_ONE_ROW
+    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "_hopper"
+    default = {name: getattr(kernel, name) for name in names}
     try:
         return launches(run)
     finally:
-        kernel.TENSOR_CORES, kernel.SPLIT_K, kernel.CUDA_CORES_AT_ONE_ROW = default
+        for name, value in default.items():
+            setattr(kernel, name, value)
 
 
 def main() -> None:

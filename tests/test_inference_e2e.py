@@ -308,7 +308,45 @@ def test_blocks_take_the_norm_into_their_first_projection_at_decode(family):
     count = lambda *ops: sum(names.count(f"hybridlm::{op}") for op in ops)  # noqa: E731
     assert count("add_rms_norm_gemv", "rms_norm_gemv") == len(mixers)  # the first block has no residual
     assert count("add_rms_norm_fwd", "rms_norm_fwd") == len(model.layers) - len(mixers) + 1  # + the final norm
+    assert count("gemv") == len(mixers)  # the named backend takes each block's output projection too
     assert rel_err(got, want) <= TOL[torch.float32]
+
+
+@needs_triton
+def test_plain_projections_take_the_gemv_kernel_when_asked(monkeypatch):
+    """decode_gemv.linear is F.linear (cuBLAS) unless PLAIN_GEMVS is set or a backend is named; then a
+    decode-sized input without autograd takes the kernel's plain form (fp32 within 1e-6), while more
+    rows or autograd stay F.linear bitwise. The blocks' output projections (Mamba-3's out_proj,
+    SwiGLU's w2, attention's wo) follow it through hybridlm.blocks.projection.project, which with
+    autograd calls the module itself. PDL and PREFETCH_L2 (Hopper only) change nothing here."""
+    from hybridlm.blocks.projection import project
+    from hybridlm.kernels import decode_gemv
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 300, generator=gen) / 300 ** 0.5
+    step, prefill = torch.randn(3, 1, 300, generator=gen), torch.randn(2, 9, 300, generator=gen)
+    with torch.profiler.profile() as prof:
+        assert torch.equal(decode_gemv.linear(step, w), F.linear(step, w))
+    assert "hybridlm::gemv" not in {e.name for e in prof.events()}
+    monkeypatch.setattr(decode_gemv, "PLAIN_GEMVS", True)  # then the registry's auto: the reference on a CPU
+    assert torch.equal(decode_gemv.linear(step, w), F.linear(step, w))
+    for knobs in ((False, False), (True, True)):
+        monkeypatch.setattr(kernel, "PDL", knobs[0])
+        monkeypatch.setattr(kernel, "PREFETCH_L2", knobs[1])
+        with torch.profiler.profile() as prof:
+            got = decode_gemv.linear(step, w, backend="triton")
+        assert "hybridlm::gemv" in {e.name for e in prof.events()}
+        assert got.shape == (3, 1, 40) and rel_err(got, F.linear(step, w)) <= 1e-6
+    assert torch.equal(decode_gemv.linear(prefill, w, backend="triton"), F.linear(prefill, w))  # 18 rows: the GEMM
+    layer = torch.nn.Linear(300, 40, bias=False)
+    trained = project(layer, step)
+    assert trained.grad_fn is not None and torch.equal(trained, layer(step))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        assert rel_err(project(layer, step, "triton"), layer(step)) <= 1e-6
+    assert "hybridlm::gemv" in {e.name for e in prof.events()}
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_gemv.linear(step, w.T)
 
 
 @needs_triton
@@ -654,22 +692,28 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
 
 def test_decode_profile_helpers(monkeypatch):
     """benchmarks/decode_profile.py: the GPU busy time is the union of kernel intervals (overlaps
-    counted once, gaps not), and --gemv-knobs sets the decode GEMV kernel's module knobs by name
-    (booleans from 0/1) and refuses a name that is not one."""
+    counted once, gaps not). decode_gemv.knobs.set_knobs sets the kernel's and the package's knobs
+    by name (booleans from 0/1), puts them back before the next set, and refuses a name that is not
+    one."""
     path = Path(__file__).parents[1] / "benchmarks" / "decode_profile.py"
     spec = importlib.util.spec_from_file_location("decode_profile", path)
     prof = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prof)
     assert prof.busy_time([(5, 6), (0, 2), (1, 3), (2.5, 2.7)]) == 4.0
+    from hybridlm.kernels import decode_gemv
     from hybridlm.kernels.decode_gemv import triton as kernel
+    from hybridlm.kernels.decode_gemv.knobs import set_knobs
 
-    for knob in ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N"):
-        monkeypatch.setattr(kernel, knob, getattr(kernel, knob))
-    assert prof.set_gemv_knobs("CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=4") == {"CUDA_CORES_AT_ONE_ROW": True,
-                                                                               "ONE_ROW_BLOCK_N": 4}
-    assert kernel.CUDA_CORES_AT_ONE_ROW is True and kernel.ONE_ROW_BLOCK_N == 4
-    with pytest.raises(SystemExit, match="not a knob"):
-        prof.set_gemv_knobs("torch=1")
+    knobs, saved = set_knobs("CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=4,PLAIN_GEMVS=1")
+    try:
+        assert knobs == {"CUDA_CORES_AT_ONE_ROW": True, "ONE_ROW_BLOCK_N": 4, "PLAIN_GEMVS": True}
+        assert kernel.CUDA_CORES_AT_ONE_ROW is True and kernel.ONE_ROW_BLOCK_N == 4 and decode_gemv.PLAIN_GEMVS
+    finally:
+        assert set_knobs("", saved)[0] == {}  # the next set starts from the defaults
+    assert kernel.CUDA_CORES_AT_ONE_ROW is False and kernel.ONE_ROW_BLOCK_N == 8 and not decode_gemv.PLAIN_GEMVS
+    for bad in ("torch=1", "PDL"):
+        with pytest.raises(ValueError, match="PREFETCH_L2"):
+            set_knobs(bad)
 
 
 def test_generate_benchmark_quick(bench, tmp_path, capsys):
@@ -749,7 +793,8 @@ def test_fused_step_has_one_op_per_block_boundary(bench):
     block boundary is inside the next block's first projection (Mamba-3's in_proj, SwiGLU's w1, w3
     and gate: one GEMV op each), the final norm one op, and no norm or gate op is left outside them.
     Before issue 21 (``unfused``): 179 ops; with the fused norms and gates 57; with the SwiGLU GEMV
-    45; with the norms inside the GEMVs 33 (per (M F) pair: two GEMV ops, the step, two cuBLAS GEMVs)."""
+    45; with the norms inside the GEMVs 33 (per (M F) pair: two GEMV ops, the step, two plain GEMVs:
+    the kernel's with the backend named, cuBLAS's by default)."""
     model = build_model(get_preset("mamba3-tiny"), dtype=torch.bfloat16, seed=0).eval()
     use_kernel_backend(model, "triton")
     fused = bench.count_step_ops(model, "fused")
@@ -759,7 +804,7 @@ def test_fused_step_has_one_op_per_block_boundary(bench):
     assert ops["hybridlm::rms_norm_gemv"] == 1  # the first block's in_proj (no residual yet)
     assert ops["hybridlm::add_rms_norm_gemv"] == blocks - 1
     assert ops["hybridlm::add_rms_norm_fwd"] == 1 and "hybridlm::rms_norm_fwd" not in ops  # the final norm
-    assert ops["aten::linear"] == blocks + 1  # out_proj and w2 a pair, the output head
+    assert ops["hybridlm::gemv"] == blocks and ops["aten::linear"] == 1  # out_proj and w2 a pair; the head
     assert not {"hybridlm::silu_mul_", "hybridlm::silu_mul_gemv"} & set(ops)
     assert not {"aten::rsqrt", "aten::pow", "aten::mean", "aten::silu", "aten::silu_"} & set(ops)
     assert (unfused["ops"], fused["ops"]) == (179, 33)
@@ -785,6 +830,6 @@ def test_fused_transformer_step_rotates_q_and_k_in_one_op(bench):
     assert ops["hybridlm::append_kv"] == attention_layers == 6
     assert not {"aten::cos", "aten::sin", "aten::cat", "aten::neg", "aten::scatter_", "hybridlm::rope_qk"} & set(ops)
     assert ops["hybridlm::rms_norm_gemv"] + ops["hybridlm::add_rms_norm_gemv"] == 12  # every block's first GEMV
-    assert ops["aten::linear"] == 2 * attention_layers + 1  # wo and w2 a pair, the output head
+    assert ops["hybridlm::gemv"] == 2 * attention_layers and ops["aten::linear"] == 1  # wo and w2; the head
     assert "aten::copy_" not in ops  # the lengths advance inside the cache kernel
     assert (unfused["ops"], fused["ops"]) == (437, 75)

@@ -6,7 +6,9 @@
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS,
-#             IN_PROJ_GEMV, GEMV_KNOBS)
+#             GEMV_KNOBS: knob sets, ';' between)
+#   choose    profile the knob sets GEMV_SETS (and FA4_SPLITS) of PROFILE_MODELS, then generate's batch-1
+#             rows with the fastest of the first model
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
@@ -26,8 +28,16 @@ for part in $parts; do
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
-        --in-proj-gemv "${IN_PROJ_GEMV:-0}" --gemv-knobs "${GEMV_KNOBS:-}" --json "$OUT/decode-profile.json" \
+        --gemv-knobs "${GEMV_KNOBS:-}" --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
-    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile)"; exit 2 ;;
+    choose)
+      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
+        --gemv-knobs "${GEMV_SETS:-}" --top 14 --json "$OUT/decode-profile-sets.json" \
+        2>&1 | grep -v Warning | tail -n 200 | tee "$OUT/profile-sets.log"
+      { read -r knobs; read -r splits; } < <(python3 benchmarks/decode_profile.py --best "$OUT/decode-profile-sets.json")
+      echo "fastest: knobs '$knobs', FA4 splits $splits" | tee -a "$OUT/profile-sets.log"
+      python3 benchmarks/generate.py --only 'a:*' --variants fused --gemv-knobs "$knobs" --fa4-splits "$splits" \
+        --json "$OUT/generate-chosen.json" 2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate-chosen.log" ;;
+    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose)"; exit 2 ;;
   esac
 done

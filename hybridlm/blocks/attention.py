@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
+from hybridlm.blocks.projection import project
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import decode_gemv
 from hybridlm.kernels.attention import cached_attention, causal_attention
@@ -154,7 +155,7 @@ class Attention(nn.Module):
                 q, k = self._rope(q, k, positions)
             out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, window=self.window, scale=scale,
                                    backend=self.backend)
-        return self.wo(out.flatten(-2))
+        return project(self.wo, out.flatten(-2), self.gemv_backend)
 
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, cache: KVCache,
                            scale: float) -> Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
+from hybridlm.blocks.projection import project
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import decode_gemv, dispatch
 from hybridlm.kernels.mamba3.contract import (DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
@@ -332,7 +333,7 @@ class Mamba3(nn.Module):
     def _step_projected(self, zxbc: Tensor, cache: Mamba3Cache) -> Tensor:
         o = dispatch.mamba3_decode_step(zxbc, cache.state, self.decode_params(), self.decode_layout(),
                                         backend=self.backend)
-        return self.out_proj(o.to(self.out_proj.weight.dtype)).unsqueeze(1)
+        return project(self.out_proj, o.to(self.out_proj.weight.dtype), self.gemv_backend).unsqueeze(1)
 
     def normed_forward(self, h: Tensor, residual: Tensor | None, norm: RMSNorm, cu_seqlens: Tensor | None = None,
                        *, cache: Mamba3Cache | None = None) -> tuple[Tensor, Tensor] | None:
@@ -340,11 +341,11 @@ class Mamba3(nn.Module):
         as one op (:mod:`hybridlm.kernels.decode_gemv`): (output, stream). None where this input
         takes the separate norm (not a decode step, autograd, or no kernel for it).
 
-        Only when ``gemv_backend`` names a backend: by default (None) the separate fused norm and
+        Only when ``gemv_backend`` names a backend or ``decode_gemv.NORM_IN_PROJ`` is set: by default the separate fused norm and
         cuBLAS's in_proj run instead, the faster pair on an H200 (2026-12-03, ``benchmarks/gemv.py``,
         mamba3-1.5b's 2048 -> 8672 at batch 1: 12.8 µs against the kernel's best config 17.8 µs; its
         271 column blocks of 32 fill 132 SMs in 2.05 waves)."""
-        if self.gemv_backend is None:
+        if self.gemv_backend is None and not decode_gemv.NORM_IN_PROJ:
             return None
         if torch.is_grad_enabled() or not self._takes_decode_step(h, cu_seqlens, cache):
             return None

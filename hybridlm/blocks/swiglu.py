@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridlm.blocks.norms import RMSNorm
+from hybridlm.blocks.projection import project
 from hybridlm.kernels import decode_gemv
 from hybridlm.kernels.swiglu_gate import silu_mul_
 
@@ -33,7 +34,8 @@ class SwiGLU(nn.Module):
         # rows, no autograd) can take w1, w3 and the gate in one kernel where a backend has one.
         w1, w3 = self.w1.weight, self.w3.weight
         if not torch.is_grad_enabled() and self._takes_gemv("silu_mul_gemv", x, w1, w3):
-            return self.w2(decode_gemv.silu_mul_gemv(x, w1, w3, backend=self.gemv_backend))
+            return project(self.w2, decode_gemv.silu_mul_gemv(x, w1, w3, backend=self.gemv_backend),
+                           self.gemv_backend)
         return self.w2(silu_mul_(self.w1(x), self.w3(x), backend=self.gate_backend))
 
     def normed_forward(self, h: Tensor, residual: Tensor | None, norm: RMSNorm, cu_seqlens: Tensor | None = None,
@@ -45,7 +47,7 @@ class SwiGLU(nn.Module):
         if torch.is_grad_enabled() or not self._takes_gemv("norm_gemv", h, residual, norm.weight, w1, w3):
             return None
         hidden, stream = decode_gemv.norm_gemv(h, residual, norm.weight, norm.eps, w1, w3, backend=self.gemv_backend)
-        return self.w2(hidden), stream
+        return project(self.w2, hidden, self.gemv_backend), stream
 
     def _takes_gemv(self, op: str, x: Tensor, *tensors: Tensor | None) -> bool:
         return decode_gemv.backend_for(op, x, *tensors, backend=self.gemv_backend) != "reference"

@@ -121,6 +121,69 @@ def test_cuda_graph_equals_eager(models):
     assert torch.equal(graphed, eager)
 
 
+def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, monkeypatch):
+    """Every decode GEMV through the kernel (PLAIN_GEMVS: out_proj, w2, wo too; Mamba-3's in_proj with
+    its norm), launched with PDL and the L2 prefetch: graph replay bitwise equal to eager steps (a
+    GEMV that read its input before the kernel before it finished would differ), both within the
+    bf16 bound against fp32."""
+    from hybridlm.kernels import decode_gemv
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    name, model, exact = models
+    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS")):
+        monkeypatch.setattr(module, knob, True)
+    for layer in model.layers:
+        if hasattr(layer.mixer, "in_proj"):
+            monkeypatch.setattr(layer.mixer, "gemv_backend", "triton")
+    prompts, fed = inputs(model.spec.vocab_size, seed=4)
+    truth, err_forward, bound = bf16_bound(model, exact, prompts, fed)
+    eager = teacher_forced(model, prompts, fed, cuda_graph=False)
+    graphed = teacher_forced(model, prompts, fed, cuda_graph=True)
+    RESULTS[f"{name}/all-gemvs-pdl"] = dict(vs_fp32=rel_err(graphed, truth), bf16_forward=err_forward)
+    assert torch.equal(graphed, eager)
+    assert rel_err(graphed, truth) <= bound
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, monkeypatch):
+    """Twelve dependent 2048 x 2048 GEMVs, every third followed by a torch op (a kernel without PDL),
+    launched with PDL and the L2 prefetch inside a CUDA graph, replayed 20 times: bitwise what the
+    same chain gives launched plainly (PDL and the prefetch change when, not what, the kernel
+    computes; a program that read its input early would not)."""
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    monkeypatch.setattr(kernel, "SPLIT_K", split_k)
+    g = torch.Generator(device="cuda").manual_seed(split_k)
+    ws = [(torch.randn(2048, 2048, device="cuda", generator=g) / 2048 ** 0.5).bfloat16() for _ in range(12)]
+    x0 = torch.randn(1, 2048, device="cuda", generator=g).bfloat16()
+
+    def chain(x):
+        for i, w in enumerate(ws):
+            x = kernel.gemv(x, w)
+            if i % 3 == 2:
+                x = x * 1.5
+        return x
+
+    want = chain(x0)
+    monkeypatch.setattr(kernel, "PDL", True)
+    monkeypatch.setattr(kernel, "PREFETCH_L2", True)
+    static = x0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static)  # compile and warm outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    for _ in range(20):
+        static.copy_(x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    assert torch.equal(chain(x0), want)  # and eagerly
+
+
 def test_compiled_step_in_graph_matches_eager(models):
     """Inductor fuses the step's elementwise ops with its own roundings (fp32 inside a fused
     kernel), so not bitwise: held to the bf16 bound against fp32, its distance to eager recorded."""
@@ -195,9 +258,11 @@ def test_swiglu_gemv_kernel_at_the_1_5b_shapes(rows):
 
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("projection", ["mamba3-in_proj", "swiglu", "attention-qkv"])
-@pytest.mark.parametrize("tensor_cores,split_k", [(False, 1), (True, 1), (True, 4)],
-                         ids=["cuda-cores", "tensor-cores", "tensor-cores-split4"])
-def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, split_k, monkeypatch):
+@pytest.mark.parametrize("tensor_cores,split_k,hopper", [(False, 1, False), (True, 1, False), (True, 4, False),
+                                                          (True, 1, True), (True, 4, True)],
+                         ids=["cuda-cores", "tensor-cores", "tensor-cores-split4", "tensor-cores-pdl-prefetch",
+                              "tensor-cores-split4-pdl-prefetch"])
+def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, split_k, hopper, monkeypatch):
     """The block boundary (residual add + RMSNorm) inside the next projection at the 1.5B presets'
     shapes: mamba3-1.5b's in_proj, SwiGLU's w1, w3 and gate, attention's q, k, v (16 and 4 heads of
     128, stacked). fp32: the stream bitwise, the output within 1e-5 of the reference (summation
@@ -206,13 +271,15 @@ def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, spl
     element: the fp32 sums of squares and of products run in another order, which can move the
     normed row's and the output's roundings by a step. Both forms of the kernel (rows on CUDA cores,
     a 16-row tile through tl.dot), and the tile with split-K (4 slices of d_model: the same bits on a
-    second call, the tickets back at zero)."""
+    second call, the tickets back at zero); ``hopper``: with PDL and the L2 prefetch (the same bounds)."""
     from hybridlm.kernels.decode_gemv import norm_gemv
     from hybridlm.kernels.decode_gemv import reference as gemv_reference
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     monkeypatch.setattr(kernel, "TENSOR_CORES", tensor_cores)
     monkeypatch.setattr(kernel, "SPLIT_K", split_k)
+    monkeypatch.setattr(kernel, "PDL", hopper)
+    monkeypatch.setattr(kernel, "PREFETCH_L2", hopper)
 
     meta = build_model(get_preset("mamba3-1.5b"), device="meta")
     n = meta.layers[0].mixer.in_proj.weight.shape[0] if projection == "mamba3-in_proj" else 4096
@@ -228,7 +295,7 @@ def test_norm_gemv_kernel_at_the_1_5b_shapes(rows, projection, tensor_cores, spl
         got, stream = norm_gemv(*args, 1e-5, w, backend="triton", **kw)
         want, want_stream = gemv_reference.norm_gemv(*args, 1e-5, w, **kw)
         key = (f"norm-gemv-{projection}-{rows}-{str(dtype).removeprefix('torch.')}-tc{int(tensor_cores)}"
-               + (f"-split{split_k}" if split_k > 1 else ""))
+               + (f"-split{split_k}" if split_k > 1 else "") + ("-pdl-prefetch" if hopper else ""))
         RESULTS[key] = dict(rel_err=rel_err(got, want), mismatched_fraction=float((got != want).float().mean()))
         assert torch.equal(stream, want_stream)
         assert RESULTS[key]["rel_err"] <= bound

@@ -4,12 +4,16 @@
     y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w)     # a block boundary + its first projection
     y, stream = norm_gemv(h, residual, norm.weight, norm.eps, w1, w3)  # ... + SwiGLU's w1, w3 and gate
     qkv, stream = norm_gemv(h, residual, norm.weight, norm.eps, wq, stacked=(wk, wv))  # ... + q, k, v
+    y = linear(o, out_proj.weight)                                   # a plain projection (out_proj, w2, wo)
 
 ``norm_gemv`` is the residual add and RMSNorm of a block boundary
 (:func:`hybridlm.kernels.rmsnorm.add_rms_norm`) followed by the block's first projection, so a
 decode step need not launch a norm kernel before each block (nor three GEMVs for q, k and v).
 
-Backends (kind ``decode_gemv``, ops ``silu_mul_gemv`` and ``norm_gemv``), chosen by
+``linear`` is cuBLAS's GEMV unless ``PLAIN_GEMVS`` (or a named backend) sends it to the kernel:
+with the kernel's PDL, a chain of GEMVs overlaps each one's start with the end of the one before.
+
+Backends (kind ``decode_gemv``, ops ``silu_mul_gemv``, ``norm_gemv`` and ``gemv``), chosen by
 :mod:`hybridlm.kernels.registry`: ``reference`` (``reference.py``: the norm, GEMMs and gate as
 plain ops, every device, dtype and size) and ``triton`` (``triton.py``: one kernel for inputs of at
 most ``MAX_ROWS`` rows; ``auto`` on CUDA, on the CPU under ``TRITON_INTERPRET=1`` when asked for by
@@ -25,10 +29,14 @@ from hybridlm.kernels.decode_gemv import reference
 
 KIND = "decode_gemv"
 MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode steps up to batch 16
+PLAIN_GEMVS = False  # linear() through the kernel when no backend is named (else cuBLAS: F.linear)
+# Mamba-3's in_proj with its block boundary in the kernel when the block names no backend (else the
+# separate norm kernel and cuBLAS, measured faster alone: hybridlm/blocks/mamba3.py normed_forward)
+NORM_IN_PROJ = False
 
 registry.register_reference_and_triton_ops(KIND, "hybridlm.kernels.decode_gemv.triton", {
     "silu_mul_gemv": (reference.silu_mul_gemv, "silu_mul_gemv"),
-    "norm_gemv": (reference.norm_gemv, "norm_gemv")})
+    "norm_gemv": (reference.norm_gemv, "norm_gemv"), "gemv": (reference.gemv, "gemv")})
 
 
 def _rows(x: Tensor) -> int:
@@ -83,4 +91,15 @@ def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: floa
     return registry.implementation(KIND, name, "norm_gemv")(h, residual, norm_weight, eps, w, w_up, stacked)
 
 
-__all__ = ["silu_mul_gemv", "norm_gemv", "backend_for", "KIND", "MAX_ROWS"]
+def linear(x: Tensor, w: Tensor, *, backend: str | None = None) -> Tensor:
+    """x wᵀ: x (..., K), w (N, K) -> (..., N), as ``F.linear`` (no bias). A decode-sized input without
+    autograd goes to the registry's ``gemv`` when ``backend`` is named or ``PLAIN_GEMVS`` is set."""
+    if x.shape[-1] != w.shape[-1] or w.dim() != 2:
+        raise ValueError(f"linear: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit (w (N, K), x (..., K))")
+    if (backend is None and not PLAIN_GEMVS) or registry.records_autograd(x, w):
+        return reference.gemv(x, w)
+    name = backend_for("gemv", x, w, backend=backend)
+    return registry.implementation(KIND, name, "gemv")(x, w)
+
+
+__all__ = ["silu_mul_gemv", "norm_gemv", "linear", "backend_for", "KIND", "MAX_ROWS"]

@@ -10,6 +10,11 @@ from torch import Tensor
 from hybridlm.kernels.rmsnorm.reference import add_rms_norm
 
 
+def gemv(x: Tensor, w: Tensor) -> Tensor:
+    """x (..., K), w (N, K) -> x wᵀ (..., N): a plain projection (out_proj, w2, wo)."""
+    return F.linear(x, w)
+
+
 def silu_mul_gemv(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
     """x (..., d_model), w1 and w3 (hidden, d_model) -> silu(x w1ᵀ) * (x w3ᵀ) (..., hidden)."""
     return F.silu(F.linear(x, w1)) * F.linear(x, w3)

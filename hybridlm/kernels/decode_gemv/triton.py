@@ -51,6 +51,14 @@ SPLIT_K = 1
 CUDA_CORES_AT_ONE_ROW = False
 ONE_ROW_BLOCK_N = 8
 ONE_ROW_BLOCK_K = 512
+# Hopper and newer; off until benchmarks/decode_profile.py times them in a whole step.
+# PREFETCH_L2: each program first asks for all its weight rows at once into L2 (one bulk prefetch a
+# row, cp.async.bulk.prefetch.L2), so the whole slice is in flight before the first tile is needed;
+# the loop then reads L2. PDL: programmatic dependent launch, so a GEMV's programs start while the
+# kernel before it finishes; they prefetch their weights (which no kernel writes) and wait
+# (griddepcontrol.wait) before they read an activation or write anything.
+PREFETCH_L2 = False
+PDL = False
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -81,7 +89,7 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
                         DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr, WS, TICKETS, K_PER_SPLIT,
-                        NORM_ROW: tl.constexpr):
+                        NORM_ROW: tl.constexpr, PREFETCH_L2: tl.constexpr, PDL: tl.constexpr):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
@@ -103,6 +111,16 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
             W = W2
             w_rows = cols - N1
     row_in = rows < M
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PDL:  # the next kernel may start launching now: its reads wait for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH_L2:
+        _prefetch_rows(W, w_rows, col_in, K, k_start, k_end)
+        if GATED:
+            _prefetch_rows(W_UP, w_rows, col_in, K, k_start, k_end)
+    if PDL:  # everything below reads what the kernels before wrote, or writes
+        tl.extra.cuda.gdc_wait()
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
     if NORM and NORM_ROW > 0:  # one row: all of it in one load, then one sum of squares
@@ -125,8 +143,6 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     # one row on CUDA cores: products added lane-wise over the whole loop, reduced across lanes once
     lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     lanes_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < k_end
@@ -194,6 +210,17 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
 
 
 @triton.jit
+def _prefetch_rows(W, w_rows, col_in, K, k_start, k_end):
+    """Ask L2 for d_model's [k_start, k_end) of each of this program's weight rows, one bulk prefetch a
+    row (rows past the weight ask for the program's first row again). 16-byte aligned: _launch checks."""
+    first = tl.min(w_rows, axis=0)
+    at = W + tl.where(col_in, w_rows, first).to(tl.int64) * K + k_start
+    nbytes = ((k_end - k_start) * W.dtype.element_ty.primitive_bitwidth // 8).to(tl.int32) + tl.zeros_like(w_rows)
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [at, nbytes],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED: tl.constexpr):
     """The fp32 sums rounded to W's dtype as the reference rounds them; SwiGLU's gate when GATED."""
     w_dtype = W.dtype.element_ty
@@ -235,6 +262,7 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
                                 dtype=torch.float32)
         tickets = _tickets(h.device, blocks)
+    hopper = (PDL or PREFETCH_L2) and _hopper(h.device)
     if rows and n:
         _decode_gemv_kernel[(blocks, split_k)](
             h, h if residual is None else residual, w if norm_weight is None else norm_weight,
@@ -244,8 +272,22 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if tensor_cores else 1),
             BLOCK_N=block_n, BLOCK_K=block_k, TENSOR_CORES=tensor_cores,
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
-            K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k),
+            PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
+            PDL=PDL and hopper, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            **({"launch_pdl": True} if PDL and hopper else {}))
     return out
+
+
+def _hopper(device: torch.device) -> bool:
+    """Whether PREFETCH_L2 and PDL may run here: compiled (not interpreted) for Hopper or newer."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:
+    """Bulk prefetches take 16-byte aligned addresses and sizes: every row's slice must be."""
+    return all(w is None or (w.data_ptr() % 16 == 0 and k * w.element_size() % 16 == 0
+                             and k_per_split * w.element_size() % 16 == 0) for w in weights)
 
 
 def _norm_row(rows: int, k: int) -> int:
@@ -333,10 +375,20 @@ def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: floa
     return out.view(shape), stream.view(h.shape)
 
 
+@torch.library.custom_op("hybridlm::gemv", mutates_args=())
+def gemv_op(x: Tensor, w: Tensor) -> Tensor:
+    """x (rows <= MAX_ROWS, K), w (N, K), contiguous, of one dtype -> x wᵀ (rows, N)."""
+    return _launch(x, None, None, 0.0, w, None, None)
+
+
+@gemv_op.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def gemv(x: Tensor, w: Tensor) -> Tensor:
-    """x wᵀ through the kernel's plain form (no norm, one weight), for benchmarks/gemv.py's comparison
-    with cuBLAS; the blocks call the ops above."""
-    return _launch(_rows(x), None, None, 0.0, w.contiguous(), None, None).view(*x.shape[:-1], w.shape[0])
+    """As :func:`hybridlm.kernels.decode_gemv.reference.gemv`: the kernel's plain form (no norm, one weight)."""
+    return gemv_op(_rows(x), w.contiguous()).view(*x.shape[:-1], w.shape[0])
 
 
 def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype | None, ...], rows: int,
