@@ -131,8 +131,12 @@ def reset() -> None:
 
 
 def implementation(kind: str, name: str, op: str) -> Callable:
-    """The function of ``op`` that :func:`choose` picked (the backend is loaded by then)."""
-    return _LOADED[(kind, name)][op].fn
+    """The function of ``op`` of backend ``name`` (what :func:`choose` picked, or a caller's own pick of
+    the always-available reference, which may not be loaded yet)."""
+    loaded = _load(_BACKENDS[kind][name])
+    if isinstance(loaded, str):
+        raise BackendUnavailable(f"{kind} backend {name!r} cannot load: {loaded}")
+    return loaded[op].fn
 
 
 def _load(backend: Backend) -> dict[str, Op] | str:
