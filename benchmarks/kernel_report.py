@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16]
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
+    python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
@@ -152,6 +153,24 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
             setattr(kernel, name, value)
 
 
+def decode_attention_launches(dtype: torch.dtype) -> list:
+    """The decode attention kernel at the 1.5B presets' heads (16 q, 4 kv, head_dim 128), batch 1 and
+    80, with and without a window."""
+    from hybridlm.kernels.decode_attention import triton as kernel
+
+    check = kernel.unsupported_reason
+    def run():
+        for batch, window in ((1, None), (80, None), (1, 512)):
+            q = torch.randn(batch, 1, 16, 128, dtype=dtype)
+            k, v = (torch.randn(batch, 2304, 4, 128, dtype=dtype) for _ in range(2))
+            kernel.decode_attention(q, k, v, torch.full((batch,), 2000, dtype=torch.int32), window=window)
+
+    try:
+        return launches(run)
+    finally:
+        kernel.unsupported_reason = check
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-state", type=int, default=128)
@@ -159,9 +178,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
+    parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    found = (decode_gemv_launches(dtype) if args.decode_gemv
+    found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype) if args.decode_attention
              else scan_launches(args.d_state, args.headdim, args.rank, dtype))
     for fn, a, kw in found:
         print(resource_line(fn, a, dict(kw)))

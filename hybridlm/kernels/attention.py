@@ -88,7 +88,8 @@ def _fa4_ops():
     error = fa4.import_error()
     if error:
         raise ImportError(error)
-    return {"causal": Op(fa4_causal, fa4.unsupported_reason_for), "cached": Op(_fa4_cached, fa4.unsupported_reason_for)}
+    return {"causal": Op(fa4_causal, fa4.unsupported_reason_for), "cached": Op(_fa4_cached, fa4.unsupported_reason_for),
+            "decode": Op(_fa4_cached, fa4.unsupported_reason_for)}
 
 
 def resolve_attention_backend(requested: str | None, q: Tensor, k: Tensor, q_offset: int = 0) -> str:
@@ -105,6 +106,14 @@ def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) ->
     against SDPA and for bitwise CUDA-graph replay in tests/gpu/test_decode_gpu.py.
     """
     return registry.choose(KIND, "cached", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
+                           int(q.shape[-1]), True)
+
+
+def resolve_decode_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
+    """The backend of :func:`cached_attention` for a decode step (dense, one query a row): ``auto``
+    takes the Triton split-KV kernel where it is the measured choice (``DECODE_AUTO``), else FA4's
+    cached form, else SDPA's."""
+    return registry.choose(KIND, "decode", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
                            int(q.shape[-1]), True)
 
 
@@ -150,6 +159,9 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Te
     bound of ``kv_lengths`` known on the host; SDPA then reads only that many cache positions
     (None: all of them, the fixed shape a CUDA graph needs).
     """
+    if cu_seqlens is None and q.shape[1] == 1:  # a decode step: the op ``decode`` (kernels/decode_attention/)
+        run = registry.implementation(KIND, resolve_decode_backend(backend, q, k_cache), "decode")
+        return run(q, k_cache, v_cache, kv_lengths, window=window, scale=scale, key_len=key_len)
     run = registry.implementation(KIND, resolve_cached_backend(backend, q, k_cache), "cached")
     return run(q, k_cache, v_cache, kv_lengths, cu_seqlens=cu_seqlens, window=window, scale=scale, key_len=key_len)
 
@@ -187,7 +199,19 @@ def _fa4_cached(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lengths: Tensor,
     return fa4.fa4_cached_attention(q, k_cache, v_cache, kv_lengths, **kwargs)  # reads every row's own length
 
 
-registry.register_backend(KIND, "sdpa", {"causal": sdpa_attention, "cached": sdpa_cached_attention},
-                          auto_priority=0)
+def _triton_ops():
+    from hybridlm.kernels.decode_attention import triton as kernel
+
+    return {"decode": Op(kernel.decode_attention, kernel.unsupported_reason)}
+
+
+# Whether ``auto`` takes the Triton decode kernel over FA4 for decode steps (benchmarks/decode_profile.py
+# with HYBRIDLM_ATTENTION=triton against the default measures both).
+DECODE_AUTO = False
+
+registry.register_backend(KIND, "sdpa", {"causal": sdpa_attention, "cached": sdpa_cached_attention,
+                                         "decode": sdpa_cached_attention}, auto_priority=0)
 registry.register_backend(KIND, "fa4", load=_fa4_ops, fallback="sdpa", strict=True, auto_priority=1,
                           installed=fa4.installed, device_reason=lambda device: fa4.device_reason(device, "FA4"))
+registry.register_backend(KIND, "triton", load=_triton_ops, fallback="fa4", auto_priority=2 if DECODE_AUTO else None,
+                          auto_devices=("cuda",), installed=registry.installed("triton"))

@@ -157,7 +157,9 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None 
 # FA4's split-KV for a decode step (q of one token a row): 1 = off; 0 = FA4's own heuristic (splits
 # that fill the SMs). Off, a step has batch x heads programs, each walking the whole cache: at batch
 # 1 one attention layer took 27 µs of hybrid-1.5b's step on an H200 (2026-12-03,
-# benchmarks/decode_profile.py), for 4 MiB of cache. `decode_profile.py --fa4-splits 1,0` measures both.
+# benchmarks/decode_profile.py), for 4 MiB of cache. `decode_profile.py --fa4-splits 1,0` measures both
+# where FA4 has split-KV: not on SM 9.0 (FA4 4.0.0b36 asserts "SplitKV not supported on SM 9.0"), which
+# is why decode steps have their own Triton split-KV kernel (hybridlm/kernels/decode_attention/).
 DECODE_NUM_SPLITS = 1
 
 

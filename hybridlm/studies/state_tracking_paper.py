@@ -297,6 +297,11 @@ def side_by_side(cfg, counts: list[int], seconds: float, work: Path, log=print) 
         results.append(entry)
         log(f"{n:3d} side by side: {entry['per_run'] or 0:.1f} steps/s a run (slowest), {entry['in_all']:.0f} in all, "
             f"{entry['failed']} failed")
+        failed = next((f for f, c in zip(folders, codes) if c != 0), None)
+        if failed is not None:  # why (the folders go next)
+            tail = (failed / "train.log").read_text(errors="replace").splitlines()[-25:]
+            log(f"    the first failed run's log ({failed.name}), last lines:\n" + "\n".join("    " + t for t in tail))
+            entry["first_failure"] = "\n".join(tail)
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     return results

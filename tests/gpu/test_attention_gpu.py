@@ -122,6 +122,8 @@ def test_fa4_cached_decode_step_with_split_kv(splits, monkeypatch):
     0: FA4's heuristic), against fp32 SDPA on the same bf16 cache within the attention bound."""
     from hybridlm.kernels.attention import sdpa_cached_attention
 
+    if splits != 1 and torch.cuda.get_device_capability() < (10, 0):
+        pytest.skip("FA4 has no split-KV on SM 9.0 (it asserts so; measured on an H200, 2026-12-03)")
     monkeypatch.setattr(fa4, "DECODE_NUM_SPLITS", splits)
     g = torch.Generator(device="cuda").manual_seed(3)
     lengths = torch.tensor([1, 700, 3000], dtype=torch.int32, device="cuda")

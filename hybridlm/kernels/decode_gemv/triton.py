@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.decode_gemv import MAX_ROWS
+from hybridlm.kernels.tickets import tickets as kernel_tickets
 from hybridlm.kernels.mamba3.triton.interpreter_compat import (device_type_reason, dtypes_reason, interpreting,
                                                                   one_dtype_reason)
 
@@ -261,7 +262,7 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     if split_k > 1:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
                                 dtype=torch.float32)
-        tickets = _tickets(h.device, blocks)
+        tickets = kernel_tickets(h.device, blocks, "decode_gemv")
     hopper = (PDL or PREFETCH_L2) and _hopper(h.device)
     if rows and n:
         _decode_gemv_kernel[(blocks, split_k)](
@@ -293,23 +294,6 @@ def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:
 def _norm_row(rows: int, k: int) -> int:
     """The norm prologue's block for one row (the whole row at once), or 0 (walk it in BLOCK_K steps)."""
     return triton.next_power_of_2(k) if rows == 1 and k <= MAX_NORM_ROW else 0
-
-
-_TICKETS: dict[torch.device, Tensor] = {}
-
-
-def _tickets(device: torch.device, blocks: int) -> Tensor:
-    """Split-K's per-column-block counters, zero between launches (the last program of a block resets
-    its own). Kept per device and reused, so a step pays no memset; launches on one stream at a time.
-    Never first made inside a CUDA-graph capture: memory from the graph's pool could be reused after
-    the graph is freed, so a capture gets counters of its own (a memset node in the graph)."""
-    have = _TICKETS.get(device)
-    if have is not None and have.numel() >= blocks:
-        return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(blocks, device=device, dtype=torch.int32)
-    _TICKETS[device] = torch.zeros(max(blocks, 1024), device=device, dtype=torch.int32)
-    return _TICKETS[device]
 
 
 @torch.library.custom_op("hybridlm::silu_mul_gemv", mutates_args=())
