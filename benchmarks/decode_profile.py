@@ -1,19 +1,21 @@
 """Where a batch-1 decode step's time goes: the kernels of CUDA-graph replays under torch.profiler.
 
-    python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--fa4-splits 1,0] [--json out.json]
+    python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--attention auto,triton] [--json out.json]
 
 The step as users run it (``hybridlm.Decoder``, random bf16 weights, a 2,048-token prompt, the
 captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
 busy time (the union of kernel intervals) and so the time between kernels, then the kernels by
 name: count per step and device microseconds per step, largest first. What ``generate.py``'s
-ms per step is made of: weights read, other kernels, and gaps. ``--fa4-splits``: profile each model
-once per value of FA4's split-KV for decode steps (``hybridlm/kernels/fa4.py`` DECODE_NUM_SPLITS:
-1 off, 0 FA4's heuristic).
+ms per step is made of: weights read, other kernels, and gaps. ``--attention``: profile each model
+once per attention backend of its decode steps (``HYBRIDLM_ATTENTION``: ``auto``, ``fa4``, ``triton``
+(hybridlm/kernels/decode_attention/, split-KV), ``sdpa``). ``--gemv-knobs``: once per set of the
+decode GEMVs' knobs (hybridlm/kernels/decode_gemv/knobs.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,13 +38,12 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(model_name: str, steps: int, prompt: int, fa4_splits: int) -> dict:
+def profile(model_name: str, steps: int, prompt: int, attention: str) -> dict:
     from hybridlm.builder import Decoder, build_model
     from hybridlm.builder.inference.generate import greedy
-    from hybridlm.kernels import fa4
     from hybridlm.layouts.presets import spec_or_preset
 
-    fa4.DECODE_NUM_SPLITS = fa4_splits
+    os.environ["HYBRIDLM_ATTENTION"] = attention  # read by the registry at each choice
     device = torch.device("cuda")
     model = build_model(spec_or_preset(model_name), device=device, dtype=torch.bfloat16, seed=0).eval()
     decoder = Decoder(model, 1, prompt + 3 * steps + 8)
@@ -69,7 +70,7 @@ def profile(model_name: str, steps: int, prompt: int, fa4_splits: int) -> dict:
     busy_us = busy_time(intervals) / steps
     rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
                    for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
-    return {"model": model_name, "fa4_splits": fa4_splits, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+    return {"model": model_name, "attention": attention, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps": steps, "prompt": prompt, "wall_ms_per_step": wall_ms,
             "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
@@ -93,18 +94,18 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--top", type=int, default=25, help="kernels printed per model")
-    p.add_argument("--fa4-splits", default="1", help="FA4 decode split-KV values to profile (1 off, 0 heuristic)")
+    p.add_argument("--attention", default="auto", help="attention backends of the decode steps to profile (auto, fa4, triton, sdpa)")
     p.add_argument("--gemv-knobs", default="", help="decode GEMV knobs, e.g. CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=8; "
                    "';' between sets profiles each (an empty set: the defaults)")
     p.add_argument("--json", help="write every model's profile here")
     p.add_argument("--best", type=Path, default=None,
-                   help="instead: print the knobs (line 1) and FA4 splits (line 2) of the fastest profile of "
+                   help="instead: print the knobs (line 1) and attention backend (line 2) of the fastest profile of "
                         "the first model in this --json file")
     args = p.parse_args(argv)
     if args.best:
         first, best = fastest(json.loads(args.best.read_text()))
         print(",".join(f"{k}={int(v)}" for k, v in best["gemv_knobs"].items()))
-        print(best["fa4_splits"])
+        print(best["attention"])
         return {"best": best}
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py profiles CUDA-graph replays: it needs a GPU")
@@ -114,11 +115,11 @@ def main(argv=None) -> dict:
             knobs, defaults = set_knobs(knob_set, defaults)
         except ValueError as e:
             raise SystemExit(f"--gemv-knobs: {e}")
-        for name, splits in ((m, int(s)) for m in args.model.split(",") for s in args.fa4_splits.split(",")):
-            r = profile(name, args.steps, args.prompt, splits)
+        for name, attention in ((m, a) for m in args.model.split(",") for a in args.attention.split(",")):
+            r = profile(name, args.steps, args.prompt, attention)
             r["gemv_knobs"] = knobs
             results.append(r)
-            print(f"## {name} (FA4 splits {splits}, {knobs or 'default GEMV'}): "
+            print(f"## {name} (attention {attention}, {knobs or 'default GEMV'}): "
                   f"{r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
                   f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
                   f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
     print("## summary: ms a step (wall)")
     for r in results:
-        print(f"{r['model']:20s} FA4 splits {r['fa4_splits']} {r['gemv_knobs'] or 'default'}: "
+        print(f"{r['model']:20s} attention {r['attention']:7s} {r['gemv_knobs'] or 'default'}: "
               f"{r['wall_ms_per_step']:.3f}")
     if args.json:
         with open(args.json, "w") as f:

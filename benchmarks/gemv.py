@@ -147,6 +147,7 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
 
     grid = SWEEP_GRID if grid is None else grid
     default = tuple(getattr(kernel, knob) for knob in knobs)
+    plain_split_k = kernel.PLAIN_SPLIT_K
     rows_out = []
     try:
         # one case at a time, as cases() yields it: its calls close over variables the next case rebinds
@@ -156,6 +157,8 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
             for config in grid:
                 for knob, value in zip(knobs, config):
                     setattr(kernel, knob, value)
+                    if knob == "SPLIT_K":  # the plain form has its own
+                        kernel.PLAIN_SPLIT_K = value
                 row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(knobs, config)})
                 try:
                     ms = graph_ms(call, reps)
@@ -168,6 +171,7 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
     finally:
         for knob, value in zip(knobs, default):
             setattr(kernel, knob, value)
+        kernel.PLAIN_SPLIT_K = plain_split_k
     return rows_out
 
 

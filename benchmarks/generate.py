@@ -44,6 +44,7 @@ import contextlib
 import gc
 import fnmatch
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -391,7 +392,7 @@ def run(args) -> dict:
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
               "copy_bandwidth_TBps": bandwidth / 1e12, "command": args.command,
-              "gemv_knobs": getattr(args, "gemv_knob_values", {}), "fa4_decode_splits": args.fa4_splits}
+              "gemv_knobs": getattr(args, "gemv_knob_values", {}), "attention": os.environ.get("HYBRIDLM_ATTENTION", "auto")}
     print(json.dumps(header), flush=True)
     rows = []
     for model_name in dict.fromkeys(c.model for c in cases):  # one model in memory at a time
@@ -501,8 +502,8 @@ def parse_args(argv=None):
                    help="count the ops (and CUDA kernels) of one eager step per model, unfused vs fused, and exit")
     p.add_argument("--gemv-knobs", default="",
                    help="decode GEMV knobs for every case, e.g. PDL=1,PREFETCH_L2=1 (hybridlm/kernels/decode_gemv/knobs.py)")
-    p.add_argument("--fa4-splits", type=int, default=None,
-                   help="FA4's split-KV for decode steps (hybridlm/kernels/fa4.py DECODE_NUM_SPLITS: 1 off, 0 its heuristic)")
+    p.add_argument("--attention", default=None,
+                   help="the attention backend of every case (HYBRIDLM_ATTENTION: auto, fa4, triton, sdpa)")
     p.add_argument("--kernel-backend", default=None,
                    help="rmsnorm and swiglu_gate backend for --op-count (triton with TRITON_INTERPRET=1: the GPU's "
                         "path on a CPU)")
@@ -530,10 +531,8 @@ def main(argv=None) -> dict | None:
         args.gemv_knob_values = set_knobs(args.gemv_knobs)[0]
     except ValueError as e:
         raise SystemExit(f"--gemv-knobs: {e}")
-    if args.fa4_splits is not None:
-        from hybridlm.kernels import fa4
-
-        fa4.DECODE_NUM_SPLITS = args.fa4_splits
+    if args.attention:
+        os.environ["HYBRIDLM_ATTENTION"] = args.attention  # read by the registry at each choice
     if args.report:
         rows = {r["id"]: r for path in args.report for r in json.loads(path.read_text())["rows"]}
         print(markdown(list(rows.values())), end="")

@@ -2,12 +2,12 @@
 # Issue 21: the inference GPU tests, the GEMV micro-benchmark, batch-1 generation, and where a
 # batch-1 step's time goes. $@: the parts to run (default tests gemv generate, ≈ 5 minutes):
 #   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
-#   attention tests/gpu/test_attention_gpu.py (FA4, its decode split-KV included)
+#   attention tests/gpu/test_attention_gpu.py (FA4) and test_decode_attention_gpu.py (the Triton decode kernel)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
-#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, FA4_SPLITS,
+#   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
 #             GEMV_KNOBS: knob sets, ';' between)
-#   choose    profile the knob sets GEMV_SETS (and FA4_SPLITS) of PROFILE_MODELS, then generate's batch-1
+#   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
@@ -17,8 +17,8 @@ for part in $parts; do
       HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
         tests/gpu/test_inference_e2e_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 60 | tee "$OUT/tests.log" ;;
     attention)
-      HYBRIDLM_RESULTS_ATTENTION="$OUT/attention-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
-        tests/gpu/test_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
+      HYBRIDLM_RESULTS_ATTENTION="$OUT/attention-errors.json" HYBRIDLM_RESULTS_DECODE_ATTENTION="$OUT/decode-attention-errors.json" \
+        python3 -m pytest -q -rf --tb=short -p no:warnings tests/gpu/test_attention_gpu.py tests/gpu/test_decode_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
     gemv)
       python3 benchmarks/gemv.py --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
     gemv-sweep)
@@ -27,16 +27,16 @@ for part in $parts; do
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     profile)
-      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
+      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
         --gemv-knobs "${GEMV_KNOBS:-}" --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
     choose)
-      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --fa4-splits "${FA4_SPLITS:-1}" \
+      python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
         --gemv-knobs "${GEMV_SETS:-}" --top 14 --json "$OUT/decode-profile-sets.json" \
         2>&1 | grep -v Warning | tail -n 200 | tee "$OUT/profile-sets.log"
-      { read -r knobs; read -r splits; } < <(python3 benchmarks/decode_profile.py --best "$OUT/decode-profile-sets.json")
-      echo "fastest: knobs '$knobs', FA4 splits $splits" | tee -a "$OUT/profile-sets.log"
-      python3 benchmarks/generate.py --only 'a:*' --variants fused --gemv-knobs "$knobs" --fa4-splits "$splits" \
+      { read -r knobs; read -r attention; } < <(python3 benchmarks/decode_profile.py --best "$OUT/decode-profile-sets.json")
+      echo "fastest: knobs '$knobs', attention $attention" | tee -a "$OUT/profile-sets.log"
+      python3 benchmarks/generate.py --only 'a:*' --variants fused --gemv-knobs "$knobs" --attention "$attention" \
         --json "$OUT/generate-chosen.json" 2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate-chosen.log" ;;
     *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose)"; exit 2 ;;
   esac

@@ -45,6 +45,9 @@ MAX_NORM_ROW = 16384  # one row's norm prologue loads it whole up to this d_mode
 # fp32 partial sums to a workspace and takes a ticket; the last to arrive adds the partials in a
 # fixed order (deterministic: a CUDA graph replays bit for bit) and runs the epilogue.
 SPLIT_K = 1
+# The plain form's split-K (out_proj, w2, wo: 2,048 outputs are 64 column blocks, half the SMs):
+# benchmarks/gemv.py, H200 2026-12-03, 4096 -> 2048 at one row: 8.3 us with 4 against cuBLAS's 9.3-9.5.
+PLAIN_SPLIT_K = 4
 # A single row (batch-1 decode) on CUDA cores instead: each program streams ONE_ROW_BLOCK_N weight rows
 # in ONE_ROW_BLOCK_K-wide tiles, multiply-adds kept per lane over the whole loop and reduced once
 # (nothing but loads and FMAs in the loop; small blocks give many programs, so no SM waits on a last
@@ -255,7 +258,8 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     block_k = ONE_ROW_BLOCK_K if one_row else BLOCK_K
     block_n = _block_n((n1, n2) if w2 is not None else (), ONE_ROW_BLOCK_N if one_row else BLOCK_N)
     blocks = triton.cdiv(n, block_n)
-    split_k = max(1, min(SPLIT_K, triton.cdiv(k, block_k)))
+    plain = norm_weight is None and w_up is None and w2 is None
+    split_k = max(1, min(PLAIN_SPLIT_K if plain else SPLIT_K, triton.cdiv(k, block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)  # no program without a slice of d_model
     workspace = tickets = out
