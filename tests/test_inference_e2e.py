@@ -705,13 +705,15 @@ def test_decode_profile_helpers(monkeypatch):
     from hybridlm.kernels.decode_gemv import triton as kernel
     from hybridlm.kernels.decode_gemv.knobs import set_knobs
 
-    knobs, saved = set_knobs("CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=4,PLAIN_GEMVS=1")
+    before = kernel.CUDA_CORES_AT_ONE_ROW, kernel.ONE_ROW_BLOCK_N, decode_gemv.PLAIN_GEMVS
+    knobs, saved = set_knobs(f"CUDA_CORES_AT_ONE_ROW={1 - before[0]},ONE_ROW_BLOCK_N=4,PLAIN_GEMVS={1 - before[2]}")
     try:
-        assert knobs == {"CUDA_CORES_AT_ONE_ROW": True, "ONE_ROW_BLOCK_N": 4, "PLAIN_GEMVS": True}
-        assert kernel.CUDA_CORES_AT_ONE_ROW is True and kernel.ONE_ROW_BLOCK_N == 4 and decode_gemv.PLAIN_GEMVS
+        assert knobs == {"CUDA_CORES_AT_ONE_ROW": not before[0], "ONE_ROW_BLOCK_N": 4, "PLAIN_GEMVS": not before[2]}
+        assert (kernel.CUDA_CORES_AT_ONE_ROW, kernel.ONE_ROW_BLOCK_N, decode_gemv.PLAIN_GEMVS) == (
+            not before[0], 4, not before[2])
     finally:
         assert set_knobs("", saved)[0] == {}  # the next set starts from the defaults
-    assert kernel.CUDA_CORES_AT_ONE_ROW is False and kernel.ONE_ROW_BLOCK_N == 8 and not decode_gemv.PLAIN_GEMVS
+    assert (kernel.CUDA_CORES_AT_ONE_ROW, kernel.ONE_ROW_BLOCK_N, decode_gemv.PLAIN_GEMVS) == before
     for bad in ("torch=1", "PDL"):
         with pytest.raises(ValueError, match="PREFETCH_L2"):
             set_knobs(bad)

@@ -29,7 +29,10 @@ from hybridlm.kernels.decode_gemv import reference
 
 KIND = "decode_gemv"
 MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode steps up to batch 16
-PLAIN_GEMVS = False  # linear() through the kernel when no backend is named (else cuBLAS: F.linear)
+# linear() through the kernel when no backend is named (else cuBLAS: F.linear): alone cuBLAS's split-K pair
+# is about as fast, but in a step the kernel's PDL overlaps each GEMV with the one before (hybrid-1.5b at
+# batch 1, H200, 2026-12-03: 1.269 against 1.325 ms a step; benchmarks/decode_profile.py)
+PLAIN_GEMVS = True
 # Mamba-3's in_proj with its block boundary in the kernel when the block names no backend (else the
 # separate norm kernel and cuBLAS, measured faster alone: hybridlm/blocks/mamba3.py normed_forward)
 NORM_IN_PROJ = False

@@ -52,17 +52,21 @@ PLAIN_SPLIT_K = 4
 # in ONE_ROW_BLOCK_K-wide tiles, multiply-adds kept per lane over the whole loop and reduced once
 # (nothing but loads and FMAs in the loop; small blocks give many programs, so no SM waits on a last
 # wave). Off until benchmarks/gemv.py --sweep times it against the tensor-core form.
-CUDA_CORES_AT_ONE_ROW = False
+# Measured in whole steps (benchmarks/decode_profile.py, hybrid-1.5b at batch 1, H200, 2026-12-03): with PDL
+# and every GEMV in the kernel, 1.358 ms a step on the tensor-core form, 1.269 ms on this one (its 114-168
+# registers leave room for the next kernel's programs while the last ones finish); blocks of 4 or 16 rows
+# were slower (1.317, 1.285 ms).
+CUDA_CORES_AT_ONE_ROW = True
 ONE_ROW_BLOCK_N = 8
 ONE_ROW_BLOCK_K = 512
-# Hopper and newer; off until benchmarks/decode_profile.py times them in a whole step.
-# PREFETCH_L2: each program first asks for all its weight rows at once into L2 (one bulk prefetch a
-# row, cp.async.bulk.prefetch.L2), so the whole slice is in flight before the first tile is needed;
-# the loop then reads L2. PDL: programmatic dependent launch, so a GEMV's programs start while the
-# kernel before it finishes; they prefetch their weights (which no kernel writes) and wait
-# (griddepcontrol.wait) before they read an activation or write anything.
+# Hopper and newer. PDL: programmatic dependent launch, so a GEMV's programs start while the kernel
+# before it finishes; they wait (griddepcontrol.wait) before they read an activation or write anything
+# (1.407 against 1.425 ms a step alone; the one-row form above needs it: 1.306 ms without).
+# PREFETCH_L2: each program first asks for all its weight rows at once into L2 (one bulk prefetch a row,
+# cp.async.bulk.prefetch.L2), before the wait when PDL is on; measured slower (1.660 against 1.423 ms):
+# off, kept for other GPUs to try.
 PREFETCH_L2 = False
-PDL = False
+PDL = True
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

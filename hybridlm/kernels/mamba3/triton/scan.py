@@ -110,7 +110,7 @@ def mamba3_chunked(
     # per-token weights: γ_t = λ_tΔ_t and scale_t = γ_t + (1 − λ_{t+1})Δ_{t+1} (0 past a sequence's end)
     gamma = lam_ * dt_
     not_last = torch.ones(T + 1, 1, dtype=torch.float32, device=x.device)  # row T: empty sequences point there
-    not_last[layout.nonempty_last_token] = 0
+    not_last.index_fill_(0, layout.nonempty_last_token, 0.0)  # (x[i] = 0 copies a CPU scalar: no CUDA-graph capture)
     not_last = not_last[:T]
     shifted = F.pad((dt_ * (1 - lam_))[1:], (0, 0, 0, 1)) * not_last
     scale = gamma + shifted
