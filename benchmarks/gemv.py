@@ -38,8 +38,9 @@ L2_BYTES = 50 * 2**20
 DEVICE = "cuda"
 # the kernel configs --sweep times, on tensor cores (rows on CUDA cores were up to 5x slower at 8-16
 # rows and no faster at 1: H200, 2026-12-03): BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, SPLIT_K
-SWEEP_KNOBS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "SPLIT_K")
-SWEEP_GRID = list(itertools.product((16, 32), (256, 512), (4, 8), (3,), (1, 2, 4)))
+# (CUDA_CORES_AT_ONE_ROW off: at one row the default now takes the one-row form, timed by the grid below)
+SWEEP_KNOBS = ("CUDA_CORES_AT_ONE_ROW", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "SPLIT_K")
+SWEEP_GRID = list(itertools.product((False,), (16, 32), (256, 512), (4, 8), (3,), (1, 2, 4)))
 # and at one row, the CUDA-core form with its own blocks (CUDA_CORES_AT_ONE_ROW): 24 more configs
 ONE_ROW_KNOBS = ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N", "ONE_ROW_BLOCK_K", "NUM_WARPS", "SPLIT_K")
 ONE_ROW_GRID = list(itertools.product((True,), (4, 8, 16), (512, 1024), (4, 8), (1, 2)))

@@ -678,7 +678,7 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     monkeypatch.setattr(gemv, "D_MODEL", 64)
     monkeypatch.setattr(gemv, "HIDDEN", 96)
     monkeypatch.setattr(gemv, "L2_BYTES", 4096)
-    monkeypatch.setattr(gemv, "SWEEP_GRID", [(16, 128, 4, 3, 1), (32, 64, 4, 2, 2)])
+    monkeypatch.setattr(gemv, "SWEEP_GRID", [(False, 16, 128, 4, 3, 1), (False, 32, 64, 4, 2, 2)])
     monkeypatch.setattr(gemv, "graph_ms", lambda call, reps: [call(i) for i in range(reps)] and 1.0)
     variants = [(case, variant) for case, variant, _, call in gemv.cases(3, 80) if gemv.graph_ms(call, 2)]
     assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm_gemv"), ("swiglu", "norm + 2 cuBLAS + gate"),

@@ -3,12 +3,16 @@
 # models $2 (default mamba3,official). Resumes from runs/studies/state-tracking-paper when it is
 # there (carried, or left by an earlier call on a warm machine). COMPILE: the step's mode
 # (paper.compile; e.g. cuda-graph: measure first with `state_tracking.sh measure`). JOBS: side by side.
-# `state_tracking.sh measure`: instead, steps/s at 1 and 16 side by side, eager and cuda-graph (≈ 4 min).
+# `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
+# then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
+# steps/s alone, 15.9 a run at 16), ≈ 4 min.
 source benchmarks/gpu/common.sh
 if [ "${1:-}" = "measure" ]; then
-  for mode in none cuda-graph; do
-    python3 -m hybridlm.studies.state_tracking_paper --side-by-side 1,16 --seconds 45 \
-      --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 12 | tee -a "$OUT/side-by-side.log"
+  python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
+    | tee "$OUT/tests.log"
+  for mode in ${2:-cuda-graph}; do
+    python3 -m hybridlm.studies.state_tracking_paper --side-by-side "${3:-1,8,16}" --seconds 45 \
+      --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 40 | tee -a "$OUT/side-by-side.log"
   done
   exit
 fi
