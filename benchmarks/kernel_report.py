@@ -120,8 +120,9 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
     """The decode GEMV kernel's forms (silu_mul_gemv, norm_gemv gated, plain, and stacked as q, k, v)
     at the 1.5B presets' shapes (d_model 2048, hidden 4096; q 2048, k and v 512 rows) at 1, 8 and 16
     rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores; then the one-row
-    CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the default form (the Hopper
-    instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2)."""
+    CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the tensor-core form (the Hopper
+    instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2); then the one-row default
+    with PDL (gated, plain)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -142,6 +143,9 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel._hopper = lambda device: True  # CPU tensors: the stub runs nothing
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
+        kernel.gemv(h, w1)
+        kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2 = True, False  # the defaults at one row: PDL, CUDA cores
+        kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
 
     names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "_hopper"
@@ -164,11 +168,15 @@ def decode_attention_launches(dtype: torch.dtype) -> list:
             q = torch.randn(batch, 1, 16, 128, dtype=dtype)
             k, v = (torch.randn(batch, 2304, 4, 128, dtype=dtype) for _ in range(2))
             kernel.decode_attention(q, k, v, torch.full((batch,), 2000, dtype=torch.int32), window=window)
+        kernel.PDL, kernel.pdl_usable = True, lambda device: True  # with PDL (griddepcontrol through ptxas)
+        kernel.decode_attention(q, k, v, torch.full((batch,), 2000, dtype=torch.int32))
 
+    default = kernel.PDL, kernel.pdl_usable
     try:
         return launches(run)
     finally:
         kernel.unsupported_reason = check
+        kernel.PDL, kernel.pdl_usable = default
 
 
 def main() -> None:

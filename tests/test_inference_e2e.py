@@ -714,6 +714,12 @@ def test_decode_profile_helpers(monkeypatch):
     finally:
         assert set_knobs("", saved)[0] == {}  # the next set starts from the defaults
     assert (kernel.CUDA_CORES_AT_ONE_ROW, kernel.ONE_ROW_BLOCK_N, decode_gemv.PLAIN_GEMVS) == before
+    from hybridlm.kernels.decode_attention import triton as attention_kernel
+
+    knobs, saved = set_knobs("ATTENTION_PDL=1")  # the other decode kernels' PDL switches, by alias
+    assert knobs == {"ATTENTION_PDL": True} and attention_kernel.PDL is True
+    set_knobs("", saved)
+    assert attention_kernel.PDL is False
     for bad in ("torch=1", "PDL"):
         with pytest.raises(ValueError, match="PREFETCH_L2"):
             set_knobs(bad)

@@ -124,14 +124,20 @@ def test_cuda_graph_equals_eager(models):
 
 def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, monkeypatch):
     """Every decode GEMV through the kernel (PLAIN_GEMVS: out_proj, w2, wo too; Mamba-3's in_proj with
-    its norm), launched with PDL and the L2 prefetch: graph replay bitwise equal to eager steps (a
+    its norm), launched with PDL and the L2 prefetch, and the norm, KV-append and decode attention
+    kernels with PDL too: graph replay bitwise equal to eager steps (a
     GEMV that read its input before the kernel before it finished would differ), both within the
     bf16 bound against fp32."""
     from hybridlm.kernels import decode_gemv
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     name, model, exact = models
-    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS")):
+    from hybridlm.kernels.decode_attention import triton as attention_kernel
+    from hybridlm.kernels.kv_append import triton as kv_kernel
+    from hybridlm.kernels.rmsnorm import triton as norm_kernel
+
+    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
+                         (kv_kernel, "PDL"), (attention_kernel, "PDL")):
         monkeypatch.setattr(module, knob, True)
     for layer in model.layers:
         if hasattr(layer.mixer, "in_proj"):

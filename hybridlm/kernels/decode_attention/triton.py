@@ -24,6 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, interpreting
+from hybridlm.kernels.pdl import launch_options, let_next_launch, wait_for_previous
+from hybridlm.kernels.pdl import usable as pdl_usable
 from hybridlm.kernels.tickets import tickets as kernel_tickets
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,6 +37,7 @@ NUM_STAGES = 3  # 4 warps spilled (255 registers) at 64 keys
 PROGRAMS_PER_SM = 2
 MIN_SLICE = 128
 MAX_HEAD_DIM = 256
+PDL = False  # launched with PDL on Hopper+ (hybridlm/kernels/pdl.py); knob ATTENTION_PDL, off until timed
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -43,7 +46,10 @@ def _decode_attention_kernel(Q, K, V, LENGTHS, OUT, PART_ACC, PART_STATS, TICKET
                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                              stride_ob, stride_oh, n_kv_heads, slice_len, splits,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_KEYS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+                             BLOCK_KEYS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+                             PDL: tl.constexpr):
+    let_next_launch(PDL)
+    wait_for_previous(PDL)  # q, the cache and the lengths are the kernel before's writes
     pid = tl.program_id(0)  # row * n_kv_heads + kv head
     part = tl.program_id(1)  # which slice of the cache
     b = pid // n_kv_heads
@@ -143,14 +149,15 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
     part_acc = torch.empty(B * n_kv * splits * group_pad * D, device=q.device, dtype=torch.float32)
     part_stats = torch.empty(B * n_kv * splits * 2 * group_pad, device=q.device, dtype=torch.float32)
     counters = kernel_tickets(q.device, B * n_kv, "decode_attention")
+    pdl_on = PDL and pdl_usable(q.device)
     if B and H:
         _decode_attention_kernel[(B * n_kv, splits)](
             q, k_cache, v_cache, lengths, out, part_acc, part_stats, counters, scale * math.log2(math.e), window,
             q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(2),
             n_kv, slice_len, splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D, BLOCK_KEYS=BLOCK_KEYS,
-            HAS_WINDOW=window > 0, DOT_FP32=q.dtype == torch.float32 or interpreting(), num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES)
+            HAS_WINDOW=window > 0, DOT_FP32=q.dtype == torch.float32 or interpreting(), PDL=pdl_on,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(pdl_on))
     return out
 
 

@@ -5,10 +5,19 @@
     set_knobs("", saved)  # back to what they were
 
 Knobs are the upper-case settings of ``hybridlm/kernels/decode_gemv/triton.py`` (the kernel's
-blocks, forms, PDL, prefetch) and of the ``decode_gemv`` package (``PLAIN_GEMVS``, ``NORM_IN_PROJ``:
-which projections take the kernel). Values are ints; booleans from 0/1.
+blocks, forms, PDL, prefetch), of the ``decode_gemv`` package (``PLAIN_GEMVS``, ``NORM_IN_PROJ``:
+which projections take the kernel), and the other decode kernels' PDL switches (``NORM_PDL``,
+``KV_APPEND_PDL``, ``ATTENTION_PDL``: ``ALIASES``). Values are ints; booleans from 0/1.
 """
 from __future__ import annotations
+
+import importlib
+
+
+# the other decode kernels' PDL switches, by the names the knobs go by here
+ALIASES = {"NORM_PDL": ("hybridlm.kernels.rmsnorm.triton", "PDL"),
+           "KV_APPEND_PDL": ("hybridlm.kernels.kv_append.triton", "PDL"),
+           "ATTENTION_PDL": ("hybridlm.kernels.decode_attention.triton", "PDL")}
 
 
 def _modules() -> tuple:
@@ -16,6 +25,15 @@ def _modules() -> tuple:
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     return kernel, decode_gemv
+
+
+def _where(name: str) -> tuple[object, str] | None:
+    """(module, attribute) of knob ``name``; None when it is not one."""
+    if name in ALIASES:
+        module_name, attribute = ALIASES[name]
+        return importlib.import_module(module_name), attribute
+    module = next((m for m in _modules() if name.isupper() and hasattr(m, name)), None)
+    return None if module is None else (module, name)
 
 
 def set_knobs(text: str, saved: dict | None = None) -> tuple[dict, dict]:
@@ -28,12 +46,14 @@ def set_knobs(text: str, saved: dict | None = None) -> tuple[dict, dict]:
     done, saved = {}, dict(saved or {})
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
-        module = next((m for m in modules if name.isupper() and hasattr(m, name)), None)
-        if module is None or not value:
-            known = sorted({n for m in modules for n in vars(m) if n.isupper() and isinstance(getattr(m, n), (bool, int))})
+        where = _where(name)
+        if where is None or not value:
+            known = sorted({n for m in modules for n in vars(m) if n.isupper() and isinstance(getattr(m, n), (bool, int))}
+                           | set(ALIASES))
             raise ValueError(f"decode GEMV knob {item!r}: expected NAME=int with NAME one of {', '.join(known)}")
-        current = getattr(module, name)
-        saved.setdefault((module, name), current)
-        setattr(module, name, bool(int(value)) if isinstance(current, bool) else int(value))
-        done[name] = getattr(module, name)
+        module, attribute = where
+        current = getattr(module, attribute)
+        saved.setdefault((module, attribute), current)
+        setattr(module, attribute, bool(int(value)) if isinstance(current, bool) else int(value))
+        done[name] = getattr(module, attribute)
     return done, saved

@@ -26,6 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.decode_gemv import MAX_ROWS
+from hybridlm.kernels.pdl import launch_options, let_next_launch, wait_for_previous
+from hybridlm.kernels.pdl import usable as pdl_usable
 from hybridlm.kernels.tickets import tickets as kernel_tickets
 from hybridlm.kernels.mamba3.triton.interpreter_compat import (device_type_reason, dtypes_reason, interpreting,
                                                                   one_dtype_reason)
@@ -121,14 +123,12 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     row_in = rows < M
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    if PDL:  # the next kernel may start launching now: its reads wait for this grid to finish
-        tl.extra.cuda.gdc_launch_dependents()
+    let_next_launch(PDL)  # the next kernel's reads wait for this grid to finish
     if PREFETCH_L2:
         _prefetch_rows(W, w_rows, col_in, K, k_start, k_end)
         if GATED:
             _prefetch_rows(W_UP, w_rows, col_in, K, k_start, k_end)
-    if PDL:  # everything below reads what the kernels before wrote, or writes
-        tl.extra.cuda.gdc_wait()
+    wait_for_previous(PDL)  # everything below reads what the kernels before wrote, or writes
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
     if NORM and NORM_ROW > 0:  # one row: all of it in one load, then one sum of squares
@@ -283,14 +283,13 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
             K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k),
             PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
-            PDL=PDL and hopper, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-            **({"launch_pdl": True} if PDL and hopper else {}))
+            PDL=PDL and hopper, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(PDL and hopper))
     return out
 
 
 def _hopper(device: torch.device) -> bool:
     """Whether PREFETCH_L2 and PDL may run here: compiled (not interpreted) for Hopper or newer."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
+    return pdl_usable(device)
 
 
 def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:

@@ -17,9 +17,12 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, dtypes_reason
+from hybridlm.kernels.pdl import launch_options, let_next_launch, wait_for_previous
+from hybridlm.kernels.pdl import usable as pdl_usable
 from hybridlm.kernels.rope.triton import MAX_HEAD_DIM, _frequencies, _rotate_heads, head_blocks
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PDL = False  # launched with PDL on Hopper+ (hybridlm/kernels/pdl.py); knob KV_APPEND_PDL, off until timed
 
 
 @triton.jit
@@ -60,11 +63,13 @@ def _append_one(which, Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, FREQ, tok, pos, 
 @triton.jit
 def _append_kv_kernel(Q, K, V, Q_OUT, K_OUT, K_CACHE, V_CACHE, LENGTHS, NEW_LENGTHS, FREQ, L, max_len, q_stride,
                       kv_stride, n_q_heads, n_k_heads, half, ROPE: tl.constexpr, ONE_TOKEN: tl.constexpr,
-                      BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                      BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """ONE_TOKEN (a decode step): program (row), k, v and q in turn, then the row's length + 1
     written over LENGTHS (the one program that reads it). Else program (token, k / v / q), the new
     lengths to NEW_LENGTHS. q, k, v: rows of heads ``q_stride`` / ``kv_stride`` elements apart (views
     into one projection's output are fine); the outputs and caches are contiguous."""
+    let_next_launch(PDL)
+    wait_for_previous(PDL)
     tok = tl.program_id(0).to(tl.int64)
     b, t = tok // L, tok % L
     length = tl.load(LENGTHS + b)
@@ -96,10 +101,12 @@ def append_kv_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tens
         block_half, block_heads = head_blocks(half, max(n_q, k.shape[2]))
         rope = frequencies is not None
         new_lengths = lengths if L == 1 else torch.empty_like(lengths)
+        pdl_on = PDL and pdl_usable(q.device)
         _append_kv_kernel[(B,) if L == 1 else (B * L, 3)](
             q, k, v, q_out, k if k_out is None else k_out, k_cache, v_cache, lengths, new_lengths,
             frequencies if rope else lengths, L, k_cache.shape[1], _row_stride(q), _row_stride(k), n_q, k.shape[2],
-            half, ROPE=rope, ONE_TOKEN=L == 1, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half)
+            half, ROPE=rope, ONE_TOKEN=L == 1, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half, PDL=pdl_on,
+            **launch_options(pdl_on))
         if L > 1:  # several programs read a row's length: the new one went to a buffer first
             lengths.copy_(new_lengths)
 

@@ -16,18 +16,25 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, dtypes_reason
+from hybridlm.kernels.pdl import launch_options, let_next_launch, wait_for_previous
+from hybridlm.kernels.pdl import usable as pdl_usable
 
 # A row lives in one program's registers; wider rows (d_model > 16K) go to the reference.
 MAX_DIM = 16384
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PDL = False  # launched with PDL on Hopper+ (hybridlm/kernels/pdl.py); knob NORM_PDL, off until timed
 
 
 
 @triton.jit
-def _add_rms_norm_kernel(H, RES, W, STREAM, NORMED, D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+def _add_rms_norm_kernel(H, RES, W, STREAM, NORMED, D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PDL: tl.constexpr):
+    let_next_launch(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+    wait_for_previous(PDL)
     x = tl.load(H + row * D + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(RES + row * D + cols, mask=mask, other=0.0).to(H.dtype.element_ty)
@@ -35,7 +42,6 @@ def _add_rms_norm_kernel(H, RES, W, STREAM, NORMED, D, eps, HAS_RES: tl.constexp
         tl.store(STREAM + row * D + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / D + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = (xf * rstd * w).to(H.dtype.element_ty).to(NORMED.dtype.element_ty)
     tl.store(NORMED + row * D + cols, y, mask=mask)
 
@@ -47,9 +53,11 @@ def _launch(h: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_
     rows = h.numel() // D if D else 0
     if rows:
         block = triton.next_power_of_2(D)
+        pdl_on = PDL and pdl_usable(h.device)
         _add_rms_norm_kernel[(rows,)](
             h, h if residual is None else residual, weight, h if stream is None else stream, normed, D, eps,
-            HAS_RES=residual is not None, BLOCK_D=block, num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
+            HAS_RES=residual is not None, BLOCK_D=block, PDL=pdl_on, num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
+            **launch_options(pdl_on))
     return normed
 
 
