@@ -8,7 +8,11 @@ Packed input is B = 1 with ``cu_seqlens``.
 different numbers of tokens (``kv_lengths``); the queries are the last tokens of each row. Its
 decode form (dense queries) has fixed shapes and no host sync, so it can run inside a CUDA graph.
 
-Backends of ``attention`` blocks (ops ``causal`` and ``cached``), chosen by
+A decode step (dense, one query a row) is the op ``decode``: on CUDA ``auto`` takes the Triton
+split-KV kernel (``hybridlm/kernels/decode_attention/``, backend ``triton``: it has only that op, so
+for the others it hands over to FA4, then SDPA); FA4 and SDPA run it as their cached form.
+
+Backends of ``attention`` blocks (ops ``causal``, ``cached`` and ``decode``), chosen by
 :mod:`hybridlm.kernels.registry`: ``fa4`` (FlashAttention-4 on Hopper and newer, bf16/fp16; a
 forced ``fa4`` that cannot run raises one error naming why) and ``sdpa`` (PyTorch's
 scaled_dot_product_attention: every device and dtype). ``auto`` takes FA4 on CUDA where it imports
