@@ -140,7 +140,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.norm_gemv(h, residual, g, 1e-5, w1)
         kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2, kernel.PDL = False, True, True
-        kernel._hopper = lambda device: True  # CPU tensors: the stub runs nothing
+        kernel.pdl_usable = lambda device: True  # CPU tensors: the stub runs nothing
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
         kernel.gemv(h, w1)
@@ -148,7 +148,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
 
-    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "_hopper"
+    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "pdl_usable"
     default = {name: getattr(kernel, name) for name in names}
     try:
         return launches(run)

@@ -109,15 +109,19 @@ def resolve_cached_backend(requested: str | None, q: Tensor, k_cache: Tensor) ->
     ``auto`` takes FA4's KV-cache entry (``seqused_k``) where FA4 takes the inputs; it is checked
     against SDPA and for bitwise CUDA-graph replay in tests/gpu/test_decode_gpu.py.
     """
-    return registry.choose(KIND, "cached", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
-                           int(q.shape[-1]), True)
+    return _choose_over_cache("cached", requested, q, k_cache)
 
 
 def resolve_decode_backend(requested: str | None, q: Tensor, k_cache: Tensor) -> str:
     """The backend of :func:`cached_attention` for a decode step (dense, one query a row): ``auto``
     takes the Triton split-KV kernel where it is the measured choice (``DECODE_AUTO``), else FA4's
     cached form, else SDPA's."""
-    return registry.choose(KIND, "decode", requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
+    return _choose_over_cache("decode", requested, q, k_cache)
+
+
+def _choose_over_cache(op: str, requested: str | None, q: Tensor, k_cache: Tensor) -> str:
+    # the queries end where the cache's keys end (aligned), whatever the row's length
+    return registry.choose(KIND, op, requested, q.device.type, q.device.index, q.dtype, k_cache.dtype,
                            int(q.shape[-1]), True)
 
 

@@ -271,7 +271,7 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
                                 dtype=torch.float32)
         tickets = kernel_tickets(h.device, blocks, "decode_gemv")
-    hopper = (PDL or PREFETCH_L2) and _hopper(h.device)
+    hopper = (PDL or PREFETCH_L2) and pdl_usable(h.device)  # both need Hopper, compiled
     if rows and n:
         _decode_gemv_kernel[(blocks, split_k)](
             h, h if residual is None else residual, w if norm_weight is None else norm_weight,
@@ -285,11 +285,6 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
             PDL=PDL and hopper, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(PDL and hopper))
     return out
-
-
-def _hopper(device: torch.device) -> bool:
-    """Whether PREFETCH_L2 and PDL may run here: compiled (not interpreted) for Hopper or newer."""
-    return pdl_usable(device)
 
 
 def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:
