@@ -351,6 +351,41 @@ def test_plain_projections_take_the_gemv_kernel_when_asked(monkeypatch):
 
 
 @needs_triton
+def test_plain_in_proj_takes_the_gemv_kernel_when_asked(monkeypatch):
+    """decode_gemv.PLAIN_IN_PROJ sends Mamba-3's in_proj at decode to the GEMV kernel's plain form (one
+    ``gemv`` op a Mamba-3 layer more, beside out_proj's), and the step's logits agree with the module's
+    in_proj to fp32 summation order; on the CPU's auto backend it is F.linear, bitwise the module."""
+    from hybridlm.blocks.mamba3 import Mamba3
+    from hybridlm.kernels import decode_gemv
+
+    model = family_model("mamba3-mimo-tiny")
+    mixers = [layer.mixer for layer in model.layers if isinstance(layer.mixer, Mamba3)]
+    ids = torch.randint(0, model.spec.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+
+    def step(plain_in_proj: bool, backend: str | None):
+        monkeypatch.setattr(decode_gemv, "PLAIN_IN_PROJ", plain_in_proj)
+        for m in mixers:
+            m.gemv_backend = backend
+        decoder = Decoder(model, 2, 8)
+        with torch.no_grad():
+            decoder.prefill(ids)
+            with torch.profiler.profile() as prof:
+                logits = decoder.step(ids[:, -1])
+        return logits, [e.name for e in prof.events()].count("hybridlm::gemv")
+
+    module_in_proj, _ = step(False, None)
+    auto_in_proj, _ = step(True, None)
+    assert torch.equal(auto_in_proj, module_in_proj)
+    # a named backend also takes the block boundary into in_proj (normed_forward): keep it out here
+    monkeypatch.setattr(Mamba3, "normed_forward", lambda self, *args, **kwargs: None)
+    cublas, out_proj_only = step(False, "triton")
+    kernel, both = step(True, "triton")
+    assert (out_proj_only, both) == (len(mixers), 2 * len(mixers))
+    assert rel_err(kernel, module_in_proj) <= TOL[torch.float32]
+    assert rel_err(cublas, module_in_proj) <= TOL[torch.float32]
+
+
+@needs_triton
 def test_fused_decode_step_with_an_fp32_stream():
     """residual_in_fp32 with bf16 weights: the fused GEMVs take the fp32 stream and residual and the
     bf16 weights. The step's logits with the fused GEMVs and with the separate norms, each against

@@ -3,6 +3,8 @@
 # models $2 (default mamba3,official). Resumes from runs/studies/state-tracking-paper when it is
 # there (carried, or left by an earlier call on a warm machine). COMPILE: the step's mode
 # (paper.compile; e.g. cuda-graph: measure first with `state_tracking.sh measure`). JOBS: side by side.
+# `state_tracking.sh checked SECONDS [MODELS]`: the cuda-graph GPU test first, then the sweep with cuda-graph
+# if it passed, else eager.
 # `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
 # then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
 # steps/s alone, 15.9 a run at 16), ≈ 4 min.
@@ -15,6 +17,16 @@ if [ "${1:-}" = "measure" ]; then
       --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 40 | tee -a "$OUT/side-by-side.log"
   done
   exit
+fi
+if [ "${1:-}" = "checked" ]; then  # `checked SECONDS [MODELS]`: the cuda-graph GPU test, then the sweep in that
+  # mode if it passed (else eager), for what is left of SECONDS (the test's own time included)
+  start=$SECONDS
+  python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
+    | tee "$OUT/tests.log"
+  if grep -q " passed" "$OUT/tests.log" && ! grep -q "failed\|error" "$OUT/tests.log"; then export COMPILE=cuda-graph
+  else export COMPILE=none; fi
+  echo "step mode: $COMPILE" | tee -a "$OUT/tests.log"
+  set -- $(( ${2:-570} - (SECONDS - start) )) "${3:-mamba3,official}"
 fi
 seconds=${1:-570}; models=${2:-mamba3,official}
 minutes=$(python3 -c "print(round(($seconds - 45) / 60, 2))")  # room to pack the folder

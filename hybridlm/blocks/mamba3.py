@@ -327,7 +327,11 @@ class Mamba3(nn.Module):
         return cache is not None and u.shape[1] == 1 and cu_seqlens is None and not self.conv_kernel
 
     def _decode_step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
-        """One token through the fused step (in_proj -> step kernel -> out_proj), the cache in place."""
+        """One token through the fused step (in_proj -> step kernel -> out_proj), the cache in place.
+        in_proj is cuBLAS's unless ``decode_gemv.PLAIN_IN_PROJ`` sends it to the GEMV kernel (its PDL chain)."""
+        if decode_gemv.PLAIN_IN_PROJ:
+            return self._step_projected(decode_gemv.linear(u[:, 0], self.in_proj.weight, backend=self.gemv_backend
+                                                           or "auto"), cache)
         return self._step_projected(self.in_proj(u[:, 0]), cache)
 
     def _step_projected(self, zxbc: Tensor, cache: Mamba3Cache) -> Tensor:

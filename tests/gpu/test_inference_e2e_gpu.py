@@ -122,9 +122,10 @@ def test_cuda_graph_equals_eager(models):
     assert torch.equal(graphed, eager)
 
 
-def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, monkeypatch):
+@pytest.mark.parametrize("in_proj", ["with-norm", "plain"])
+def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, monkeypatch):
     """Every decode GEMV through the kernel (PLAIN_GEMVS: out_proj, w2, wo too; Mamba-3's in_proj with
-    its norm), launched with PDL and the L2 prefetch, and the norm, KV-append and decode attention
+    its norm, or plain after the norm kernel: PLAIN_IN_PROJ), launched with PDL and the L2 prefetch, and the norm, KV-append and decode attention
     kernels with PDL too: graph replay bitwise equal to eager steps (a
     GEMV that read its input before the kernel before it finished would differ), both within the
     bf16 bound against fp32."""
@@ -139,14 +140,17 @@ def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, monkeypatch
     for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
                          (kv_kernel, "PDL"), (attention_kernel, "PDL")):
         monkeypatch.setattr(module, knob, True)
-    for layer in model.layers:
-        if hasattr(layer.mixer, "in_proj"):
-            monkeypatch.setattr(layer.mixer, "gemv_backend", "triton")
+    if in_proj == "plain":  # auto takes the kernel on the GPU
+        monkeypatch.setattr(decode_gemv, "PLAIN_IN_PROJ", True)
+    else:
+        for layer in model.layers:
+            if hasattr(layer.mixer, "in_proj"):
+                monkeypatch.setattr(layer.mixer, "gemv_backend", "triton")
     prompts, fed = inputs(model.spec.vocab_size, seed=4)
     truth, err_forward, bound = bf16_bound(model, exact, prompts, fed)
     eager = teacher_forced(model, prompts, fed, cuda_graph=False)
     graphed = teacher_forced(model, prompts, fed, cuda_graph=True)
-    RESULTS[f"{name}/all-gemvs-pdl"] = dict(vs_fp32=rel_err(graphed, truth), bf16_forward=err_forward)
+    RESULTS[f"{name}/all-gemvs-pdl-in-proj-{in_proj}"] = dict(vs_fp32=rel_err(graphed, truth), bf16_forward=err_forward)
     assert torch.equal(graphed, eager)
     assert rel_err(graphed, truth) <= bound
 

@@ -36,6 +36,9 @@ PLAIN_GEMVS = True
 # Mamba-3's in_proj with its block boundary in the kernel when the block names no backend (else the
 # separate norm kernel and cuBLAS, measured faster alone: hybridlm/blocks/mamba3.py normed_forward)
 NORM_IN_PROJ = False
+# Mamba-3's in_proj as a plain GEMV in the kernel (after the separate fused norm) when NORM_IN_PROJ is off: it
+# joins the PDL chain of the other GEMVs, where cuBLAS's GEMV breaks it (to be timed: decode_profile.py)
+PLAIN_IN_PROJ = False
 
 registry.register_reference_and_triton_ops(KIND, "hybridlm.kernels.decode_gemv.triton", {
     "silu_mul_gemv": (reference.silu_mul_gemv, "silu_mul_gemv"),

@@ -5,7 +5,7 @@
     set_knobs("", saved)  # back to what they were
 
 Knobs are the upper-case settings of ``hybridlm/kernels/decode_gemv/triton.py`` (the kernel's
-blocks, forms, PDL, prefetch), of the ``decode_gemv`` package (``PLAIN_GEMVS``, ``NORM_IN_PROJ``:
+blocks, forms, PDL, prefetch), of the ``decode_gemv`` package (``PLAIN_GEMVS``, ``NORM_IN_PROJ``, ``PLAIN_IN_PROJ``:
 which projections take the kernel), and the other decode kernels' PDL switches (``NORM_PDL``,
 ``KV_APPEND_PDL``, ``ATTENTION_PDL``: ``ALIASES``). Values are ints; booleans from 0/1.
 """
