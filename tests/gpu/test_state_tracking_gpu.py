@@ -64,7 +64,7 @@ def test_the_compiled_step_trains_like_the_eager_one(mode, spec, tmp_path):
     in a CUDA graph (``cuda-graph``: batches padded to 160, lengths per example in both runs, two
     stages so that a second graph replaces the first). Inductor's fused fp32 arithmetic differs from
     eager in the last bits, and the backward's atomic bias sums are not ordered, and 30 AdamW steps
-    carry that along: every logged loss within 1e-3 relative. Each run is its own process, as in the
+    carry that along: the first 5 losses within 1e-4 relative, every one within 5e-3 (below). Each run is its own process, as in the
     study: the first H200 run of reduce-overhead (torch 2.11, 2026-12-03) died of a segmentation fault
     in the backward, which must fail this test, not end the session. Prints the steps/s of both (the
     reason for the mode)."""
@@ -83,4 +83,12 @@ def test_the_compiled_step_trains_like_the_eager_one(mode, spec, tmp_path):
         losses[name] = torch.tensor([loss for _, loss in progress["losses"]])
         last = progress["slices"][-1]
         print(f"{spec} {name}: {last['steps_per_second']} steps/s ({last['steady_steps_per_second']} after warm-up)")
-    assert torch.allclose(losses["compiled"], losses["eager"], rtol=1e-3, atol=0)
+    rel = ((losses["compiled"] - losses["eager"]).abs() / losses["eager"].abs()).tolist()
+    print(f"{spec} {mode}: relative loss difference per step, max of the first 5 {max(rel[:5]):.2e}, of all {max(rel):.2e}")
+    # The first steps see the same weights and batches, so only summation order differs (cuda-graph pads to the
+    # stage's longest example: another chunk count in the scan): 1e-4. Later the trajectories drift apart as
+    # AdamW carries those last bits along: on the H200 (2026-12-04) the official control's cuda-graph run was
+    # 1.5e-3 from eager at step ≈ 22 of 30 (identical to 4 digits before), failing the earlier bound of 1e-3.
+    # The loss falls ≈ 1 % a step here (5.48, 5.44, 5.39, ...), so a graph that replayed a stale step (no
+    # update, or the first stage's graph in the second) is past 5e-3 within a step or two.
+    assert max(rel[:5]) <= 1e-4 and max(rel) <= 5e-3
