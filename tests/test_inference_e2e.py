@@ -351,6 +351,32 @@ def test_plain_projections_take_the_gemv_kernel_when_asked(monkeypatch):
 
 
 @needs_triton
+def test_split_k_target_programs(monkeypatch):
+    """SPLIT_K_TARGET_PROGRAMS caps split-K at what the target needs: Mamba-3's in_proj of 1,084 one-row
+    blocks takes no split at a target of 1,056 programs, out_proj's 256 blocks keep the configured 4; off (0)
+    the configured split; never a program without a slice of d_model. The kernel at a target that leaves
+    one split agrees with the split one to fp32 summation order."""
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    assert kernel._split_k(4, 2048, 512, 1084) == (4, 512)
+    monkeypatch.setattr(kernel, "SPLIT_K_TARGET_PROGRAMS", 1056)
+    assert kernel._split_k(4, 2048, 512, 1084) == (1, 2048)
+    assert kernel._split_k(4, 4096, 512, 256) == (4, 1024)
+    assert kernel._split_k(4, 600, 512, 10) == (2, 512)  # 2 slices of 512 columns cover 600
+    monkeypatch.setattr(kernel, "CUDA_CORES_AT_ONE_ROW", True)
+    monkeypatch.setattr(kernel, "ONE_ROW_BLOCK_K", 128)
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 300, generator=gen) / 300 ** 0.5
+    x = torch.randn(1, 300, generator=gen)
+    monkeypatch.setattr(kernel, "SPLIT_K_TARGET_PROGRAMS", 1)  # 5 blocks of 8 already: no split
+    whole = kernel.gemv(x, w)
+    monkeypatch.setattr(kernel, "SPLIT_K_TARGET_PROGRAMS", 0)  # the configured split (3 slices of 128)
+    split = kernel.gemv(x, w)
+    assert rel_err(whole, F.linear(x, w)) <= 1e-6 and rel_err(split, F.linear(x, w)) <= 1e-6
+    assert not torch.equal(whole, split)  # another summation order: the knob took effect
+
+
+@needs_triton
 def test_plain_in_proj_takes_the_gemv_kernel_when_asked(monkeypatch):
     """decode_gemv.PLAIN_IN_PROJ sends Mamba-3's in_proj at decode to the GEMV kernel's plain form (one
     ``gemv`` op a Mamba-3 layer more, beside out_proj's), and the step's logits agree with the module's

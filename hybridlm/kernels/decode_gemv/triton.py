@@ -50,6 +50,11 @@ SPLIT_K = 1
 # The plain form's split-K (out_proj, w2, wo: 2,048 outputs are 64 column blocks, half the SMs):
 # benchmarks/gemv.py, H200 2026-12-03, 4096 -> 2048 at one row: 8.3 us with 4 against cuBLAS's 9.3-9.5.
 PLAIN_SPLIT_K = 4
+# > 0: split-K only as far as needed for this many programs (ceil(target / column blocks), at most the
+# configured split): a wide weight (Mamba-3's in_proj, 1,084 one-row blocks of 8) then streams whole rows in
+# pipelined tiles instead of one 8 KiB tile a program (at split 4 and d_model 2,048 each program loads
+# once: PLAIN_IN_PROJ's in_proj ran at ≈ 2.5 TB/s, H200 2026-12-04). 0: the configured split. Untimed.
+SPLIT_K_TARGET_PROGRAMS = 0
 # A single row (batch-1 decode) on CUDA cores instead: each program streams ONE_ROW_BLOCK_N weight rows
 # in ONE_ROW_BLOCK_K-wide tiles, multiply-adds kept per lane over the whole loop and reduced once
 # (nothing but loads and FMAs in the loop; small blocks give many programs, so no SM waits on a last
@@ -250,6 +255,17 @@ def _block_n(stacked_rows: tuple[int, ...], block_n: int | None = None) -> int:
     return block_n
 
 
+def _split_k(configured: int, k: int, block_k: int, blocks: int) -> tuple[int, int]:
+    """(programs a column block, d_model columns each): ``configured``, fewer where ``SPLIT_K_TARGET_PROGRAMS``
+    is met with fewer, and none without a slice of d_model."""
+    split_k = configured
+    if SPLIT_K_TARGET_PROGRAMS > 0:
+        split_k = min(split_k, triton.cdiv(SPLIT_K_TARGET_PROGRAMS, blocks))
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps: float, w: Tensor,
             w_up: Tensor | None, stream: Tensor | None, w2: Tensor | None = None, w3: Tensor | None = None) -> Tensor:
     rows, k = h.shape
@@ -263,9 +279,7 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     block_n = _block_n((n1, n2) if w2 is not None else (), ONE_ROW_BLOCK_N if one_row else BLOCK_N)
     blocks = triton.cdiv(n, block_n)
     plain = norm_weight is None and w_up is None and w2 is None
-    split_k = max(1, min(PLAIN_SPLIT_K if plain else SPLIT_K, triton.cdiv(k, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # no program without a slice of d_model
+    split_k, k_per_split = _split_k(PLAIN_SPLIT_K if plain else SPLIT_K, k, block_k, blocks)
     workspace = tickets = out
     if split_k > 1:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
