@@ -9,9 +9,12 @@
 # then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
 # steps/s alone, 15.9 a run at 16), ≈ 4 min.
 source benchmarks/gpu/common.sh
-if [ "${1:-}" = "measure" ]; then
+cuda_graph_test() {  # the GPU test of the compiled steps (cuda-graph) against eager, to $OUT/tests.log
   python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
     | tee "$OUT/tests.log"
+}
+if [ "${1:-}" = "measure" ]; then
+  cuda_graph_test
   for mode in ${2:-cuda-graph}; do
     python3 -m hybridlm.studies.state_tracking_paper --side-by-side "${3:-1,8,16}" --seconds 45 \
       --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 40 | tee -a "$OUT/side-by-side.log"
@@ -21,8 +24,7 @@ fi
 if [ "${1:-}" = "checked" ]; then  # `checked SECONDS [MODELS]`: the cuda-graph GPU test, then the sweep in that
   # mode if it passed (else eager), for what is left of SECONDS (the test's own time included)
   start=$SECONDS
-  python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
-    | tee "$OUT/tests.log"
+  cuda_graph_test
   if grep -q " passed" "$OUT/tests.log" && ! grep -q "failed\|error" "$OUT/tests.log"; then export COMPILE=cuda-graph
   else export COMPILE=none; fi
   echo "step mode: $COMPILE" | tee -a "$OUT/tests.log"
