@@ -344,10 +344,32 @@ def test_the_autotune_turn_is_one_process_at_a_time(tmp_path):
              "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB); print('took')\n"
              "except BlockingIOError:\n    print('waits')")
     lock = str(tmp_path / ".official-autotune.lock")
-    with autotune_turn(tmp_path):
+    with autotune_turn(tmp_path) as turn:
         held = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
     free = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
-    assert (held, free) == ("waits", "took")
+    assert turn and (held, free) == ("waits", "took")
+
+
+def test_a_run_waiting_for_the_autotune_turn_gives_up_at_its_deadline(tmp_path):
+    """A run queued behind another's autotune stops waiting when its time is up (then it trains no
+    step and pauses), instead of carrying the call past its limit."""
+    import subprocess
+    import time
+
+    from hybridlm.studies.official_control import autotune_turn
+
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, sys, time; h = open(sys.argv[1], 'w'); fcntl.flock(h, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(30)", str(tmp_path / ".official-autotune.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with autotune_turn(tmp_path, wait_seconds=1.0) as turn:
+            waited = time.monotonic() - started
+    finally:
+        holder.kill()
+    assert not turn and 1.0 <= waited < 5.0
 
 
 def test_the_warm_up_changes_nothing_a_run_computes(tmp_path):

@@ -33,9 +33,13 @@ fi
 seconds=${1:-570}; models=${2:-mamba3,official}
 minutes=$(python3 -c "print(round(($seconds - 45) / 60, 2))")  # room to pack the folder
 nvidia-smi dmon -s u -d 15 > "$OUT/dmon.txt" 2>&1 &
-python3 -m hybridlm study state-tracking --set protocol=paper --out runs/studies/state-tracking-paper \
-  --only "$models" --jobs "${JOBS:-16}" --max-minutes "$minutes" ${COMPILE:+--set "paper.compile=\"$COMPILE\""} \
-  2>&1 | tail -n 60 | tee "$OUT/study.log"
+# `timeout`: whatever the study does past its deadline, the folder below is still packed and brought
+# back (2026-12-04 a call ran into its 10-minute limit and lost the runs); the log goes to $OUT as it
+# is written, not through a buffering `tail`.
+timeout -k 5 $(( seconds - 35 )) python3 -m hybridlm study state-tracking --set protocol=paper \
+  --out runs/studies/state-tracking-paper --only "$models" --jobs "${JOBS:-16}" --max-minutes "$minutes" \
+  ${COMPILE:+--set "paper.compile=\"$COMPILE\""} > "$OUT/study.log" 2>&1
+echo "study exit status $?"; tail -n 40 "$OUT/study.log"
 kill %1 2>/dev/null
 find runs/studies/state-tracking-paper -name checkpoint.pt -size +0 | wc -l > "$OUT/checkpoints.txt"
 bring_back st-paper runs/studies/state-tracking-paper

@@ -27,6 +27,7 @@ import fcntl
 import functools
 import importlib
 import math
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
@@ -95,18 +96,30 @@ def uses_official(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def autotune_turn(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.official-autotune.lock`` (runs side by side share the folder).
+def autotune_turn(folder: Path, wait_seconds: float | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on ``folder/.official-autotune.lock`` (runs side by side share the folder);
+    yields whether the turn came within ``wait_seconds`` (None: wait as long as it takes).
 
     The official kernels autotune 27-81 configs each on their first call, keyed by head sizes and
     dtypes only; 16 processes doing so at once took ~6 minutes before their 20th step on the H200
     (2026-12-03). Under this lock the first process tunes alone and, with TRITON_CACHE_AUTOTUNING=1
-    (the study sets it), writes the choices to Triton's disk cache, where the others find them."""
+    (the study sets it), writes the choices to Triton's disk cache, where the others find them.
+    A run waiting in line must still stop at its call's deadline (2026-12-04: runs queued behind the
+    lock carried a call past its 10 minutes), hence the bounded wait."""
     folder.mkdir(parents=True, exist_ok=True)
+    give_up = None if wait_seconds is None else time.monotonic() + wait_seconds
     with open(folder / ".official-autotune.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if give_up is not None and time.monotonic() >= give_up:
+                    yield False
+                    return
+                time.sleep(0.5)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

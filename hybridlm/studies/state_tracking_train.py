@@ -378,15 +378,20 @@ class Trainer:
         started, first = time.monotonic(), self.step
         last_stop = s.steps if stop_after_steps is None else min(s.steps, self.step + stop_after_steps)
         running = torch.full((), self.loss_sum, device=self.device, dtype=torch.float64)
+
+        def out_of_time() -> bool:
+            return time_limit is not None and time.monotonic() - started > time_limit
+
         model.train()
         if uses_official(model) and self.device.type == "cuda":
-            with autotune_turn(self.out.parent):
-                self.warm_up()
-        if self.step == 0 and not self.history:
+            with autotune_turn(self.out.parent, time_limit) as turn:
+                if turn:
+                    self.warm_up()
+        if self.step == 0 and not self.history and not out_of_time():
             self.evaluate()  # the init's accuracy: step 0 of every curve
         warm = None  # (step, time) once WARM_STEPS steps of this slice ran: kernel compilation is behind
         while self.step < last_stop and not self.solved():
-            if time_limit is not None and time.monotonic() - started > time_limit:
+            if out_of_time():
                 break
             if warm is None and self.step - first == WARM_STEPS:
                 warm = (self.step, time.monotonic())
