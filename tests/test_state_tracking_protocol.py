@@ -65,6 +65,7 @@ def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
         assert (s.task, s.layers, s.batch, s.steps, s.steps_per_stage, s.stages) == ("parity", 1, 256, 40_000,
                                                                                        10_000, 4)
         assert (s.min_length, s.first_max, s.last_max) == (3, 40, 160)
+        assert (s.length_per, s.logits_over) == ("example", "answers")
         assert (s.warmup_steps, s.min_lr_factor, s.max_norm, s.weight_decay) == (2000, 0.001, 0.0, 0.0)
         assert (s.beta1, s.beta2) == (0.9, 0.999)
         assert (s.eval_every, s.report_length, s.eval_lengths) == (100, 256, [40, 160, 256])
@@ -323,7 +324,7 @@ def test_a_solved_run_ends_at_the_evaluation_that_solves_it(tmp_path, monkeypatc
 
     trainers = []
     monkeypatch.setattr(state_tracking_train, "accuracy",
-                        lambda model, examples: 1.0 if trainers[-1].step >= 4 else 0.5)
+                        lambda model, examples, **_: 1.0 if trainers[-1].step >= 4 else 0.5)
     for solved_at, steps in ((1.0, 4), (0.0, 6)):
         trainers.append(Trainer(tiny(diagnostics_every=0, solved_at=solved_at), tmp_path / str(solved_at)))
         assert trainers[-1].train() == "done" and trainers[-1].step == steps
@@ -573,3 +574,31 @@ def test_cuda_graph_mode_is_checked_before_a_run_starts(tmp_path):
     plain = torch.optim.AdamW(model.parameters(), lr=0.1)
     set_lr(plain, 0.5)
     assert plain.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("task", ["parity", "arith"])
+def test_logits_over_the_answers_are_the_vocabularys_logits_at_the_answer_tokens(task, tmp_path):
+    """``logits_over = "answers"``: the loss is the cross-entropy of the answer tokens' own logits
+    (a softmax over '0' '1', or the five digits) and the guess is the best of them; the same weights
+    give the full-vocabulary loss when the other bytes' logits are pushed to -inf."""
+    import torch.nn.functional as F
+
+    from hybridlm.studies.state_tracking_train import answer_logits, accuracy
+
+    full = Trainer(tiny(task=task, diagnostics_every=0), tmp_path / "vocab")
+    only = Trainer(tiny(task=task, diagnostics_every=0, logits_over="answers"), tmp_path / "answers")
+    only.model.load_state_dict(full.model.state_dict())
+    batch = full.batches(3)
+    with torch.no_grad():
+        logits = answer_logits(full.model, batch.ids, batch.ends)
+        masked = torch.full_like(logits, float("-inf"))
+        answer_ids = only.classes.ids
+        masked[:, answer_ids] = logits[:, answer_ids]
+        assert torch.allclose(only.loss(*batch), F.cross_entropy(masked, batch.answers), rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(full.loss(*batch), only.loss(*batch), rtol=1e-3)
+        examples = full.held_out[full.s.eval_lengths[0]]
+        logits = answer_logits(only.model, examples.ids, examples.ends)
+        best = answer_ids[logits[:, answer_ids].argmax(-1)]
+        expected = float((best == examples.answers).float().mean())
+    assert accuracy(only.model, examples, classes=only.classes) == pytest.approx(expected)
+    assert len(answer_ids) == (2 if task == "parity" else 5)

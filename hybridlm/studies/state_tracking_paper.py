@@ -64,6 +64,7 @@ class PaperProtocol(Strict):
     first_max: int = Field(gt=0)
     last_max: int = Field(gt=0)
     length_per: Literal["example", "batch"] = "example"
+    logits_over: Literal["vocab", "answers"] = "answers"
     warmup_steps: int = Field(ge=0)
     min_lr_factor: float = Field(ge=0, le=1)
     beta1: float = 0.9
@@ -132,7 +133,7 @@ def run_settings(cfg, model: str, task: str, width: int, lr: float) -> RunSettin
         lr=lr, weight_decay=p.weight_decay[task], beta1=p.beta1, beta2=p.beta2, warmup_steps=p.warmup_steps,
         min_lr_factor=p.min_lr_factor, min_length=p.min_length,
         first_max=p.first_max, last_max=p.last_max, stages=p.stages, steps_per_stage=p.steps_per_stage,
-        length_per=p.length_per,
+        length_per=p.length_per, logits_over=p.logits_over,
         eval_lengths=p.eval_lengths, report_length=p.report_length, eval_every=p.eval_every,
         eval_samples=p.eval_samples, diagnostics_every=p.diagnostics_every, checkpoint_every=p.checkpoint_every,
         log_freq=p.log_freq, compile=p.compile)

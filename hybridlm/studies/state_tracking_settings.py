@@ -38,6 +38,7 @@ FLAGS = {
     "stages": "--curriculum.stages",
     "steps_per_stage": "--curriculum.steps_per_stage",
     "length_per": "--curriculum.length_per",
+    "logits_over": "--loss.logits_over",
     "eval_lengths": "--eval.lengths",
     "report_length": "--eval.report_length",
     "eval_every": "--eval.every",
@@ -88,6 +89,9 @@ class RunSettings(Strict):
     # "example": each example of a step draws its length, rows right-padded (Grazzi et al.'s harness);
     # "batch": one length a step (Deletang et al.)
     length_per: Literal["example", "batch"] = "batch"
+    # the answer's softmax: over the whole byte vocabulary, or over the task's answers only (what
+    # Grazzi et al.'s 3-token vocabulary amounts to; results.md §1 measured why it matters)
+    logits_over: Literal["vocab", "answers"] = "vocab"
     eval_lengths: list[int] = Field(min_length=1)
     report_length: int = Field(gt=0)
     eval_every: int = Field(gt=0)

@@ -247,18 +247,37 @@ class GraphedStep:
         self.width = batch.ids.shape[1]
 
 
-def answer_logits(model, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """The logits at each row's '=' (``ends``): the answer's prediction."""
-    features = model.features(ids)
-    return model.output(features[torch.arange(len(ids), device=ids.device), ends]).float()
+def answer_logits(model, ids: torch.Tensor, ends: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits at each row's '=' (``ends``): the answer's prediction; over the token ids
+    ``classes`` only (in their order) when given, else over the whole vocabulary."""
+    features = model.features(ids)[torch.arange(len(ids), device=ids.device), ends]
+    if classes is None:
+        return model.output(features).float()
+    return F.linear(features, model.output.weight[classes]).float()
 
 
-def training_loss(model, mode: str):
+class AnswerClasses:
+    """``logits_over = "answers"``: the softmax over the task's answer tokens only, so the loss and
+    the guess never see the other 250-odd bytes. Answers stay token ids everywhere else; ``target``
+    maps them to class indices (a table lookup, so a captured CUDA graph can replay it)."""
+
+    def __init__(self, answer_ids: list[int], vocab_size: int, device: torch.device):
+        self.ids = torch.tensor(answer_ids, device=device)
+        self.index = torch.full((vocab_size,), -100, dtype=torch.long, device=device)  # -100: cross_entropy's ignore
+        self.index[self.ids] = torch.arange(len(answer_ids), device=device)
+
+    def target(self, answers: torch.Tensor) -> torch.Tensor:
+        return self.index[answers]
+
+
+def training_loss(model, mode: str, classes: AnswerClasses | None = None):
     """(ids, answers, ends) -> the step's loss, eager or compiled. Lengths change every step, so the
     compile is dynamic: one trace serves every length up to the scan's chunk, and each further
     chunk count adds one (3 for lengths up to 160; measured on the CPU)."""
     def loss(ids: torch.Tensor, answers: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(answer_logits(model, ids, ends), answers)
+        if classes is None:
+            return F.cross_entropy(answer_logits(model, ids, ends), answers)
+        return F.cross_entropy(answer_logits(model, ids, ends, classes.ids), classes.target(answers))
 
     if mode == "none":
         return loss
@@ -268,12 +287,13 @@ def training_loss(model, mode: str):
 
 
 @torch.no_grad()
-def accuracy(model, examples: Batch, batch: int = 512) -> float:
+def accuracy(model, examples: Batch, batch: int = 512, classes: AnswerClasses | None = None) -> float:
     model.eval()
     ids, answers, ends = examples
     right = 0
     for i in range(0, len(ids), batch):
-        guess = answer_logits(model, ids[i:i + batch], ends[i:i + batch]).argmax(-1)
+        guess = answer_logits(model, ids[i:i + batch], ends[i:i + batch], None if classes is None else classes.ids)
+        guess = guess.argmax(-1) if classes is None else classes.ids[guess.argmax(-1)]
         right += int((guess == answers[i:i + batch]).sum())
     model.train()
     return right / len(ids)
@@ -293,7 +313,10 @@ class Trainer:
         self.model = build_model(s, self.device)
         self.opt = build_optimizer(self.model, s)
         graphed = s.compile == "cuda-graph"
-        self.loss = training_loss(self.model, "none" if graphed else s.compile)
+        task = self.batches.task
+        self.classes = (AnswerClasses([task.token[a] for a in task.answers], self.model.output.out_features, self.device)
+                        if s.logits_over == "answers" else None)
+        self.loss = training_loss(self.model, "none" if graphed else s.compile, self.classes)
         self.graphed = GraphedStep(self.model, self.opt, self.loss) if graphed else None
         self.step = 0
         self.losses: list[list[float]] = []  # [step, mean loss over the logged interval]
@@ -337,7 +360,7 @@ class Trainer:
         entry: dict = {"step": self.step, "lr": lr_at(self.s, max(self.step - 1, 0)),
                        "max_length": self.batches.curriculum.max_length(max(self.step - 1, 0))}
         for n, examples in self.held_out.items():
-            acc = accuracy(self.model, examples)
+            acc = accuracy(self.model, examples, classes=self.classes)
             entry[f"accuracy@{n}"] = acc
             entry[f"scaled_accuracy@{n}"] = (acc - self.chance) / (1 - self.chance)
         if self.s.diagnostics_every and self.step % self.s.diagnostics_every == 0:
