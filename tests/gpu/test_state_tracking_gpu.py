@@ -25,7 +25,7 @@ def settings(spec: str, width: int, **changes) -> RunSettings:
     base = dict(task="parity", spec=f"{FOLDER}/{spec}", d_model=width, layers=1, seed=0, steps=30, batch=256,
                 lr=1e-3, weight_decay=0.0, warmup_steps=5, min_lr_factor=0.001, min_length=3, first_max=160,
                 last_max=160, stages=1, steps_per_stage=30, eval_lengths=[256], report_length=256, eval_every=15,
-                eval_samples=256, diagnostics_every=15, log_freq=5)
+                eval_samples=256, diagnostics_every=15, log_freq=5, logits_over="answers")  # the paper protocol's
     return RunSettings(**{**base, **changes})
 
 
