@@ -57,7 +57,8 @@ def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
     ratios = [b / a for a, b in zip(lrs, lrs[1:])]
     assert max(ratios) / min(ratios) < 1.01  # log-spaced (3 significant digits)
     assert len(runs) == len(cfg.paper.models) * 2 * 8 and {r.meta["width"] for r in runs} == {32, 64}
-    order = [r.meta["lr"] for r in runs[::8]]  # 8 runs an lr: 2 widths x 4 models; from 1e-3 outwards
+    per_lr = 2 * len(cfg.paper.models)
+    order = [r.meta["lr"] for r in runs[::per_lr]]  # 2 widths x the models an lr; from 1e-3 outwards
     assert [set(order[i:i + 2]) for i in range(0, 8, 2)] == [{7.2e-4, 1.39e-3}, {3.73e-4, 2.68e-3},
                                                              {1.93e-4, 5.18e-3}, {1e-4, 1e-2}]
     for run in runs:
@@ -287,8 +288,8 @@ def test_the_study_stops_each_call_and_resumes_the_next(tmp_path, capsys):
 def test_dry_run_lists_every_run_with_its_steps_and_the_planned_time(capsys):
     assert cli(["study", "state-tracking", "--dry-run", "--set", "protocol=paper"]) == 0
     out = capsys.readouterr().out
-    assert out.count("40,000 steps") == 64 and "planned GPU wall time" in out
-    assert "paper-official-parity-d64-lr0.01" in out and "hybridlm.studies.state_tracking_train" in out
+    assert out.count("40,000 steps") == 80 and "planned GPU wall time" in out  # 5 models x 2 widths x 8 lrs
+    assert "paper-official-parity-d64-lr0.01" in out and "paper-mamba3-mixer-parity-d32-lr0.0001" in out and "hybridlm.studies.state_tracking_train" in out
 
 
 # -- the official control ------------------------------------------------------------------------------
