@@ -33,6 +33,10 @@ fi
 seconds=${1:-570}; models=${2:-mamba3,official}
 minutes=$(python3 -c "print(round(($seconds - 45) / 60, 2))")  # room to pack the folder
 nvidia-smi dmon -s u -d 15 > "$OUT/dmon.txt" 2>&1 &
+# Triton's cache inside the run folder, packed and carried with it: the official control's autotune
+# choices (TRITON_CACHE_AUTOTUNING, set by the study) then survive the machine (2026-12-04: 8 control
+# runs spent ~460 of 480 s waiting on their first autotune beside 8 busy runs).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/runs/studies/state-tracking-paper/.triton-cache}
 # `timeout`: whatever the study does past its deadline, the folder below is still packed and brought
 # back (2026-12-04 a call ran into its 10-minute limit and lost the runs); the log goes to $OUT as it
 # is written, not through a buffering `tail`.
