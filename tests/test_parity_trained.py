@@ -15,22 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridlm.studies.state_tracking_settings import RunSettings
+from hybridlm.studies import state_tracking, state_tracking_paper
+from hybridlm.studies.config import find_study_folder, load_config
 from hybridlm.studies.state_tracking_train import Batch, Trainer, accuracy
 
 WEIGHTS = Path(__file__).parent / "data" / "parity-mamba3-mixer-d32.safetensors"
-SPEC = Path(__file__).parents[1] / "specs" / "studies" / "state-tracking" / "paper-mamba3-mixer.yaml"
-FLAGS = (f"--task parity --spec {SPEC} --model.d_model 32 --model.layers 1 --seed 0 --training.steps 40000 "
-         "--training.local_batch_size 256 --optimizer.lr 0.000373 --optimizer.weight_decay 0.0 "
-         "--lr_scheduler.warmup_steps 2000 --lr_scheduler.min_lr_factor 0.001 --curriculum.min_length 3 "
-         "--curriculum.first_max 40 --curriculum.last_max 160 --curriculum.stages 4 --curriculum.steps_per_stage 10000 "
-         "--curriculum.length_per example --loss.logits_over answers --eval.lengths 40 --eval.report_length 40 "
-         "--eval.every 100 --eval.samples 8 --metrics.log_freq 100")
 
 
 @pytest.fixture(scope="module")
 def trained() -> Trainer:
-    trainer = Trainer(RunSettings.from_flags(FLAGS.split()), Path(tempfile.mkdtemp()), device="cpu")
+    """The run's own settings from the study's planner; only the trainer's held-out set is made small (unused)."""
+    cfg = load_config(find_study_folder("state-tracking"), state_tracking.Config, overrides={
+        "protocol": "paper", "paper": {"eval_lengths": [40], "report_length": 40, "eval_samples": 8}})
+    settings = state_tracking_paper.run_settings(cfg, "mamba3-mixer", "parity", 32, 3.73e-4)
+    trainer = Trainer(settings, Path(tempfile.mkdtemp()), device="cpu")
     trainer.model.load_state_dict(load_file(WEIGHTS))
     return trainer
 

@@ -36,7 +36,7 @@ nvidia-smi dmon -s u -d 15 > "$OUT/dmon.txt" 2>&1 &
 # Triton's cache inside the run folder, packed and carried with it: the official control's autotune
 # choices (TRITON_CACHE_AUTOTUNING, set by the study) then survive the machine (2026-12-04: 8 control
 # runs spent ~460 of 480 s waiting on their first autotune beside 8 busy runs).
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/runs/studies/state-tracking-paper/.triton-cache}
+export TRITON_CACHE_DIR=$PWD/runs/studies/state-tracking-paper/.triton-cache  # never a cache of the user's: pruned below
 # `timeout`: whatever the study does past its deadline, the folder below is still packed and brought
 # back (2026-12-04 a call ran into its 10-minute limit and lost the runs); the log goes to $OUT as it
 # is written, not through a buffering `tail`.
