@@ -3,6 +3,7 @@
     python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16]
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
     python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
+    python benchmarks/kernel_report.py --sass [--d-state 64]  # also each kernel's SASS instruction count
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
@@ -47,14 +48,39 @@ def launches(run) -> list:
     return list(_captured)
 
 
-def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) -> str:
+def sass_counts(cubin: bytes) -> str:
+    """Static SASS instructions of a cubin (cuobjdump ships with Triton): the total and the most
+    frequent opcodes. Not what runs (a loop body counts once), but a cheap proxy for comparing two
+    versions of a kernel whose issue rate ncu showed to be the limit."""
+    import collections
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter()
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    top = " ".join(f"{op} {n}" for op, n in ops.most_common(6))
+    return f"sass {sum(ops.values())} ({top})"
+
+
+def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sass: bool = False) -> str:
     num_warps = kwargs.pop("num_warps", 4)
     num_stages = kwargs.pop("num_stages", 3)
     maxnreg = kwargs.pop("maxnreg", None)
     bound = dict(zip(fn.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = bound[name]
+        # the JIT's own specialization: 16-aligned pointers and ints divisible by 16 are marked so,
+        # which is what lets Triton vectorize loads and stores
+        if (torch.is_tensor(value) and value.data_ptr() % 16 == 0) or (
+                type(value) is int and value % 16 == 0 and i not in fn.constexprs):
+            attrs[(i,)] = [["tt.divisibility", 16]]
         if i in fn.constexprs:
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -66,7 +92,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
             signature[name] = "i32" if abs(value) < 2**31 else "i64"
         else:
             signature[name] = "fp32"
-    src = ASTSource(fn, signature, constexprs)
+    src = ASTSource(fn, signature, constexprs, attrs)
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages,
                                                                    **({"maxnreg": maxnreg} if maxnreg else {})))
@@ -85,7 +111,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90) ->
     return (f"{fn.__name__:28s} warps {num_warps} regs {regs.group(1) if regs else '?':>4s} "
             f"stack {stack.group(1) if stack else '?':>6s} spill st/ld {spill.group(1) if spill else '?'}/"
             f"{spill.group(2) if spill else '?'}  "
-            f"smem {compiled.metadata.shared}")
+            f"smem {compiled.metadata.shared}" + (f"  {sass_counts(compiled.asm['cubin'])}" if sass else ""))
 
 
 def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256) -> list:
@@ -95,7 +121,7 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
     original_check = scan_module.unsupported_reason
     scan_module.unsupported_reason = lambda *a: None  # CPU tensors: the stub runs nothing
     try:
-        H, G, S = 4, 1, d_state // 4
+        H, G, S = 16, 1, d_state // 4  # sizes divisible by 16, as in real models (the JIT specializes on it)
         q = torch.randn(1, seqlen, rank, G, d_state, dtype=dtype)
         k = torch.randn_like(q)
         x = torch.randn(1, seqlen, H, headdim, dtype=dtype)
@@ -187,12 +213,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
+    parser.add_argument("--sass", action="store_true", help="also count each kernel's SASS instructions")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype) if args.decode_attention
              else scan_launches(args.d_state, args.headdim, args.rank, dtype))
     for fn, a, kw in found:
-        print(resource_line(fn, a, dict(kw)))
+        print(resource_line(fn, a, dict(kw), sass=args.sass))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
     P ∘ M, dy and v in the matmul dtype, growth = e^{cs_a} and w per row as columns. Returns dcs
     plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and k̄_b·(Gᵀ v_b)."""
     dscores_t = tl.trans(dscores)
-    entering = 0.0  # ⟨S_c, G⟩, accumulated
+    entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩ elementwise, summed after
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
     for i0 in range(0, half_n, BLOCK_PAIRS):
         qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
@@ -141,7 +141,7 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
                                               INTERLEAVED, HAS_BIAS)
         state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
         grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        entering += tl.sum(tl.sum(state_a * grad_a + state_b * grad_b, 1), 0)
+        entering += state_a * grad_a + state_b * grad_b
         # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
         dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
         dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
@@ -162,7 +162,7 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
                          R, BLOCK_PAIRS, INTERLEAVED)
         _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
                          R, BLOCK_PAIRS, INTERLEAVED)
-    return dcs, entering, ratio
+    return dcs, tl.sum(tl.sum(entering, 1), 0), ratio
 
 
 @triton.jit

@@ -13,6 +13,16 @@ products. Blocking N keeps the registers of a program bounded whatever d_state i
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from hybridlm.kernels.mamba3.triton.interpreter_compat import interpreting
+
+# Compiled, cos and sin come from the SFU's approximations (cos.approx / sin.approx): θ lies in
+# [0, 2π) (angles.py), where their absolute error is about 1e-6, far below bf16's rounding, while
+# libdevice's exact versions cost ~35 instructions each plus a slow-path branch: a fifth of the
+# backward chunk kernel's instructions (ncu, H200, docs/benchmarks.md). Triton's interpreter has
+# no libdevice, so on the CPU they are tl.cos / tl.sin. Read when Triton is, at import.
+_SFU_TRIG = tl.constexpr(not interpreting())
 
 
 @triton.jit
@@ -111,8 +121,17 @@ def chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK: tl.constex
     base = THETA + ((tok0.to(tl.int64) * n_heads + h) * n_angles + i0)
     theta = tl.load(base + (t[:, None] * (n_heads * n_angles) + j[None, :]),
                     mask=(t < end - tok0)[:, None] & (j < n_angles - i0)[None, :], other=0.0)
-    return (expand_rows_2d(tl.cos(theta), CHUNK, R, BLOCK_PAIRS),
-            expand_rows_2d(tl.sin(theta), CHUNK, R, BLOCK_PAIRS))
+    cos, sin = cos_sin(theta)
+    return expand_rows_2d(cos, CHUNK, R, BLOCK_PAIRS), expand_rows_2d(sin, CHUNK, R, BLOCK_PAIRS)
+
+
+@triton.jit
+def cos_sin(theta):
+    """cos θ and sin θ for θ in [0, 2π): the SFU's approximations when compiled."""
+    if _SFU_TRIG:
+        return libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+    else:
+        return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
