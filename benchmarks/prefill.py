@@ -14,6 +14,11 @@ pinned, so no config is ever picked by hand. The autotune keys hold no sequence 
 so one tuning per d_state covers every length. ``--peer-configs`` defaults to
 ``benchmarks/peer_autotune_<gpu>.json`` for this GPU (h100, h200, ...).
 
+``--tune-workers N`` (default 16) compiles the official kernels' candidate configs first, N
+processes at a time, one config of every autotuned kernel a process, into Triton's cache; the
+autotune that follows then only times them (its compiles, one after another, were most of its
+5-8 minutes per d_state).
+
 ``--backward-kernels`` times our layers once per backward design, in one run: 1 the fused chunk
 kernel, 2 the split pair (``KernelTuning.triton_backward_kernels``). The table has a row per
 design (column "backward"); the JSON keys of design 2 end in ``[split]`` (``ours[split]``).
@@ -62,6 +67,44 @@ def save_peer_configs(path: Path) -> None:
         old.setdefault(name, {}).update(entries)
     path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
     print(f"saved the official autotuner's choices for {len(chosen)} kernels to {path}")
+
+
+def narrow_peer_configs(index: int) -> None:
+    """Leave every official autotuner one candidate, its config ``index`` (modulo its count): a
+    tuner with one config runs it without timing, so one step compiles exactly that config."""
+    for tuner in peer_autotuners().values():
+        tuner.configs = [tuner.configs[index % len(tuner.configs)]]
+
+
+def precompile_peer_configs(args, workers: int) -> None:
+    """Compile every candidate config of the official kernels into Triton's cache, ``workers``
+    processes at a time (each runs one layer step with ``--precompile-config i``)."""
+    import subprocess
+    import time
+
+    count = max(len(t.configs) for t in peer_autotuners().values())
+    base = [sys.executable, __file__, "--d-state", args.d_state, "--seqlen", args.seqlen.split(",")[0],
+            "--batch", str(args.batch), "--d-model", str(args.d_model), "--headdim", str(args.headdim)]
+    start, running, failed = time.time(), [], 0
+    for i in range(count):
+        while len(running) >= workers:
+            failed += sum(p.wait() != 0 for p in running[:1])
+            running = running[1:]
+        running.append(subprocess.Popen(base + ["--precompile-config", str(i)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    failed += sum(p.wait() != 0 for p in running)
+    print(f"compiled {count} candidate configs of the official kernels in {time.time() - start:.0f} s "
+          f"({workers} processes; {failed} failed, left to the autotune)")
+
+
+def precompile_one(args, index: int) -> None:
+    narrow_peer_configs(index)
+    for n in map(int, args.d_state.split(",")):
+        peer = build_pair(args.d_model, n, args.headdim, 1, True)[1]
+        u = torch.randn(args.batch, int(args.seqlen.split(",")[0]), args.d_model, device="cuda",
+                        dtype=torch.bfloat16, requires_grad=True)
+        peer(u).sum().backward()
+    torch.cuda.synchronize()
 
 
 def pin_peer_configs(path: Path) -> int:
@@ -207,10 +250,15 @@ def main() -> None:
     parser.add_argument("--peer-configs", type=Path, default=None,
                         help="the official autotuner's choices (JSON); default benchmarks/peer_autotune_<gpu>.json")
     parser.add_argument("--tune", action="store_true", help="run the official full autotune, save to --peer-configs")
+    parser.add_argument("--tune-workers", type=int, default=16,
+                        help="with --tune: processes that compile the candidate configs first (0: none)")
+    parser.add_argument("--precompile-config", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel table per layer (first shape)")
     args = parser.parse_args()
+    if args.precompile_config is not None:  # a worker of precompile_peer_configs
+        return precompile_one(args, args.precompile_config)
 
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
@@ -226,6 +274,8 @@ def main() -> None:
         elif args.peer_configs.exists():  # tune what is missing (say, another d_state), keep what is there
             print(f"kept {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}; "
                   "tuning the rest")
+        if args.tune and args.tune_workers > 0:
+            precompile_peer_configs(args, args.tune_workers)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
           f"headdim {args.headdim}  bf16  backward {', '.join(BACKWARD_LABELS[d] for d in designs)}")
     rows = []

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Issue 17: the Triton GPU tests, then the prefill benchmark with both backward designs.
-# --tune D: instead, the official module's full autotune on this GPU at d_state D (5-8 minutes),
-# added to benchmarks/peer_autotune_h200.json (copy the file back into the repo between calls).
+# --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
+# candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json
+# (copy the file back into the repo between calls); then the benchmark with those choices, if BENCH=1.
 source benchmarks/gpu/common.sh
 if [ "${1:-}" = "--tune" ]; then
   configs=benchmarks/peer_autotune_h200.json
   python3 benchmarks/prefill.py --tune --peer-configs "$configs" --d-state "${2:-64}" --seqlen 2048 --mimo-rank 0 \
     2>&1 | tail -n 20 | tee "$OUT/tune.log"
   cp "$configs" "$OUT/"
+  [ "${BENCH:-0}" = 1 ] || exit
+fi
+if [ "${1:-}" = "--tune" ]; then
+  python3 benchmarks/prefill.py --peer-configs "$configs" --seqlen 2048,8192,16384 --json "$OUT/prefill.json" \
+    2>&1 | tail -n 12 | tee "$OUT/prefill.log"
   exit
 fi
 configs=benchmarks/peer_autotune_h200.json
