@@ -41,7 +41,7 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk, rows_to_tokens,
+    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_end, rotated_qk, rows_to_tokens,
     rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
@@ -49,12 +49,25 @@ from hybridlm.kernels.mamba3.triton.states import chunk_states
 
 
 @triton.jit
-def _store_unrotated(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da, db, cos, sin,
-                     R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate the gradient of one pair block back and store it for head h in DX (T, R, H, N)."""
+def _store_head_pairs(DX, tok0, h, n_heads, d_state, rows, valid, i0, half_n, da, db, R: tl.constexpr,
+                      BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Store the gradient of one pair block (already rotated back) for head h in DX (T, R, H, N)."""
     out = DX + tok0.to(tl.int64) * (R * n_heads * d_state) + h * d_state
-    store_pairs(out, n_heads * d_state, rows, valid, i0, half_n, da * cos + db * sin, db * cos - da * sin,
-                BLOCK_PAIRS, INTERLEAVED)
+    store_pairs(out, n_heads * d_state, rows, valid, i0, half_n, da, db, BLOCK_PAIRS, INTERLEAVED)
+
+
+@triton.jit
+def _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads, n_angles,
+                 d_state, half_n, rows, valid, p, p_mask, i0, scores, k_grad, CHUNK: tl.constexpr, R: tl.constexpr,
+                 BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
+    qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
+                                      d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
+                                      ROTATE)
+    scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+    grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+    k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+    return scores, k_grad
 
 
 @triton.jit
@@ -62,16 +75,18 @@ def _scores_and_state_grad(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row
                            n_angles, d_state, half_n, rows, valid, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr,
                            BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
                            HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Walk 1: A = q̄ k̄ᵀ and, row b, G k̄_b, over all of N."""
+    """Walk 1: A = q̄ k̄ᵀ and, row b, G k̄_b, over all of N (the rotated pair blocks, then the rest)."""
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                          n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                          INTERLEAVED, HAS_BIAS)
-        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
-        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+    rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
+    for i0 in range(0, rotated, BLOCK_PAIRS):
+        scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h,
+                                      n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores, k_grad,
+                                      CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, True)
+    for i0 in range(rotated, half_n, BLOCK_PAIRS):
+        scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h,
+                                      n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores, k_grad,
+                                      CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, False)
     return scores, k_grad
 
 
@@ -90,9 +105,11 @@ def _chunk_tiles(ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0,
 
 
 @triton.jit
-def _add_chunk_dD(DD, h, dy, v):
-    """The chunk's share of dD = Σ dy·v, added across chunks."""
-    tl.atomic_add(DD + h, tl.sum(tl.sum(dy.to(tl.float32) * v.to(tl.float32), 1), 0), sem="relaxed")
+def _add_chunk_dD(DD, h, rows, dprod):
+    """The chunk's share of dD = Σ_a dy_a·v_a, the trace of P = dy vᵀ (a row sum of its diagonal,
+    cheaper than the elementwise product and its sum), added across chunks."""
+    diagonal = tl.where(rows[:, None] == rows[None, :], dprod, 0.0)
+    tl.atomic_add(DD + h, tl.sum(tl.sum(diagonal, 1), 0), sem="relaxed")
 
 
 @triton.jit
@@ -103,9 +120,10 @@ def _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weight
     dweights = dprod * scores
     dscores = (dprod * weights).to(MM_DTYPE)
     ddecay = dweights * decay
-    through_decay = ddecay * scale[None, :]
-    dcs = tl.sum(through_decay, 1) - tl.sum(through_decay, 0)
+    # the column sums of ddecay·scale_b are scale·dscale: one cross-warp column sum, not two
+    dcs = tl.sum(ddecay * scale[None, :], 1)
     dscale = tl.sum(ddecay, 0)
+    dcs -= scale * dscale
     tl.store((DGAMMA + at_token0) + at_token, rows_to_tokens(tl.sum(tl.where(same, dweights, 0.0), 1), CHUNK, R),
              mask=t_valid)
     return dscores, dcs, dscale
@@ -124,44 +142,67 @@ def _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, 
 
 
 @triton.jit
+def _walk2_block(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
+                 tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0,
+                 dscores, dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK: tl.constexpr, R: tl.constexpr,
+                 BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
+    qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
+                                          n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
+                                          INTERLEAVED, HAS_BIAS, ROTATE)
+    state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+    grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+    entering += state_a * grad_a + state_b * grad_b
+    # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
+    dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
+    dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
+    dcs += tl.sum(qa * dqa + qb * dqb, 1)
+    dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
+    dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
+    # the state term of dk̄: row b of v G, which also gives k̄_b·(Gᵀ v_b) for d scale_b
+    dka = mm(v, grad_a, MM_DTYPE, PRECISION)
+    dkb = mm(v, grad_b, MM_DTYPE, PRECISION)
+    ratio += tl.sum(ka * dka + kb * dkb, 1)
+    dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * dka
+    dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * dkb
+    if ROTATE:
+        j = tl.arange(0, BLOCK_PAIRS)
+        tl.store((DTHETA + (at_token0 * n_angles + i0)) + (t[:, None] * (n_heads * n_angles) + j[None, :]),
+                 rows_to_tokens_2d(dqb * qa - dqa * qb + dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS),
+                 mask=t_valid[:, None] & (j < n_angles - i0)[None, :])
+        dqa, dqb = dqa * cos + dqb * sin, dqb * cos - dqa * sin
+        dka, dkb = dka * cos + dkb * sin, dkb * cos - dka * sin
+    _store_head_pairs(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, R, BLOCK_PAIRS, INTERLEAVED)
+    _store_head_pairs(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, R, BLOCK_PAIRS, INTERLEAVED)
+    return dcs, entering, ratio
+
+
+@triton.jit
 def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
                 tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask,
                 dscores, dy, v, growth, w, dcs, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
                 BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Walk 2: dq̄, dk̄ block by block, rotated back and stored, and dθ from both sides; dscores =
-    P ∘ M, dy and v in the matmul dtype, growth = e^{cs_a} and w per row as columns. Returns dcs
-    plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and k̄_b·(Gᵀ v_b)."""
+    """Walk 2: dq̄, dk̄ block by block, rotated back and stored, and dθ from both sides (the rotated
+    pair blocks, then the rest); dscores = P ∘ M, dy and v in the matmul dtype, growth = e^{cs_a}
+    and w per row as columns. Returns dcs plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and
+    k̄_b·(Gᵀ v_b)."""
     dscores_t = tl.trans(dscores)
     entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩ elementwise, summed after
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                              INTERLEAVED, HAS_BIAS)
-        state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        entering += state_a * grad_a + state_b * grad_b
-        # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
-        dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
-        dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
-        dcs += tl.sum(qa * dqa + qb * dqb, 1)
-        dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
-        dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
-        # the state term of dk̄: row b of v G, which also gives k̄_b·(Gᵀ v_b) for d scale_b
-        dka = mm(v, grad_a, MM_DTYPE, PRECISION)
-        dkb = mm(v, grad_b, MM_DTYPE, PRECISION)
-        ratio += tl.sum(ka * dka + kb * dkb, 1)
-        dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * dka
-        dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * dkb
-        j = tl.arange(0, BLOCK_PAIRS)
-        tl.store((DTHETA + (at_token0 * n_angles + i0)) + (t[:, None] * (n_heads * n_angles) + j[None, :]),
-                 rows_to_tokens_2d(dqb * qa - dqa * qb + dkb * ka - dka * kb, CHUNK, R, BLOCK_PAIRS),
-                 mask=t_valid[:, None] & (j < n_angles - i0)[None, :])
-        _store_unrotated(DQ, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dqa, dqb, cos, sin,
-                         R, BLOCK_PAIRS, INTERLEAVED)
-        _store_unrotated(DK, tok0, h, n_heads, d_state, rows, valid, i0, half_n, dka, dkb, cos, sin,
-                         R, BLOCK_PAIRS, INTERLEAVED)
+    rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
+    for i0 in range(0, rotated, BLOCK_PAIRS):
+        dcs, entering, ratio = _walk2_block(
+            Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
+            end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores, dscores_t,
+            dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE,
+            PRECISION, True)
+    for i0 in range(rotated, half_n, BLOCK_PAIRS):
+        dcs, entering, ratio = _walk2_block(
+            Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
+            end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores, dscores_t,
+            dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE,
+            PRECISION, False)
     return dcs, tl.sum(tl.sum(entering, 1), 0), ratio
 
 
@@ -208,7 +249,7 @@ def _chunk_bwd_kernel(
     # P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand, A ∘ M goes into dv
     # last (the order ptxas spills least in)
     if HAS_D:
-        _add_chunk_dD(DD, h, dy, v)
+        _add_chunk_dD(DD, h, rows, dprod)
     dscores, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay,
                                             same, scale, CHUNK, R, MM_DTYPE)
     to_end = tl.exp(cs_end - cs)
@@ -256,7 +297,7 @@ def _chunk_bwd_dv_kernel(
         ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
         p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
     if HAS_D:
-        _add_chunk_dD(DD, h, dy, v)
+        _add_chunk_dD(DD, h, rows, dprod)
     _, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay, same,
                                       scale, CHUNK, R, MM_DTYPE)  # P ∘ M unused here: compiled away
     tl.store((DCS_PART + at_token0) + at_token, rows_to_tokens(dcs, CHUNK, R), mask=t_valid)

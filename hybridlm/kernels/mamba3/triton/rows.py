@@ -135,10 +135,10 @@ def cos_sin(theta):
 
 
 @triton.jit
-def load_rotated(X, row_stride, XB, d_state, rows, valid, i0, half_n, cos, sin, CHUNK: tl.constexpr,
-                 R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The chunk's rows of X (+ the head's bias (R, N)), pairs i0…, rotated: the a and b halves in
-    fp32, zero on invalid rows. X points at the chunk's first row of the right group."""
+def load_biased(X, row_stride, XB, d_state, rows, valid, i0, half_n, CHUNK: tl.constexpr, R: tl.constexpr,
+                BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The chunk's rows of X (+ the head's bias (R, N)), pairs i0…: the a and b halves in fp32,
+    zero on invalid rows. X points at the chunk's first row of the right group."""
     a, b = load_pairs(X, row_stride, rows, valid, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     if HAS_BIAS:
         ranks = tl.arange(0, R)
@@ -149,7 +149,25 @@ def load_rotated(X, row_stride, XB, d_state, rows, valid, i0, half_n, cos, sin, 
         else:
             a = tl.where(valid[:, None], a + expand_ranks(bias_a, CHUNK, R, BLOCK_PAIRS), 0.0)
             b = tl.where(valid[:, None], b + expand_ranks(bias_b, CHUNK, R, BLOCK_PAIRS), 0.0)
+    return a, b
+
+
+@triton.jit
+def load_rotated(X, row_stride, XB, d_state, rows, valid, i0, half_n, cos, sin, CHUNK: tl.constexpr,
+                 R: tl.constexpr, BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """:func:`load_biased`, rotated by (cos, sin)."""
+    a, b = load_biased(X, row_stride, XB, d_state, rows, valid, i0, half_n, CHUNK, R, BLOCK_PAIRS, INTERLEAVED,
+                       HAS_BIAS)
     return a * cos - b * sin, a * sin + b * cos
+
+
+@triton.jit
+def rotated_end(n_angles, half_n, BLOCK_PAIRS: tl.constexpr):
+    """Where the pair blocks that hold rotated pairs end: blocks before it are rotated (pairs past
+    S inside the last one get angle 0), blocks from it on are not, and need no angles at all. The
+    chunk kernels run the two kinds as two loops (ROTATE = True / False), so the unrotated half of
+    d_state (rope_fraction 0.5, the default) skips the angle loads, cos/sin and the rotations."""
+    return tl.minimum(tl.cdiv(n_angles, BLOCK_PAIRS) * BLOCK_PAIRS, half_n)
 
 
 @triton.jit
@@ -177,13 +195,23 @@ def chunk_of(CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups
 @triton.jit
 def rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles, d_state, half_n,
                rows, valid, i0, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Pair block i0 of the chunk's rotated q̄ and k̄ for head h (a and b halves), with the cos and sin."""
-    cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
-    qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
-                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-    ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos, sin,
-                          CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+               INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr = True):
+    """Pair block i0 of the chunk's rotated q̄ and k̄ for head h (a and b halves), with the cos and
+    sin; for a block past :func:`rotated_end` (ROTATE False) q + bias and k + bias, and cos = sin = 0
+    (unused)."""
+    if ROTATE:
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
+        qa, qb = load_rotated(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos,
+                              sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_rotated(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos,
+                              sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+    else:
+        cos = 0.0
+        sin = 0.0
+        qa, qb = load_biased(Q + at_chunk, k_row, Q_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                             CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        ka, kb = load_biased(K + at_chunk, k_row, K_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                             CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
     return qa, qb, ka, kb, cos, sin
 
 
@@ -193,7 +221,10 @@ def intra_weights(tok_local, cs, gamma, scale):
     token, γ for the same token (every rank pair), 0 after. Also the strictly-earlier decay E."""
     earlier = tok_local[:, None] > tok_local[None, :]
     same = tok_local[:, None] == tok_local[None, :]
-    decay = tl.where(earlier, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    # 2^{(cs_a − cs_b)·log2 e}, the scaling done per row, not per pair, and −∞ (→ 0) after the token:
+    # no clamp and no select on the C×C tile
+    cs2 = cs * 1.4426950408889634
+    decay = tl.math.exp2(tl.where(earlier, cs2[:, None] - cs2[None, :], float("-inf")))
     return decay * scale[None, :] + tl.where(same, gamma[:, None], 0.0), decay, same
 
 
@@ -207,3 +238,4 @@ def load_rows(X, row_stride, rows, valid, p, p_mask):
 def mm(a, b, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b with operands in the matmul dtype, accumulated in fp32."""
     return tl.dot(a.to(MM_DTYPE), b.to(MM_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+

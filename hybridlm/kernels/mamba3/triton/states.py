@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_rotation, chunk_scalars, load_pairs, load_rotated, load_rows, mm, store_pairs,
+    chunk_of, chunk_rotation, chunk_scalars, load_biased, load_pairs, load_rotated, load_rows, mm, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
@@ -58,9 +58,13 @@ def _states_kernel(
             CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
         at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
         store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
-        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
-        xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n, cos,
-                              sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        if i0 < n_angles:
+            cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
+            xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                                  cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+        else:  # a block of unrotated pairs (rows.rotated_end): no angles
+            xa, xb = load_biased(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                                 CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
         left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
                                   p, p_mask))
         cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
