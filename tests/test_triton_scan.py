@@ -30,6 +30,10 @@ CONFIGS = {
     # d_state 64: the kernels walk N in several blocks of rotation pairs
     "siso-N64": (1, 1, 2, 64, 8, 0.5, "interleaved", "none"),
     "mimo2-N64": (2, 1, 2, 64, 8, 1.0, "half", "pregate_grouped"),
+    # 8 rotated pairs of 32: the first pair block half rotated (angle 0 past S), the second one
+    # taken by the kernels' unrotated loop (rows.rotated_end)
+    "siso-N64-rope-quarter": (1, 1, 2, 64, 8, 0.25, "interleaved", "none"),
+    "mimo2-N64-rope-quarter": (2, 1, 2, 64, 8, 0.25, "half", "none"),
 }
 
 

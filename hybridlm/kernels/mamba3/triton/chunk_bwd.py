@@ -41,7 +41,7 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_end, rotated_qk, rows_to_tokens,
+    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, mm, rotated_end, rotated_qk, rows_to_tokens,
     rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
@@ -64,9 +64,11 @@ def _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state
     qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
                                       d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
                                       ROTATE)
-    scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+    q2 = joined(qa, qb, BLOCK_PAIRS)
+    k2 = joined(ka, kb, BLOCK_PAIRS)
+    scores += mm(q2, tl.trans(k2), MM_DTYPE, PRECISION)
     grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-    k_grad += mm(ka, tl.trans(grad_a), MM_DTYPE, PRECISION) + mm(kb, tl.trans(grad_b), MM_DTYPE, PRECISION)
+    k_grad += mm(k2, tl.trans(joined(grad_a, grad_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
     return scores, k_grad
 
 
@@ -152,19 +154,21 @@ def _walk2_block(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, a
                                           INTERLEAVED, HAS_BIAS, ROTATE)
     state_a, state_b = load_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-    entering += state_a * grad_a + state_b * grad_b
+    q2 = joined(qa, qb, BLOCK_PAIRS)
+    k2 = joined(ka, kb, BLOCK_PAIRS)
+    state2 = joined(state_a, state_b, BLOCK_PAIRS)
+    grad2 = joined(grad_a, grad_b, BLOCK_PAIRS)
+    entering += state2 * grad2
     # the inter-chunk term; it also gives d cs_a = q̄_a · (its dq̄)
-    dqa = mm(dy, state_a, MM_DTYPE, PRECISION) * growth
-    dqb = mm(dy, state_b, MM_DTYPE, PRECISION) * growth
-    dcs += tl.sum(qa * dqa + qb * dqb, 1)
-    dqa += mm(dscores, ka, MM_DTYPE, PRECISION)
-    dqb += mm(dscores, kb, MM_DTYPE, PRECISION)
+    dq2 = mm(dy, state2, MM_DTYPE, PRECISION) * growth
+    dcs += tl.sum(q2 * dq2, 1)
+    dq2 += mm(dscores, k2, MM_DTYPE, PRECISION)
     # the state term of dk̄: row b of v G, which also gives k̄_b·(Gᵀ v_b) for d scale_b
-    dka = mm(v, grad_a, MM_DTYPE, PRECISION)
-    dkb = mm(v, grad_b, MM_DTYPE, PRECISION)
-    ratio += tl.sum(ka * dka + kb * dkb, 1)
-    dka = mm(dscores_t, qa, MM_DTYPE, PRECISION) + w * dka
-    dkb = mm(dscores_t, qb, MM_DTYPE, PRECISION) + w * dkb
+    dk2 = mm(v, grad2, MM_DTYPE, PRECISION)
+    ratio += tl.sum(k2 * dk2, 1)
+    dk2 = mm(dscores_t, q2, MM_DTYPE, PRECISION) + w * dk2
+    dqa, dqb = halves(dq2, BLOCK_PAIRS)
+    dka, dkb = halves(dk2, BLOCK_PAIRS)
     if ROTATE:
         j = tl.arange(0, BLOCK_PAIRS)
         tl.store((DTHETA + (at_token0 * n_angles + i0)) + (t[:, None] * (n_heads * n_angles) + j[None, :]),
@@ -188,7 +192,7 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
     and w per row as columns. Returns dcs plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and
     k̄_b·(Gᵀ v_b)."""
     dscores_t = tl.trans(dscores)
-    entering = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩ elementwise, summed after
+    entering = tl.zeros([BLOCK_P, 2 * BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩ elementwise, summed after
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
     rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
     for i0 in range(0, rotated, BLOCK_PAIRS):

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, intra_weights, load_pairs, load_rows, mm, rotated_qk,
+    chunk_of, chunk_scalars, intra_weights, joined, load_pairs, load_rows, mm, rotated_qk,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -36,9 +36,10 @@ def _output_fwd_kernel(
         qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
                                               n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
                                               INTERLEAVED, HAS_BIAS)
-        scores += mm(qa, tl.trans(ka), MM_DTYPE, PRECISION) + mm(qb, tl.trans(kb), MM_DTYPE, PRECISION)
+        q2 = joined(qa, qb, BLOCK_PAIRS)
+        scores += mm(q2, tl.trans(joined(ka, kb, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
         state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        inter += mm(qa, tl.trans(state_a), MM_DTYPE, PRECISION) + mm(qb, tl.trans(state_b), MM_DTYPE, PRECISION)
+        inter += mm(q2, tl.trans(joined(state_a, state_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)

@@ -235,6 +235,20 @@ def load_rows(X, row_stride, rows, valid, p, p_mask):
 
 
 @triton.jit
+def joined(a, b, BLOCK_PAIRS: tl.constexpr):
+    """The a and b halves of a pair block side by side as one (rows, 2·BLOCK_PAIRS) operand: a dot
+    over a block is one product of depth 2·BLOCK_PAIRS, not two of BLOCK_PAIRS (the pair order
+    inside the block does not matter to a dot product)."""
+    return tl.reshape(tl.join(a, b), (a.shape[0], 2 * BLOCK_PAIRS))
+
+
+@triton.jit
+def halves(x, BLOCK_PAIRS: tl.constexpr):
+    """Inverse of :func:`joined`."""
+    return tl.split(tl.reshape(x, (x.shape[0], BLOCK_PAIRS, 2)))
+
+
+@triton.jit
 def mm(a, b, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b with operands in the matmul dtype, accumulated in fp32."""
     return tl.dot(a.to(MM_DTYPE), b.to(MM_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)

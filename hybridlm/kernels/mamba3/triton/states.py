@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_rotation, chunk_scalars, load_biased, load_pairs, load_rotated, load_rows, mm, store_pairs,
+    chunk_of, chunk_rotation, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
@@ -49,6 +49,7 @@ def _states_kernel(
     else:
         state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
         state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
+    state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
     for j in range(n_chunks):
         if FORWARD:
             c = first + j
@@ -57,6 +58,7 @@ def _states_kernel(
         tok0, end, rows, _, valid, k_row, at_chunk, _, _ = chunk_of(
             CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
         at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+        state_a, state_b = halves(state2, BLOCK_PAIRS)
         store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
         if i0 < n_angles:
             cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
@@ -73,8 +75,8 @@ def _states_kernel(
         else:
             w = tl.exp(cs)[:, None]
         decay = tl.exp(cs_end)
-        state_a = decay * state_a + mm(left, xa * w, MM_DTYPE, PRECISION)
-        state_b = decay * state_b + mm(left, xb * w, MM_DTYPE, PRECISION)
+        state2 = decay * state2 + mm(left, joined(xa, xb, BLOCK_PAIRS) * w, MM_DTYPE, PRECISION)
+    state_a, state_b = halves(state2, BLOCK_PAIRS)
     store_pairs(FINAL + at_seq, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
 
 
