@@ -12,9 +12,13 @@ the reverse cumsum of d cs inside the chunk plus d cs_end on every token. dq̄, 
 per head (head_sums.py sums the heads of a group and the bias gradients) and give dθ.
 
 N is walked in blocks of rotation pairs twice: walk 1 builds A and G k̄ (for dv); then the C×C
-tiles are formed; walk 2 recomputes the rotated q̄, k̄ blocks (keeping all of N in registers does
-not fit) and writes dq, dk and dθ; its v G blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄
-dies with dv. Every output is written once, except dD, which each chunk adds to (atomically).
+tiles are formed; walk 2 recomputes the rotated q̄, k̄ blocks and writes dq, dk and dθ; its v G
+blocks also give the state term's k̄_b·(Gᵀ v_b), so G k̄ dies with dv. (One walk doing both, since
+walk 2 needs P ∘ M and not A, kept A, G k̄ and walk 2's tiles live together: ~2 KB of spills a
+thread, more instructions than two walks.) Each walk is two loops, the pair blocks that hold rotated
+pairs and then the rest (rows.rotated_end), and a block's a and b halves are joined into one
+operand, so each product over a block is one tl.dot. Every output is written once, except dD,
+which each chunk adds to (atomically).
 
 Two designs, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
 head), the same helpers and formulas):
@@ -23,13 +27,14 @@ head), the same helpers and formulas):
 * split (2): kernel 1 does walk 1 and what needs A (dv, dγ, dD, and the A-parts of d cs and
   d scale, summed per token into fp32 (T, H) scratch); kernel 2 recomputes P and M (C×C, cheap),
   does walk 2 and adds the rest, so no kernel holds A next to walk 2's tiles. Adding the A-parts
-  last, per token, changes only the order of the fp32 sums. Not yet timed on a GPU; for sm_90
-  ptxas gives both kernels 255 registers too, with far fewer spills (benchmarks/kernel_report.py).
+  last, per token, changes only the order of the fp32 sums. Slower than fused on the H200 at every
+  measured shape (docs/benchmarks.md); kept as the lower-register fallback.
 
-Register pressure decides their speed (the fused kernel sits at 255 registers): pair-block and angle
-addresses are a per-block scalar base plus loop-invariant 32-bit offsets (hoisted 64-bit pointer
-tiles spill), row validity is a compare against a scalar, ⟨S_c, G⟩ is a scalar, and between the
-walks P comes first and A ∘ M goes into dv last. Its history: docs/benchmarks.md, kernel design notes.
+The fused kernel is issue-bound (ncu: ≈ 7 cycles an instruction a warp at 255 registers), so its
+speed follows its instruction count; the choices here were made by SASS counts weighted by loop
+trips (docs/benchmarks.md, "Fewer instructions"): pair-block and angle addresses are a per-block
+scalar base plus loop-invariant 32-bit offsets, row validity is a compare against a scalar, dD is
+the trace of P, and between the walks P comes first and A ∘ M goes into dv last.
 """
 from __future__ import annotations
 
