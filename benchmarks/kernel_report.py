@@ -3,7 +3,7 @@
     python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16]
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
     python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
-    python benchmarks/kernel_report.py --sass [--d-state 64]  # also each kernel's SASS instruction count
+    python benchmarks/kernel_report.py --sass [TRIPS] [--d-state 64]  # also SASS instruction counts
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
@@ -48,10 +48,14 @@ def launches(run) -> list:
     return list(_captured)
 
 
-def sass_counts(cubin: bytes) -> str:
-    """Static SASS instructions of a cubin (cuobjdump ships with Triton): the total and the most
-    frequent opcodes. Not what runs (a loop body counts once), but a cheap proxy for comparing two
-    versions of a kernel whose issue rate ncu showed to be the limit."""
+def sass_counts(cubin: bytes, loop_trips: int = 1) -> str:
+    """SASS instructions of a cubin (cuobjdump ships with Triton): the static total, the sizes of
+    its loops (a backward branch closes one), the total with every loop body counted
+    ``loop_trips`` times (what one program runs when each loop turns that often: for the chunk
+    kernels, d_state / 2 / pair block / 2 with rope_fraction 0.5, since rotated and unrotated blocks
+    are two loops), and the most frequent opcodes. The scan's kernels are issue-bound (ncu), so the
+    weighted count, times warps and programs, predicts their time: 344 M against ncu's 341 M for the
+    backward chunk kernel at B 8, L 2K, d_state 64 (docs/benchmarks.md)."""
     import collections
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -59,16 +63,26 @@ def sass_counts(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-    ops = collections.Counter()
+    code = []  # (address, opcode, rest of the line)
     for line in text.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*)", line)
         if m:
-            ops[m.group(1)] += 1
-    top = " ".join(f"{op} {n}" for op, n in ops.most_common(6))
-    return f"sass {sum(ops.values())} ({top})"
+            code.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []
+    for address, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    ops, weighted = collections.Counter(), 0
+    for address, op, _ in code:
+        ops[op] += 1
+        weighted += loop_trips if any(lo <= address <= hi for lo, hi in loops) else 1
+    sizes = "/".join(str(sum(lo <= a <= hi for a, _, _ in code)) for lo, hi in loops) or "none"
+    top = " ".join(f"{op} {n}" for op, n in ops.most_common(5))
+    return f"sass {len(code)}, loops {sizes}, at {loop_trips} trips {weighted} ({top})"
 
 
-def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sass: bool = False) -> str:
+def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sass: int = 0) -> str:
     num_warps = kwargs.pop("num_warps", 4)
     num_stages = kwargs.pop("num_stages", 3)
     maxnreg = kwargs.pop("maxnreg", None)
@@ -111,7 +125,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sa
     return (f"{fn.__name__:28s} warps {num_warps} regs {regs.group(1) if regs else '?':>4s} "
             f"stack {stack.group(1) if stack else '?':>6s} spill st/ld {spill.group(1) if spill else '?'}/"
             f"{spill.group(2) if spill else '?'}  "
-            f"smem {compiled.metadata.shared}" + (f"  {sass_counts(compiled.asm['cubin'])}" if sass else ""))
+            f"smem {compiled.metadata.shared}" + (f"  {sass_counts(compiled.asm['cubin'], sass)}" if sass else ""))
 
 
 def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256) -> list:
@@ -213,7 +227,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
-    parser.add_argument("--sass", action="store_true", help="also count each kernel's SASS instructions")
+    parser.add_argument("--sass", type=int, nargs="?", const=1, default=0, metavar="LOOP_TRIPS",
+                        help="also count each kernel's SASS instructions, loop bodies counted LOOP_TRIPS times")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype) if args.decode_attention

@@ -87,9 +87,8 @@ def precompile_peer_configs(args, workers: int) -> None:
             "--batch", str(args.batch), "--d-model", str(args.d_model), "--headdim", str(args.headdim)]
     start, running, failed = time.time(), [], 0
     for i in range(count):
-        while len(running) >= workers:
-            failed += sum(p.wait() != 0 for p in running[:1])
-            running = running[1:]
+        while len(running) >= workers:  # wait for the oldest
+            failed += running.pop(0).wait() != 0
         running.append(subprocess.Popen(base + ["--precompile-config", str(i)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
     failed += sum(p.wait() != 0 for p in running)

@@ -46,8 +46,8 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, mm, rotated_end, rotated_qk, rows_to_tokens,
-    rows_to_tokens_2d, store_pairs,
+    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, mm, rotated_end, rotated_qk,
+    rows_to_tokens, rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states

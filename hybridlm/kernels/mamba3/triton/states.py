@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_rotation, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm, store_pairs,
+    chunk_of, chunk_rotation, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm,
+    store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
