@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17: the Triton GPU tests, then the prefill benchmark with both backward designs.
+# Issue 17: the Triton GPU tests, then the prefill benchmark with both backward designs, then each
+# scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64).
 # --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
 # candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json
 # (copy the file back into the repo between calls); then the benchmark with those choices, if BENCH=1.
@@ -21,3 +22,9 @@ configs=benchmarks/peer_autotune_h200.json
 python3 -m pytest -q tests/gpu/test_triton_gpu.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
 python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen 2048,8192,16384 \
   --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log"
+if command -v ncu >/dev/null; then
+  ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+    -k 'regex:_chunk_bwd|_states_kernel|_output_fwd|siso_fwd|dqkv|rotary_bias' \
+    python3 benchmarks/scan_ncu.py --peer-configs "$configs" 2>&1 | grep -E "^  [_a-z]|duration|inst_executed" \
+    | tee "$OUT/ncu.log"
+fi
