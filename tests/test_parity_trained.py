@@ -8,7 +8,6 @@ about ±2.6 points at 95 %, so the bound 80 % scaled (90 % raw) fails only if th
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,12 @@ WEIGHTS = Path(__file__).parent / "data" / "parity-mamba3-mixer-d32.safetensors"
 
 
 @pytest.fixture(scope="module")
-def trained() -> Trainer:
+def trained(tmp_path_factory) -> Trainer:
     """The run's own settings from the study's planner; only the trainer's held-out set is made small (unused)."""
     cfg = load_config(find_study_folder("state-tracking"), state_tracking.Config, overrides={
         "protocol": "paper", "paper": {"eval_lengths": [40], "report_length": 40, "eval_samples": 8}})
     settings = state_tracking_paper.run_settings(cfg, "mamba3-mixer", "parity", 32, 3.73e-4)
-    trainer = Trainer(settings, Path(tempfile.mkdtemp()), device="cpu")
+    trainer = Trainer(settings, tmp_path_factory.mktemp("parity-run"), device="cpu")
     trainer.model.load_state_dict(load_file(WEIGHTS))
     return trainer
 
