@@ -63,7 +63,7 @@ GROUPS = {
 
 
 def run(label: str, steps: int, seq_len: int, dump: Path, extra: list[str], timeout: float,
-        profile: bool = False, tree: str | None = None, log_freq: int = 10) -> dict:
+        profile: bool = False, tree: str | None = None, log_freq: int = 10, profile_top: int = 12) -> dict:
     spec, batch, attention, (data, loss_on, data_flags) = CONFIGS[label]
     cmd = [sys.executable, "-m", "hybridlm.cli.main", "train", spec, "--config", "1gpu",
            "--training.steps", str(steps), "--training.local_batch_size", str(batch),
@@ -123,7 +123,7 @@ def run(label: str, steps: int, seq_len: int, dump: Path, extra: list[str], time
     if profile:
         traces = sorted(Path(cwd or ".", dump).glob("profile/iteration_*/rank0_trace.json"))
         if traces:
-            result["profile"] = summarize(traces[-1])
+            result["profile"] = summarize(traces[-1], top=profile_top)
             print(format_summary(result["profile"]), flush=True)
     return result
 
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--out", default="titan_throughput.json")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="profile two steps of each run")
+    parser.add_argument("--profile-top", type=int, default=12, help="kernels listed per profiled run")
     parser.add_argument("--tree", default=None, help="run the hybridlm source tree in this folder")
     parser.add_argument("--log-freq", type=int, default=10, help="log every N steps (1: every loss, for checks)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
@@ -188,7 +189,7 @@ def main() -> None:
         for label in labels:
             tag = f"{label}@{args.tree}" if args.tree else label
             r = run(label, args.steps, args.seq_len, Path(args.dump) / tag.replace("/", "_"), extra, args.timeout,
-                    args.profile, args.tree, args.log_freq)
+                    args.profile, args.tree, args.log_freq, args.profile_top)
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "profile")}), flush=True)
             results = [x for x in results if (x["label"], x.get("tree", ".")) != (label, r["tree"])] + [r]
             out.write_text(json.dumps(results, indent=2) + "\n")  # keep what finished
