@@ -191,3 +191,41 @@ def test_hybrid_backend_flag_sets_the_backend_of_auto_blocks(monkeypatch):
     config.parallelism.context_parallel_degree = 2
     with pytest.raises(hybridlm.HybridLMError, match="context parallelism"):
         HybridModelArgs().update_from_config(config)
+
+
+def _loader(workers: int, data: str = "task:parity"):
+    from torchtitan.config.job_config import DataLoader
+
+    from hybridlm.titan.data import build_dataloader
+
+    config = SimpleNamespace(hybrid=SimpleNamespace(data=data, loss_on="answers", seed=0, curriculum=True),
+                             training=SimpleNamespace(seq_len=200, steps=8, local_batch_size=2,
+                                                      dataloader=DataLoader(num_workers=workers)))
+    return build_dataloader(1, 0, BYTE, config)
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[0]["input"], y[0]["input"]) and torch.equal(x[1], y[1])
+        and torch.equal(x[0].get("cu_seqlens", torch.zeros(0)), y[0].get("cu_seqlens", torch.zeros(0)))
+        for x, y in zip(a, b))
+
+
+def test_a_worker_process_makes_the_same_batches_and_resumes():
+    """The GPU configs make batches in one worker process (num_workers = 1): the same batches as in
+    the training process, curriculum stages included, and a resume mid-run continues the stream
+    (the loader's state holds the worker's, not the prefetched batches')."""
+    expected = list(islice(iter(_loader(0)), 6))
+    loader = _loader(1)
+    it = iter(loader)
+    first = list(islice(it, 3))
+    state = loader.state_dict()
+    assert _same_batches(first, expected[:3])
+    resumed = _loader(1)
+    resumed.load_state_dict(state)
+    assert _same_batches(list(islice(iter(resumed), 3)), expected[3:])
+
+
+def test_more_than_one_worker_is_one_clear_error():
+    with pytest.raises(hybridlm.HybridLMError, match="num_workers 2.*use 0.*or 1"):
+        _loader(2)

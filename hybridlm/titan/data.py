@@ -9,6 +9,7 @@ resumable (torchtitan checkpoints their ``state_dict``) and split across data-pa
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,8 +32,14 @@ def build_tokenizer(job_config):
 
 
 def _row(ids: list[int], labels: list[int], starts: list[bool]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    return ({"input": torch.tensor(ids, dtype=torch.long), "doc_starts": torch.tensor(starts, dtype=torch.bool)},
-            torch.tensor(labels, dtype=torch.long))
+    # from packed buffers: torch.tensor(list) walks the Python ints one by one, ≈ 6x slower (a
+    # 16 × 2048 batch took ≈ 6 ms on the training process's critical path)
+    return ({"input": _longs(ids), "doc_starts": torch.frombuffer(bytearray(starts), dtype=torch.bool)},
+            _longs(labels))
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    return torch.frombuffer(array("q", values), dtype=torch.long)
 
 
 class TaskRows(IterableDataset, Stateful):
@@ -270,6 +277,11 @@ def collate_rows(rows: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, **unused):
     from torchtitan.components.dataloader import ParallelAwareDataloader
 
+    workers = job_config.training.dataloader.num_workers
+    if workers not in (0, 1):
+        raise HybridLMError(f"--training.dataloader.num_workers {workers}: hybridlm's rows are one ordered stream "
+                            f"a rank, so use 0 (made in the training process) or 1 (one worker process makes "
+                            f"the next batches while the GPU trains; the GPU configs' default)")
     rows = build_rows(job_config, tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size)
     kwargs = {**asdict(job_config.training.dataloader), "batch_size": job_config.training.local_batch_size}
     return ParallelAwareDataloader(rows, dp_rank=dp_rank, dp_world_size=dp_world_size, collate_fn=collate_rows,
