@@ -34,7 +34,6 @@ def rotate_pairs(x: Tensor, theta: Tensor, layout: PairLayout) -> Tensor:
     S = theta.shape[-1]
     if S == 0:
         return x
-    N = x.shape[-1]
     cos, sin = theta.cos(), theta.sin()
     if layout == "interleaved":
         pairs = x[..., : 2 * S].unflatten(-1, (S, 2))
@@ -42,10 +41,16 @@ def rotate_pairs(x: Tensor, theta: Tensor, layout: PairLayout) -> Tensor:
         rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
         return torch.cat([rotated, x[..., 2 * S:]], dim=-1)
     if layout == "half":
-        half = N // 2
-        a, b = x[..., :S], x[..., half: half + S]
-        return torch.cat([a * cos - b * sin, x[..., S:half], a * sin + b * cos, x[..., half + S:]], dim=-1)
+        return rotate_half_pairs(x, cos, sin)
     raise ValueError(f"unknown pair layout {layout!r} (interleaved | half)")
+
+
+def rotate_half_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the S pairs (i, i + N/2) of the last axis of ``x`` (length N) by the angles whose
+    cos and sin are given (last axis S); pairs i >= S are unchanged."""
+    S, half = cos.shape[-1], x.shape[-1] // 2
+    a, b = x[..., :S], x[..., half: half + S]
+    return torch.cat([a * cos - b * sin, x[..., S:half], a * sin + b * cos, x[..., half + S:]], dim=-1)
 
 
 def angle_increment(angle_rate: Tensor, dt: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.shared import rotate_pairs
+from hybridlm.kernels.mamba3.shared import rotate_half_pairs
 from hybridlm.kernels.norms import upcast
 
 
@@ -23,9 +23,28 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
     return positions.to(dtype)[..., None] * inverse_frequencies(head_dim, theta, dtype, positions.device)
 
 
+@torch.library.custom_op("hybridlm::rope_cos_sin", mutates_args=())
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, double: bool) -> tuple[Tensor, Tensor]:
+    """cos and sin of :func:`rope_angles` (positions.shape + (head_dim/2,)), fp32 (fp64 if ``double``).
+
+    An op of its own, opaque to torch.compile, so the table is made once a layer call and read by
+    the rotations: traced as plain ops, Inductor fused the angles, the power and cos/sin into the
+    kernels that rotate q and k, recomputing them for every element of every head (about a fifth of
+    a Transformer training step's GPU time on an H200, 2026-12-04 profile, docs/benchmarks.md)."""
+    ang = rope_angles(positions, head_dim, theta, torch.float64 if double else torch.float32)
+    return ang.cos(), ang.sin()
+
+
+@rope_cos_sin.register_fake
+def _(positions, head_dim, theta, double):
+    shape, dtype = (*positions.shape, head_dim // 2), torch.float64 if double else torch.float32
+    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
+
+
 def rope_qk(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
     """q (..., Hq, D), k (..., Hk, D) rotated by their tokens' ``positions`` (q's leading shape, or
     broadcastable to it), pairs (i, i + D/2), in fp32 (fp64 for fp64 inputs), returned in q's and
     k's dtypes."""
-    ang = rope_angles(positions, q.shape[-1], theta, upcast(q).dtype).unsqueeze(-2)  # broadcast over heads
-    return rotate_pairs(upcast(q), ang, "half").to(q.dtype), rotate_pairs(upcast(k), ang, "half").to(k.dtype)
+    cos, sin = rope_cos_sin(positions, q.shape[-1], theta, upcast(q).dtype == torch.float64)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return (rotate_half_pairs(upcast(q), cos, sin).to(q.dtype), rotate_half_pairs(upcast(k), cos, sin).to(k.dtype))
