@@ -29,8 +29,9 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, double: bool) -
 
     An op of its own, opaque to torch.compile, so the table is made once a layer call and read by
     the rotations: traced as plain ops, Inductor fused the angles, the power and cos/sin into the
-    kernels that rotate q and k, recomputing them for every element of every head (about a fifth of
-    a Transformer training step's GPU time on an H200, 2026-12-04 profile, docs/benchmarks.md)."""
+    kernels that rotate q and k, recomputing them for every element of every head (the kernels that
+    did so took about a fifth of a Transformer training step's GPU time on an H200, 2026-12-04
+    profile, docs/benchmarks.md)."""
     ang = rope_angles(positions, head_dim, theta, torch.float64 if double else torch.float32)
     return ang.cos(), ang.sin()
 
