@@ -34,20 +34,20 @@ def test_bfloat16_gradients():
 
 
 @pytest.mark.parametrize("R,G,has_bias", [(1, 1, True), (4, 2, True), (2, 4, True), (1, 2, False)])
-def test_head_sums_kernel_equals_the_torch_reductions(R, G, has_bias, monkeypatch):
+def test_head_sums_kernel_equals_the_torch_reductions(R, G, has_bias):
     """The backward's reduction kernels: the group sums of per-head dq/dk (bf16, summed in fp32)
     and the bias gradients, against the torch reductions they replaced; a bias program sums one
-    row block here (BIAS_ROWS lowered), so every head's gradient is added from several programs."""
-    from hybridlm.kernels.mamba3.triton import head_sums as module
+    row block here (``triton_bias_rows`` lowered), so every head's gradient is added from several
+    programs."""
     from hybridlm.kernels.mamba3.triton.head_sums import head_sums
-
-    monkeypatch.setattr(module, "BIAS_ROWS", 1)
+    from hybridlm.kernels.mamba3.tuning import use_tuning
 
     T, H, N = 37, 4, 24  # N not a power of two; T·R not a multiple of the row block
     g = torch.Generator().manual_seed(3)
     dq_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
     dk_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
-    dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, G, has_bias)
+    with use_tuning(triton_bias_rows=1):
+        dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, G, has_bias)
     for per_head, total, bias in ((dq_heads, dq, dq_bias), (dk_heads, dk, dk_bias)):
         want = per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)
         assert total.dtype == torch.bfloat16 and total.shape == (T, R, G, N)

@@ -30,6 +30,8 @@ class KernelTuning:
     triton_backward_kernels the backward chunk pass's design: 1, one fused kernel; 2, split in
                             a dv kernel and a dq/dk kernel (triton/chunk_bwd.py)
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
+    triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces
+                            (triton/head_sums.py) [HYBRIDLM_TRITON_BIAS_ROWS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -40,6 +42,7 @@ class KernelTuning:
     triton_warps: int | None = None
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
+    triton_bias_rows: int = 4096
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -62,6 +65,7 @@ ENV_VARS: dict[str, str] = {
     "triton_warps": "HYBRIDLM_TRITON_WARPS",
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
+    "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

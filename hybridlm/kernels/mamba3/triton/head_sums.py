@@ -5,7 +5,7 @@ The chunk kernel writes dq̄, dk̄ rotated back per head, (T, R, H, N) in q's dt
 group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program takes a block of
 token-rank rows of one group, sums its heads in fp32 and stores the result in q's dtype. A bias
 (H, R, N) is added to every token, so its gradient is the per-head sum over tokens: a program takes
-one head and a long run of rows (``BIAS_ROWS`` of them), sums them per rank in fp32 registers and
+one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums them per rank in fp32 registers and
 adds the result to the fp32 gradient once. (The first design added every row block's sums
 atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from hybridlm.kernels.mamba3.tuning import kernel_tuning
 
 
 @triton.jit
@@ -67,7 +69,6 @@ def _bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ_BIAS, DK_BIAS, n_rows, rows_per_pro
     tl.atomic_add(BIAS + (h * R + ranks[:, None]) * d_state + n[None, :], sums, mask=n_mask[None, :], sem="relaxed")
 
 
-BIAS_ROWS = 4096  # rows a bias program sums: 16 programs a head at MIMO R = 4, B 8, L 2K
 
 
 def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool
@@ -90,7 +91,10 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool
     dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     if T:
-        rows_per_program = max(block_rows, BIAS_ROWS // block_rows * block_rows)
+        # rows a bias program sums (default 4096: 16 programs a head at MIMO R = 4, B 8, L 2K; fewer
+        # programs mean fewer atomics but fewer loads in flight)
+        bias_rows = kernel_tuning().triton_bias_rows
+        rows_per_program = max(block_rows, bias_rows // block_rows * block_rows)
         _bias_sums_kernel[(triton.cdiv(T * R, rows_per_program), H, 2)](
             dq_heads, dk_heads, dq_bias, dk_bias, T * R, rows_per_program, H, N, R=R, BLOCK_ROWS=block_rows,
             BLOCK_N=block_n)
