@@ -20,8 +20,11 @@ autotune that follows then only times them (its compiles, one after another, wer
 5-8 minutes per d_state).
 
 ``--backward-kernels`` times our layers once per backward design, in one run: 1 the fused chunk
-kernel, 2 the split pair (``KernelTuning.triton_backward_kernels``). The table has a row per
-design (column "backward"); the JSON keys of design 2 end in ``[split]`` (``ours[split]``).
+kernel, 2 the split pair (``KernelTuning.triton_backward_kernels``). ``--tunings`` adds variants
+with other kernel knobs, ``;`` between sets of ``knob=value`` (``KernelTuning`` fields, the
+``triton_`` prefix optional), e.g. ``--tunings "bias_rows=1024;bias_rows=512"``: an A/B of knobs
+side by side in one run. The table has a row per variant (column "variant"); the JSON keys of
+every variant but the fused default end in ``[its label]`` (``ours[split]``, ``ours[bias_rows=1024]``).
 """
 from __future__ import annotations
 
@@ -146,10 +149,39 @@ def backward_designs(text: str) -> list[int]:
     return designs
 
 
-def ours_key(base: str, backward_kernels: int) -> str:
-    """A row's key for one of our layers under a backward design: the fused design keeps the plain
-    key ("ours", "ours_mimo4"), so a default run's JSON reads as before."""
-    return base if backward_kernels == 1 else f"{base}[{BACKWARD_LABELS[backward_kernels]}]"
+def tuning_changes(text: str) -> dict:
+    """``"bias_rows=1024,warps=8"`` -> ``{"triton_bias_rows": 1024, "triton_warps": 8}``, checked by
+    KernelTuning."""
+    import dataclasses
+
+    from hybridlm.kernels.mamba3.tuning import KernelTuning
+
+    fields = {f.name for f in dataclasses.fields(KernelTuning)}
+    changes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip() if name.strip() in fields else f"triton_{name.strip()}"
+        if name not in fields or not value.strip().isdigit():
+            sys.exit(f"--tunings {text!r}: {item!r} is not knob=integer (knobs: {', '.join(sorted(fields))})")
+        changes[name] = int(value)
+    try:
+        KernelTuning(**changes)
+    except ValueError as e:
+        sys.exit(f"--tunings {text!r}: {e}")
+    return changes
+
+
+def variants(backward_kernels: str, tunings: str | None) -> list[tuple[str, dict]]:
+    """(label, KernelTuning changes) of every variant of our layers to time: the backward designs,
+    then the --tunings sets."""
+    out = [(BACKWARD_LABELS[d], {"triton_backward_kernels": d}) for d in backward_designs(backward_kernels)]
+    return out + [(text.strip(), tuning_changes(text)) for text in (tunings or "").split(";") if text.strip()]
+
+
+def ours_key(base: str, label: str) -> str:
+    """A row's key for one of our layers under a variant: the fused default keeps the plain key
+    ("ours", "ours_mimo4"), so a default run's JSON reads as before."""
+    return base if label == BACKWARD_LABELS[1] else f"{base}[{label}]"
 
 
 def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool):
@@ -246,6 +278,8 @@ def main() -> None:
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
     parser.add_argument("--backward-kernels", default="1",
                         help="our backward designs to time, comma-separated: 1 fused, 2 split")
+    parser.add_argument("--tunings", default=None,
+                        help='more variants of our layers: ";" between sets of knob=value, e.g. "bias_rows=1024"')
     parser.add_argument("--peer-configs", type=Path, default=None,
                         help="the official autotuner's choices (JSON); default benchmarks/peer_autotune_<gpu>.json")
     parser.add_argument("--tune", action="store_true", help="run the official full autotune, save to --peer-configs")
@@ -261,7 +295,7 @@ def main() -> None:
 
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
-    designs = backward_designs(args.backward_kernels)
+    designs = variants(args.backward_kernels, args.tunings)
     with_peer = not args.no_peer
     if with_peer:
         if args.peer_configs is None:
@@ -276,7 +310,7 @@ def main() -> None:
         if args.tune and args.tune_workers > 0:
             precompile_peer_configs(args, args.tune_workers)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
-          f"headdim {args.headdim}  bf16  backward {', '.join(BACKWARD_LABELS[d] for d in designs)}")
+          f"headdim {args.headdim}  bf16  variants {', '.join(label for label, _ in designs)}")
     rows = []
     for n in map(int, args.d_state.split(",")):
         ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
@@ -284,12 +318,12 @@ def main() -> None:
         for i, L in enumerate(map(int, args.seqlen.split(","))):
             row = {"d_state": n, "seqlen": L, "projections_fwd_bwd_ms": time_projections(ours, args.batch, L,
                                                                                            args.d_model)}
-            for d in designs:
-                with use_tuning(triton_backward_kernels=d):
-                    row[ours_key("ours", d)] = time_or_error(ours, args.batch, L, args.d_model)
+            for label, changes in designs:
+                with use_tuning(**changes):
+                    row[ours_key("ours", label)] = time_or_error(ours, args.batch, L, args.d_model)
                     if mimo is not None:
-                        row[ours_key(f"ours_mimo{args.mimo_rank}", d)] = time_or_error(mimo, args.batch, L,
-                                                                                         args.d_model)
+                        row[ours_key(f"ours_mimo{args.mimo_rank}", label)] = time_or_error(mimo, args.batch, L,
+                                                                                             args.d_model)
             if peer is not None:
                 row["official"] = time_layer(peer, args.batch, L, args.d_model)
                 if args.tune:
@@ -299,12 +333,12 @@ def main() -> None:
             if args.json:  # after every shape, so a run cut short keeps what it measured
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")
             if args.profile and i == 0:
-                for d in designs:
-                    with use_tuning(triton_backward_kernels=d):
+                for label, changes in designs:
+                    with use_tuning(**changes):
                         for name, layer, key in (("ours", ours, "ours"),
                                                  ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
-                            if layer is not None and "error" not in row[ours_key(key, d)]:
-                                print(f"--- {name} [{BACKWARD_LABELS[d]}], d_state {n}, L {L}\n"
+                            if layer is not None and "error" not in row[ours_key(key, label)]:
+                                print(f"--- {name} [{label}], d_state {n}, L {L}\n"
                                       f"{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
                     print(f"--- official, d_state {n}, L {L}\n{profile_layer(peer, args.batch, L, args.d_model)}")
@@ -313,8 +347,8 @@ def main() -> None:
     print_table(rows, args.mimo_rank, designs)
 
 
-def print_table(rows: list[dict], mimo_rank: int, designs: list[int]) -> None:
-    head = ("| d_state | L | backward | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
+def print_table(rows: list[dict], mimo_rank: int, designs: list[tuple[str, dict]]) -> None:
+    head = ("| d_state | L | variant | ours fwd ms | official fwd ms | ours fwd+bwd ms | official fwd+bwd ms "
             "| official ÷ ours (fwd+bwd) | ours Mtok/s | projections fwd+bwd ms "
             "| scan speed-up (layer − projections) |")
     if mimo_rank > 1:
@@ -324,9 +358,8 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[int]) -> None:
     for r in rows:
         p = r.get("official")
         gemm = r["projections_fwd_bwd_ms"]
-        for d in designs:
-            label = BACKWARD_LABELS[d]
-            o = r[ours_key("ours", d)]
+        for label, _ in designs:
+            o = r[ours_key("ours", label)]
             if "error" in o:
                 print(f"| {r['d_state']} | {r['seqlen']} | {label} | {o['error']} |")
                 continue
@@ -335,7 +368,7 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[int]) -> None:
                      f"{p['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×" if p else "—",
                      f"{o['tokens_per_s_fwd_bwd'] / 1e6:.2f}", f"{gemm:.2f}",
                      f"{(p['fwd_bwd_ms'] - gemm) / (o['fwd_bwd_ms'] - gemm):.2f}×" if p else "—"]
-            m = r.get(ours_key(f"ours_mimo{mimo_rank}", d))
+            m = r.get(ours_key(f"ours_mimo{mimo_rank}", label))
             if m and "error" in m:
                 cells += [m["error"], "—"]
             elif m:

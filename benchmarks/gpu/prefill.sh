@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17: the Triton GPU tests, then the prefill benchmark with both backward designs, then each
 # scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64).
+# TUNINGS: more variants of our layers in the table (prefill.py --tunings, e.g. "bias_rows=1024").
 # --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
 # candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json
 # (copy the file back into the repo between calls); then the benchmark with those choices, if BENCH=1.
@@ -21,7 +22,7 @@ configs=benchmarks/peer_autotune_h200.json
 [ -f "$configs" ] || configs=benchmarks/peer_autotune_h100.json
 python3 -m pytest -q tests/gpu/test_triton_gpu.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
 python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen 2048,8192,16384 \
-  --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log"
+  ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log"
 if command -v ncu >/dev/null; then
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
     -k 'regex:_chunk_bwd|_states_kernel|_output_fwd|siso_fwd|dqkv|rotary_bias' \
