@@ -400,6 +400,6 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
             q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates,
             dq_heads, dk_heads, dtheta, dadt, dscale, dcs_part, dscale_part, lay.cu_seqlens,
             lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), **common)
-    dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, spec.n_groups, has_bias)
+    dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, spec.n_groups, has_bias, spec.knobs)
     return dict(dq=dq, dk=dk, dq_bias=dq_bias, dk_bias=dk_bias, dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma,
                 dscale=dscale, dD=dD, dssm0=dssm0 if need_dssm0 else None)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.tuning import kernel_tuning
+from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
 
 @triton.jit
@@ -97,11 +97,13 @@ def _bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ_BIAS, DK_BIAS, n_rows, rows_per_pro
 
 
 
-def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool
+def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool, tuning: KernelTuning | None = None
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """dq_heads, dk_heads (T, R, H, N), contiguous -> dq, dk (T, R, G, N) in their dtype and, with
-    biases, dq_bias, dk_bias (H, R, N) fp32. With one head per group dq, dk are the inputs."""
+    biases, dq_bias, dk_bias (H, R, N) fp32. With one head per group dq, dk are the inputs.
+    ``tuning``: the scan's knobs (``triton_bias_rows``, ``triton_head_sums``), default those in force."""
     T, R, H, N = dq_heads.shape
+    tuning = tuning or kernel_tuning()
     block_n = max(16, triton.next_power_of_2(N))
     block_rows = max(R, min(64, 4096 // block_n))  # ≤ 4K elements a tile: no spills, many programs
     dq, dk = dq_heads, dk_heads
@@ -109,7 +111,7 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool
     if has_bias:
         dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
         dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
-    one_pass = has_bias and H != n_groups and kernel_tuning().triton_head_sums == 2
+    one_pass = has_bias and H != n_groups and tuning.triton_head_sums == 2
     if H != n_groups:
         dq = dq_heads.new_empty(T, R, n_groups, N)
         dk = dk_heads.new_empty(T, R, n_groups, N)
@@ -125,7 +127,7 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool
     if T:
         # rows a bias program sums (default 4096: 16 programs a head at MIMO R = 4, B 8, L 2K; fewer
         # programs mean fewer atomics but fewer loads in flight)
-        bias_rows = kernel_tuning().triton_bias_rows
+        bias_rows = tuning.triton_bias_rows
         rows_per_program = max(block_rows, bias_rows // block_rows * block_rows)
         _bias_sums_kernel[(triton.cdiv(T * R, rows_per_program), H, 2)](
             dq_heads, dk_heads, dq_bias, dk_bias, T * R, rows_per_program, H, N, R=R, BLOCK_ROWS=block_rows,
