@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 17: the Triton GPU tests, then the prefill benchmark with both backward designs, then each
-# scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64).
-# TUNINGS: more variants of our layers in the table (prefill.py --tunings, e.g. "bias_rows=1024").
+# Issue 17: prefill.sh [tests] [table] [ncu] (default all three; together ≈ 9-10 minutes, near a call's
+# limit on a fresh machine: split them over two calls there):
+#   tests  the Triton GPU tests (tests/gpu/test_triton_gpu.py, ≈ 5.5 min; TESTS_K: a -k filter)
+#   table  the prefill benchmark with both backward designs and a profile (TUNINGS: more variants of our
+#          layers, prefill.py --tunings, e.g. "bias_rows=1024;head_sums=2"; SEQLEN, default 2048,8192,16384)
+#   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 # --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
 # candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json
 # (copy the file back into the repo between calls); then the benchmark with those choices, if BENCH=1.
@@ -20,12 +23,23 @@ if [ "${1:-}" = "--tune" ]; then
 fi
 configs=benchmarks/peer_autotune_h200.json
 [ -f "$configs" ] || configs=benchmarks/peer_autotune_h100.json
-python3 -m pytest -q tests/gpu/test_triton_gpu.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
-python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen 2048,8192,16384 \
-  ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log"
-if command -v ncu >/dev/null; then
-  ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
-    -k 'regex:_chunk_bwd|_states_kernel|_output_fwd|siso_fwd|dqkv|rotary_bias' \
-    python3 benchmarks/scan_ncu.py --peer-configs "$configs" 2>&1 | grep -E "^  [_a-z]|duration|inst_executed" \
-    | tee "$OUT/ncu.log"
-fi
+for part in ${*:-tests table ncu}; do
+  case "$part" in
+    tests)
+      python3 -m pytest -q tests/gpu/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 15 \
+        | tee "$OUT/tests.log" ;;
+    table)
+      python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen "${SEQLEN:-2048,8192,16384}" \
+        ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log" ;;
+    ncu)
+      if command -v ncu >/dev/null; then
+        ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+          -k 'regex:_chunk_bwd|_states_kernel|_output_fwd|siso_fwd|dqkv|rotary_bias' \
+          python3 benchmarks/scan_ncu.py --peer-configs "$configs" 2>&1 | grep -E "^  [_a-z]|duration|inst_executed" \
+          | tee "$OUT/ncu.log"
+      else
+        echo "ncu is not on this machine" | tee "$OUT/ncu.log"
+      fi ;;
+    *) echo "unknown part $part (tests, table, ncu)"; exit 2 ;;
+  esac
+done
