@@ -3,7 +3,7 @@
 # limit on a fresh machine: split them over two calls there):
 #   tests  the Triton GPU tests (tests/gpu/test_triton_gpu.py, ≈ 5.5 min; TESTS_K: a -k filter)
 #   table  the prefill benchmark with both backward designs and a profile (TUNINGS: more variants of our
-#          layers, prefill.py --tunings, e.g. "bias_rows=1024;head_sums=2"; SEQLEN, default 2048,8192,16384)
+#          layers, prefill.py --tunings, e.g. "bias_rows=1024;bias_rows=512"; SEQLEN, default 2048,8192,16384)
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 # --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
 # candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json

@@ -32,10 +32,6 @@ class KernelTuning:
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces
                             (triton/head_sums.py) [HYBRIDLM_TRITON_BIAS_ROWS]
-    triton_head_sums        with G < H and biases: 1, the group sums then the bias sums (two reads
-                            of the per-head dq/dk); 2, one kernel doing both, the bias sums added
-                            atomically from every row block (triton/head_sums.py)
-                            [HYBRIDLM_TRITON_HEAD_SUMS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -47,7 +43,6 @@ class KernelTuning:
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
     triton_bias_rows: int = 4096
-    triton_head_sums: int = 1
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -60,9 +55,6 @@ class KernelTuning:
                 raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
         if self.triton_block_pairs & (self.triton_block_pairs - 1):
             raise ValueError(f"KernelTuning.triton_block_pairs must be a power of two; got {self.triton_block_pairs}")
-        if self.triton_head_sums not in (1, 2):
-            raise ValueError("KernelTuning.triton_head_sums must be 1 (two passes) or 2 (one); "
-                             f"got {self.triton_head_sums}")
         if self.triton_backward_kernels not in (1, 2):
             raise ValueError("KernelTuning.triton_backward_kernels must be 1 (fused) or 2 (split); "
                              f"got {self.triton_backward_kernels}")
@@ -74,7 +66,6 @@ ENV_VARS: dict[str, str] = {
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
-    "triton_head_sums": "HYBRIDLM_TRITON_HEAD_SUMS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

@@ -30,9 +30,10 @@ head), the same helpers and formulas):
   last, per token, changes only the order of the fp32 sums. Slower than fused on the H200 at every
   measured shape (docs/benchmarks.md); kept as the lower-register fallback.
 
-The fused kernel is issue-bound (ncu: ≈ 7 cycles an instruction a warp at 255 registers), so its
-speed follows its instruction count; the choices here were made by SASS counts weighted by loop
-trips (docs/benchmarks.md, "Fewer instructions"): pair-block and angle addresses are a per-block
+The fused kernel is issue-bound (ncu: ≈ 7 cycles an instruction a warp at 255 registers), and its
+time followed its instruction count until about 262 M a call at B 8, L 2K (after that, 4 % fewer
+instructions left it at 1.03 ms); the choices here were made by SASS counts weighted by loop trips
+(docs/benchmarks.md, "Fewer instructions"): pair-block and angle addresses are a per-block
 scalar base plus loop-invariant 32-bit offsets, row validity is a compare against a scalar, dD is
 the trace of P, and between the walks P comes first and A ∘ M goes into dv last.
 """

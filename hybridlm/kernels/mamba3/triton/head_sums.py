@@ -5,8 +5,8 @@ The chunk kernel writes dq̄, dk̄ rotated back per head, (T, R, H, N) in q's dt
 group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program takes a block of
 token-rank rows of one group, sums its heads in fp32 and stores the result in q's dtype. A bias
 (H, R, N) is added to every token, so its gradient is the per-head sum over tokens: a program takes
-one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums them per rank in fp32 registers and
-adds the result to the fp32 gradient once. (The first design added every row block's sums
+one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums them per rank in
+fp32 registers and adds the result to the fp32 gradient once. (The first design added every row block's sums
 atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
 which pointed at the atomics; this design makes 0.5M, and took 1.36 ms all the same: see the bias
@@ -43,32 +43,6 @@ def _group_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, n_rows, n_heads, heads_per_gr
 
 
 @triton.jit
-def _group_and_bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, DQ_BIAS, DK_BIAS, n_rows, n_heads, heads_per_group,
-                                n_groups, d_state, R: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``triton_head_sums = 2``: :func:`_group_sums_kernel`, adding each head's per-rank column sums of
-    its row block to the bias gradient as it goes (one read of the per-head values instead of two)."""
-    X, OUT, BIAS = DQ_HEADS, DQ, DQ_BIAS
-    if tl.program_id(2) == 1:
-        X, OUT, BIAS = DK_HEADS, DK, DK_BIAS
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # a multiple of R: row i is rank i % R
-    g = tl.program_id(1)
-    n = tl.arange(0, BLOCK_N)
-    n_mask = n < d_state
-    mask = (rows < n_rows)[:, None] & n_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    ranks = tl.arange(0, R)
-    total = tl.zeros([BLOCK_ROWS, BLOCK_N], dtype=tl.float32)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
-        x = tl.load(X + (rows64 * n_heads + h) * d_state + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        total += x
-        sums = tl.sum(tl.reshape(x, (BLOCK_ROWS // R, R, BLOCK_N)), axis=0)
-        tl.atomic_add(BIAS + (h * R + ranks[:, None]) * d_state + n[None, :], sums, mask=n_mask[None, :],
-                      sem="relaxed")
-    tl.store(OUT + (rows64 * n_groups + g) * d_state + n[None, :], total.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ_BIAS, DK_BIAS, n_rows, rows_per_program, n_heads, d_state,
                       R: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (run of rows, head, q or k): one head's per-rank column sums over ``rows_per_program``
@@ -95,35 +69,27 @@ def _bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ_BIAS, DK_BIAS, n_rows, rows_per_pro
     tl.atomic_add(BIAS + (h * R + ranks[:, None]) * d_state + n[None, :], sums, mask=n_mask[None, :], sem="relaxed")
 
 
-
-
 def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool, tuning: KernelTuning | None = None
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """dq_heads, dk_heads (T, R, H, N), contiguous -> dq, dk (T, R, G, N) in their dtype and, with
     biases, dq_bias, dk_bias (H, R, N) fp32. With one head per group dq, dk are the inputs.
-    ``tuning``: the scan's knobs (``triton_bias_rows``, ``triton_head_sums``), default those in force."""
+    ``tuning``: the scan's knobs (``triton_bias_rows``), default those in force."""
     T, R, H, N = dq_heads.shape
     tuning = tuning or kernel_tuning()
     block_n = max(16, triton.next_power_of_2(N))
     block_rows = max(R, min(64, 4096 // block_n))  # ≤ 4K elements a tile: no spills, many programs
     dq, dk = dq_heads, dk_heads
-    dq_bias = dk_bias = None
-    if has_bias:
-        dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
-        dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
-    one_pass = has_bias and H != n_groups and tuning.triton_head_sums == 2
     if H != n_groups:
         dq = dq_heads.new_empty(T, R, n_groups, N)
         dk = dk_heads.new_empty(T, R, n_groups, N)
-        grid = (triton.cdiv(T * R, block_rows), n_groups, 2)
-        if T and one_pass:
-            _group_and_bias_sums_kernel[grid](dq_heads, dk_heads, dq, dk, dq_bias, dk_bias, T * R, H, H // n_groups,
-                                              n_groups, N, R=R, BLOCK_ROWS=block_rows, BLOCK_N=block_n)
-        elif T:
-            _group_sums_kernel[grid](dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N,
-                                     BLOCK_ROWS=block_rows, BLOCK_N=block_n)
-    if not has_bias or one_pass:
-        return dq, dk, dq_bias, dk_bias
+        if T:
+            _group_sums_kernel[(triton.cdiv(T * R, block_rows), n_groups, 2)](
+                dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N, BLOCK_ROWS=block_rows,
+                BLOCK_N=block_n)
+    if not has_bias:
+        return dq, dk, None, None
+    dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
+    dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     if T:
         # rows a bias program sums (default 4096: 16 programs a head at MIMO R = 4, B 8, L 2K; fewer
         # programs mean fewer atomics but fewer loads in flight)

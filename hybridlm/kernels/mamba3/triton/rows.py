@@ -255,4 +255,3 @@ def halves(x, BLOCK_PAIRS: tl.constexpr):
 def mm(a, b, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b with operands in the matmul dtype, accumulated in fp32."""
     return tl.dot(a.to(MM_DTYPE), b.to(MM_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
-
