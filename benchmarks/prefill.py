@@ -29,53 +29,23 @@ every variant but the fused default end in ``[its label]`` (``ours[split]``, ``o
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
-import pkgutil
 import sys
 from pathlib import Path
 
 import torch
 
-PEER_PACKAGES = ("mamba_ssm.ops.triton.mamba3", "mamba_ssm.ops.triton.layernorm_gated")
-
-
-def peer_autotuners() -> dict:
-    """Every autotuned Triton kernel of the official Mamba-3 path, by qualified name."""
-    from triton.runtime.autotuner import Autotuner
-
-    found = {}
-    for package in PEER_PACKAGES:
-        mod = importlib.import_module(package)
-        mods = [mod]
-        if hasattr(mod, "__path__"):
-            mods += [importlib.import_module(f"{package}.{m.name}") for m in pkgutil.iter_modules(mod.__path__)]
-        for m in mods:
-            for attr, obj in vars(m).items():
-                if isinstance(obj, Autotuner):
-                    found[f"{m.__name__}.{attr}"] = obj
-    return found
+from hybridlm.kernels.official_autotune import gpu_slug, official_autotuners, pin_chosen, save_chosen
 
 
 def save_peer_configs(path: Path) -> None:
-    chosen = {}
-    for name, tuner in peer_autotuners().items():
-        if tuner.cache:
-            chosen[name] = {repr(key): {"kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                        "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg}
-                            for key, cfg in tuner.cache.items()}
-    old = json.loads(path.read_text()) if path.exists() else {}
-    for name, entries in chosen.items():
-        old.setdefault(name, {}).update(entries)
-    path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-    print(f"saved the official autotuner's choices for {len(chosen)} kernels to {path}")
+    print(f"saved the official autotuner's choices for {save_chosen(path)} kernels to {path}")
 
 
 def narrow_peer_configs(index: int) -> None:
     """Leave every official autotuner one candidate, its config ``index`` (modulo its count): a
     tuner with one config runs it without timing, so one step compiles exactly that config."""
-    for tuner in peer_autotuners().values():
+    for tuner in official_autotuners().values():
         tuner.configs = [tuner.configs[index % len(tuner.configs)]]
 
 
@@ -85,7 +55,7 @@ def precompile_peer_configs(args, workers: int) -> None:
     import subprocess
     import time
 
-    count = max(len(t.configs) for t in peer_autotuners().values())
+    count = max(len(t.configs) for t in official_autotuners().values())
     base = [sys.executable, __file__, "--d-state", args.d_state, "--seqlen", args.seqlen.split(",")[0],
             "--batch", str(args.batch), "--d-model", str(args.d_model), "--headdim", str(args.headdim)]
     start, running, failed = time.time(), [], 0
@@ -109,28 +79,9 @@ def precompile_one(args, index: int) -> None:
     torch.cuda.synchronize()
 
 
-def pin_peer_configs(path: Path) -> int:
-    import triton
-
-    tuners = peer_autotuners()
-    pinned = 0
-    for name, entries in json.loads(path.read_text()).items():
-        for key, c in entries.items():
-            tuners[name].cache[ast.literal_eval(key)] = triton.Config(
-                c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"],
-                maxnreg=c["maxnreg"])
-            pinned += 1
-    return pinned
-
-
 def default_peer_configs() -> Path:
     """benchmarks/peer_autotune_<gpu>.json, <gpu> the model in the device name (h100, h200, ...)."""
-    import re
-
-    name = torch.cuda.get_device_name()
-    model = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
-    slug = model.group(1).lower() if model else re.sub(r"\W+", "_", name).strip("_").lower()
-    return Path(__file__).parent / f"peer_autotune_{slug}.json"
+    return Path(__file__).parent / f"peer_autotune_{gpu_slug(torch.cuda.get_device_name())}.json"
 
 
 BACKWARD_LABELS = {1: "fused", 2: "split"}
@@ -303,9 +254,9 @@ def main() -> None:
         if not args.tune:
             if not args.peer_configs.exists():
                 sys.exit(f"{args.peer_configs} does not exist: run once with --tune to write it (or --no-peer)")
-            print(f"pinned {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}")
+            print(f"pinned {pin_chosen(args.peer_configs)} official autotune choices from {args.peer_configs}")
         elif args.peer_configs.exists():  # tune what is missing (say, another d_state), keep what is there
-            print(f"kept {pin_peer_configs(args.peer_configs)} official autotune choices from {args.peer_configs}; "
+            print(f"kept {pin_chosen(args.peer_configs)} official autotune choices from {args.peer_configs}; "
                   "tuning the rest")
         if args.tune and args.tune_workers > 0:
             precompile_peer_configs(args, args.tune_workers)

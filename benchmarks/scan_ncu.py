@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prefill import build_pair, pin_peer_configs  # noqa: E402
+from prefill import build_pair  # noqa: E402
+
+from hybridlm.kernels.official_autotune import pin_chosen  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     with_peer = args.peer_configs is not None and args.mimo_rank == 1
     if with_peer:
-        pin_peer_configs(args.peer_configs)
+        pin_chosen(args.peer_configs)
     ours, peer = build_pair(args.d_model, args.d_state, args.headdim, args.mimo_rank, with_peer)
     u = torch.randn(args.batch, args.seqlen, args.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(u)

@@ -95,6 +95,22 @@ def uses_official(model: torch.nn.Module) -> bool:
     return any(resolved.spec.kind == KIND for resolved in model.spec.resolve())
 
 
+CHOICES_DIR = Path(__file__).resolve().parents[2] / "specs" / "studies" / "state-tracking"
+
+
+@functools.cache
+def pin_official_choices(device_name: str) -> int:
+    """Pin the official kernels' autotune choices saved for this GPU
+    (``specs/studies/state-tracking/official-autotune-<gpu>.json``), once a process; returns how many
+    (0: no file for this GPU, the kernels tune on their first call, under :func:`autotune_turn`).
+    2026-12-04: with a fresh Triton cache, one control run tuned for ~6 minutes beside 8 busy runs while
+    the other 7 waited for their turn, so the control trained for 1 of a call's 8 minutes."""
+    from hybridlm.kernels.official_autotune import gpu_slug, pin_chosen
+
+    path = CHOICES_DIR / f"official-autotune-{gpu_slug(device_name)}.json"
+    return pin_chosen(path) if path.exists() else 0
+
+
 @contextlib.contextmanager
 def autotune_turn(folder: Path, wait_seconds: float | None = None) -> Iterator[bool]:
     """Hold an exclusive lock on ``folder/.official-autotune.lock`` (runs side by side share the folder);

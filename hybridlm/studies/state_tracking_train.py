@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.eval.tasks import LengthCurriculum, example_rng, make_task
-from hybridlm.studies.official_control import autotune_turn, uses_official
+from hybridlm.studies.official_control import autotune_turn, pin_official_choices, uses_official
 from hybridlm.studies.state_tracking_settings import RunSettings
 from hybridlm.tokenizer import ByteTokenizer
 
@@ -407,6 +407,9 @@ class Trainer:
 
         model.train()
         if uses_official(model) and self.device.type == "cuda":
+            pinned = pin_official_choices(torch.cuda.get_device_name(self.device))
+            if pinned:
+                log(f"pinned {pinned} autotune choices of the official kernels for this GPU")
             with autotune_turn(self.out.parent, time_limit) as turn:
                 if turn:
                     self.warm_up()
