@@ -44,3 +44,38 @@ def test_script_passes_only_options_the_benchmarks_know(script):
         help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
         unknown = sorted(o for o in options if o not in help_text)
         assert not unknown, f"{script.name}: {target} does not take {unknown}"
+
+
+def _mps_call(tmp_path: Path, check: str, with_control: bool = True) -> tuple[str, list[str]]:
+    """benchmarks/gpu/mps.sh's start_mps in a shell, with a stand-in nvidia-cuda-mps-control that logs
+    its calls; returns what the shell printed and the stand-in's log."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
+    bin_dir.mkdir()
+    if with_control:
+        control = bin_dir / "nvidia-cuda-mps-control"
+        control.write_text(f'#!/bin/sh\nif [ "$#" -gt 0 ]; then echo "$*" >> {log}; else cat >> {log}; fi\n')
+        control.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path), "MPS": "1", "MPS_HOME": str(tmp_path / "mps"),
+           "MPS_CHECK": check}
+    script = 'source benchmarks/gpu/mps.sh; start_mps; echo "pipe=${CUDA_MPS_PIPE_DIRECTORY:-none}"'
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, log.read_text().split() if log.exists() else []
+
+
+def test_mps_server_starts_and_stops_at_exit(tmp_path):
+    out, calls = _mps_call(tmp_path, "true")
+    assert "MPS server up" in out and f"pipe={tmp_path}/mps/pipe" in out
+    assert calls == ["-d", "quit"]  # started, then quit by the EXIT trap
+
+
+def test_mps_server_that_serves_no_context_is_stopped_and_the_call_goes_on(tmp_path):
+    out, calls = _mps_call(tmp_path, "false")
+    assert "running without MPS" in out and "pipe=none" in out and calls == ["-d", "quit"]
+
+
+def test_mps_without_its_control_program_runs_without(tmp_path):
+    if any((Path(d) / "nvidia-cuda-mps-control").exists() for d in ("/usr/bin", "/bin")):
+        pytest.skip("this machine has the real nvidia-cuda-mps-control")
+    out, calls = _mps_call(tmp_path, "true", with_control=False)
+    assert "not on PATH" in out and "pipe=none" in out and calls == []

@@ -8,7 +8,11 @@
 # `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
 # then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
 # steps/s alone, 15.9 a run at 16), ≈ 4 min.
+# MPS=1 (with any form above): the runs under an MPS server of this call (benchmarks/gpu/mps.sh), so that their kernels
+# share the SMs instead of taking turns; not yet measured: first `MPS=1 state_tracking.sh measure none 16,32`.
 source benchmarks/gpu/common.sh
+source benchmarks/gpu/mps.sh
+start_mps
 cuda_graph_test() {  # the GPU test of the compiled steps (cuda-graph) against eager, to $OUT/tests.log
   python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
     | tee "$OUT/tests.log"
