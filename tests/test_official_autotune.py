@@ -86,3 +86,17 @@ def test_the_controls_h200_choices_parse():
                                         ("Some Card", "some_card")])
 def test_gpu_slug(name, slug):
     assert gpu_slug(name) == slug
+
+
+def test_the_control_pins_only_where_a_file_for_its_gpu_exists(monkeypatch):
+    import hybridlm.kernels.official_autotune as official_autotune
+    from hybridlm.studies.official_control import pin_official_choices
+
+    pinned_from = []
+    monkeypatch.setattr(official_autotune, "pin_chosen", lambda path: pinned_from.append(path.name) or 8)
+    pin_official_choices.cache_clear()
+    try:
+        assert pin_official_choices("NVIDIA A100-SXM4-80GB") == 0 and pinned_from == []  # no file: it tunes
+        assert pin_official_choices("NVIDIA H200") == 8 and pinned_from == ["official-autotune-h200.json"]
+    finally:
+        pin_official_choices.cache_clear()
