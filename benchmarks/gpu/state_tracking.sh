@@ -9,7 +9,7 @@
 # then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
 # steps/s alone, 15.9 a run at 16), ≈ 4 min.
 # MPS=1 (with any form above): the runs under an MPS server of this call (benchmarks/gpu/mps.sh), so that their kernels
-# share the SMs instead of taking turns; not yet measured: first `MPS=1 state_tracking.sh measure none 16,32`.
+# share the SMs instead of taking turns; not yet measured: first `MPS=1 state_tracking.sh measure "none cuda-graph" 16`.
 source benchmarks/gpu/common.sh
 source benchmarks/gpu/mps.sh
 start_mps
