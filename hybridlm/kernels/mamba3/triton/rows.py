@@ -187,12 +187,22 @@ def chunk_of(CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups
     q/k at the head's group, and the P lanes."""
     end = tl.load(CU_SEQLENS + tl.load(CHUNK_SEQ + c) + 1)
     tok0 = tl.load(CHUNK_START + c)
+    rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_rows(
+        tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    return tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask
+
+
+@triton.jit
+def chunk_rows(tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK: tl.constexpr, R: tl.constexpr,
+               BLOCK_P: tl.constexpr):
+    """:func:`chunk_of` from the chunk's first token and its sequence's end, for a program that
+    knows them without loading (one that walks its own sequence's chunks)."""
     rows = tl.arange(0, CHUNK * R)
     tok_local = rows // R
     k_row = n_groups * d_state
     at_chunk = tok0.to(tl.int64) * (R * k_row) + (h // heads_per_group) * d_state
     p = tl.arange(0, BLOCK_P)
-    return tok0, end, rows, tok_local, tok_local < end - tok0, k_row, at_chunk, p, p < headdim
+    return rows, tok_local, tok_local < end - tok0, k_row, at_chunk, p, p < headdim
 
 
 @triton.jit

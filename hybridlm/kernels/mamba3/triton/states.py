@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_rotation, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm,
+    chunk_rotation, chunk_rows, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm,
     store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
@@ -28,7 +28,7 @@ from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 @triton.jit
 def _states_kernel(
-    X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS, CHUNK_SEQ, CHUNK_START,
+    X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -42,6 +42,10 @@ def _states_kernel(
     i0 = pid * BLOCK_PAIRS
     first = tl.load(CU_CHUNKS + seq)
     n_chunks = tl.load(CU_CHUNKS + seq + 1) - first
+    # a sequence's chunks start at its first token, CHUNK apart (the layouts' chunk_start): computed,
+    # not loaded, so no address in the walk waits on a load made in the walk
+    seq_tok0 = tl.load(CU_SEQLENS + seq)
+    end = tl.load(CU_SEQLENS + seq + 1)
     p = tl.arange(0, BLOCK_P)
     p_mask = p < headdim
     at_seq = (seq.to(tl.int64) * n_heads + h) * headdim * d_state
@@ -53,11 +57,13 @@ def _states_kernel(
     state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
     for j in range(n_chunks):
         if FORWARD:
-            c = first + j
+            local = j
         else:
-            c = first + n_chunks - 1 - j
-        tok0, end, rows, _, valid, k_row, at_chunk, _, _ = chunk_of(
-            CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+            local = n_chunks - 1 - j
+        c = first + local
+        tok0 = seq_tok0 + local * CHUNK
+        rows, _, valid, k_row, at_chunk, _, _ = chunk_rows(
+            tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
         at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
         state_a, state_b = halves(state2, BLOCK_PAIRS)
         store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
@@ -100,7 +106,7 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         warps, stages = (8, 1) if fp32 else (4, 2 if spec.rank == 1 else 1)
         _states_kernel[(lay.n_seqs, H, triton.cdiv(N // 2, spec.block_pairs))](
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
-            states, final, lay.cu_seqlens, lay.cu_chunks, lay.chunk_seq, lay.chunk_start, *left_strides,
+            states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
             FORWARD=forward, num_warps=warps, num_stages=stages, **spec.constexprs())
     return states, final
