@@ -9,7 +9,8 @@ MPS_CHECK=${MPS_CHECK:-python3 -c "import torch; torch.ones(1, device='cuda').su
 
 stop_mps() {
   [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || return 0
-  echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+  # quit waits for the server's clients: bounded, so a stuck client cannot hold the call to its limit
+  echo quit | timeout 20 nvidia-cuda-mps-control > /dev/null 2>&1
   cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log" 2>/dev/null
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
