@@ -888,9 +888,9 @@ def test_fused_transformer_step_rotates_q_and_k_in_one_op(bench):
     angles, cos/sin, the halves and the cats were ≈ 28, then the positions, two scatters, the new
     lengths and their copy 7 more); what is left per attention layer is SDPA's mask over the cache
     (FA4 reads the lengths instead). Unfused 383 ops (437 before the reference RoPE's cos/sin table
-    became one op, 443 before the reference cache write advanced the lengths in place), fused 75 (321 before RoPE, 153 before the
-    SwiGLU GEMV, 141 before the norms went into the GEMVs, 135 before the cache write, 99 before q,
-    k and v, 81 before the lengths advanced in place)."""
+    became one op, 443 before the reference cache write advanced the lengths in place), fused 75 (321
+    before RoPE, 153 before the SwiGLU GEMV, 141 before the norms went into the GEMVs, 135 before the
+    cache write, 99 before q, k and v, 81 before the lengths advanced in place)."""
     model = build_model(get_preset("transformer-tiny"), dtype=torch.bfloat16, seed=0).eval()
     use_kernel_backend(model, "triton")
     fused = bench.count_step_ops(model, "fused")
