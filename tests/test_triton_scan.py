@@ -134,6 +134,25 @@ def test_tuning_knobs_reach_the_spec_and_keep_the_results():
     assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw))
 
 
+@pytest.mark.parametrize("knobs", [dict(triton_states_split_p=2, triton_states_block_pairs=8),
+                                   dict(triton_states_split_p=4, triton_states_stages=1)])
+def test_states_kernel_knobs_keep_the_results(knobs):
+    """The states kernel's own tiling (issue 17's A/B): a head's P rows split over programs and
+    other pair blocks than the chunk kernels', over packed ragged sequences with initial states and
+    a quarter of the pairs rotated (a pair block of 8 is then wholly rotated or wholly not)."""
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    lengths = [19, 1, 12]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    N, P, H = 64, 64, 2  # headdim 64: up to four P blocks of 16
+    S = _angles(N, 0.25)
+    args, kw = make_inputs(B=1, L=sum(lengths), R=1, G=1, H=H, N=N, P=P, S=S, layout="interleaved")
+    init = random_state(len(lengths), H, P, N, S, 1)
+    with use_tuning(**knobs):
+        ours = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=8)
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
+
+
 def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
     from hybridlm.kernels.mamba3.triton.layout import dense_layout
     from hybridlm.kernels.mamba3.triton.spec import ScanSpec

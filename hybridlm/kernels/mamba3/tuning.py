@@ -32,6 +32,13 @@ class KernelTuning:
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces
                             (triton/head_sums.py) [HYBRIDLM_TRITON_BIAS_ROWS]
+    triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
+                            None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
+    triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
+                            headdim / split of them: more programs in flight, the k rows read by each)
+                            [HYBRIDLM_TRITON_STATES_SPLIT_P]
+    triton_states_stages    software-pipeline stages of the states kernel's chunk walk; None: 2 for
+                            SISO bf16/fp16, 1 otherwise [HYBRIDLM_TRITON_STATES_STAGES]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -43,6 +50,9 @@ class KernelTuning:
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
     triton_bias_rows: int = 4096
+    triton_states_block_pairs: int | None = None
+    triton_states_split_p: int = 1
+    triton_states_stages: int | None = None
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -53,8 +63,10 @@ class KernelTuning:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
-        if self.triton_block_pairs & (self.triton_block_pairs - 1):
-            raise ValueError(f"KernelTuning.triton_block_pairs must be a power of two; got {self.triton_block_pairs}")
+        for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p"):
+            value = getattr(self, name)
+            if value is not None and value & (value - 1):
+                raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
         if self.triton_backward_kernels not in (1, 2):
             raise ValueError("KernelTuning.triton_backward_kernels must be 1 (fused) or 2 (split); "
                              f"got {self.triton_backward_kernels}")
@@ -66,6 +78,9 @@ ENV_VARS: dict[str, str] = {
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
+    "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
+    "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
+    "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

@@ -31,14 +31,16 @@ def _states_kernel(
     X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, FORWARD: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Steps 1 and 2 in one program per (sequence, head, pair block): the block of the state
-    (all of P) stays in registers while the program walks the sequence's chunks, adding each
+    """Steps 1 and 2 in one program per (sequence, head, pair block, block of P rows): the block of
+    the state stays in registers while the program walks the sequence's chunks, adding each
     chunk's ΔS (ΔG walking backwards) as it goes; nothing but the per-chunk states is written."""
-    seq, h, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, pid = tl.program_id(0), tl.program_id(2)
+    h = tl.program_id(1) // SPLIT_P
+    p0 = (tl.program_id(1) % SPLIT_P) * BLOCK_P
     i0 = pid * BLOCK_PAIRS
     first = tl.load(CU_CHUNKS + seq)
     n_chunks = tl.load(CU_CHUNKS + seq + 1) - first
@@ -46,7 +48,7 @@ def _states_kernel(
     # not loaded, so no address in the walk waits on a load made in the walk
     seq_tok0 = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
-    p = tl.arange(0, BLOCK_P)
+    p = p0 + tl.arange(0, BLOCK_P)
     p_mask = p < headdim
     at_seq = (seq.to(tl.int64) * n_heads + h) * headdim * d_state
     if HAS_START:
@@ -104,9 +106,15 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         # products spill on 4 warps, so 8 warps and 1 stage (docs/benchmarks.md, kernel design notes)
         fp32 = spec.matmul_dtype == torch.float32
         warps, stages = (8, 1) if fp32 else (4, 2 if spec.rank == 1 else 1)
-        _states_kernel[(lay.n_seqs, H, triton.cdiv(N // 2, spec.block_pairs))](
+        knobs = spec.knobs
+        if knobs.triton_states_stages is not None:
+            stages = knobs.triton_states_stages
+        block_pairs = knobs.triton_states_block_pairs or spec.block_pairs
+        split_p = min(knobs.triton_states_split_p, spec.block_p // 16)  # a dot's operand is ≥ 16 rows
+        consts = spec.constexprs() | dict(BLOCK_PAIRS=block_pairs)
+        _states_kernel[(lay.n_seqs, H * split_p, triton.cdiv(N // 2, block_pairs))](
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
-            *spec.dims(), BLOCK_P=spec.block_p, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
-            FORWARD=forward, num_warps=warps, num_stages=stages, **spec.constexprs())
+            *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, HAS_BIAS=x_bias is not None,
+            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts)
     return states, final
