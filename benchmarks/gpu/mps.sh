@@ -5,7 +5,9 @@
 # (compute mode included) stay as they are. The server stops when the calling script exits. If it cannot
 # serve a CUDA context, the call runs without it and says so in $OUT/mps.txt.
 MPS_HOME=${MPS_HOME:-/tmp/hybridlm-mps}
-MPS_CHECK=${MPS_CHECK:-python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"}
+# a default in ${…:-…} would lose its inner quotes (the 2026-12-04 call's check failed on that)
+DEFAULT_MPS_CHECK='python3 -c "import torch; torch.ones(1, device=\"cuda\").sum().item()"'
+MPS_CHECK=${MPS_CHECK:-$DEFAULT_MPS_CHECK}
 
 stop_mps() {
   [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || return 0
