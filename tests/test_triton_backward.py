@@ -58,3 +58,14 @@ def test_head_sums_kernel_equals_the_torch_reductions(R, G, has_bias):
                                        atol=1e-5)
         else:
             assert bias is None
+
+
+def test_bias_rows_aim_at_about_a_thousand_programs():
+    """The bias-sum programs' row count when no knob sets it: the faster of the two counts measured on the
+    H200 at both measured shapes (SISO: 1024 rows, MIMO R = 4: 4096), clamped to [1024, 4096]."""
+    from hybridlm.kernels.mamba3.triton.head_sums import bias_rows_for
+
+    assert bias_rows_for(8 * 2048, 32) == 1024  # SISO, B 8, L 2K, 32 heads
+    assert bias_rows_for(8 * 2048 * 4, 32) == 4096  # MIMO R = 4, same shape
+    assert bias_rows_for(16 * 2048, 24) == 2048  # hybrid-small's training step: 768 programs
+    assert bias_rows_for(37, 4) == 1024 and bias_rows_for(10**8, 64) == 4096

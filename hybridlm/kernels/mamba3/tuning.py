@@ -30,8 +30,9 @@ class KernelTuning:
     triton_backward_kernels the backward chunk pass's design: 1, one fused kernel; 2, split in
                             a dv kernel and a dq/dk kernel (triton/chunk_bwd.py)
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
-    triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces
-                            (triton/head_sums.py) [HYBRIDLM_TRITON_BIAS_ROWS]
+    triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces; None:
+                            about 1,024 programs in all (triton/head_sums.py ``bias_rows_for``)
+                            [HYBRIDLM_TRITON_BIAS_ROWS]
     triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
                             None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
@@ -49,7 +50,7 @@ class KernelTuning:
     triton_warps: int | None = None
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
-    triton_bias_rows: int = 4096
+    triton_bias_rows: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_stages: int | None = None

@@ -69,6 +69,18 @@ def _bias_sums_kernel(DQ_HEADS, DK_HEADS, DQ_BIAS, DK_BIAS, n_rows, rows_per_pro
     tl.atomic_add(BIAS + (h * R + ranks[:, None]) * d_state + n[None, :], sums, mask=n_mask[None, :], sem="relaxed")
 
 
+BIAS_PROGRAMS = 1024  # programs the bias sums aim at: ≈ 8 an SM on an H200
+
+
+def bias_rows_for(n_rows: int, n_heads: int) -> int:
+    """Rows one bias program sums: a power of two from 1024 to 4096 that makes about BIAS_PROGRAMS programs
+    (q and k, every head). Fewer programs leave too few loads in flight, more add atomics. Measured on the
+    H200 (B 8, L 2K, d_state 64, 32 heads; docs/benchmarks.md): SISO 106 µs at 4096 rows (256 programs), 72 µs
+    at 1024 (1,024); MIMO R = 4 279 µs at 4096 (1,024 programs), 311 µs at 1024 (4,096)."""
+    wanted = n_rows * n_heads * 2 // BIAS_PROGRAMS
+    return min(4096, max(1024, triton.next_power_of_2(max(1, wanted))))
+
+
 def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool, tuning: KernelTuning | None = None
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """dq_heads, dk_heads (T, R, H, N), contiguous -> dq, dk (T, R, G, N) in their dtype and, with
@@ -91,9 +103,7 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool,
     dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     if T:
-        # rows a bias program sums (default 4096: 16 programs a head at MIMO R = 4, B 8, L 2K; fewer
-        # programs mean fewer atomics but fewer loads in flight)
-        bias_rows = tuning.triton_bias_rows
+        bias_rows = tuning.triton_bias_rows or bias_rows_for(T * R, H)
         rows_per_program = max(block_rows, bias_rows // block_rows * block_rows)
         _bias_sums_kernel[(triton.cdiv(T * R, rows_per_program), H, 2)](
             dq_heads, dk_heads, dq_bias, dk_bias, T * R, rows_per_program, H, N, R=R, BLOCK_ROWS=block_rows,
