@@ -138,22 +138,6 @@ def measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         return _measure(model, case, token_budget=token_budget, seed=seed)
 
 
-def prefill_within_memory(decoder, ids: torch.Tensor, smallest: int = 64) -> torch.Tensor:
-    """``decoder.prefill(ids)``, halving the decoder's prefill chunk after an out-of-memory error
-    until it is ``smallest`` tokens: at large batch the cache leaves less room for a chunk's
-    activations than the token budget assumed (state models at batch 2,664 on the H200)."""
-    while True:
-        try:
-            return decoder.prefill(ids)
-        except torch.OutOfMemoryError:
-            if decoder.prefill_chunk <= smallest:
-                raise
-        # out of the except block: the error's frames, and the activations they hold, are gone
-        decoder.prefill_chunk = max(smallest, decoder.prefill_chunk // 2)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def sample_starts(prompt: int, new_tokens: int, samples: int, steps: int = SAMPLE_STEPS) -> list[int]:
     """The contexts a sampled decode starts its timed steps at: ``samples`` of them, evenly from the
     prompt to the last window of ``steps`` steps that still fits in ``new_tokens``."""
@@ -203,7 +187,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
                       fused_norms=case.variant != "unfused", compile_step=case.variant == "compiled")
     g = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, model.spec.vocab_size, (case.batch, case.prompt), device=device, generator=g)
-    prefill_within_memory(decoder, ids[:, : min(case.prompt, 2 * chunk)])  # compile both prefill paths
+    decoder.prefill(ids[:, : min(case.prompt, 2 * chunk)])  # compile both prefill paths
     sync(device)
     t0 = time.perf_counter()
     tokens = greedy(decoder.prefill(ids))
@@ -216,7 +200,7 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         for i, start in enumerate(sample_starts(case.prompt, case.new_tokens, case.samples, steps)):
             if i:  # fill the cache to this context (random tokens, as the weights are random)
                 context = torch.randint(0, model.spec.vocab_size, (case.batch, start), device=device, generator=g)
-                tokens = greedy(prefill_within_memory(decoder, context))
+                tokens = greedy(decoder.prefill(context))
             tokens, seconds = timed_steps(decoder, tokens, steps, device)
             points.append((start + (steps - 1) / 2, seconds / steps * 1e3))
         decode_s = interpolated_decode_s(points, case.prompt, case.new_tokens)

@@ -7,6 +7,7 @@ benchmark's quick run. Triton runs under TRITON_INTERPRET=1 (tests/conftest.py) 
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from hybridlm import build_model, get_preset, spec_from_yaml
 from hybridlm.blocks import Attention, RMSNorm, SwiGLU
 from hybridlm.builder import Decoder
+from hybridlm.builder.inference import decoder as decoder_module
 from hybridlm.errors import ShapeError
 from hybridlm.kernels import registry
 from hybridlm.kernels.rmsnorm import add_rms_norm, reference
@@ -829,32 +831,39 @@ def test_generate_benchmark_sampled_decode_quick(bench, monkeypatch, tmp_path):
         assert r["generated_tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
 
 
-def test_benchmark_prefill_halves_its_chunk_after_out_of_memory(bench, monkeypatch):
-    """A prefill chunk whose activations do not fit beside a large cache is halved until it does;
-    the logits are the unchunked prefill's (chunking changes only summation order)."""
+def test_prefill_halves_its_chunk_after_out_of_memory(monkeypatch):
+    """A prefill forward whose activations do not fit beside a large cache is retried with the chunk
+    halved (with a warning) until it fits, down to one token a row; the logits are the unchunked
+    prefill's (chunking changes only summation order). The first chunk here is the token budget's
+    (49 tokens a row at batch 2,664 and 512-token prompts is what ran out of memory on the H200)."""
     model = family_model("hybrid-tiny")
     ids = torch.randint(0, 256, (2, 40))
-    decoder = Decoder(model, 2, 48, prefill_chunk=32)
+    monkeypatch.setattr(decoder_module, "PREFILL_TOKENS", 50)  # 25 tokens a row at batch 2
+    decoder = Decoder(model, 2, 48)
     real = type(model).features
     chunks = []
 
-    def features_limited(self, ids_, *args, **kwargs):  # "out of memory" above 8 tokens a row
+    def features_limited(self, ids_, *args, **kwargs):  # "out of memory" above `limit` tokens a row
         chunks.append(ids_.shape[1])
-        if ids_.shape[1] > 8:
+        if ids_.shape[1] > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, ids_, *args, **kwargs)
 
+    limit = 6
     monkeypatch.setattr(type(model), "features", features_limited)
-    got = bench.prefill_within_memory(decoder, ids, smallest=4)
-    assert decoder.prefill_chunk == 8 and chunks[:3] == [32, 16, 8]
+    with pytest.warns(RuntimeWarning, match="ran out of memory"):
+        got = decoder.prefill(ids)
+    assert decoder.prefill_chunk == 6 and chunks[:3] == [25, 12, 6]
     monkeypatch.setattr(type(model), "features", real)
     with torch.no_grad():
         want = Decoder(model, 2, 48).prefill(ids)
     assert rel_err(got, want) <= TOL[torch.float32]
-    decoder.prefill_chunk = 16
+    limit = 0  # not even one token a row fits: the error comes through
     monkeypatch.setattr(type(model), "features", features_limited)
-    with pytest.raises(torch.OutOfMemoryError):
-        bench.prefill_within_memory(decoder, ids, smallest=16)
+    with pytest.raises(torch.OutOfMemoryError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder.prefill(ids)
+    assert decoder.prefill_chunk == 1
 
 
 @needs_triton

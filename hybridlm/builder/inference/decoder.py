@@ -7,7 +7,8 @@
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
 state and keys/values into its cache row; with ``prefill_chunk=C`` it runs C tokens of every
 prompt at a time instead (the states and KV caches carried from chunk to chunk), so a long prompt
-needs the activations of C tokens, not of the whole prompt. A step feeds one token per row;
+needs the activations of C tokens, not of the whole prompt; a forward that runs out of memory beside a
+large cache is retried with C halved, down to one token a row. A step feeds one token per row;
 attention reads the preallocated KV cache with per-row lengths, Mamba-3 runs its decode step.
 Every state is updated in place on the device and the step has fixed shapes, so on CUDA it is
 recorded once in a ``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small
@@ -17,6 +18,7 @@ one fused residual add + RMSNorm per block boundary); ``compile_step`` runs the 
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -118,8 +120,17 @@ class Decoder:
         if max(lengths) > self.max_len:
             raise ShapeError(f"a prompt of {max(lengths)} tokens does not fit the Decoder's max_len "
                              f"{self.max_len}; create the Decoder with max_len >= prompt length + new tokens")
-        self.reset()
-        last = self._prefill_last_hidden(ids, cu_seqlens, lengths)
+        while True:
+            self.reset()
+            try:
+                last = self._prefill_last_hidden(ids, cu_seqlens, lengths)
+                break
+            except torch.OutOfMemoryError:
+                chunk = self._chunk_for(lengths)
+                if chunk <= 1:
+                    raise
+            # out of the except block: the error's frames, and the activations they hold, are gone
+            self._halve_prefill_chunk(chunk)
         self.lengths = lengths
         self._prefilled = True
         return self.model.output(last)
@@ -153,14 +164,29 @@ class Decoder:
     def _step_logits(self, tokens: Tensor) -> Tensor:
         return self._step_fn(self.model, self.cache, tokens, self.fused_norms)
 
+    def _chunk_for(self, lengths: list[int]) -> int:
+        """Tokens of each prompt a prefill forward takes (``prefill_chunk``, or the token budget's)."""
+        return self.prefill_chunk or (max(lengths) if sum(lengths) <= PREFILL_TOKENS
+                                      else chunk_within(len(lengths), max(lengths), PREFILL_TOKENS))
+
+    def _halve_prefill_chunk(self, chunk: int) -> None:
+        """After a prefill forward of ``chunk`` tokens a row ran out of memory: half as many from now on (a
+        large cache leaves less room for a forward's activations than the token budget assumes, e.g. the
+        1.5B state models at batch 2,664 on an H200); the results change only in summation order."""
+        self.prefill_chunk = max(1, chunk // 2)
+        warnings.warn(f"Decoder prefill: a forward of {chunk} tokens a row ran out of memory beside the cache; "
+                      f"prefilling {self.prefill_chunk} tokens a row at a time (set prefill_chunk to choose)",
+                      RuntimeWarning, stacklevel=3)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
         """Run the prompts into the (empty) cache; every prompt's last hidden state (B, d_model).
 
         Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = ``prefill_chunk``): a dense
         (B, L) chunk, or a packed one where a prompt already finished has no token (an empty
         sequence: its state and keys pass through)."""
-        chunk = self.prefill_chunk or (max(lengths) if sum(lengths) <= PREFILL_TOKENS
-                                       else chunk_within(len(lengths), max(lengths), PREFILL_TOKENS))
+        chunk = self._chunk_for(lengths)
         if cu_seqlens is None:
             for start in range(0, ids.shape[1], chunk):
                 hidden = self._features(ids[:, start: start + chunk])
