@@ -46,17 +46,18 @@ def test_script_passes_only_options_the_benchmarks_know(script):
         assert not unknown, f"{script.name}: {target} does not take {unknown}"
 
 
-def _mps_call(tmp_path: Path, check: str, with_control: bool = True) -> tuple[str, list[str]]:
+def _mps_call(tmp_path: Path, check: str | None, with_control: bool = True) -> tuple[str, list[str]]:
     """benchmarks/gpu/mps.sh's start_mps in a shell, with a stand-in nvidia-cuda-mps-control that logs
     its calls; returns what the shell printed and the stand-in's log."""
     bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     if with_control:
         control = bin_dir / "nvidia-cuda-mps-control"
         control.write_text(f'#!/bin/sh\nif [ "$#" -gt 0 ]; then echo "$*" >> {log}; else cat >> {log}; fi\n')
         control.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path), "MPS": "1", "MPS_HOME": str(tmp_path / "mps"),
-           "MPS_CHECK": check}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path), "MPS": "1", "MPS_HOME": str(tmp_path / "mps")}
+    if check is not None:
+        env["MPS_CHECK"] = check
     script = 'source benchmarks/gpu/mps.sh; start_mps; echo "pipe=${CUDA_MPS_PIPE_DIRECTORY:-none}"'
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -79,3 +80,36 @@ def test_mps_without_its_control_program_runs_without(tmp_path):
         pytest.skip("this machine has the real nvidia-cuda-mps-control")
     out, calls = _mps_call(tmp_path, "true", with_control=False)
     assert "not on PATH" in out and "pipe=none" in out and calls == []
+
+
+def test_mps_default_check_runs_python_with_its_code_intact(tmp_path):
+    """The default check command keeps its quotes (2026-12-04 it lost them, failed on a bash syntax error and
+    ran the call without MPS): a stand-in python3 sees `-c` and the whole program as one argument."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "python-args"
+    python = bin_dir / "python3"
+    python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\n')
+    python.chmod(0o755)
+    out, calls = _mps_call(tmp_path, None)
+    assert "MPS server up" in out and calls == ["-d", "quit"]
+    assert seen.read_text().splitlines() == ["-c", 'import torch; torch.ones(1, device="cuda").sum().item()']
+
+
+def test_call_outputs_stay_within_eight_files(tmp_path):
+    """A call brings back at most 8 files from $OUT (the device tool drops the rest: 2026-12-04 a run folder's
+    archive was dropped that way): common.sh's tidy_out packs all but the files it is told to keep."""
+    out = tmp_path / "out"
+    (out / "mps-log").mkdir(parents=True)
+    for name in ["study.log", "a.txt", "b.txt", "c.log", "d.txt", "e.txt", "f.txt", "mps-log/server.log",
+                 "st-paper.tgz.part-aa", "st-paper.tgz.part-ab"]:
+        (out / name).write_text(name)
+    # the function alone: common.sh itself sources the GPU machine's set-up
+    script = 'eval "$(sed -n \'/^tidy_out()/,/^}/p\' benchmarks/gpu/common.sh)"; tidy_out study.log "st-paper.tgz.part-*"'
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["logs.tgz", "st-paper.tgz.part-aa", "st-paper.tgz.part-ab", "study.log"]
+    listed = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True).stdout.split()
+    assert {"a.txt", "f.txt", "mps-log/server.log"} <= set(listed)

@@ -9,3 +9,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 bring_back() {  # bring_back NAME FOLDER: FOLDER as $OUT/NAME.tgz.part-* (15 MiB parts)
   tar czf - "$2" | split -b 15M - "$OUT/$1.tgz.part-"
 }
+
+tidy_out() {  # tidy_out KEEP...: every file of $OUT but those matching a KEEP pattern into $OUT/logs.tgz, since
+  # a call brings back at most 8 files (2026-12-04 the run folder's archive was the one left behind)
+  local keep=() name pattern kept
+  for pattern in "$@"; do keep+=("$pattern"); done
+  local pack=()
+  for name in $(cd "$OUT" && ls -A); do
+    kept=0
+    for pattern in "${keep[@]}"; do
+      # shellcheck disable=SC2053
+      [[ "$name" == $pattern ]] && kept=1
+    done
+    [ "$kept" = 1 ] || [ "$name" = logs.tgz ] || pack+=("$name")
+  done
+  [ "${#pack[@]}" -gt 0 ] || return 0
+  (cd "$OUT" && tar czf logs.tgz "${pack[@]}" && rm -rf "${pack[@]}")
+}

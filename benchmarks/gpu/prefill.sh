@@ -5,6 +5,8 @@
 #   table  the prefill benchmark with both backward designs and a profile (TUNINGS: more variants of our
 #          layers, prefill.py --tunings, e.g. "bias_rows=1024;bias_rows=512"; SEQLEN, default 2048,8192,16384)
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
+#   stalls ncu's warp-state (stall reasons), scheduler, occupancy and memory sections of STALL_KERNELS (default
+#          our states and backward chunk kernels), one step, d_state 64 (not in the default set)
 # --tune D: instead, the official module's full autotune on this GPU at d_state D (one or "64,128"; its
 # candidate configs compiled 16 processes at a time first), added to benchmarks/peer_autotune_h200.json
 # (copy the file back into the repo between calls); then the benchmark with those choices, if BENCH=1.
@@ -40,6 +42,17 @@ for part in ${*:-tests table ncu}; do
       else
         echo "ncu is not on this machine" | tee "$OUT/ncu.log"
       fi ;;
-    *) echo "unknown part $part (tests, table, ncu)"; exit 2 ;;
+    stalls)  # why a kernel waits: warp states, scheduler, occupancy and memory sections of STALL_KERNELS
+      if command -v ncu >/dev/null; then
+        ncu --clock-control none --profile-from-start off --section WarpStateStats --section SchedulerStats \
+          --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+          -k "regex:${STALL_KERNELS:-_states_kernel|_chunk_bwd}" python3 benchmarks/scan_ncu.py --peer-configs "$configs" \
+          > "$OUT/stalls.log" 2>&1
+        grep -E "^  [_a-z]|Stall|stall|Warp Cycles|Issued|Eligible|Occupancy|Registers|Throughput|Duration" \
+          "$OUT/stalls.log" | head -n 120
+      else
+        echo "ncu is not on this machine" | tee "$OUT/stalls.log"
+      fi ;;
+    *) echo "unknown part $part (tests, table, ncu, stalls)"; exit 2 ;;
   esac
 done

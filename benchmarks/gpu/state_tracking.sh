@@ -8,10 +8,13 @@
 # `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
 # then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
 # steps/s alone, 15.9 a run at 16), ≈ 4 min.
-# MPS=1 (with any form above): the runs under an MPS server of this call (benchmarks/gpu/mps.sh), so that their kernels
-# share the SMs instead of taking turns; not yet measured: first `MPS=1 state_tracking.sh measure "none cuda-graph" 16`.
+# MPS (default 1; MPS=0 to run without): the runs under an MPS server of this call (benchmarks/gpu/mps.sh), so that
+# their kernels share the SMs instead of taking turns (H200, 2026-12-04: 8 control runs 70.6-76.8 steps/s a run
+# without, 82.8-107.6 under it, and 84-94 with 16 processes on the GPU; docs/results.md §1).
+# $OUT keeps study.log, mps.txt and the run folder's parts; every other log goes into logs.tgz.
 source benchmarks/gpu/common.sh
 source benchmarks/gpu/mps.sh
+export MPS=${MPS:-1}
 start_mps
 cuda_graph_test() {  # the GPU test of the compiled steps (cuda-graph) against eager, to $OUT/tests.log
   python3 -m pytest -q -p no:warnings tests/gpu/test_state_tracking_gpu.py -k "cuda-graph" 2>&1 | tail -n 15 \
@@ -23,6 +26,8 @@ if [ "${1:-}" = "measure" ]; then
     python3 -m hybridlm.studies.state_tracking_paper --side-by-side "${3:-1,8,16}" --seconds 45 \
       --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 40 | tee -a "$OUT/side-by-side.log"
   done
+  stop_mps
+  tidy_out tests.log side-by-side.log mps.txt
   exit
 fi
 if [ "${1:-}" = "checked" ]; then  # `checked SECONDS [MODELS]`: the cuda-graph GPU test, then the sweep in that
@@ -53,4 +58,6 @@ find runs/studies/state-tracking-paper -name checkpoint.pt -size +0 | wc -l > "$
 # only the autotune choices travel back (the compiled kernels were 148 MB after 16 runs)
 find "$TRITON_CACHE_DIR" -type f ! -name "*.autotune.json" -delete 2>/dev/null
 bring_back st-paper runs/studies/state-tracking-paper
+stop_mps
+tidy_out study.log mps.txt tests.log side-by-side.log "st-paper.tgz.part-*"
 ls -la "$OUT"
