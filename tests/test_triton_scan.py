@@ -135,11 +135,13 @@ def test_tuning_knobs_reach_the_spec_and_keep_the_results():
 
 
 @pytest.mark.parametrize("knobs", [dict(triton_states_split_p=2, triton_states_block_pairs=8),
-                                   dict(triton_states_split_p=4, triton_states_stages=1)])
+                                   dict(triton_states_split_p=4, triton_states_stages=1),
+                                   dict(triton_states_unroll=2)])
 def test_states_kernel_knobs_keep_the_results(knobs):
-    """The states kernel's own tiling (issue 17's A/B): a head's P rows split over programs and
-    other pair blocks than the chunk kernels', over packed ragged sequences with initial states and
-    a quarter of the pairs rotated (a pair block of 8 is then wholly rotated or wholly not)."""
+    """The states kernel's own tiling (issue 17's A/B): a head's P rows split over programs, other
+    pair blocks than the chunk kernels', two chunks a trip, over packed ragged sequences (3, 1 and
+    2 chunks: odd counts leave the walk's last trip one chunk) with initial states and a quarter of
+    the pairs rotated (a pair block of 8 is then wholly rotated or wholly not)."""
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
     lengths = [19, 1, 12]

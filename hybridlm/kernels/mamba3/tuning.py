@@ -38,6 +38,8 @@ class KernelTuning:
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
                             headdim / split of them: more programs in flight, the k rows read by each)
                             [HYBRIDLM_TRITON_STATES_SPLIT_P]
+    triton_states_unroll    chunks the states kernel takes a trip of its walk, 1 or 2 (two: both chunks'
+                            loads and products in flight together) [HYBRIDLM_TRITON_STATES_UNROLL]
     triton_states_stages    software-pipeline stages of the states kernel's chunk walk; None: 2 for
                             SISO bf16/fp16, 1 otherwise [HYBRIDLM_TRITON_STATES_STAGES]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
@@ -53,6 +55,7 @@ class KernelTuning:
     triton_bias_rows: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
+    triton_states_unroll: int = 1
     triton_states_stages: int | None = None
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
@@ -68,6 +71,8 @@ class KernelTuning:
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
+        if self.triton_states_unroll not in (1, 2):
+            raise ValueError(f"KernelTuning.triton_states_unroll must be 1 or 2; got {self.triton_states_unroll}")
         if self.triton_backward_kernels not in (1, 2):
             raise ValueError("KernelTuning.triton_backward_kernels must be 1 (fused) or 2 (split); "
                              f"got {self.triton_backward_kernels}")
@@ -81,6 +86,7 @@ ENV_VARS: dict[str, str] = {
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
+    "triton_states_unroll": "HYBRIDLM_TRITON_STATES_UNROLL",
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",

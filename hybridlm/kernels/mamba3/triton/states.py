@@ -27,17 +27,46 @@ from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
 @triton.jit
+def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, left_head,
+                 n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+                 R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr,
+                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's contribution ΔS (ΔG) to the program's state block, (BLOCK_P, 2·BLOCK_PAIRS) fp32, and its
+    decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1."""
+    rows, _, valid, k_row, at_chunk, _, _ = chunk_rows(
+        tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
+    if i0 < n_angles:
+        cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
+        xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                              cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+    else:  # a block of unrotated pairs (rows.rotated_end): no angles
+        xa, xb = load_biased(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
+                             CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
+    left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
+                              p, p_mask))
+    cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
+    if FORWARD:
+        w = (tl.exp(cs_end - cs) * scale)[:, None]
+    else:
+        w = tl.exp(cs)[:, None]
+    return mm(left, joined(xa, xb, BLOCK_PAIRS) * w, MM_DTYPE, PRECISION), tl.exp(cs_end)
+
+
+@triton.jit
 def _states_kernel(
     X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, FORWARD: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    UNROLL: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
+    FORWARD: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Steps 1 and 2 in one program per (sequence, head, pair block, block of P rows): the block of
     the state stays in registers while the program walks the sequence's chunks, adding each
-    chunk's ΔS (ΔG walking backwards) as it goes; nothing but the per-chunk states is written."""
+    chunk's ΔS (ΔG walking backwards) as it goes; nothing but the per-chunk states is written.
+    UNROLL 2 takes two chunks a trip: their ΔS do not depend on the state, so the loads, rotations and
+    products of both are in flight together and only the two state updates wait on each other."""
     seq, pid = tl.program_id(0), tl.program_id(2)
     h = tl.program_id(1) // SPLIT_P
     p0 = (tl.program_id(1) % SPLIT_P) * BLOCK_P
@@ -57,34 +86,39 @@ def _states_kernel(
         state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
         state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
     state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
-    for j in range(n_chunks):
+    for j in range(0, n_chunks, UNROLL):
         if FORWARD:
             local = j
         else:
             local = n_chunks - 1 - j
         c = first + local
-        tok0 = seq_tok0 + local * CHUNK
-        rows, _, valid, k_row, at_chunk, _, _ = chunk_rows(
-            tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
         at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
         state_a, state_b = halves(state2, BLOCK_PAIRS)
         store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
-        if i0 < n_angles:
-            cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
-            xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
-                                  cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        else:  # a block of unrotated pairs (rows.rotated_end): no angles
-            xa, xb = load_biased(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
-                                 CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-        left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
-                                  p, p_mask))
-        cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
-        if FORWARD:
-            w = (tl.exp(cs_end - cs) * scale)[:, None]
+        delta, decay = _chunk_delta(
+            X, X_BIAS, THETA, LEFT, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
+            n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+            R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, MM_DTYPE, PRECISION)
+        if UNROLL == 2:
+            has_next = j + 1 < n_chunks
+            if FORWARD:
+                local_next = local + 1
+            else:
+                local_next = local - 1
+            # past the walk's last chunk: tok0 = end, no valid row, so ΔS = 0 and the decay 1
+            tok0_next = tl.where(has_next, seq_tok0 + local_next * CHUNK, end)
+            delta_next, decay_next = _chunk_delta(
+                X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0_next, end, h, left_row, left_head,
+                n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+                R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, MM_DTYPE, PRECISION)
+            state2 = decay * state2 + delta
+            state_a, state_b = halves(state2, BLOCK_PAIRS)
+            at_next = ((first + local_next).to(tl.int64) * n_heads + h) * headdim * d_state
+            store_pairs(STATES + at_next, d_state, p, p_mask & has_next, i0, half_n, state_a, state_b, BLOCK_PAIRS,
+                        INTERLEAVED)
+            state2 = decay_next * state2 + delta_next
         else:
-            w = tl.exp(cs)[:, None]
-        decay = tl.exp(cs_end)
-        state2 = decay * state2 + mm(left, joined(xa, xb, BLOCK_PAIRS) * w, MM_DTYPE, PRECISION)
+            state2 = decay * state2 + delta
     state_a, state_b = halves(state2, BLOCK_PAIRS)
     store_pairs(FINAL + at_seq, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
 
@@ -115,6 +149,7 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         _states_kernel[(lay.n_seqs, H * split_p, triton.cdiv(N // 2, block_pairs))](
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
-            *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, HAS_BIAS=x_bias is not None,
+            *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, UNROLL=knobs.triton_states_unroll,
+            HAS_BIAS=x_bias is not None,
             HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts)
     return states, final
