@@ -3,6 +3,7 @@
 # models $2 (default mamba3,official). Resumes from runs/studies/state-tracking-paper when it is
 # there (carried, or left by an earlier call on a warm machine). COMPILE: the step's mode
 # (paper.compile; e.g. cuda-graph: measure first with `state_tracking.sh measure`). JOBS: side by side.
+# TASKS: the tasks, a TOML list (default the study's, parity), e.g. TASKS='["arith"]' (3-layer models).
 # `state_tracking.sh checked SECONDS [MODELS]`: the cuda-graph GPU test first, then the sweep with cuda-graph
 # if it passed, else eager.
 # `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
@@ -51,7 +52,7 @@ export TRITON_CACHE_DIR=$PWD/runs/studies/state-tracking-paper/.triton-cache  # 
 # is written, not through a buffering `tail`.
 timeout -k 5 $(( seconds - 35 )) python3 -m hybridlm study state-tracking --set protocol=paper \
   --out runs/studies/state-tracking-paper --only "$models" --jobs "${JOBS:-16}" --max-minutes "$minutes" \
-  ${COMPILE:+--set "paper.compile=\"$COMPILE\""} > "$OUT/study.log" 2>&1
+  ${COMPILE:+--set "paper.compile=\"$COMPILE\""} ${TASKS:+--set "paper.tasks=$TASKS"} > "$OUT/study.log" 2>&1
 echo "study exit status $?"; tail -n 40 "$OUT/study.log"
 kill %1 2>/dev/null
 find runs/studies/state-tracking-paper -name checkpoint.pt -size +0 | wc -l > "$OUT/checkpoints.txt"
