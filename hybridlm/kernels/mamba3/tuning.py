@@ -40,6 +40,11 @@ class KernelTuning:
                             [HYBRIDLM_TRITON_STATES_SPLIT_P]
     triton_states_unroll    chunks the states kernel takes a trip of its walk, 1 or 2 (two: both chunks'
                             loads and products in flight together) [HYBRIDLM_TRITON_STATES_UNROLL]
+    triton_states_hoist     1: the states kernel walks rotated and unrotated pair blocks in two loops, so
+                            every load of the next chunk is prefetched; 0: one loop that tests the
+                            block's kind in every trip [HYBRIDLM_TRITON_STATES_HOIST]
+    triton_states_maxnreg   registers a thread of the states kernel may use (ptxas's cap, Triton's
+                            ``maxnreg``); None: ptxas's choice [HYBRIDLM_TRITON_STATES_MAXNREG]
     triton_states_stages    software-pipeline stages of the states kernel's chunk walk; None: 2 for
                             SISO bf16/fp16, 1 otherwise [HYBRIDLM_TRITON_STATES_STAGES]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
@@ -56,6 +61,8 @@ class KernelTuning:
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_unroll: int = 1
+    triton_states_hoist: int = 0
+    triton_states_maxnreg: int | None = None
     triton_states_stages: int | None = None
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
@@ -65,12 +72,16 @@ class KernelTuning:
             value = getattr(self, f.name)
             if value is None and f.default is None:
                 continue
+            if f.name == "triton_states_hoist":  # a switch, 0 or 1: checked below
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
         for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p"):
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
+        if self.triton_states_hoist not in (0, 1) or isinstance(self.triton_states_hoist, bool):
+            raise ValueError(f"KernelTuning.triton_states_hoist must be 0 or 1; got {self.triton_states_hoist}")
         if self.triton_states_unroll not in (1, 2):
             raise ValueError(f"KernelTuning.triton_states_unroll must be 1 or 2; got {self.triton_states_unroll}")
         if self.triton_backward_kernels not in (1, 2):
@@ -87,6 +98,8 @@ ENV_VARS: dict[str, str] = {
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
     "triton_states_unroll": "HYBRIDLM_TRITON_STATES_UNROLL",
+    "triton_states_hoist": "HYBRIDLM_TRITON_STATES_HOIST",
+    "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",

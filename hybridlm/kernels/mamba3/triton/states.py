@@ -30,13 +30,18 @@ from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, left_head,
                  n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
                  R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
-                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
                  MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk's contribution ΔS (ΔG) to the program's state block, (BLOCK_P, 2·BLOCK_PAIRS) fp32, and its
-    decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1."""
+    decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1. ROTATE: 1 the pair block is
+    rotated, 0 it is not (rows.rotated_end), 2 test it here."""
     rows, _, valid, k_row, at_chunk, _, _ = chunk_rows(
         tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    if i0 < n_angles:
+    if ROTATE == 2:  # decided in every trip (the walk's loop has the branch)
+        rotate = i0 < n_angles
+    else:
+        rotate = ROTATE == 1
+    if rotate:
         cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
         xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
                               cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
@@ -54,13 +59,60 @@ def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, lef
 
 
 @triton.jit
+def _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h, left_row, left_head,
+          n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+          R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
+          INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
+          MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The walk over a sequence's chunks from ``state2``: stores the state entering each chunk, returns the
+    last. ROTATE 0 or 1 (HOIST): the program's pair block's kind, fixed for the walk, so the loop body has no
+    branch and Triton's pipeliner prefetches every load of the next chunk (k and the angles too, which
+    inside the branch are loaded, and waited for, in every trip; TTGIR: 3 → 6 asynchronous copies a trip
+    forward, at 128 / 150 registers against 107 / 127). ROTATE 2: the branch in every trip."""
+    for j in range(0, n_chunks, UNROLL):
+        if FORWARD:
+            local = j
+        else:
+            local = n_chunks - 1 - j
+        c = first + local
+        at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
+        state_a, state_b = halves(state2, BLOCK_PAIRS)
+        store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
+        delta, decay = _chunk_delta(
+            X, X_BIAS, THETA, LEFT, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
+            n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+            R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION)
+        if UNROLL == 2:
+            has_next = j + 1 < n_chunks
+            if FORWARD:
+                local_next = local + 1
+            else:
+                local_next = local - 1
+            # past the walk's last chunk: tok0 = end, no valid row, so ΔS = 0 and the decay 1
+            tok0_next = tl.where(has_next, seq_tok0 + local_next * CHUNK, end)
+            delta_next, decay_next = _chunk_delta(
+                X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0_next, end, h, left_row, left_head,
+                n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+                R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION)
+            state2 = decay * state2 + delta
+            state_a, state_b = halves(state2, BLOCK_PAIRS)
+            at_next = ((first + local_next).to(tl.int64) * n_heads + h) * headdim * d_state
+            store_pairs(STATES + at_next, d_state, p, p_mask & has_next, i0, half_n, state_a, state_b, BLOCK_PAIRS,
+                        INTERLEAVED)
+            state2 = decay_next * state2 + delta_next
+        else:
+            state2 = decay * state2 + delta
+    return state2
+
+
+@triton.jit
 def _states_kernel(
     X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P: tl.constexpr,
-    UNROLL: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr,
-    FORWARD: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    UNROLL: tl.constexpr, HOIST: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_START: tl.constexpr, FORWARD: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Steps 1 and 2 in one program per (sequence, head, pair block, block of P rows): the block of
     the state stays in registers while the program walks the sequence's chunks, adding each
@@ -86,39 +138,21 @@ def _states_kernel(
         state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
         state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
     state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
-    for j in range(0, n_chunks, UNROLL):
-        if FORWARD:
-            local = j
-        else:
-            local = n_chunks - 1 - j
-        c = first + local
-        at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
-        state_a, state_b = halves(state2, BLOCK_PAIRS)
-        store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
-        delta, decay = _chunk_delta(
-            X, X_BIAS, THETA, LEFT, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
-            n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
-            R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, MM_DTYPE, PRECISION)
-        if UNROLL == 2:
-            has_next = j + 1 < n_chunks
-            if FORWARD:
-                local_next = local + 1
-            else:
-                local_next = local - 1
-            # past the walk's last chunk: tok0 = end, no valid row, so ΔS = 0 and the decay 1
-            tok0_next = tl.where(has_next, seq_tok0 + local_next * CHUNK, end)
-            delta_next, decay_next = _chunk_delta(
-                X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0_next, end, h, left_row, left_head,
-                n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
-                R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, MM_DTYPE, PRECISION)
-            state2 = decay * state2 + delta
-            state_a, state_b = halves(state2, BLOCK_PAIRS)
-            at_next = ((first + local_next).to(tl.int64) * n_heads + h) * headdim * d_state
-            store_pairs(STATES + at_next, d_state, p, p_mask & has_next, i0, half_n, state_a, state_b, BLOCK_PAIRS,
-                        INTERLEAVED)
-            state2 = decay_next * state2 + delta_next
-        else:
-            state2 = decay * state2 + delta
+    if not HOIST:
+        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
+                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 2,
+                       MM_DTYPE, PRECISION)
+    elif i0 < n_angles:
+        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
+                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 1,
+                       MM_DTYPE, PRECISION)
+    else:  # a block of unrotated pairs (rows.rotated_end): no angles
+        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
+                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
+                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 0,
+                       MM_DTYPE, PRECISION)
     state_a, state_b = halves(state2, BLOCK_PAIRS)
     store_pairs(FINAL + at_seq, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
 
@@ -150,6 +184,8 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, UNROLL=knobs.triton_states_unroll,
+            HOIST=knobs.triton_states_hoist == 1,
             HAS_BIAS=x_bias is not None,
-            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts)
+            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
+            **({"maxnreg": knobs.triton_states_maxnreg} if knobs.triton_states_maxnreg else {}))
     return states, final
