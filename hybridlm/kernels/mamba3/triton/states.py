@@ -184,8 +184,7 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, UNROLL=knobs.triton_states_unroll,
-            HOIST=knobs.triton_states_hoist == 1,
-            HAS_BIAS=x_bias is not None,
-            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
+            HOIST=knobs.triton_states_hoist == 1, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
+            FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
             **({"maxnreg": knobs.triton_states_maxnreg} if knobs.triton_states_maxnreg else {}))
     return states, final
