@@ -288,7 +288,7 @@ def test_the_study_stops_each_call_and_resumes_the_next(tmp_path, capsys):
 def test_dry_run_lists_every_run_with_its_steps_and_the_planned_time(capsys):
     assert cli(["study", "state-tracking", "--dry-run", "--set", "protocol=paper"]) == 0
     out = capsys.readouterr().out
-    assert out.count("40,000 steps") == 112 and "planned GPU wall time" in out  # 7 models x 2 widths x 8 lrs
+    assert out.count("40,000 steps") == 128 and "planned GPU wall time" in out  # 8 models x 2 widths x 8 lrs
     assert "paper-official-parity-d64-lr0.01" in out and "paper-mamba3-mixer-parity-d32-lr0.0001" in out
     assert "paper-official-mixer-parity-d64-lr0.01" in out and "hybridlm.studies.state_tracking_train" in out
 
