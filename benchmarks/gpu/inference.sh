@@ -41,3 +41,5 @@ for part in $parts; do
     *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose)"; exit 2 ;;
   esac
 done
+# the JSON results come back as they are, every log inside logs.tgz (a call brings back at most 8 files)
+tidy_out "*.json"
