@@ -12,16 +12,14 @@ bring_back() {  # bring_back NAME FOLDER: FOLDER as $OUT/NAME.tgz.part-* (15 MiB
 
 tidy_out() {  # tidy_out KEEP...: every file of $OUT but those matching a KEEP pattern into $OUT/logs.tgz, since
   # a call brings back at most 8 files (2026-12-04 the run folder's archive was the one left behind)
-  local keep=() name pattern kept
-  for pattern in "$@"; do keep+=("$pattern"); done
-  local pack=()
+  local name pattern pack=()
   for name in $(cd "$OUT" && ls -A); do
-    kept=0
-    for pattern in "${keep[@]}"; do
+    [ "$name" = logs.tgz ] && continue
+    for pattern in "$@"; do
       # shellcheck disable=SC2053
-      [[ "$name" == $pattern ]] && kept=1
+      [[ "$name" == $pattern ]] && continue 2
     done
-    [ "$kept" = 1 ] || [ "$name" = logs.tgz ] || pack+=("$name")
+    pack+=("$name")
   done
   [ "${#pack[@]}" -gt 0 ] || return 0
   (cd "$OUT" && tar czf logs.tgz "${pack[@]}" && rm -rf "${pack[@]}")

@@ -76,8 +76,7 @@ def pin_chosen(path: Path, tuners: dict | None = None) -> int:
             continue
         for key, c in entries.items():
             tuners[name].cache[ast.literal_eval(key)] = triton.Config(
-                c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"],
-                maxnreg=c["maxnreg"])
+                c["kwargs"], **{field: c[field] for field in CONFIG_FIELDS if field != "kwargs"})
             pinned += 1
     return pinned
 

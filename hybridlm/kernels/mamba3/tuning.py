@@ -72,22 +72,22 @@ class KernelTuning:
             value = getattr(self, f.name)
             if value is None and f.default is None:
                 continue
-            if f.name == "triton_states_hoist":  # a switch, 0 or 1: checked below
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KernelTuning.{f.name} must be a positive integer; got {value!r}")
+            allowed, text = CHOICES.get(f.name, (None, "a positive integer"))
+            wrong_type = not isinstance(value, int) or isinstance(value, bool)
+            if wrong_type or (value not in allowed if allowed else value < 1):
+                raise ValueError(f"KernelTuning.{f.name} must be {text}; got {value!r}")
         for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p"):
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
-        if self.triton_states_hoist not in (0, 1) or isinstance(self.triton_states_hoist, bool):
-            raise ValueError(f"KernelTuning.triton_states_hoist must be 0 or 1; got {self.triton_states_hoist}")
-        if self.triton_states_unroll not in (1, 2):
-            raise ValueError(f"KernelTuning.triton_states_unroll must be 1 or 2; got {self.triton_states_unroll}")
-        if self.triton_backward_kernels not in (1, 2):
-            raise ValueError("KernelTuning.triton_backward_kernels must be 1 (fused) or 2 (split); "
-                             f"got {self.triton_backward_kernels}")
 
+
+# the knobs that pick one of a few designs: their values, and how an error names them
+CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
+    "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
+    "triton_states_unroll": ((1, 2), "1 or 2"),
+    "triton_states_hoist": ((0, 1), "0 or 1"),
+}
 
 ENV_VARS: dict[str, str] = {
     "triton_block_pairs": "HYBRIDLM_TRITON_BLOCK_PAIRS",
