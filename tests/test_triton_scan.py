@@ -136,15 +136,12 @@ def test_tuning_knobs_reach_the_spec_and_keep_the_results():
 
 @pytest.mark.parametrize("knobs", [dict(triton_states_split_p=2, triton_states_block_pairs=8),
                                    dict(triton_states_split_p=4, triton_states_stages=1),
-                                   dict(triton_states_unroll=2),
-                                   dict(triton_states_hoist=1, triton_states_maxnreg=128),
-                                   dict(triton_states_hoist=1, triton_states_unroll=2)])
+                                   dict(triton_states_maxnreg=255)])
 def test_states_kernel_knobs_keep_the_results(knobs):
     """The states kernel's own tiling (issue 17's A/B): a head's P rows split over programs, other
-    pair blocks than the chunk kernels', two chunks a trip, the rotated and unrotated pair blocks in
-    loops of their own (hoist) with a register cap, over packed ragged sequences (3, 1 and
-    2 chunks: odd counts leave the walk's last trip one chunk) with initial states and a quarter of
-    the pairs rotated (a pair block of 8 is then wholly rotated or wholly not)."""
+    pair blocks than the chunk kernels', other stages and register caps, over packed ragged sequences
+    (3, 1 and 2 chunks) with initial states and a quarter of the pairs rotated (a pair block of 8 is
+    then wholly rotated or wholly not, so both walks, rotated and not, run)."""
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
     lengths = [19, 1, 12]
@@ -182,14 +179,12 @@ def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
 def test_states_knobs_are_checked_and_read_from_the_environment():
     from hybridlm.kernels.mamba3.tuning import KernelTuning, tuning_from_env
 
-    env = {"HYBRIDLM_TRITON_STATES_HOIST": "1", "HYBRIDLM_TRITON_STATES_UNROLL": "2",
-           "HYBRIDLM_TRITON_STATES_MAXNREG": "128", "HYBRIDLM_TRITON_STATES_SPLIT_P": "2"}
+    env = {"HYBRIDLM_TRITON_STATES_MAXNREG": "128", "HYBRIDLM_TRITON_STATES_SPLIT_P": "2",
+           "HYBRIDLM_TRITON_STATES_STAGES": "3"}
     t = tuning_from_env(env)
-    assert (t.triton_states_hoist, t.triton_states_unroll, t.triton_states_maxnreg, t.triton_states_split_p) == (
-        1, 2, 128, 2)
-    assert KernelTuning().triton_states_hoist == 0 and KernelTuning().triton_states_maxnreg is None
-    for bad in (dict(triton_states_hoist=2), dict(triton_states_hoist=True), dict(triton_states_unroll=3),
-                dict(triton_states_split_p=3), dict(triton_states_maxnreg=0)):
+    assert (t.triton_states_maxnreg, t.triton_states_split_p, t.triton_states_stages) == (128, 2, 3)
+    assert KernelTuning().triton_states_maxnreg is None and KernelTuning().triton_states_stages is None
+    for bad in (dict(triton_states_split_p=3), dict(triton_states_maxnreg=0), dict(triton_states_stages=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelTuning(**bad)
 

@@ -104,9 +104,9 @@ def test_packed_fp32_matches_reference(backward_kernels):
 
 
 STATES_VARIANTS = {  # the states kernel's knob sets under A/B (docs/benchmarks.md, issue 17)
-    "hoist-maxnreg128": dict(triton_states_hoist=1, triton_states_maxnreg=128),
-    "hoist-stages2": dict(triton_states_hoist=1, triton_states_stages=2),
-    "unroll2": dict(triton_states_unroll=2),
+    "stages1": dict(triton_states_stages=1),
+    "no-register-cap": dict(triton_states_maxnreg=255),
+    "split-p2-pairs8": dict(triton_states_split_p=2, triton_states_block_pairs=8),
 }
 
 

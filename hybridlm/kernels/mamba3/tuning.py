@@ -38,15 +38,11 @@ class KernelTuning:
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
                             headdim / split of them: more programs in flight, the k rows read by each)
                             [HYBRIDLM_TRITON_STATES_SPLIT_P]
-    triton_states_unroll    chunks the states kernel takes a trip of its walk, 1 or 2 (two: both chunks'
-                            loads and products in flight together) [HYBRIDLM_TRITON_STATES_UNROLL]
-    triton_states_hoist     1: the states kernel walks rotated and unrotated pair blocks in two loops, so
-                            every load of the next chunk is prefetched; 0: one loop that tests the
-                            block's kind in every trip [HYBRIDLM_TRITON_STATES_HOIST]
     triton_states_maxnreg   registers a thread of the states kernel may use (ptxas's cap, Triton's
-                            ``maxnreg``); None: ptxas's choice [HYBRIDLM_TRITON_STATES_MAXNREG]
+                            ``maxnreg``); None: 128 for bf16/fp16, ptxas's choice for fp32
+                            [HYBRIDLM_TRITON_STATES_MAXNREG]
     triton_states_stages    software-pipeline stages of the states kernel's chunk walk; None: 2 for
-                            SISO bf16/fp16, 1 otherwise [HYBRIDLM_TRITON_STATES_STAGES]
+                            bf16/fp16, 1 for fp32 [HYBRIDLM_TRITON_STATES_STAGES]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -60,8 +56,6 @@ class KernelTuning:
     triton_bias_rows: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
-    triton_states_unroll: int = 1
-    triton_states_hoist: int = 0
     triton_states_maxnreg: int | None = None
     triton_states_stages: int | None = None
     cute_max_rows: int | None = None
@@ -85,8 +79,6 @@ class KernelTuning:
 # the knobs that pick one of a few designs: their values, and how an error names them
 CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
-    "triton_states_unroll": ((1, 2), "1 or 2"),
-    "triton_states_hoist": ((0, 1), "0 or 1"),
 }
 
 ENV_VARS: dict[str, str] = {
@@ -97,8 +89,6 @@ ENV_VARS: dict[str, str] = {
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
-    "triton_states_unroll": "HYBRIDLM_TRITON_STATES_UNROLL",
-    "triton_states_hoist": "HYBRIDLM_TRITON_STATES_HOIST",
     "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",

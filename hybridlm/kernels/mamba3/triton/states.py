@@ -33,15 +33,11 @@ def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, lef
                  INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
                  MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk's contribution ΔS (ΔG) to the program's state block, (BLOCK_P, 2·BLOCK_PAIRS) fp32, and its
-    decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1. ROTATE: 1 the pair block is
-    rotated, 0 it is not (rows.rotated_end), 2 test it here."""
+    decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1. ROTATE: whether the pair block
+    is rotated (rows.rotated_end)."""
     rows, _, valid, k_row, at_chunk, _, _ = chunk_rows(
         tok0, end, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
-    if ROTATE == 2:  # decided in every trip (the walk's loop has the branch)
-        rotate = i0 < n_angles
-    else:
-        rotate = ROTATE == 1
-    if rotate:
+    if ROTATE:
         cos, sin = chunk_rotation(THETA, tok0, end, h, n_heads, n_angles, i0, CHUNK, R, BLOCK_PAIRS)
         xa, xb = load_rotated(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
                               cos, sin, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
@@ -61,15 +57,16 @@ def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, lef
 @triton.jit
 def _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h, left_row, left_head,
           n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
-          R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
+          R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
           INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
           MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """The walk over a sequence's chunks from ``state2``: stores the state entering each chunk, returns the
-    last. ROTATE 0 or 1 (HOIST): the program's pair block's kind, fixed for the walk, so the loop body has no
-    branch and Triton's pipeliner prefetches every load of the next chunk (k and the angles too, which
-    inside the branch are loaded, and waited for, in every trip; TTGIR: 3 → 6 asynchronous copies a trip
-    forward, at 128 / 150 registers against 107 / 127). ROTATE 2: the branch in every trip."""
-    for j in range(0, n_chunks, UNROLL):
+    last. ROTATE, the program's pair block's kind, is fixed for the walk, so the loop body has no branch
+    and Triton's pipeliner prefetches every load of the next chunk (TTGIR: 6 asynchronous copies a trip
+    forward; with the kind tested in every trip, k and the angles were loaded, and waited for, in the
+    trip: 3). MIMO's states call took 987 → 756 µs with this, 2 stages and 128 registers (H200, B 8,
+    L 2K, d_state 64; docs/benchmarks.md)."""
+    for j in range(0, n_chunks):
         if FORWARD:
             local = j
         else:
@@ -82,26 +79,7 @@ def _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, s
             X, X_BIAS, THETA, LEFT, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
             n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
             R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION)
-        if UNROLL == 2:
-            has_next = j + 1 < n_chunks
-            if FORWARD:
-                local_next = local + 1
-            else:
-                local_next = local - 1
-            # past the walk's last chunk: tok0 = end, no valid row, so ΔS = 0 and the decay 1
-            tok0_next = tl.where(has_next, seq_tok0 + local_next * CHUNK, end)
-            delta_next, decay_next = _chunk_delta(
-                X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0_next, end, h, left_row, left_head,
-                n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
-                R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION)
-            state2 = decay * state2 + delta
-            state_a, state_b = halves(state2, BLOCK_PAIRS)
-            at_next = ((first + local_next).to(tl.int64) * n_heads + h) * headdim * d_state
-            store_pairs(STATES + at_next, d_state, p, p_mask & has_next, i0, half_n, state_a, state_b, BLOCK_PAIRS,
-                        INTERLEAVED)
-            state2 = decay_next * state2 + delta_next
-        else:
-            state2 = decay * state2 + delta
+        state2 = decay * state2 + delta
     return state2
 
 
@@ -111,14 +89,12 @@ def _states_kernel(
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P: tl.constexpr,
-    UNROLL: tl.constexpr, HOIST: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_START: tl.constexpr, FORWARD: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, FORWARD: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Steps 1 and 2 in one program per (sequence, head, pair block, block of P rows): the block of
     the state stays in registers while the program walks the sequence's chunks, adding each
-    chunk's ΔS (ΔG walking backwards) as it goes; nothing but the per-chunk states is written.
-    UNROLL 2 takes two chunks a trip: their ΔS do not depend on the state, so the loads, rotations and
-    products of both are in flight together and only the two state updates wait on each other."""
+    chunk's ΔS (ΔG walking backwards) as it goes; nothing but the per-chunk states is written."""
     seq, pid = tl.program_id(0), tl.program_id(2)
     h = tl.program_id(1) // SPLIT_P
     p0 = (tl.program_id(1) % SPLIT_P) * BLOCK_P
@@ -138,20 +114,15 @@ def _states_kernel(
         state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
         state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
     state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
-    if not HOIST:
+    if i0 < n_angles:
         state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
                        left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 2,
-                       MM_DTYPE, PRECISION)
-    elif i0 < n_angles:
-        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
-                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 1,
+                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, True,
                        MM_DTYPE, PRECISION)
     else:  # a block of unrotated pairs (rows.rotated_end): no angles
         state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
                        left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, UNROLL, INTERLEAVED, HAS_BIAS, FORWARD, 0,
+                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, False,
                        MM_DTYPE, PRECISION)
     state_a, state_b = halves(state2, BLOCK_PAIRS)
     store_pairs(FINAL + at_seq, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
@@ -170,21 +141,22 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
     states = torch.empty(lay.n_chunks, H, P, N, device=x.device, dtype=states_dtype)
     final = torch.empty(lay.n_seqs, H, P, N, device=x.device, dtype=torch.float32)
     if lay.n_seqs:
-        # 2 stages for SISO bf16/fp16, 1 for MIMO (its 16-token chunks leave less to prefetch); fp32
-        # products spill on 4 warps, so 8 warps and 1 stage (docs/benchmarks.md, kernel design notes)
+        # bf16/fp16: 2 stages and at most 128 registers (4 programs an SM; ptxas takes 128-150 without
+        # the cap): MIMO's call 987 -> 756 µs, SISO's 186 -> 179 (H200, B 8, L 2K, d_state 64;
+        # docs/benchmarks.md). fp32 products spill on 4 warps, so 8 warps and 1 stage.
         fp32 = spec.matmul_dtype == torch.float32
-        warps, stages = (8, 1) if fp32 else (4, 2 if spec.rank == 1 else 1)
+        warps, stages, maxnreg = (8, 1, None) if fp32 else (4, 2, 128)
         knobs = spec.knobs
         if knobs.triton_states_stages is not None:
             stages = knobs.triton_states_stages
+        maxnreg = knobs.triton_states_maxnreg or maxnreg
         block_pairs = knobs.triton_states_block_pairs or spec.block_pairs
         split_p = min(knobs.triton_states_split_p, spec.block_p // 16)  # a dot's operand is ≥ 16 rows
         consts = spec.constexprs() | dict(BLOCK_PAIRS=block_pairs)
         _states_kernel[(lay.n_seqs, H * split_p, triton.cdiv(N // 2, block_pairs))](
             x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
-            *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, UNROLL=knobs.triton_states_unroll,
-            HOIST=knobs.triton_states_hoist == 1, HAS_BIAS=x_bias is not None, HAS_START=start is not None,
-            FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
-            **({"maxnreg": knobs.triton_states_maxnreg} if knobs.triton_states_maxnreg else {}))
+            *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, HAS_BIAS=x_bias is not None,
+            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
+            **({"maxnreg": maxnreg} if maxnreg else {}))
     return states, final
