@@ -628,7 +628,8 @@ def test_bf16_decode_within_the_bf16_forward_bound(family):
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 def test_chunked_prefill_equals_unchunked(family, chunk):
     """Chunks of 1 (every token a decode step), 5 (across the scan's chunks and the window, a
-    packed chunk where a short prompt has no token left) and 16; dense and packed prompts.
+    packed chunk where a short prompt has no token left) and 16; dense and packed prompts; all the
+    sequences in one forward and two at a time.
     ``decode-test`` is tests/test_decode.py's spec: short conv, MIMO, windowed RoPE and QK-norm."""
     model = tiny_model() if family == "decode-test" else family_model(family)
     vocab = model.spec.vocab_size
@@ -636,11 +637,13 @@ def test_chunked_prefill_equals_unchunked(family, chunk):
     dense = torch.stack([prompts[0][:9], prompts[2][:9], prompts[0][5:14]])  # (3, 9)
     for inputs in (prompts, dense):
         whole = Decoder(model, 3, 24)
-        chunked = Decoder(model, 3, 24, prefill_chunk=chunk)
-        got = [chunked.prefill(inputs)] + [chunked.step(fed[:, t]) for t in range(fed.shape[1])]
         want = [whole.prefill(inputs)] + [whole.step(fed[:, t]) for t in range(fed.shape[1])]
-        assert chunked.lengths == whole.lengths and chunked.cache.seqlen_offset == whole.cache.seqlen_offset
-        assert rel_err(torch.stack(got), torch.stack(want)) <= TOL[torch.float32], type(inputs)
+        # and in groups of 2 and 1 sequences (views of their cache rows: short conv, MIMO, KV caches)
+        for chunked in (Decoder(model, 3, 24, prefill_chunk=chunk), Decoder(model, 3, 24, prefill_chunk=chunk,
+                                                                          prefill_rows=2)):
+            got = [chunked.prefill(inputs)] + [chunked.step(fed[:, t]) for t in range(fed.shape[1])]
+            assert chunked.lengths == whole.lengths and chunked.cache.seqlen_offset == whole.cache.seqlen_offset
+            assert rel_err(torch.stack(got), torch.stack(want)) <= TOL[torch.float32], type(inputs)
 
 
 @torch.no_grad()
@@ -831,39 +834,60 @@ def test_generate_benchmark_sampled_decode_quick(bench, monkeypatch, tmp_path):
         assert r["generated_tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
 
 
-def test_prefill_halves_its_chunk_after_out_of_memory(monkeypatch):
-    """A prefill forward whose activations do not fit beside a large cache is retried with the chunk
-    halved (with a warning) until it fits, down to one token a row; the logits are the unchunked
-    prefill's (chunking changes only summation order). The first chunk here is the token budget's
-    (49 tokens a row at batch 2,664 and 512-token prompts is what ran out of memory on the H200)."""
+def test_prefill_shrinks_after_out_of_memory(monkeypatch):
+    """A prefill forward that does not fit beside a large cache is retried smaller, with a warning:
+    the token chunk halved while above ROWS_BEFORE_TOKENS_BELOW, then the rows (sequences a forward,
+    through views of their cache rows), then the tokens again, down to one token of one sequence; the
+    logits, the cache and the next steps are the one-forward prefill's (only summation order changes).
+    The H200 case: at batch 2,664 and 512-token prompts the budget gave 49 tokens a row, and each
+    Mamba-3 layer's fp32 states of every row (about 5 GiB each way at the 1.5B presets) left no token
+    chunk that fit."""
     model = family_model("hybrid-tiny")
-    ids = torch.randint(0, 256, (2, 40))
-    monkeypatch.setattr(decoder_module, "PREFILL_TOKENS", 50)  # 25 tokens a row at batch 2
-    decoder = Decoder(model, 2, 48)
+    vocab = model.spec.vocab_size
+    prompts, fed = family_inputs(lengths=(19, 3, 12, 7), steps=3, vocab=vocab)
+    monkeypatch.setattr(decoder_module, "PREFILL_TOKENS", 40)  # 41 tokens in all: chunks of 10 a row
+    monkeypatch.setattr(decoder_module, "ROWS_BEFORE_TOKENS_BELOW", 6)
     real = type(model).features
-    chunks = []
+    forwards = []
 
-    def features_limited(self, ids_, *args, **kwargs):  # "out of memory" above `limit` tokens a row
-        chunks.append(ids_.shape[1])
-        if ids_.shape[1] > limit:
+    def features_limited(self, ids_, cu_seqlens=None, *args, **kwargs):  # "out of memory" above `limit`
+        rows = ids_.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        tokens = ids_.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        forwards.append((rows, tokens))
+        if rows * tokens > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, ids_, *args, **kwargs)
+        return real(self, ids_, cu_seqlens, *args, **kwargs)
 
-    limit = 6
+    want_decoder = Decoder(model, 4, 32)
+    want = [want_decoder.prefill(prompts)] + [want_decoder.step(fed[:, t]) for t in range(fed.shape[1])]
+    dense = torch.stack([p[:3] for p in prompts])
+    want_dense = Decoder(model, 4, 32).prefill(dense)
+    limit = 3
     monkeypatch.setattr(type(model), "features", features_limited)
-    with pytest.warns(RuntimeWarning, match="ran out of memory"):
-        got = decoder.prefill(ids)
-    assert decoder.prefill_chunk == 6 and chunks[:3] == [25, 12, 6]
+    decoder = Decoder(model, 4, 32)
+    with pytest.warns(RuntimeWarning, match="ran out of memory") as caught:
+        got = [decoder.prefill(prompts)]
+    # 4 x 10 -> 4 x 5 (tokens, above 6) -> 2 rows x 5 (the chunk is pinned) -> 1 row x 5 -> 1 x 2, which fits
+    assert [str(w.message).split(";")[1].strip() for w in caught] == [
+        "prefilling 5 tokens a row at a time (set prefill_chunk to choose)",
+        "prefilling 2 sequences at a time (set prefill_rows to choose)",
+        "prefilling 1 sequences at a time (set prefill_rows to choose)",
+        "prefilling 2 tokens a row at a time (set prefill_chunk to choose)"]
+    assert (decoder.prefill_rows, decoder.prefill_chunk) == (1, 2) and forwards[-1] == (1, 1)
     monkeypatch.setattr(type(model), "features", real)
-    with torch.no_grad():
-        want = Decoder(model, 2, 48).prefill(ids)
-    assert rel_err(got, want) <= TOL[torch.float32]
-    limit = 0  # not even one token a row fits: the error comes through
+    got += [decoder.step(fed[:, t]) for t in range(fed.shape[1])]
+    assert decoder.lengths == want_decoder.lengths and decoder.cache.seqlen_offset == want_decoder.cache.seqlen_offset
+    assert rel_err(torch.stack(got), torch.stack(want)) <= TOL[torch.float32]
+    grouped = Decoder(model, 4, 32, prefill_rows=3)  # groups of 3 and 1, dense prompts
+    assert rel_err(grouped.prefill(dense), want_dense) <= TOL[torch.float32]
+    limit = 0  # not even one token of one sequence fits: the error comes through
     monkeypatch.setattr(type(model), "features", features_limited)
     with pytest.raises(torch.OutOfMemoryError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        decoder.prefill(ids)
-    assert decoder.prefill_chunk == 1
+        decoder.prefill(prompts)
+    assert (decoder.prefill_rows, decoder.prefill_chunk) == (1, 1)
+    with pytest.raises(ShapeError, match="prefill_rows must be a positive number of sequences"):
+        Decoder(model, 2, 8, prefill_rows=0)
 
 
 @needs_triton

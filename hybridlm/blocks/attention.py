@@ -53,6 +53,10 @@ class KVCache:
     def set_host_length(self, n: int) -> None:
         self.max_filled = n
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows ``start:stop``, views of this cache's tensors; its host bound starts at 0 (empty rows)."""
+        return KVCache(self.k[start:stop], self.v[start:stop], self.lengths[start:stop])
+
     def zero_(self) -> "KVCache":
         """Empty every row. Keys and values stay: nothing past a row's length is ever read."""
         self.lengths.zero_()

@@ -50,6 +50,11 @@ class Mamba3Cache:
         if conv is not None:
             self.conv.copy_(conv.detach())
 
+    def rows(self, start: int, stop: int) -> "Mamba3Cache":
+        """Rows ``start:stop``, views of this cache's tensors (updated in place through them)."""
+        return Mamba3Cache(*(t[start:stop] if t is not None else None
+                             for t in (getattr(self, f.name) for f in fields(self))))
+
     def zero_(self) -> "Mamba3Cache":
         for f in fields(self):
             t = getattr(self, f.name)

@@ -30,6 +30,13 @@ class HybridCache:
         self.seqlen_offset = 0
         return self
 
+    def rows(self, start: int, stop: int) -> "HybridCache":
+        """Rows ``start:stop`` as a cache of their own whose tensors are views of this one's: a forward
+        through it writes those rows in place (a prefill of a group of the batch's sequences). Host
+        lengths start at 0: use it on empty rows, then :meth:`set_host_length` on the whole cache."""
+        layers = [c.rows(start, stop) if c is not None else None for c in self.layers]
+        return HybridCache(layers, stop - start, self.max_len)
+
     def set_host_length(self, n: int) -> None:
         """Set the host-side bound of the longest row to ``n`` tokens: CUDA-graph replays run no
         Python, so the code that replays them keeps this count."""

@@ -7,8 +7,12 @@
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
 state and keys/values into its cache row; with ``prefill_chunk=C`` it runs C tokens of every
 prompt at a time instead (the states and KV caches carried from chunk to chunk), so a long prompt
-needs the activations of C tokens, not of the whole prompt; a forward that runs out of memory beside a
-large cache is retried with C halved, down to one token a row. A step feeds one token per row;
+needs the activations of C tokens, not of the whole prompt; with ``prefill_rows=G`` it takes G
+sequences at a time (through views of their cache rows). A forward that runs out of memory beside a
+large cache is retried smaller: C halved while it is above a scan chunk (64 tokens), then G halved
+(below that, each Mamba-3 layer's fp32 states of every row, 2 MiB a row and layer in the 1.5B
+presets, are most of a forward's memory: at batch 2,664 no token chunk fit), then C again, down to
+one token of one sequence. A step feeds one token per row;
 attention reads the preallocated KV cache with per-row lengths, Mamba-3 runs its decode step.
 Every state is updated in place on the device and the step has fixed shapes, so on CUDA it is
 recorded once in a ``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small
@@ -35,6 +39,9 @@ WARMUP_STEPS = 3
 # Tokens a prefill forward takes at most unless ``prefill_chunk`` says otherwise: the 1.5B presets'
 # activations at this many tokens take about 11 GiB (hybrid-1.5b on the H200, 2026-12-03).
 PREFILL_TOKENS = 131072
+# After running out of memory, the token chunk is halved while above this (the Mamba-3 scan's chunk),
+# then the rows: below it the per-row states, not the tokens, fill a forward's memory.
+ROWS_BEFORE_TOKENS_BELOW = 64
 
 
 def chunk_within(batch_size: int, longest: int, budget: int) -> int:
@@ -61,19 +68,22 @@ class Decoder:
     ``prefill_chunk``: prefill at most this many tokens of each prompt per forward (None: whole
     prompts in one forward while the batch's prompts total at most ``PREFILL_TOKENS`` tokens, else
     :func:`chunk_within` that budget); the result equals the unchunked prefill up to summation order.
+    ``prefill_rows``: prefill at most this many sequences per forward (None: all of them), the same
+    result; both are lowered by themselves when a prefill runs out of memory (with a warning).
     ``compile_step``: run the step through ``torch.compile`` (True: the default inductor backend;
     a string: that ``torch.compile`` backend); on CUDA the compiled step is what the graph captures.
     ``fused_norms``: the model's fused add + RMSNorm path (False: the blocks' own ops, as in training).
     """
 
     def __init__(self, model: "HybridLM", batch_size: int, max_len: int, *, cuda_graph: bool = True,
-                 prefill_chunk: int | None = None, compile_step: bool | str = False, fused_norms: bool = True):
+                 prefill_chunk: int | None = None, prefill_rows: int | None = None,
+                 compile_step: bool | str = False, fused_norms: bool = True):
         if batch_size < 1 or max_len < 1:
             raise ShapeError(f"Decoder needs batch_size >= 1 and max_len >= 1; got {batch_size} and {max_len}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise ShapeError(f"Decoder prefill_chunk must be a positive number of tokens or None; "
-                             f"got {prefill_chunk!r}")
+        for name, value, what in (("prefill_chunk", prefill_chunk, "tokens"), ("prefill_rows", prefill_rows,
+                                                                                "sequences")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ShapeError(f"Decoder {name} must be a positive number of {what} or None; got {value!r}")
         if not isinstance(compile_step, (bool, str)):
             raise ValueError(f"Decoder compile_step must be True, False or a torch.compile backend name; "
                              f"got {compile_step!r}")
@@ -81,6 +91,7 @@ class Decoder:
         self.batch_size = batch_size
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
+        self.prefill_rows = prefill_rows
         self.fused_norms = fused_norms
         self.device = model.tok_embeddings.weight.device
         _check_cache_fits(model, batch_size, max_len, self.device)
@@ -126,11 +137,12 @@ class Decoder:
                 last = self._prefill_last_hidden(ids, cu_seqlens, lengths)
                 break
             except torch.OutOfMemoryError:
-                chunk = self._chunk_for(lengths)
-                if chunk <= 1:
+                rows = self._rows_per_forward()
+                chunk = self._chunk_for(lengths[:rows])
+                if chunk <= 1 and rows <= 1:
                     raise
             # out of the except block: the error's frames, and the activations they hold, are gone
-            self._halve_prefill_chunk(chunk)
+            self._shrink_prefill(rows, chunk)
         self.lengths = lengths
         self._prefilled = True
         return self.model.output(last)
@@ -158,41 +170,68 @@ class Decoder:
         return logits
 
     # -- internals ----------------------------------------------------------------------------------
-    def _features(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        return self.model.features(ids, cu_seqlens=cu_seqlens, cache=self.cache, fused_norms=self.fused_norms)
+    def _features(self, ids: Tensor, cu_seqlens: Tensor | None, cache) -> Tensor:
+        return self.model.features(ids, cu_seqlens=cu_seqlens, cache=cache, fused_norms=self.fused_norms)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
         return self._step_fn(self.model, self.cache, tokens, self.fused_norms)
 
     def _chunk_for(self, lengths: list[int]) -> int:
-        """Tokens of each prompt a prefill forward takes (``prefill_chunk``, or the token budget's)."""
+        """Tokens of each prompt a prefill forward of these prompts takes (``prefill_chunk``, or the token
+        budget's)."""
         return self.prefill_chunk or (max(lengths) if sum(lengths) <= PREFILL_TOKENS
                                       else chunk_within(len(lengths), max(lengths), PREFILL_TOKENS))
 
-    def _halve_prefill_chunk(self, chunk: int) -> None:
-        """After a prefill forward of ``chunk`` tokens a row ran out of memory: half as many from now on (a
-        large cache leaves less room for a forward's activations than the token budget assumes, e.g. the
-        1.5B state models at batch 2,664 on an H200); the results change only in summation order."""
-        self.prefill_chunk = max(1, chunk // 2)
-        warnings.warn(f"Decoder prefill: a forward of {chunk} tokens a row ran out of memory beside the cache; "
-                      f"prefilling {self.prefill_chunk} tokens a row at a time (set prefill_chunk to choose)",
-                      RuntimeWarning, stacklevel=3)
+    def _rows_per_forward(self) -> int:
+        return min(self.prefill_rows or self.batch_size, self.batch_size)
+
+    def _shrink_prefill(self, rows: int, chunk: int) -> None:
+        """After a prefill forward of ``rows`` sequences and ``chunk`` tokens a row ran out of memory: half
+        the tokens while above a scan chunk, then half the rows, then the tokens again (a large cache
+        leaves less room than the token budget assumes, e.g. the 1.5B state models at batch 2,664 on an
+        H200); the results change only in summation order."""
+        if chunk > 1 and (chunk > ROWS_BEFORE_TOKENS_BELOW or rows <= 1):
+            self.prefill_chunk = max(1, chunk // 2)
+            change = f"prefilling {self.prefill_chunk} tokens a row at a time (set prefill_chunk to choose)"
+        else:
+            self.prefill_rows = max(1, rows // 2)
+            change = f"prefilling {self.prefill_rows} sequences at a time (set prefill_rows to choose)"
+        warnings.warn(f"Decoder prefill: a forward of {rows} sequences x {chunk} tokens ran out of memory beside "
+                      f"the cache; {change}", RuntimeWarning, stacklevel=3)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
-        """Run the prompts into the (empty) cache; every prompt's last hidden state (B, d_model).
+        """Run the prompts into the (empty) cache, ``prefill_rows`` sequences at a time (each group
+        through views of its cache rows); every prompt's last hidden state (B, d_model)."""
+        rows = self._rows_per_forward()
+        if rows >= self.batch_size:
+            return self._prefill_group(self.cache, ids, cu_seqlens, lengths)
+        last = []
+        for start in range(0, self.batch_size, rows):
+            stop = min(start + rows, self.batch_size)
+            if cu_seqlens is None:
+                group_ids, group_cu = ids[start:stop], None
+            else:  # the group's prompts are contiguous in the packed ids
+                first, end = int(cu_seqlens[start]), int(cu_seqlens[stop])
+                group_ids, group_cu = ids[:, first:end], cu_seqlens[start:stop + 1] - first
+            last.append(self._prefill_group(self.cache.rows(start, stop), group_ids, group_cu, lengths[start:stop]))
+        self.cache.set_host_length(max(lengths))  # the groups counted their tokens in their own views
+        return torch.cat(last)
 
-        Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = ``prefill_chunk``): a dense
+    def _prefill_group(self, cache, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
+        """Run prompts into their (empty) cache rows; each one's last hidden state (len(lengths), d_model).
+
+        Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = :meth:`_chunk_for`): a dense
         (B, L) chunk, or a packed one where a prompt already finished has no token (an empty
         sequence: its state and keys pass through)."""
         chunk = self._chunk_for(lengths)
         if cu_seqlens is None:
             for start in range(0, ids.shape[1], chunk):
-                hidden = self._features(ids[:, start: start + chunk])
+                hidden = self._features(ids[:, start: start + chunk], None, cache)
             return hidden[:, -1]
         if chunk >= max(lengths):
-            hidden = self._features(ids, cu_seqlens)
+            hidden = self._features(ids, cu_seqlens, cache)
             return hidden[0, cu_seqlens[1:].long() - 1]
         offsets = [0]
         for n in lengths:
@@ -205,9 +244,9 @@ class Decoder:
             for t in taken:
                 ends.append(ends[-1] + t)
             hidden = self._features(torch.cat(pieces)[None],
-                                    torch.tensor(ends, dtype=torch.int32, device=self.device))
+                                    torch.tensor(ends, dtype=torch.int32, device=self.device), cache)
             if last is None:
-                last = hidden.new_empty(self.batch_size, hidden.shape[-1])
+                last = hidden.new_empty(len(lengths), hidden.shape[-1])
             done = [i for i, n in enumerate(lengths) if start < n <= start + chunk]  # rows ending in this chunk
             if done:
                 rows = torch.tensor(done, device=self.device)

@@ -50,12 +50,12 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 def generate(model: "HybridLM", prompts: Tensor | Sequence[Tensor], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, *, generator: torch.Generator | None = None, eos_token_id: int | None = None,
-             cuda_graph: bool = True, prefill_chunk: int | None = None,
+             cuda_graph: bool = True, prefill_chunk: int | None = None, prefill_rows: int | None = None,
              compile_step: bool | str = False) -> Tensor | list[Tensor]:
     """Prefill ``prompts`` and sample up to ``max_new_tokens`` per sequence (see HybridLM.generate).
 
     A finished row (it produced ``eos_token_id``) is fed EOS until every row is finished.
-    ``prefill_chunk`` and ``compile_step``: as :class:`Decoder`'s.
+    ``prefill_chunk``, ``prefill_rows`` and ``compile_step``: as :class:`Decoder`'s.
     """
     as_list = not isinstance(prompts, Tensor)
     if as_list:
@@ -74,7 +74,8 @@ def generate(model: "HybridLM", prompts: Tensor | Sequence[Tensor], max_new_toke
         return [p.clone() for p in prompts] if as_list else prompts
     # One graph capture costs a few eager steps: worth it only when there are steps to replay.
     decoder = Decoder(model, batch, longest + max_new_tokens, cuda_graph=cuda_graph and max_new_tokens > 1,
-                      prefill_chunk=prefill_chunk, compile_step=compile_step)
+                      prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
+                      compile_step=compile_step)
     logits = decoder.prefill(prompts)
     done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     new_tokens = []

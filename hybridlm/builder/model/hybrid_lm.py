@@ -122,6 +122,7 @@ class HybridLM(nn.Module):
     def generate(self, ids: Tensor | Sequence[Tensor], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, generator: torch.Generator | None = None,
                  eos_token_id: int | None = None, cuda_graph: bool = True, prefill_chunk: int | None = None,
+                 prefill_rows: int | None = None,
                  compile_step: bool | str = False) -> Tensor | list[Tensor]:
         """Prefill the prompts, then sample ``max_new_tokens`` one step at a time.
 
@@ -129,12 +130,13 @@ class HybridLM(nn.Module):
         returns a list of 1-D tensors (prompt + its new tokens, cut after its first EOS).
         temperature 0 is greedy; ``top_k`` keeps the k most likely tokens; generation stops early
         once every row has produced ``eos_token_id``. On CUDA the decode step replays a CUDA graph
-        unless ``cuda_graph=False``; ``prefill_chunk`` bounds the prefill's memory (that many tokens
-        of each prompt per forward), ``compile_step`` runs the step through ``torch.compile``.
+        unless ``cuda_graph=False``; ``prefill_chunk`` and ``prefill_rows`` bound the prefill's memory
+        (that many tokens of each prompt, that many prompts per forward), ``compile_step`` runs the step
+        through ``torch.compile``.
         Lower level: :class:`hybridlm.builder.inference.decoder.Decoder`.
         """
         from hybridlm.builder.inference.generate import generate  # the model's convenience entry to inference
 
         return generate(self, ids, max_new_tokens, temperature, top_k, generator=generator,
                         eos_token_id=eos_token_id, cuda_graph=cuda_graph, prefill_chunk=prefill_chunk,
-                        compile_step=compile_step)
+                        prefill_rows=prefill_rows, compile_step=compile_step)
