@@ -31,6 +31,7 @@ from torch import Tensor
 from hybridlm.errors import ShapeError
 
 if TYPE_CHECKING:
+    from hybridlm.builder.inference.cache import HybridCache
     from hybridlm.builder.model.hybrid_lm import HybridLM
 
 # Eager runs before capture, as torch.cuda.graphs asks: lazy initialisation, cuBLAS workspaces
@@ -170,7 +171,7 @@ class Decoder:
         return logits
 
     # -- internals ----------------------------------------------------------------------------------
-    def _features(self, ids: Tensor, cu_seqlens: Tensor | None, cache) -> Tensor:
+    def _features(self, ids: Tensor, cu_seqlens: Tensor | None, cache: "HybridCache") -> Tensor:
         return self.model.features(ids, cu_seqlens=cu_seqlens, cache=cache, fused_norms=self.fused_norms)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
@@ -219,7 +220,8 @@ class Decoder:
         self.cache.set_host_length(max(lengths))  # the groups counted their tokens in their own views
         return torch.cat(last)
 
-    def _prefill_group(self, cache, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
+    def _prefill_group(self, cache: "HybridCache", ids: Tensor, cu_seqlens: Tensor | None,
+                       lengths: list[int]) -> Tensor:
         """Run prompts into their (empty) cache rows; each one's last hidden state (len(lengths), d_model).
 
         Chunk c holds tokens [c·C, (c+1)·C) of every prompt (C = :meth:`_chunk_for`): a dense
