@@ -207,7 +207,8 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         sampled = {"decode_sampled_ms_per_step": [[x, ms] for x, ms in points]}
     else:
         tokens, decode_s = timed_steps(decoder, tokens, case.new_tokens, device)
-    row = {"prefill_chunk": decoder.prefill_chunk, "prefill_rows": decoder.prefill_rows, "prefill_s": prefill_s, "decode_s": decode_s, **sampled,
+    row = {"prefill_chunk": decoder.prefill_chunk, "prefill_rows": decoder.prefill_rows, "prefill_s": prefill_s,
+           "decode_s": decode_s, **sampled,
            "ms_per_step": decode_s / case.new_tokens * 1e3,
            "generated_tokens_per_s": case.batch * case.new_tokens / decode_s,
            "peak_memory_GiB": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
