@@ -162,7 +162,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
     rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores; then the one-row
     CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the tensor-core form (the Hopper
     instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2); then the one-row default
-    with PDL (gated, plain)."""
+    with PDL (gated, plain), and that with PRELOAD_FIRST_TILE."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -187,8 +187,11 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2 = True, False  # the defaults at one row: PDL, CUDA cores
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
+        kernel.PRELOAD_FIRST_TILE = True  # and with the first weight tile loaded before the wait
+        kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
+        kernel.gemv(h, w1)
 
-    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "pdl_usable"
+    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "PRELOAD_FIRST_TILE", "pdl_usable"
     default = {name: getattr(kernel, name) for name in names}
     try:
         return launches(run)

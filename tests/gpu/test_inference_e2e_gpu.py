@@ -125,8 +125,8 @@ def test_cuda_graph_equals_eager(models):
 @pytest.mark.parametrize("in_proj", ["with-norm", "plain"])
 def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, monkeypatch):
     """Every decode GEMV through the kernel (PLAIN_GEMVS: out_proj, w2, wo too; Mamba-3's in_proj with
-    its norm, or plain after the norm kernel: PLAIN_IN_PROJ), launched with PDL and the L2 prefetch, and the norm, KV-append and decode attention
-    kernels with PDL too: graph replay bitwise equal to eager steps (a
+    its norm, or plain after the norm kernel: PLAIN_IN_PROJ), launched with PDL, the L2 prefetch and the first
+    weight tile loaded before the wait, and the norm, KV-append and decode attention kernels with PDL too: graph replay bitwise equal to eager steps (a
     GEMV that read its input before the kernel before it finished would differ), both within the
     bf16 bound against fp32."""
     from hybridlm.kernels import decode_gemv
@@ -137,7 +137,8 @@ def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, mo
     from hybridlm.kernels.kv_append import triton as kv_kernel
     from hybridlm.kernels.rmsnorm import triton as norm_kernel
 
-    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
+    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (kernel, "PRELOAD_FIRST_TILE"),
+                         (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
                          (kv_kernel, "PDL"), (attention_kernel, "PDL")):
         monkeypatch.setattr(module, knob, True)
     if in_proj == "plain":  # auto takes the kernel on the GPU
@@ -155,12 +156,14 @@ def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, mo
     assert rel_err(graphed, truth) <= bound
 
 
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, monkeypatch):
+@pytest.mark.parametrize("split_k,early_weights", [(1, "PREFETCH_L2"), (4, "PREFETCH_L2"),
+                                                    (1, "PRELOAD_FIRST_TILE"), (4, "PRELOAD_FIRST_TILE")])
+def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, early_weights, monkeypatch):
     """Twelve dependent 2048 x 2048 GEMVs, every third followed by a torch op (a kernel without PDL),
-    launched with PDL and the L2 prefetch inside a CUDA graph, replayed 20 times: bitwise what the
-    same chain gives launched plainly (PDL and the prefetch change when, not what, the kernel
-    computes; a program that read its input early would not)."""
+    launched with PDL and the weights read before the wait (the L2 prefetch, or the first tile into
+    registers) inside a CUDA graph, replayed 20 times: bitwise what the same chain gives launched
+    plainly (PDL and the early weights change when, not what, the kernel computes; a program that
+    read its input early would not)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     monkeypatch.setattr(kernel, "SPLIT_K", split_k)
@@ -177,7 +180,7 @@ def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, monkeypatch):
 
     want = chain(x0)
     monkeypatch.setattr(kernel, "PDL", True)
-    monkeypatch.setattr(kernel, "PREFETCH_L2", True)
+    monkeypatch.setattr(kernel, early_weights, True)
     static = x0.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -74,6 +74,12 @@ ONE_ROW_BLOCK_K = 512
 # off, kept for other GPUs to try.
 PREFETCH_L2 = False
 PDL = True
+# PRELOAD_FIRST_TILE: each program loads its first weight tile (and w_up's) into registers before the
+# wait, then streams the rest after it: the weights are no kernel's output, so with PDL their first DRAM
+# round trip overlaps the previous kernel's last programs instead of following them (8 KiB a program at
+# the one-row blocks, a bounded amount in flight, where PREFETCH_L2 asked L2 for every row at once).
+# The first iteration of the walk is peeled for it. Off until decode_profile.py times it (GEMV_SETS).
+PRELOAD_FIRST_TILE = False
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -104,7 +110,8 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
                         HAS_RES: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
                         DOT_FP32: tl.constexpr, SPLIT_K: tl.constexpr, WS, TICKETS, K_PER_SPLIT,
-                        NORM_ROW: tl.constexpr, PREFETCH_L2: tl.constexpr, PDL: tl.constexpr):
+                        NORM_ROW: tl.constexpr, PREFETCH_L2: tl.constexpr, PDL: tl.constexpr,
+                        PRELOAD: tl.constexpr):
     # Weight tiles (BLOCK_N, BLOCK_K) with d_model last: each weight row is read contiguously.
     # TENSOR_CORES: x as a (ROWS >= 16, BLOCK_K) tile through tl.dot (rows past M are zeros: at batch 1
     # 16x the multiply-adds, but the kernel waits on the weights either way, and Triton pipelines the
@@ -133,6 +140,8 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
         _prefetch_rows(W, w_rows, col_in, K, k_start, k_end)
         if GATED:
             _prefetch_rows(W_UP, w_rows, col_in, K, k_start, k_end)
+    if PRELOAD:  # weights are no kernel's output: their first tile may load before the wait
+        w0, w0_up = _weight_tile(W, W_UP, w_rows, col_in, K, k_start, k_end, BLOCK_K, GATED)
     wait_for_previous(PDL)  # everything below reads what the kernels before wrote, or writes
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
@@ -156,47 +165,17 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     # one row on CUDA cores: products added lane-wise over the whole loop, reduced across lanes once
     lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     lanes_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < k_end
-        w_at = w_rows[:, None].to(tl.int64) * K + ks[None, :]
-        w_mask = col_in[:, None] & k_in[None, :]
-        w = tl.load(W + w_at, mask=w_mask, other=0.0)
-        if GATED:
-            w_up = tl.load(W_UP + w_at, mask=w_mask, other=0.0)
-        if TENSOR_CORES:
-            at = rows[:, None] * K + ks[None, :]
-            mask = row_in[:, None] & k_in[None, :]
-            x = tl.load(H + at, mask=mask, other=0.0)
-            if NORM:
-                x = _normed(x, RES, G, W, at, mask, ks[None, :], k_in[None, :], rstd[:, None], HAS_RES, dtype)
-            if DOT_FP32:  # fp32 weights, or the interpreter (its bf16 dot is wrong: Triton 3.6)
-                x, w = x.to(tl.float32), w.to(tl.float32)
-                if GATED:
-                    w_up = w_up.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if DOT_FP32 else None)
-            if GATED:
-                acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee" if DOT_FP32 else None)
-        elif ROWS == 1:
-            x = tl.load(H + ks, mask=k_in & (M > 0), other=0.0)
-            if NORM:
-                x = _normed(x, RES, G, W, ks, k_in, ks, k_in, tl.sum(rstd, axis=0), HAS_RES, dtype)
-            x = x.to(tl.float32)[None, :]
-            lanes += w.to(tl.float32) * x
-            if GATED:
-                lanes_up += w_up.to(tl.float32) * x
-        else:
-            for r in tl.static_range(ROWS):
-                x_in = k_in & (r < M)
-                x = tl.load(H + r * K + ks, mask=x_in, other=0.0)
-                if NORM:
-                    rstd_r = tl.sum(tl.where(rows == r, rstd, 0.0), axis=0)
-                    x = _normed(x, RES, G, W, r * K + ks, x_in, ks, k_in, rstd_r, HAS_RES, dtype)
-                x = x.to(tl.float32)[None, :]
-                here = (rows == r)[:, None]
-                acc = tl.where(here, acc + tl.sum(w.to(tl.float32) * x, axis=1)[None, :], acc)
-                if GATED:
-                    acc_up = tl.where(here, acc_up + tl.sum(w_up.to(tl.float32) * x, axis=1)[None, :], acc_up)
+    k_walk = k_start
+    if PRELOAD:
+        acc, acc_up, lanes, lanes_up = _add_tile(
+            w0, w0_up, k_start, k_end, H, RES, G, W, K, M, rows, row_in, rstd, acc, acc_up, lanes, lanes_up,
+            NORM, HAS_RES, GATED, ROWS, BLOCK_K, TENSOR_CORES, DOT_FP32, dtype)
+        k_walk = k_start + BLOCK_K
+    for k0 in range(k_walk, k_end, BLOCK_K):
+        w, w_up = _weight_tile(W, W_UP, w_rows, col_in, K, k0, k_end, BLOCK_K, GATED)
+        acc, acc_up, lanes, lanes_up = _add_tile(
+            w, w_up, k0, k_end, H, RES, G, W, K, M, rows, row_in, rstd, acc, acc_up, lanes, lanes_up,
+            NORM, HAS_RES, GATED, ROWS, BLOCK_K, TENSOR_CORES, DOT_FP32, dtype)
     if not TENSOR_CORES and ROWS == 1:
         acc = tl.sum(lanes, axis=1)[None, :]
         acc_up = tl.sum(lanes_up, axis=1)[None, :]
@@ -220,6 +199,64 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
             _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED)
     else:
         _epilogue(acc, acc_up, OUT, rows, cols, N, out_mask, W, GATED)
+
+
+@triton.jit
+def _weight_tile(W, W_UP, w_rows, col_in, K, k0, k_end, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    """The program's weight rows over d_model's [k0, k0 + BLOCK_K) (zeros past k_end), and W_UP's when GATED."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    w_at = w_rows[:, None].to(tl.int64) * K + ks[None, :]
+    w_mask = col_in[:, None] & (ks < k_end)[None, :]
+    w = tl.load(W + w_at, mask=w_mask, other=0.0)
+    w_up = w
+    if GATED:
+        w_up = tl.load(W_UP + w_at, mask=w_mask, other=0.0)
+    return w, w_up
+
+
+@triton.jit
+def _add_tile(w, w_up, k0, k_end, H, RES, G, W, K, M, rows, row_in, rstd, acc, acc_up, lanes, lanes_up,
+              NORM: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr, DOT_FP32: tl.constexpr, dtype: tl.constexpr):
+    """One weight tile (columns [k0, k0 + BLOCK_K)) times the rows of x (normed when NORM), added to the
+    sums of the kernel's form: acc/acc_up through tl.dot, lanes/lanes_up for one row on CUDA cores, or
+    acc/acc_up a row at a time."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_in = ks < k_end
+    if TENSOR_CORES:
+        at = rows[:, None] * K + ks[None, :]
+        mask = row_in[:, None] & k_in[None, :]
+        x = tl.load(H + at, mask=mask, other=0.0)
+        if NORM:
+            x = _normed(x, RES, G, W, at, mask, ks[None, :], k_in[None, :], rstd[:, None], HAS_RES, dtype)
+        if DOT_FP32:  # fp32 weights, or the interpreter (its bf16 dot is wrong: Triton 3.6)
+            x, w = x.to(tl.float32), w.to(tl.float32)
+            if GATED:
+                w_up = w_up.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee" if DOT_FP32 else None)
+        if GATED:
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee" if DOT_FP32 else None)
+    elif ROWS == 1:
+        x = tl.load(H + ks, mask=k_in & (M > 0), other=0.0)
+        if NORM:
+            x = _normed(x, RES, G, W, ks, k_in, ks, k_in, tl.sum(rstd, axis=0), HAS_RES, dtype)
+        x = x.to(tl.float32)[None, :]
+        lanes += w.to(tl.float32) * x
+        if GATED:
+            lanes_up += w_up.to(tl.float32) * x
+    else:
+        for r in tl.static_range(ROWS):
+            x_in = k_in & (r < M)
+            x = tl.load(H + r * K + ks, mask=x_in, other=0.0)
+            if NORM:
+                rstd_r = tl.sum(tl.where(rows == r, rstd, 0.0), axis=0)
+                x = _normed(x, RES, G, W, r * K + ks, x_in, ks, k_in, rstd_r, HAS_RES, dtype)
+            x = x.to(tl.float32)[None, :]
+            here = (rows == r)[:, None]
+            acc = tl.where(here, acc + tl.sum(w.to(tl.float32) * x, axis=1)[None, :], acc)
+            if GATED:
+                acc_up = tl.where(here, acc_up + tl.sum(w_up.to(tl.float32) * x, axis=1)[None, :], acc_up)
+    return acc, acc_up, lanes, lanes_up
 
 
 @triton.jit
@@ -297,7 +334,8 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
             K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k),
             PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
-            PDL=PDL and hopper, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(PDL and hopper))
+            PDL=PDL and hopper, PRELOAD=PRELOAD_FIRST_TILE, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            **launch_options(PDL and hopper))
     return out
 
 
