@@ -155,6 +155,28 @@ def test_states_kernel_knobs_keep_the_results(knobs):
     assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
 
 
+@pytest.mark.parametrize("config", ["mimo2-groups", "mimo2-N64"])
+@pytest.mark.parametrize("knobs", [dict(triton_output_block_t=16, triton_output_warps=2),
+                                   dict(triton_output_block_t=128, triton_output_warps=8)])
+def test_output_kernel_tiling_keeps_the_results(config, knobs):
+    """The output-stage and rank-expansion kernels' token blocks and warps (issue 17's MIMO A/B): blocks
+    smaller and larger than the 37 tokens (a partial last block, or one block for all), with both grouped
+    norms, against the oracle, forward and every gradient (the per-block partial sums of d mimo_z, d mimo_o
+    and d norm weight included, now written without a zero fill)."""
+    from hybridlm.kernels.mamba3.tuning import tuning_from_env, use_tuning
+
+    R, G, H, N, P, frac, layout, out_norm = CONFIGS[config]
+    args, kw = make_inputs(B=1, L=37, R=R, G=G, H=H, N=N, P=P, S=_angles(N, frac), layout=layout,
+                           out_norm=out_norm)
+    with use_tuning(**knobs):
+        ours = run_with_grads(triton_scan, args, kw)
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw))
+    env = tuning_from_env({"HYBRIDLM_TRITON_OUTPUT_BLOCK_T": "64", "HYBRIDLM_TRITON_OUTPUT_WARPS": "8"})
+    assert (env.triton_output_block_t, env.triton_output_warps) == (64, 8)
+    with pytest.raises(ValueError, match="triton_output_block_t must be a power of two"):
+        use_tuning(triton_output_block_t=48).__enter__()
+
+
 def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
     from hybridlm.kernels.mamba3.triton.layout import dense_layout
     from hybridlm.kernels.mamba3.triton.spec import ScanSpec

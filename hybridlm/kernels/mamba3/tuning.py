@@ -43,6 +43,11 @@ class KernelTuning:
                             [HYBRIDLM_TRITON_STATES_MAXNREG]
     triton_states_stages    software-pipeline stages of the states kernel's chunk walk; None: 2 for
                             bf16/fp16, 1 for fp32 [HYBRIDLM_TRITON_STATES_STAGES]
+    triton_output_block_t   tokens a program of the output-stage kernels (the gate and grouped norm
+                            and the MIMO rank contraction, triton/output.py, and the MIMO rank
+                            expansion, triton/ranks.py) takes; None: 32 (output) and 64 (expansion)
+                            [HYBRIDLM_TRITON_OUTPUT_BLOCK_T]
+    triton_output_warps     warps of those kernels; None: 4 [HYBRIDLM_TRITON_OUTPUT_WARPS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -58,6 +63,8 @@ class KernelTuning:
     triton_states_split_p: int = 1
     triton_states_maxnreg: int | None = None
     triton_states_stages: int | None = None
+    triton_output_block_t: int | None = None
+    triton_output_warps: int | None = None
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -70,7 +77,8 @@ class KernelTuning:
             wrong_type = not isinstance(value, int) or isinstance(value, bool)
             if wrong_type or (value not in allowed if allowed else value < 1):
                 raise ValueError(f"KernelTuning.{f.name} must be {text}; got {value!r}")
-        for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p"):
+        for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p",
+                     "triton_output_block_t", "triton_output_warps"):
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"KernelTuning.{name} must be a power of two; got {value}")
@@ -91,6 +99,8 @@ ENV_VARS: dict[str, str] = {
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
     "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
+    "triton_output_block_t": "HYBRIDLM_TRITON_OUTPUT_BLOCK_T",
+    "triton_output_warps": "HYBRIDLM_TRITON_OUTPUT_WARPS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

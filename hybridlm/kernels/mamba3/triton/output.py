@@ -12,8 +12,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.mamba3.tuning import kernel_tuning
+
 FUSED_NORMS = {"none": 0, "pregate_grouped": 1, "postgate_grouped": 2}
-BLOCK_T = 32
+BLOCK_T = 32  # tokens a program, unless KernelTuning.triton_output_block_t says otherwise
+
+
+def token_tiling(default_block_t: int) -> tuple[int, int]:
+    """(tokens a program, warps) of the token-block kernels here and in ranks.py: the tuning's
+    ``triton_output_block_t`` / ``triton_output_warps``, else ``default_block_t`` and 4."""
+    tuning = kernel_tuning()
+    return tuning.triton_output_block_t or default_block_t, tuning.triton_output_warps or 4
 
 
 @triton.jit
@@ -157,10 +166,12 @@ def gated_output_fwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o:
     T, R, H, P = y.shape
     y, z = y.contiguous(), _rows_of_heads(z, P)
     out = torch.empty(T, H, P, device=y.device, dtype=y.dtype)
+    block_t, warps = token_tiling(BLOCK_T)
     if T:
-        _gate_fwd_kernel[(triton.cdiv(T, BLOCK_T), H)](
+        _gate_fwd_kernel[(triton.cdiv(T, block_t), H)](
             y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), out, T, H, P,
-            z.stride(0) if z is not None else 0, eps, **_constants(R, P, out_norm, z, mimo_z, mimo_o))
+            z.stride(0) if z is not None else 0, eps, **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t),
+            num_warps=warps)
     return out
 
 
@@ -178,19 +189,21 @@ def gated_output_bwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o:
     T, R, H, P = y.shape
     y, z = y.contiguous(), _rows_of_heads(z, P)
     dout = dout if dout.stride(-1) == 1 and dout.stride(1) == P else dout.contiguous()
-    n_blocks = triton.cdiv(T, BLOCK_T)
+    block_t, warps = token_tiling(BLOCK_T)
+    n_blocks = triton.cdiv(T, block_t)
     f32 = dict(device=y.device, dtype=torch.float32)
     dy = torch.empty_like(y)
     dz = torch.empty(T, H, P, device=y.device, dtype=z.dtype) if z is not None else None
-    dmimo_z = torch.zeros(n_blocks, H, R, P, **f32) if mimo_z is not None and z is not None else None
-    dmimo_o = torch.zeros(n_blocks, H, R, P, **f32) if mimo_o is not None else None
-    dnorm = torch.zeros(n_blocks, H, P, **f32) if out_norm != "none" else None
+    # every (block, head) program writes its partials whole: no zero fill (T = 0 sums no blocks)
+    dmimo_z = torch.empty(n_blocks, H, R, P, **f32) if mimo_z is not None and z is not None else None
+    dmimo_o = torch.empty(n_blocks, H, R, P, **f32) if mimo_o is not None else None
+    dnorm = torch.empty(n_blocks, H, P, **f32) if out_norm != "none" else None
     if T:
         _gate_bwd_kernel[(n_blocks, H)](
             y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
             _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
             z.stride(0) if z is not None else 0, dout.stride(0), eps,
-            **_constants(R, P, out_norm, z, mimo_z, mimo_o))
+            **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t), num_warps=warps)
     return [dy, dz if dz is not None else _absent(y),
             dmimo_z.sum(0).to(mimo_z.dtype) if dmimo_z is not None else _absent(y),
             dmimo_o.sum(0).to(mimo_o.dtype) if dmimo_o is not None else _absent(y),
@@ -243,6 +256,6 @@ def _or(t: Tensor | None, fallback: Tensor) -> Tensor:
     return t if t is not None else fallback
 
 
-def _constants(R: int, P: int, out_norm: str, z, mimo_z, mimo_o) -> dict:
-    return dict(R=R, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(P)), NORM=FUSED_NORMS[out_norm],
+def _constants(R: int, P: int, out_norm: str, z, mimo_z, mimo_o, block_t: int) -> dict:
+    return dict(R=R, BLOCK_T=block_t, BLOCK_P=max(16, triton.next_power_of_2(P)), NORM=FUSED_NORMS[out_norm],
                 HAS_Z=z is not None, HAS_MIMO_Z=mimo_z is not None, HAS_MIMO_O=mimo_o is not None)

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.output import rank_rows, rank_vector, token_block
+from hybridlm.kernels.mamba3.triton.output import rank_rows, rank_vector, token_block, token_tiling
 
-BLOCK_T = 64
+BLOCK_T = 64  # tokens a program, unless KernelTuning.triton_output_block_t says otherwise
 
 
 @triton.jit
@@ -62,9 +62,11 @@ def expand_ranks_fwd(x: Tensor, mimo_x: Tensor) -> Tensor:
     T, H, P, block_p = _launch_dims(x)
     R = mimo_x.shape[1]
     v = torch.empty(T, R, H, P, device=x.device, dtype=x.dtype)
+    block_t, warps = token_tiling(BLOCK_T)
     if T:
-        _expand_fwd_kernel[(triton.cdiv(T, BLOCK_T), H)](
-            x, mimo_x.float().contiguous(), v, T, H, P, x.stride(0), R=R, BLOCK_T=BLOCK_T, BLOCK_P=block_p)
+        _expand_fwd_kernel[(triton.cdiv(T, block_t), H)](
+            x, mimo_x.float().contiguous(), v, T, H, P, x.stride(0), R=R, BLOCK_T=block_t, BLOCK_P=block_p,
+            num_warps=warps)
     return v
 
 
@@ -82,12 +84,14 @@ def expand_ranks_bwd(dv: Tensor, x: Tensor, mimo_x: Tensor) -> tuple[Tensor, Ten
     R = mimo_x.shape[1]
     dv = dv.contiguous()
     dx = torch.empty(T, H, P, device=x.device, dtype=x.dtype)
-    n_blocks = triton.cdiv(T, BLOCK_T)
-    partial = torch.zeros(n_blocks, H, R, P, device=x.device, dtype=torch.float32)
+    block_t, warps = token_tiling(BLOCK_T)
+    n_blocks = triton.cdiv(T, block_t)
+    # every (block, head) program writes its partial whole: no zero fill (T = 0 sums no blocks)
+    partial = torch.empty(n_blocks, H, R, P, device=x.device, dtype=torch.float32)
     if T:
         _expand_bwd_kernel[(n_blocks, H)](
-            dv, x, mimo_x.float().contiguous(), dx, partial, T, H, P, x.stride(0), R=R, BLOCK_T=BLOCK_T,
-            BLOCK_P=block_p)
+            dv, x, mimo_x.float().contiguous(), dx, partial, T, H, P, x.stride(0), R=R, BLOCK_T=block_t,
+            BLOCK_P=block_p, num_warps=warps)
     return dx, partial.sum(0)
 
 
