@@ -1,9 +1,10 @@
-"""Where a batch-1 decode step's time goes: the kernels of CUDA-graph replays under torch.profiler.
+"""Where a decode step's time goes: the kernels of CUDA-graph replays under torch.profiler.
 
     python benchmarks/decode_profile.py [--model hybrid-1.5b] [--steps 50] [--attention auto,triton] [--json out.json]
+    python benchmarks/decode_profile.py --model mamba3-1.5b,mamba3-mimo-1.5b --batch 128 --prompt 512
 
-The step as users run it (``hybridlm.Decoder``, random bf16 weights, a 2,048-token prompt, the
-captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
+The step as users run it (``hybridlm.Decoder``, random bf16 weights, ``--batch`` sequences (default 1)
+after a ``--prompt``-token prompt (default 2,048), the captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
 busy time (the union of kernel intervals) and so the time between kernels, then the kernels by
 name: count per step and device microseconds per step, largest first. What ``generate.py``'s
 ms per step is made of: weights read, other kernels, and gaps. ``--attention``: profile each model
@@ -38,7 +39,7 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(model_name: str, steps: int, prompt: int, attention: str) -> dict:
+def profile(model_name: str, steps: int, prompt: int, attention: str, batch: int = 1) -> dict:
     from hybridlm.builder import Decoder, build_model
     from hybridlm.builder.inference.generate import greedy
     from hybridlm.layouts.presets import spec_or_preset
@@ -46,8 +47,8 @@ def profile(model_name: str, steps: int, prompt: int, attention: str) -> dict:
     os.environ["HYBRIDLM_ATTENTION"] = attention  # read by the registry at each choice
     device = torch.device("cuda")
     model = build_model(spec_or_preset(model_name), device=device, dtype=torch.bfloat16, seed=0).eval()
-    decoder = Decoder(model, 1, prompt + 3 * steps + 8)
-    ids = torch.randint(0, model.spec.vocab_size, (1, prompt), device=device)
+    decoder = Decoder(model, batch, prompt + 3 * steps + 8)
+    ids = torch.randint(0, model.spec.vocab_size, (batch, prompt), device=device)
     tokens = greedy(decoder.prefill(ids))
     for _ in range(steps):  # capture and warm
         tokens = greedy(decoder.step(tokens))
@@ -71,7 +72,7 @@ def profile(model_name: str, steps: int, prompt: int, attention: str) -> dict:
     rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
                    for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
     return {"model": model_name, "attention": attention, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "steps": steps, "prompt": prompt, "wall_ms_per_step": wall_ms,
+            "torch": torch.__version__, "steps": steps, "batch": batch, "prompt": prompt, "wall_ms_per_step": wall_ms,
             "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
 
@@ -93,6 +94,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="hybrid-1.5b", help="preset or spec (comma-separated: several)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompt", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="sequences a step (the MIMO ÷ SISO question is at 128)")
     p.add_argument("--top", type=int, default=25, help="kernels printed per model")
     p.add_argument("--attention", default="auto", help="attention backends of the decode steps to profile (auto, fa4, triton, sdpa)")
     p.add_argument("--gemv-knobs", default="", help="decode GEMV knobs, e.g. CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=8; "
@@ -116,10 +118,10 @@ def main(argv=None) -> dict:
         except ValueError as e:
             raise SystemExit(f"--gemv-knobs: {e}")
         for name, attention in ((m, a) for m in args.model.split(",") for a in args.attention.split(",")):
-            r = profile(name, args.steps, args.prompt, attention)
+            r = profile(name, args.steps, args.prompt, attention, args.batch)
             r["gemv_knobs"] = knobs
             results.append(r)
-            print(f"## {name} (attention {attention}, {knobs or 'default GEMV'}): "
+            print(f"## {name} at batch {args.batch} (attention {attention}, {knobs or 'default GEMV'}): "
                   f"{r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
                   f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
                   f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")

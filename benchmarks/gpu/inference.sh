@@ -6,7 +6,7 @@
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
-#             GEMV_KNOBS: knob sets, ';' between)
+#             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
 source benchmarks/gpu/common.sh
@@ -28,7 +28,7 @@ for part in $parts; do
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
-        --gemv-knobs "${GEMV_KNOBS:-}" --json "$OUT/decode-profile.json" \
+        --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
     choose)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
