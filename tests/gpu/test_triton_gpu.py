@@ -107,7 +107,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "stages1": dict(triton_states_stages=1),
     "no-register-cap": dict(triton_states_maxnreg=255),
     "split-p2-pairs8": dict(triton_states_split_p=2, triton_states_block_pairs=8),
-    "backward-unroll4": dict(triton_backward_unroll=4),  # both configs' walks unrolled (2 and 4 blocks)
+    "unroll4": dict(triton_backward_unroll=4, triton_forward_unroll=4),  # both configs' walks (2 and 4 blocks)
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
 }

@@ -33,6 +33,8 @@ class KernelTuning:
     triton_backward_unroll  the most pair blocks of d_state the backward chunk kernels walk as unrolled
                             code (one copy of a walk's body per block, compiled per d_state and angle
                             count); a longer walk, or 0, runs as loops [HYBRIDLM_TRITON_BACKWARD_UNROLL]
+    triton_forward_unroll   the same for the forward output kernel's walk (triton/chunk_fwd.py)
+                            [HYBRIDLM_TRITON_FORWARD_UNROLL]
     triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces; None:
                             about 1,024 programs in all (triton/head_sums.py ``bias_rows_for``)
                             [HYBRIDLM_TRITON_BIAS_ROWS]
@@ -62,6 +64,7 @@ class KernelTuning:
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
     triton_backward_unroll: int = 0
+    triton_forward_unroll: int = 0
     triton_bias_rows: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
@@ -92,6 +95,7 @@ class KernelTuning:
 CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
+    "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
 }
 
 ENV_VARS: dict[str, str] = {
@@ -100,6 +104,7 @@ ENV_VARS: dict[str, str] = {
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
     "triton_backward_unroll": "HYBRIDLM_TRITON_BACKWARD_UNROLL",
+    "triton_forward_unroll": "HYBRIDLM_TRITON_FORWARD_UNROLL",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",

@@ -15,13 +15,29 @@ from hybridlm.kernels.mamba3.triton.states import chunk_states
 
 
 @triton.jit
+def _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads, n_angles, d_state,
+                  half_n, rows, valid, p, p_mask, i0, scores, inter, CHUNK: tl.constexpr, R: tl.constexpr,
+                  BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
+    """Pair block i0's share of q̄ k̄ᵀ and of q̄ S_cᵀ."""
+    qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
+                                      d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
+                                      ROTATE)
+    q2 = joined(qa, qb, BLOCK_PAIRS)
+    scores += mm(q2, tl.trans(joined(ka, kb, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
+    state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
+    inter += mm(q2, tl.trans(joined(state_a, state_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
+    return scores, inter
+
+
+@triton.jit
 def _output_fwd_kernel(
     Q, K, Q_BIAS, K_BIAS, THETA, V, ADT, GAMMA, SCALE, D, STATES, Y, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
 ):
     """y_a = Σ_b (q̄_a·k̄_b) M_ab v_b + e^{cs_a} S_c q̄_a + D v_a for the rows of one chunk and head."""
     c, h = tl.program_id(0), tl.program_id(1)
@@ -32,14 +48,18 @@ def _output_fwd_kernel(
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     inter = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
-    for i0 in range(0, half_n, BLOCK_PAIRS):
-        qa, qb, ka, kb, cos, sin = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads,
-                                              n_angles, d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS,
-                                              INTERLEAVED, HAS_BIAS)
-        q2 = joined(qa, qb, BLOCK_PAIRS)
-        scores += mm(q2, tl.trans(joined(ka, kb, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
-        state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
-        inter += mm(q2, tl.trans(joined(state_a, state_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
+    if WALK_BLOCKS > 0:  # unrolled: the pair blocks as straight-line code
+        for b in tl.static_range(WALK_BLOCKS):
+            scores, inter = _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads,
+                                          n_angles, d_state, half_n, rows, valid, p, p_mask, b * BLOCK_PAIRS, scores,
+                                          inter, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
+                                          b < ROTATED_BLOCKS)
+    else:  # one loop, every block rotated (angle 0 past S); split in two as the backward's walks (the second
+        # without angles), it compiled to more instructions here (two pipelined loops' prologues)
+        for i0 in range(0, half_n, BLOCK_PAIRS):
+            scores, inter = _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads,
+                                          n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores, inter, CHUNK,
+                                          R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, True)
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
     v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
@@ -76,5 +96,6 @@ def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_
         _output_fwd_kernel[(lay.n_chunks, H)](
             q, k, q_bias if q_bias is not None else q, k_bias if k_bias is not None else k, theta, v, adt, gamma,
             scale, D if D is not None else adt, states, y, lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
-            *vs, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=spec.parallel_warps, **common)
+            *vs, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=spec.parallel_warps,
+            **spec.unrolled_walk(forward=True), **common)
     return y, states, final
