@@ -6,9 +6,10 @@
 # TASKS: the tasks, a TOML list (default the study's, parity), e.g. TASKS='["arith"]' (3-layer models).
 # `state_tracking.sh checked SECONDS [MODELS]`: the cuda-graph GPU test first, then the sweep with cuda-graph
 # if it passed, else eager.
-# `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager,
-# then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200 2026-12-03: 64.0
-# steps/s alone, 15.9 a run at 16), ≈ 4 min.
+# `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager
+# (TEST=0 skips it), then steps/s side by side (default cuda-graph at 1,8,16; eager measured on the H200
+# 2026-12-03: 64.0 steps/s alone, 15.9 a run at 16), ≈ 4 min. E.g. `TEST=0 state_tracking.sh measure
+# "none default" 1,16`: Inductor's step (≈ 30 kernel calls against ≈ 180 eager, counted on the CPU) side by side.
 # MPS (default 1; MPS=0 to run without): the runs under an MPS server of this call (benchmarks/gpu/mps.sh), so that
 # their kernels share the SMs instead of taking turns (H200, 2026-12-04: 8 control runs 70.6-76.8 steps/s a run
 # without, 82.8-107.6 under it, and 84-94 with 16 processes on the GPU; docs/results.md §1).
@@ -22,7 +23,7 @@ cuda_graph_test() {  # the GPU test of the compiled steps (cuda-graph) against e
     | tee "$OUT/tests.log"
 }
 if [ "${1:-}" = "measure" ]; then
-  cuda_graph_test
+  [ "${TEST:-1}" = 1 ] && cuda_graph_test  # TEST=0: steps/s only
   for mode in ${2:-cuda-graph}; do
     python3 -m hybridlm.studies.state_tracking_paper --side-by-side "${3:-1,8,16}" --seconds 45 \
       --set "paper.compile=\"$mode\"" --out "/tmp/sbs-$mode" 2>&1 | tail -n 40 | tee -a "$OUT/side-by-side.log"
