@@ -210,6 +210,36 @@ def test_unrolled_walks_keep_the_results(config, kernels):
     assert walk(64, 2, forward=True)["WALK_BLOCKS"] == 0  # the forward has its own knob
 
 
+@pytest.mark.parametrize("config", ["mimo2-groups", "mimo2-N64", "mimo4-rope1"])
+@pytest.mark.parametrize("kernels", [1, 2])
+def test_fused_rank_expansion_keeps_the_results(config, kernels, monkeypatch):
+    """triton_fuse_ranks: MIMO's x expanded to the ranks inside the states, output and backward chunk kernels
+    (no v (T, R, H, P) written; dx and d mimo_x from the backward chunk kernel), fused and split backward
+    designs, over packed ragged sequences with initial states (the empty slots of the packed layout write no
+    d mimo_x share): against the oracle, the output and every gradient, d mimo_x among them; and no
+    expansion kernel launched."""
+    from hybridlm.kernels.mamba3.triton import ranks
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    launched = []
+    for name in ("_expand_fwd_kernel", "_expand_bwd_kernel"):
+        monkeypatch.setattr(ranks, name, _LaunchSpy(getattr(ranks, name), launched))
+
+    R, G, H, N, P, frac, layout, out_norm = CONFIGS[config]
+    lengths = [19, 1, 12]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    S = _angles(N, frac)
+    args, kw = make_inputs(B=1, L=sum(lengths), R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
+    assert kw.get("mimo_x") is not None
+    init = random_state(len(lengths), H, P, N, S, R)
+    with use_tuning(triton_fuse_ranks=1, triton_backward_kernels=kernels):
+        ours = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=8)
+    assert launched == []
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
+    run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=8)  # the default: the expansion kernels
+    assert launched == ["_expand_fwd_kernel", "_expand_bwd_kernel"]
+
+
 def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
     from hybridlm.kernels.mamba3.triton.layout import dense_layout
     from hybridlm.kernels.mamba3.triton.spec import ScanSpec

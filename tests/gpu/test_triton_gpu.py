@@ -110,6 +110,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "unroll4": dict(triton_backward_unroll=4, triton_forward_unroll=4),  # both configs' walks (2 and 4 blocks)
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
+    "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
 }
 
 

@@ -35,6 +35,10 @@ class KernelTuning:
                             count); a longer walk, or 0, runs as loops [HYBRIDLM_TRITON_BACKWARD_UNROLL]
     triton_forward_unroll   the same for the forward output kernel's walk (triton/chunk_fwd.py)
                             [HYBRIDLM_TRITON_FORWARD_UNROLL]
+    triton_fuse_ranks       1: MIMO's rank expansion of x fused into the scan kernels (they load x per token
+                            and weight it per rank as it loads; the backward chunk kernel reduces dv over
+                            each token's ranks into dx and sums d mimo_x per chunk), so v (T, R, H, P) is
+                            never written; 0: the expansion kernels (triton/ranks.py) [HYBRIDLM_TRITON_FUSE_RANKS]
     triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces; None:
                             about 1,024 programs in all (triton/head_sums.py ``bias_rows_for``)
                             [HYBRIDLM_TRITON_BIAS_ROWS]
@@ -65,6 +69,7 @@ class KernelTuning:
     triton_backward_kernels: int = 1
     triton_backward_unroll: int = 0
     triton_forward_unroll: int = 0
+    triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
@@ -96,6 +101,7 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
+    "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
 }
 
 ENV_VARS: dict[str, str] = {
@@ -105,6 +111,7 @@ ENV_VARS: dict[str, str] = {
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
     "triton_backward_unroll": "HYBRIDLM_TRITON_BACKWARD_UNROLL",
     "triton_forward_unroll": "HYBRIDLM_TRITON_FORWARD_UNROLL",
+    "triton_fuse_ranks": "HYBRIDLM_TRITON_FUSE_RANKS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",

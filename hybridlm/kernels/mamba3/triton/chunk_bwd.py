@@ -47,8 +47,8 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, mm, rotated_end, rotated_qk,
-    rows_to_tokens, rows_to_tokens_2d, store_pairs,
+    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, load_values, mm, rank_weights,
+    rotated_end, rotated_qk, rows_to_tokens, rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -110,13 +110,15 @@ def _scores_and_state_grad(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row
 
 
 @triton.jit
-def _chunk_tiles(ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid,
-                 tok_local, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr, MM_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _chunk_tiles(ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim,
+                 rows, valid, tok_local, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr, MM_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, EXPAND: tl.constexpr):
     """What the chunk's tiles need besides q̄, k̄: per row cs, scale; cs_end; the v and dy rows;
-    P = dy vᵀ; the intra weights M, the strictly-earlier decay E and the same-token mask."""
+    P = dy vᵀ; the intra weights M, the strictly-earlier decay E and the same-token mask. (EXPAND: v
+    expanded from x as it loads, rows.load_values.)"""
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
-    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+    ranked = rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R) if EXPAND else 0.0
+    v, _ = load_values(V, ranked, v_row, v_head, tok0, h, rows, valid, p, p_mask, R, EXPAND)
     dy = load_rows(DY + tok0.to(tl.int64) * (R * dy_row) + h * dy_head, dy_row, rows, valid, p, p_mask)
     dprod = mm(dy, tl.trans(v), MM_DTYPE, PRECISION)  # dy_a · v_b
     weights, decay, same = intra_weights(tok_local, cs, gamma, scale)
@@ -149,15 +151,35 @@ def _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weight
 
 
 @triton.jit
-def _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad, w,
-              R: tl.constexpr, HAS_D: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """dv = (A ∘ M)ᵀ dy + w G k̄ (+ D dy); w = e^{cs_end − cs_b} scale_b per row."""
+def _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,
+              p_mask, scores, weights, dy, k_grad, w, CHUNK: tl.constexpr, R: tl.constexpr, HAS_D: tl.constexpr,
+              MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr):
+    """dv = (A ∘ M)ᵀ dy + w G k̄ (+ D dy); w = e^{cs_end − cs_b} scale_b per row. EXPAND: v was x ⊙ the rank
+    weights, so instead dx = Σ_r dv_r ⊙ RANKS[h, r] per token into DV (T, H, P), and this chunk's share of
+    d RANKS[h] = Σ_t dv_r ⊙ x into DRANKS (n_chunks, H, R, P), from dv rounded to v's dtype as the
+    expansion kernel's backward reads it (ranks.py)."""
     dv = mm(tl.trans(scores * weights), dy, MM_DTYPE, PRECISION) + w[:, None] * k_grad
     if HAS_D:
         dv += tl.load(D + h) * dy.to(tl.float32)
-    dv_row = n_heads * headdim
-    tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
-             dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
+    if EXPAND:
+        dv = dv.to(DV.dtype.element_ty).to(tl.float32)
+        mask = valid[:, None] & p_mask[None, :]
+        # the weights loaded again (other=1: a load of its own, not the value rows' one kept live across walk 1,
+        # which spilled 264 B against 120; invalid rows have dv = 0 either way)
+        ranks = tl.load(RANKS + (h * R + rows % R)[:, None] * headdim + p[None, :], mask=mask, other=1.0)
+        dx = rows_to_tokens_2d(dv * ranks, CHUNK, R, p.shape[0])
+        tl.store(DV + (tok0.to(tl.int64) * n_heads + h) * headdim + (t * n_heads * headdim)[:, None] + p[None, :],
+                 dx.to(DV.dtype.element_ty), mask=t_valid[:, None] & p_mask[None, :])
+        x = tl.load(V + tok0.to(tl.int64) * v_row + h * v_head + (rows // R)[:, None] * v_row + p[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        share = tl.sum(tl.reshape(dv * x, (CHUNK, R, p.shape[0])), axis=0)  # (R, BLOCK_P): each rank's token sum
+        r = tl.arange(0, R)
+        tl.store(DRANKS + ((c.to(tl.int64) * n_heads + h) * R + r[:, None]) * headdim + p[None, :], share,
+                 mask=p_mask[None, :])
+    else:
+        dv_row = n_heads * headdim
+        tl.store(DV + tok0.to(tl.int64) * (R * dv_row) + h * headdim + rows[:, None] * dv_row + p[None, :],
+                 dv.to(DV.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
 
 
 @triton.jit
@@ -248,16 +270,17 @@ def _state_terms(ratio, entering, to_end, scale, cs_end):
 
 @triton.jit
 def _chunk_bwd_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, STATES, DSTATES,
-    DQ, DK, DV, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    Q, K, Q_BIAS, K_BIAS, THETA, V, RANKS, DY, ADT, GAMMA, SCALE, D, STATES, DSTATES,
+    DQ, DK, DV, DRANKS, DTHETA, DADT, DGAMMA, DSCALE, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
+    EXPAND: tl.constexpr,
 ):
-    """Fused: per chunk and head, dv, dq and dk of the head, dθ, dγ, d scale, dA·Δ and the chunk's
-    share of dD."""
+    """Fused: per chunk and head, dv (or, EXPAND, dx and the chunk's share of d mimo_x), dq and dk of the
+    head, dθ, dγ, d scale, dA·Δ and the chunk's share of dD."""
     c, h = tl.program_id(0), tl.program_id(1)
     tok0, end, rows, tok_local, valid, k_row, at_chunk, p, p_mask = chunk_of(
         CU_SEQLENS, CHUNK_SEQ, CHUNK_START, c, h, heads_per_group, n_groups, d_state, headdim, CHUNK, R, BLOCK_P)
@@ -275,8 +298,8 @@ def _chunk_bwd_kernel(
     at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
     at_token = t * n_heads
     cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
-        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
-        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+        ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim, rows, valid,
+        tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
     # P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand, A ∘ M goes into dv
     # last (the order ptxas spills least in)
     if HAS_D:
@@ -285,8 +308,8 @@ def _chunk_bwd_kernel(
                                             same, scale, CHUNK, R, MM_DTYPE)
     to_end = tl.exp(cs_end - cs)
     w = to_end * scale
-    _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad, w,
-              R, HAS_D, MM_DTYPE, PRECISION)
+    _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,
+              p_mask, scores, weights, dy, k_grad, w, CHUNK, R, HAS_D, MM_DTYPE, PRECISION, EXPAND)
 
     dcs, entering, ratio = _dq_dk_walk(
         Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
@@ -301,13 +324,14 @@ def _chunk_bwd_kernel(
 
 @triton.jit
 def _chunk_bwd_dv_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, D, DSTATES,
-    DV, DCS_PART, DGAMMA, DSCALE_PART, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    Q, K, Q_BIAS, K_BIAS, THETA, V, RANKS, DY, ADT, GAMMA, SCALE, D, DSTATES,
+    DV, DRANKS, DCS_PART, DGAMMA, DSCALE_PART, DD, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
+    EXPAND: tl.constexpr,
 ):
     """Split, kernel 1 (walk 1): dv, dγ, the chunk's share of dD, and per token the parts of d cs
     and d scale that need A (into DCS_PART, DSCALE_PART (T, H) fp32, for kernel 2)."""
@@ -326,27 +350,29 @@ def _chunk_bwd_dv_kernel(
     at_token0 = tok0.to(tl.int64) * n_heads + h
     at_token = t * n_heads
     cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
-        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
-        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+        ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim, rows, valid,
+        tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
     if HAS_D:
         _add_chunk_dD(DD, h, rows, dprod)
     _, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay, same,
                                       scale, CHUNK, R, MM_DTYPE)  # P ∘ M unused here: compiled away
     tl.store((DCS_PART + at_token0) + at_token, rows_to_tokens(dcs, CHUNK, R), mask=t_valid)
     tl.store((DSCALE_PART + at_token0) + at_token, rows_to_tokens(dscale, CHUNK, R), mask=t_valid)
-    _store_dv(DV, D, h, n_heads, headdim, tok0, rows, valid, p, p_mask, scores, weights, dy, k_grad,
-              tl.exp(cs_end - cs) * scale, R, HAS_D, MM_DTYPE, PRECISION)
+    _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,
+              p_mask, scores, weights, dy, k_grad, tl.exp(cs_end - cs) * scale, CHUNK, R, HAS_D, MM_DTYPE, PRECISION,
+              EXPAND)
 
 
 @triton.jit
 def _chunk_bwd_dqk_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
+    Q, K, Q_BIAS, K_BIAS, THETA, V, RANKS, DY, ADT, GAMMA, SCALE, STATES, DSTATES,
     DQ, DK, DTHETA, DADT, DSCALE, DCS_PART, DSCALE_PART, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head, dy_row, dy_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
+    EXPAND: tl.constexpr,
 ):
     """Split, kernel 2 (walk 2): P and M again, then dq and dk of the head and dθ; d scale and dA·Δ
     from kernel 1's parts plus the inter-chunk and state terms."""
@@ -361,8 +387,8 @@ def _chunk_bwd_dqk_kernel(
     at_token0 = tok0.to(tl.int64) * n_heads + h
     at_token = t * n_heads
     cs, cs_end, scale, v, dy, dprod, weights, _, _ = _chunk_tiles(
-        ADT, GAMMA, SCALE, V, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, rows, valid, tok_local,
-        p, p_mask, CHUNK, R, MM_DTYPE, PRECISION)
+        ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim, rows, valid,
+        tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
     to_end = tl.exp(cs_end - cs)
     dcs, entering, ratio = _dq_dk_walk(
         Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
@@ -383,18 +409,23 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     state gradient leaving each chunk; the chunk kernel (or the split pair, by
     ``spec.backward_kernels``) then takes all chunks in parallel; one kernel sums the heads of a
     group and the bias gradients (head_sums.py). Returns a dict: dq, dk (T, R, G, N) in q's dtype;
-    dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's dtype), dadt, dgamma, dscale, dD (None
-    without D) and dssm0 (or None), the rest fp32."""
+    dq_bias, dk_bias (H, R, N) fp32 or None; dtheta, dv (v's dtype; with ``saved["mimo_x"]``, v is x and
+    dv its gradient), dadt, dgamma, dscale, dD (None without D), dssm0 (or None) and dmimo_x (H, R, P)
+    (None without ``saved["mimo_x"]``), the rest fp32."""
     lay = spec.layout
     q, k, q_bias, k_bias = saved["q"], saved["k"], saved["q_bias"], saved["k_bias"]
     theta, v, adt, gamma, scale, D, states = (saved[n] for n in ("theta", "v", "adt", "gamma", "scale", "D", "states"))
+    mimo_x = saved.get("mimo_x")  # given: v is x (T, 1, H, P), expanded to the ranks where the kernels load it
     T, H, P, N, R, S = q.shape[0], spec.n_heads, spec.headdim, spec.d_state, spec.rank, spec.n_angles
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     # Every token belongs to one chunk, so the chunk kernels write all of these; dq, dk per head.
     dq_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
     dk_heads = torch.empty(T, R, H, N, device=dev, dtype=q.dtype)
-    dv = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
+    dv = torch.empty(v.shape, device=dev, dtype=v.dtype)  # (T, R, H, P), or dx (T, 1, H, P) with mimo_x
+    # each chunk's share of d mimo_x (an empty slot of a packed layout writes none: zeros)
+    d_ranks = torch.zeros(lay.n_chunks, H, R, P, **f32) if mimo_x is not None else None
+    ranks_or_any, d_ranks_or_any = (mimo_x, d_ranks) if mimo_x is not None else (adt, adt)
     dtheta = torch.empty(T, H, S, **f32)
     dadt, dgamma, dscale = (torch.empty(T, H, **f32) for _ in range(3))
     dD = torch.zeros(H, **f32) if D is not None else None  # Σ dy·v, added chunk by chunk
@@ -402,7 +433,8 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
     common = dict(HAS_BIAS=has_bias, BLOCK_P=spec.block_p, num_warps=spec.backward_warps,
-                  num_stages=spec.backward_stages, **spec.constexprs(), **spec.unrolled_walk())
+                  num_stages=spec.backward_stages, EXPAND=mimo_x is not None, **spec.constexprs(),
+                  **spec.unrolled_walk())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
     dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
@@ -410,19 +442,21 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     D_or_any = D if D is not None else adt  # an unread pointer without D
     if lay.n_chunks and spec.backward_kernels == 1:
         _chunk_bwd_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D_or_any, states, dstates,
-            dq_heads, dk_heads, dv, dtheta, dadt, dgamma, dscale, dD if D is not None else adt, lay.cu_seqlens,
+            q, k, qb, kb, theta, v, ranks_or_any, dy, adt, gamma, scale, D_or_any, states, dstates,
+            dq_heads, dk_heads, dv, d_ranks_or_any, dtheta, dadt, dgamma, dscale, dD if D is not None else adt,
+            lay.cu_seqlens,
             lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), HAS_D=D is not None, **common)
     elif lay.n_chunks:
         dcs_part, dscale_part = (torch.empty(T, H, **f32) for _ in range(2))  # kernel 1's A-parts per token
         _chunk_bwd_dv_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, D_or_any, dstates,
-            dv, dcs_part, dgamma, dscale_part, dD if D is not None else adt, lay.cu_seqlens,
+            q, k, qb, kb, theta, v, ranks_or_any, dy, adt, gamma, scale, D_or_any, dstates,
+            dv, d_ranks_or_any, dcs_part, dgamma, dscale_part, dD if D is not None else adt, lay.cu_seqlens,
             lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), HAS_D=D is not None, **common)
         _chunk_bwd_dqk_kernel[grid](
-            q, k, qb, kb, theta, v, dy, adt, gamma, scale, states, dstates,
+            q, k, qb, kb, theta, v, ranks_or_any, dy, adt, gamma, scale, states, dstates,
             dq_heads, dk_heads, dtheta, dadt, dscale, dcs_part, dscale_part, lay.cu_seqlens,
             lay.chunk_seq, lay.chunk_start, *vs, *dys, *spec.dims(), **common)
     dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, spec.n_groups, has_bias, spec.knobs)
     return dict(dq=dq, dk=dk, dq_bias=dq_bias, dk_bias=dk_bias, dtheta=dtheta, dv=dv, dadt=dadt, dgamma=dgamma,
-                dscale=dscale, dD=dD, dssm0=dssm0 if need_dssm0 else None)
+                dscale=dscale, dD=dD, dssm0=dssm0 if need_dssm0 else None,
+                dmimo_x=d_ranks.sum(0) if d_ranks is not None else None)

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, intra_weights, joined, load_pairs, load_rows, mm, rotated_qk,
+    chunk_of, chunk_scalars, intra_weights, joined, load_pairs, load_values, mm, rank_weights, rotated_qk,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -32,12 +32,13 @@ def _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end
 
 @triton.jit
 def _output_fwd_kernel(
-    Q, K, Q_BIAS, K_BIAS, THETA, V, ADT, GAMMA, SCALE, D, STATES, Y, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
+    Q, K, Q_BIAS, K_BIAS, THETA, V, RANKS, ADT, GAMMA, SCALE, D, STATES, Y, CU_SEQLENS, CHUNK_SEQ, CHUNK_START,
     v_row, v_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
+    EXPAND: tl.constexpr,
 ):
     """y_a = Σ_b (q̄_a·k̄_b) M_ab v_b + e^{cs_a} S_c q̄_a + D v_a for the rows of one chunk and head."""
     c, h = tl.program_id(0), tl.program_id(1)
@@ -62,7 +63,8 @@ def _output_fwd_kernel(
                                           R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, True)
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
-    v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+    ranked = rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R) if EXPAND else 0.0
+    v, _ = load_values(V, ranked, v_row, v_head, tok0, h, rows, valid, p, p_mask, R, EXPAND)
     y = mm(scores * weights, v, MM_DTYPE, PRECISION) + tl.exp(cs)[:, None] * inter
     if HAS_D:
         y += tl.load(D + h) * v.to(tl.float32)
@@ -82,20 +84,22 @@ def value_strides(v: Tensor) -> tuple[int, int]:
 
 def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None,
                  theta: Tensor, v: Tensor, adt: Tensor, gamma: Tensor, scale: Tensor, D: Tensor | None,
-                 ssm0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                 ssm0: Tensor | None, mimo_x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns y (T, R, H, P) in v's dtype, the states entering every chunk (matmul dtype), and the
-    final state (NS, H, P, N) fp32."""
+    final state (NS, H, P, N) fp32. ``mimo_x`` (H, R, P) fp32: v is x (T, 1, H, P), expanded to the R
+    ranks where the kernels load it (the rank expansion fused)."""
     lay = spec.layout
     T, H, P, R = q.shape[0], spec.n_heads, spec.headdim, spec.rank
     dev = q.device
     y = torch.empty(T, R, H, P, device=dev, dtype=v.dtype)
     common = dict(HAS_BIAS=k_bias is not None, **spec.constexprs())
     vs = value_strides(v)
-    states, final = chunk_states(spec, k, k_bias, theta, v, adt, scale, ssm0, True, vs, spec.matmul_dtype)
+    states, final = chunk_states(spec, k, k_bias, theta, v, adt, scale, ssm0, True, vs, spec.matmul_dtype, mimo_x)
     if lay.n_chunks:
         _output_fwd_kernel[(lay.n_chunks, H)](
-            q, k, q_bias if q_bias is not None else q, k_bias if k_bias is not None else k, theta, v, adt, gamma,
-            scale, D if D is not None else adt, states, y, lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
+            q, k, q_bias if q_bias is not None else q, k_bias if k_bias is not None else k, theta, v,
+            mimo_x if mimo_x is not None else adt, adt, gamma, scale, D if D is not None else adt, states, y,
+            lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
             *vs, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=spec.parallel_warps,
-            **spec.unrolled_walk(forward=True), **common)
+            EXPAND=mimo_x is not None, **spec.unrolled_walk(forward=True), **common)
     return y, states, final

@@ -248,6 +248,29 @@ def load_rows(X, row_stride, rows, valid, p, p_mask):
 
 
 @triton.jit
+def rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R: tl.constexpr):
+    """Row a's rank weights RANKS[h, a % R] (the (H, R, P) fp32 mimo_x; 0 on invalid rows) as a (C·R, BLOCK_P)
+    tile: what :func:`load_values` multiplies x by (a program that walks chunks loads them once)."""
+    return tl.load(RANKS + (h * R + rows % R)[:, None] * headdim + p[None, :], mask=valid[:, None] & p_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def load_values(V, weights, v_row, v_head, tok0, h, rows, valid, p, p_mask, R: tl.constexpr, EXPAND: tl.constexpr):
+    """The chunk's value rows (C·R, BLOCK_P) of head h in V's dtype: V (T, R, H, P) read as rows, or, EXPAND
+    (MIMO with the rank expansion fused), V is x (T, H, P) and row a is x[token a // R] ⊙ ``weights`` (the
+    :func:`rank_weights` tile) rounded to x's dtype, as the expansion kernel rounds (ranks.py). Also returns
+    the token rows x (EXPAND; else the values again) for the d mimo_x sums."""
+    if EXPAND:
+        at = V + tok0.to(tl.int64) * v_row + h * v_head
+        x = tl.load(at + (rows // R)[:, None] * v_row + p[None, :], mask=valid[:, None] & p_mask[None, :], other=0.0)
+        return (x.to(tl.float32) * weights).to(V.dtype.element_ty), x
+    else:
+        v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)
+        return v, v
+
+
+@triton.jit
 def joined(a, b, BLOCK_PAIRS: tl.constexpr):
     """The a and b halves of a pair block side by side as one (rows, 2·BLOCK_PAIRS) operand: a dot
     over a block is one product of depth 2·BLOCK_PAIRS, not two of BLOCK_PAIRS (the pair order

@@ -29,6 +29,7 @@ from hybridlm.kernels.mamba3.triton.layout import dense_layout, kernel_chunk, pa
 from hybridlm.kernels.mamba3.triton.output import FUSED_NORMS, gated_output_fwd
 from hybridlm.kernels.mamba3.triton.ranks import expand_ranks_fwd
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3.tuning import kernel_tuning
 from hybridlm.kernels.registry import warn_once
 
 MAX_D_STATE = 256
@@ -54,6 +55,12 @@ def unsupported_reason(q: Tensor, x: Tensor, angle_rate: Tensor | None) -> str |
     if angle_rate is not None and angle_rate.shape[-1] > N // 2:
         return f"{angle_rate.shape[-1]} angle pairs for d_state {N}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def fuse_rank_expansion() -> bool:
+    """``KernelTuning.triton_fuse_ranks``, read once while torch.compile traces (a constant of the graph)."""
+    return bool(kernel_tuning().triton_fuse_ranks)
 
 
 def warn_fallback(reason: str) -> None:
@@ -123,7 +130,10 @@ def mamba3_chunked(
         theta = torch.zeros(T, H, 0, dtype=torch.float32, device=x.device)
 
     v = xf.unsqueeze(1)  # (T, R, H, P): SISO reads x in place; MIMO rows must be evenly strided
-    if R > 1:
+    mimo_x = None  # given: the kernels expand x to the ranks as they load it (v stays x)
+    if R > 1 and params.mimo_x is not None and fuse_rank_expansion():
+        mimo_x = fp32_contiguous(params.mimo_x)
+    elif R > 1:
         v = expand_ranks_fwd(xf, params.mimo_x) if params.mimo_x is not None else v.expand(T, R, H, P).contiguous()
 
     ssm0 = None
@@ -135,7 +145,7 @@ def mamba3_chunked(
     spec = ScanSpec(layout=layout, rank=R, n_groups=G, n_heads=H, d_state=N, headdim=P, n_angles=S,
                     interleaved=pair_layout == "interleaved", matmul_dtype=mm_dtype)
     y, ssm_final = chunk_scan(qf, kf, fp32_contiguous(params.q_bias), fp32_contiguous(params.k_bias), theta, v,
-                              adt_, gamma, scale, fp32_contiguous(params.D), ssm0, spec)
+                              adt_, gamma, scale, fp32_contiguous(params.D), ssm0, spec, mimo_x)
     zt = None if z is None else tokens(z)
     out_norm = params.out_norm
     if out_norm in FUSED_NORMS and (out_norm == "none" or params.norm_weight is not None):

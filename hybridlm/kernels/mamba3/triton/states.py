@@ -20,18 +20,18 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_rotation, chunk_rows, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_rows, mm,
-    store_pairs,
+    chunk_rotation, chunk_rows, chunk_scalars, halves, joined, load_biased, load_pairs, load_rotated, load_values,
+    mm, rank_weights, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
 @triton.jit
-def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, left_head,
+def _chunk_delta(X, X_BIAS, THETA, LEFT, left_weights, ADT, SCALE, tok0, end, h, left_row, left_head,
                  n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
                  R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
                  INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
-                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr):
     """One chunk's contribution ΔS (ΔG) to the program's state block, (BLOCK_P, 2·BLOCK_PAIRS) fp32, and its
     decay e^{cs_end}. A chunk with no valid row (tok0 = end) gives 0 and 1. ROTATE: whether the pair block
     is rotated (rows.rotated_end)."""
@@ -44,8 +44,8 @@ def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, lef
     else:  # a block of unrotated pairs (rows.rotated_end): no angles
         xa, xb = load_biased(X + at_chunk, k_row, X_BIAS + h * R * d_state, d_state, rows, valid, i0, half_n,
                              CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS)
-    left = tl.trans(load_rows(LEFT + tok0.to(tl.int64) * (R * left_row) + h * left_head, left_row, rows, valid,
-                              p, p_mask))
+    left = tl.trans(load_values(LEFT, left_weights, left_row, left_head, tok0, h, rows, valid, p, p_mask, R,
+                                EXPAND)[0])
     cs, cs_end, _, scale = chunk_scalars(ADT, SCALE, SCALE, tok0, end, h, n_heads, CHUNK, R)
     if FORWARD:
         w = (tl.exp(cs_end - cs) * scale)[:, None]
@@ -55,11 +55,11 @@ def _chunk_delta(X, X_BIAS, THETA, LEFT, ADT, SCALE, tok0, end, h, left_row, lef
 
 
 @triton.jit
-def _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h, left_row, left_head,
-          n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
+def _walk(X, X_BIAS, THETA, LEFT, left_weights, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h, left_row,
+          left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
           R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
           INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, FORWARD: tl.constexpr, ROTATE: tl.constexpr,
-          MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+          MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr):
     """The walk over a sequence's chunks from ``state2``: stores the state entering each chunk, returns the
     last. ROTATE, the program's pair block's kind, is fixed for the walk, so the loop body has no branch
     and Triton's pipeliner prefetches every load of the next chunk (TTGIR: 6 asynchronous copies a trip
@@ -76,21 +76,21 @@ def _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, s
         state_a, state_b = halves(state2, BLOCK_PAIRS)
         store_pairs(STATES + at_state, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
         delta, decay = _chunk_delta(
-            X, X_BIAS, THETA, LEFT, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
+            X, X_BIAS, THETA, LEFT, left_weights, ADT, SCALE, seq_tok0 + local * CHUNK, end, h, left_row, left_head,
             n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles, i0, p, p_mask,
-            R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION)
+            R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, ROTATE, MM_DTYPE, PRECISION, EXPAND)
         state2 = decay * state2 + delta
     return state2
 
 
 @triton.jit
 def _states_kernel(
-    X, X_BIAS, THETA, LEFT, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
+    X, X_BIAS, THETA, LEFT, LEFT_RANKS, ADT, SCALE, START, STATES, FINAL, CU_SEQLENS, CU_CHUNKS,
     left_row, left_head,
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, FORWARD: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr,
 ):
     """Steps 1 and 2 in one program per (sequence, head, pair block, block of P rows): the block of
     the state stays in registers while the program walks the sequence's chunks, adding each
@@ -114,28 +114,33 @@ def _states_kernel(
         state_a = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
         state_b = tl.zeros([BLOCK_P, BLOCK_PAIRS], dtype=tl.float32)
     state2 = joined(state_a, state_b, BLOCK_PAIRS)  # the block's a and b columns side by side: one product a chunk
+    left_weights = 0.0
+    if EXPAND:  # the rank weights of x, loaded once for the whole walk
+        all_rows = tl.arange(0, CHUNK * R)
+        left_weights = rank_weights(LEFT_RANKS, h, all_rows, all_rows >= 0, p, p_mask, headdim, R)
     if i0 < n_angles:
-        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
-                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, True,
-                       MM_DTYPE, PRECISION)
+        state2 = _walk(X, X_BIAS, THETA, LEFT, left_weights, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0,
+                       end, h, left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim,
+                       n_angles, i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, True,
+                       MM_DTYPE, PRECISION, EXPAND)
     else:  # a block of unrotated pairs (rows.rotated_end): no angles
-        state2 = _walk(X, X_BIAS, THETA, LEFT, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0, end, h,
-                       left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
-                       i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, False,
-                       MM_DTYPE, PRECISION)
+        state2 = _walk(X, X_BIAS, THETA, LEFT, left_weights, ADT, SCALE, STATES, state2, first, n_chunks, seq_tok0,
+                       end, h, left_row, left_head, n_heads, heads_per_group, n_groups, d_state, half_n, headdim,
+                       n_angles, i0, p, p_mask, R, CHUNK, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, FORWARD, False,
+                       MM_DTYPE, PRECISION, EXPAND)
     state_a, state_b = halves(state2, BLOCK_PAIRS)
     store_pairs(FINAL + at_seq, d_state, p, p_mask, i0, half_n, state_a, state_b, BLOCK_PAIRS, INTERLEAVED)
 
 
 def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor, left: Tensor, adt: Tensor,
                  scale: Tensor, start: Tensor | None, forward: bool, left_strides: tuple[int, int],
-                 states_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                 states_dtype: torch.dtype, left_ranks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The state at every chunk boundary (n_chunks, H, P, N) in ``states_dtype`` — forward: the
     state entering each chunk (x = k, left = v); backward: the gradient of the state leaving each
     chunk (x = q, left = dy) — and, fp32 (NS, H, P, N), the state after a sequence's last chunk
     (forward) or the gradient of the one entering its first (backward). ``start`` is the initial
-    state (forward) or the final state's gradient (backward)."""
+    state (forward) or the final state's gradient (backward). ``left_ranks`` (H, R, P) fp32: left is x
+    (T, H, P), expanded to the R ranks as the rows load (rows.load_values)."""
     lay = spec.layout
     H, P, N = spec.n_heads, spec.headdim, spec.d_state
     states = torch.empty(lay.n_chunks, H, P, N, device=x.device, dtype=states_dtype)
@@ -154,9 +159,11 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         split_p = min(knobs.triton_states_split_p, spec.block_p // 16)  # a dot's operand is ≥ 16 rows
         consts = spec.constexprs() | dict(BLOCK_PAIRS=block_pairs)
         _states_kernel[(lay.n_seqs, H * split_p, triton.cdiv(N // 2, block_pairs))](
-            x, x_bias if x_bias is not None else x, theta, left, adt, scale, start if start is not None else final,
+            x, x_bias if x_bias is not None else x, theta, left, left_ranks if left_ranks is not None else adt, adt, scale,
+            start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, HAS_BIAS=x_bias is not None,
-            HAS_START=start is not None, FORWARD=forward, num_warps=warps, num_stages=stages, **consts,
+            HAS_START=start is not None, FORWARD=forward, EXPAND=left_ranks is not None, num_warps=warps,
+            num_stages=stages, **consts,
             **({"maxnreg": maxnreg} if maxnreg else {}))
     return states, final
