@@ -47,8 +47,8 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, load_values, mm, rank_weights,
-    rotated_end, rotated_qk, rows_to_tokens, rows_to_tokens_2d, store_pairs,
+    block_scores, chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, load_values, mm,
+    rank_weights, rotated_end, rotated_qk, rows_to_tokens, rows_to_tokens_2d, store_pairs,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -67,12 +67,9 @@ def _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state
                  d_state, half_n, rows, valid, p, p_mask, i0, scores, k_grad, CHUNK: tl.constexpr, R: tl.constexpr,
                  BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
-    qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
-                                      d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
-                                      ROTATE)
-    q2 = joined(qa, qb, BLOCK_PAIRS)
-    k2 = joined(ka, kb, BLOCK_PAIRS)
-    scores += mm(q2, tl.trans(k2), MM_DTYPE, PRECISION)
+    _, k2, scores = block_scores(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
+                                 d_state, half_n, rows, valid, i0, scores, CHUNK, R, BLOCK_PAIRS, INTERLEAVED,
+                                 HAS_BIAS, MM_DTYPE, PRECISION, ROTATE)
     grad_a, grad_b = load_pairs(DSTATES + at_state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     k_grad += mm(k2, tl.trans(joined(grad_a, grad_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
     return scores, k_grad

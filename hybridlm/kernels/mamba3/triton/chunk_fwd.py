@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.mamba3.triton.rows import (
-    chunk_of, chunk_scalars, intra_weights, joined, load_pairs, load_values, mm, rank_weights, rotated_qk,
+    block_scores, chunk_of, chunk_scalars, intra_weights, joined, load_pairs, load_values, mm, rank_weights,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -20,11 +20,9 @@ def _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end
                   BLOCK_PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
                   MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
     """Pair block i0's share of q̄ k̄ᵀ and of q̄ S_cᵀ."""
-    qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
-                                      d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
-                                      ROTATE)
-    q2 = joined(qa, qb, BLOCK_PAIRS)
-    scores += mm(q2, tl.trans(joined(ka, kb, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
+    q2, _, scores = block_scores(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
+                                 d_state, half_n, rows, valid, i0, scores, CHUNK, R, BLOCK_PAIRS, INTERLEAVED,
+                                 HAS_BIAS, MM_DTYPE, PRECISION, ROTATE)
     state_a, state_b = load_pairs(state, d_state, p, p_mask, i0, half_n, BLOCK_PAIRS, INTERLEAVED)
     inter += mm(q2, tl.trans(joined(state_a, state_b, BLOCK_PAIRS)), MM_DTYPE, PRECISION)
     return scores, inter

@@ -229,6 +229,21 @@ def rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_hea
 
 
 @triton.jit
+def block_scores(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles, d_state, half_n,
+                 rows, valid, i0, scores, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 ROTATE: tl.constexpr):
+    """Pair block i0 of the chunk's q̄ and k̄ as joined operands (:func:`rotated_qk`), and ``scores`` plus the
+    block's share of q̄ k̄ᵀ."""
+    qa, qb, ka, kb, _, _ = rotated_qk(Q, K, Q_BIAS, K_BIAS, THETA, at_chunk, k_row, tok0, end, h, n_heads, n_angles,
+                                      d_state, half_n, rows, valid, i0, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
+                                      ROTATE)
+    q2 = joined(qa, qb, BLOCK_PAIRS)
+    k2 = joined(ka, kb, BLOCK_PAIRS)
+    return q2, k2, scores + mm(q2, tl.trans(k2), MM_DTYPE, PRECISION)
+
+
+@triton.jit
 def intra_weights(tok_local, cs, gamma, scale):
     """M[a, b]: how much row b feeds row a inside the chunk — scale_b·e^{cs_a − cs_b} for an earlier
     token, γ for the same token (every rank pair), 0 after. Also the strictly-earlier decay E."""
