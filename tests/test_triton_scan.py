@@ -210,8 +210,7 @@ def test_unrolled_walks_keep_the_results(config, kernels):
     assert walk(64, 2, forward=True)["WALK_BLOCKS"] == 0  # the forward has its own knob
 
 
-@pytest.mark.parametrize("config", ["mimo2-groups", "mimo2-N64", "mimo4-rope1"])
-@pytest.mark.parametrize("kernels", [1, 2])
+@pytest.mark.parametrize("config,kernels", [("mimo2-groups", 1), ("mimo2-N64", 2), ("mimo4-rope1", 1)])
 def test_fused_rank_expansion_keeps_the_results(config, kernels, monkeypatch):
     """triton_fuse_ranks: MIMO's x expanded to the ranks inside the states, output and backward chunk kernels
     (no v (T, R, H, P) written; dx and d mimo_x from the backward chunk kernel), fused and split backward

@@ -161,10 +161,8 @@ def _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, to
     if EXPAND:
         dv = dv.to(DV.dtype.element_ty).to(tl.float32)
         mask = valid[:, None] & p_mask[None, :]
-        # the weights loaded again (other=1: a load of its own, not the value rows' one kept live across walk 1,
-        # which spilled 264 B against 120; invalid rows have dv = 0 either way)
-        ranks = tl.load(RANKS + (h * R + rows % R)[:, None] * headdim + p[None, :], mask=mask, other=1.0)
-        dx = rows_to_tokens_2d(dv * ranks, CHUNK, R, p.shape[0])
+        dx = rows_to_tokens_2d(dv * rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R), CHUNK, R,
+                               p.shape[0])
         tl.store(DV + (tok0.to(tl.int64) * n_heads + h) * headdim + (t * n_heads * headdim)[:, None] + p[None, :],
                  dx.to(DV.dtype.element_ty), mask=t_valid[:, None] & p_mask[None, :])
         x = tl.load(V + tok0.to(tl.int64) * v_row + h * v_head + (rows // R)[:, None] * v_row + p[None, :], mask=mask,
