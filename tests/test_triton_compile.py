@@ -111,9 +111,14 @@ def outputs_and_grads(fn, args, kw, init):
     return [y, *final], torch.autograd.grad(loss, inputs)
 
 
-def test_fullgraph_compile_of_the_scan_matches_eager():
+@pytest.mark.parametrize("fuse_ranks", [0, 1])
+def test_fullgraph_compile_of_the_scan_matches_eager(fuse_ranks):
     """fullgraph=True raises on any graph break, so compiling at all proves dynamo saw the ops as
-    opaque; then outputs and gradients must equal eager's."""
+    opaque; then outputs and gradients must equal eager's. With the rank expansion fused
+    (``triton_fuse_ranks``, read once while tracing), the graph has no expansion op."""
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    torch._dynamo.reset()  # the knob is a constant of the traced graph: trace again
     args, kw, init = mimo_inputs()
 
     def scan(*a):
@@ -123,9 +128,12 @@ def test_fullgraph_compile_of_the_scan_matches_eager():
 
     seen = set()
     compiled = torch.compile(scan, backend=aot_eager_recording(seen), fullgraph=True)
-    out, grads = outputs_and_grads(compiled, args, kw, init)
+    with use_tuning(triton_fuse_ranks=fuse_ranks):
+        out, grads = outputs_and_grads(compiled, args, kw, init)
+        out_ref, grads_ref = outputs_and_grads(scan, args, kw, init)
+    torch._dynamo.reset()
     assert "hybridlm.mamba3_chunk_fwd.default" in seen, seen
-    out_ref, grads_ref = outputs_and_grads(scan, args, kw, init)
+    assert ("hybridlm.expand_ranks_fwd.default" in seen) == (not fuse_ranks), seen
     assert max(rel_err(a, b) for a, b in zip(out, out_ref)) <= FWD_TOL
     assert max(rel_err(a, b) for a, b in zip(grads, grads_ref)) <= GRAD_TOL
 
