@@ -4,9 +4,9 @@
     python benchmarks/decode_profile.py --model mamba3-1.5b,mamba3-mimo-1.5b --batch 128 --prompt 512
 
 The step as users run it (``hybridlm.Decoder``, random bf16 weights, ``--batch`` sequences (default 1)
-after a ``--prompt``-token prompt (default 2,048), the captured graph replayed), profiled over ``--steps`` steps. Per step: wall time, kernels, the GPU
-busy time (the union of kernel intervals) and so the time between kernels, then the kernels by
-name: count per step and device microseconds per step, largest first. What ``generate.py``'s
+after a ``--prompt``-token prompt (default 2,048), the captured graph replayed), profiled over
+``--steps`` steps. Per step: wall time, kernels, the GPU busy time (the union of kernel intervals)
+and so the time between kernels, then the kernels by name: count per step and device microseconds per step, largest first. What ``generate.py``'s
 ms per step is made of: weights read, other kernels, and gaps. ``--attention``: profile each model
 once per attention backend of its decode steps (``HYBRIDLM_ATTENTION``: ``auto``, ``fa4``, ``triton``
 (hybridlm/kernels/decode_attention/, split-KV), ``sdpa``). ``--gemv-knobs``: once per set of the

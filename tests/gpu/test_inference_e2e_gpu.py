@@ -126,9 +126,9 @@ def test_cuda_graph_equals_eager(models):
 def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, monkeypatch):
     """Every decode GEMV through the kernel (PLAIN_GEMVS: out_proj, w2, wo too; Mamba-3's in_proj with
     its norm, or plain after the norm kernel: PLAIN_IN_PROJ), launched with PDL, the L2 prefetch and the first
-    weight tile loaded before the wait, and the norm, KV-append and decode attention kernels with PDL too: graph replay bitwise equal to eager steps (a
-    GEMV that read its input before the kernel before it finished would differ), both within the
-    bf16 bound against fp32."""
+    weight tile loaded before the wait, and the norm, KV-append and decode attention kernels with PDL too:
+    graph replay bitwise equal to eager steps (a GEMV that read its input before the kernel before it
+    finished would differ), both within the bf16 bound against fp32."""
     from hybridlm.kernels import decode_gemv
     from hybridlm.kernels.decode_gemv import triton as kernel
 

@@ -48,7 +48,7 @@ from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
     block_scores, chunk_of, chunk_scalars, halves, intra_weights, joined, load_pairs, load_rows, load_values, mm,
-    rank_weights, rotated_end, rotated_qk, rows_to_tokens, rows_to_tokens_2d, store_pairs,
+    rank_weights, rotated_end, rotated_qk, rows_to_tokens, rows_to_tokens_2d, store_pairs, token_rows,
 )
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 from hybridlm.kernels.mamba3.triton.states import chunk_states
@@ -160,13 +160,11 @@ def _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, to
         dv += tl.load(D + h) * dy.to(tl.float32)
     if EXPAND:
         dv = dv.to(DV.dtype.element_ty).to(tl.float32)
-        mask = valid[:, None] & p_mask[None, :]
         dx = rows_to_tokens_2d(dv * rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R), CHUNK, R,
                                p.shape[0])
         tl.store(DV + (tok0.to(tl.int64) * n_heads + h) * headdim + (t * n_heads * headdim)[:, None] + p[None, :],
                  dx.to(DV.dtype.element_ty), mask=t_valid[:, None] & p_mask[None, :])
-        x = tl.load(V + tok0.to(tl.int64) * v_row + h * v_head + (rows // R)[:, None] * v_row + p[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        x = token_rows(V, v_row, v_head, tok0, h, rows, valid, p, p_mask, R).to(tl.float32)
         share = tl.sum(tl.reshape(dv * x, (CHUNK, R, p.shape[0])), axis=0)  # (R, BLOCK_P): each rank's token sum
         r = tl.arange(0, R)
         tl.store(DRANKS + ((c.to(tl.int64) * n_heads + h) * R + r[:, None]) * headdim + p[None, :], share,

@@ -271,14 +271,21 @@ def rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R: tl.constexpr):
 
 
 @triton.jit
+def token_rows(X, x_row, x_head, tok0, h, rows, valid, p, p_mask, R: tl.constexpr):
+    """Row a of the chunk as token a // R's row of head h in X (T, H, P): each token's row repeated for its
+    R ranks (zeros on invalid rows)."""
+    at = X + tok0.to(tl.int64) * x_row + h * x_head
+    return tl.load(at + (rows // R)[:, None] * x_row + p[None, :], mask=valid[:, None] & p_mask[None, :], other=0.0)
+
+
+@triton.jit
 def load_values(V, weights, v_row, v_head, tok0, h, rows, valid, p, p_mask, R: tl.constexpr, EXPAND: tl.constexpr):
     """The chunk's value rows (C·R, BLOCK_P) of head h in V's dtype: V (T, R, H, P) read as rows, or, EXPAND
     (MIMO with the rank expansion fused), V is x (T, H, P) and row a is x[token a // R] ⊙ ``weights`` (the
     :func:`rank_weights` tile) rounded to x's dtype, as the expansion kernel rounds (ranks.py). Also returns
     the token rows x (EXPAND; else the values again) for the d mimo_x sums."""
     if EXPAND:
-        at = V + tok0.to(tl.int64) * v_row + h * v_head
-        x = tl.load(at + (rows // R)[:, None] * v_row + p[None, :], mask=valid[:, None] & p_mask[None, :], other=0.0)
+        x = token_rows(V, v_row, v_head, tok0, h, rows, valid, p, p_mask, R)
         return (x.to(tl.float32) * weights).to(V.dtype.element_ty), x
     else:
         v = load_rows(V + tok0.to(tl.int64) * (R * v_row) + h * v_head, v_row, rows, valid, p, p_mask)

@@ -159,8 +159,8 @@ def chunk_states(spec: ScanSpec, x: Tensor, x_bias: Tensor | None, theta: Tensor
         split_p = min(knobs.triton_states_split_p, spec.block_p // 16)  # a dot's operand is ≥ 16 rows
         consts = spec.constexprs() | dict(BLOCK_PAIRS=block_pairs)
         _states_kernel[(lay.n_seqs, H * split_p, triton.cdiv(N // 2, block_pairs))](
-            x, x_bias if x_bias is not None else x, theta, left, left_ranks if left_ranks is not None else adt, adt, scale,
-            start if start is not None else final,
+            x, x_bias if x_bias is not None else x, theta, left, left_ranks if left_ranks is not None else adt,
+            adt, scale, start if start is not None else final,
             states, final, lay.cu_seqlens, lay.cu_chunks, *left_strides,
             *spec.dims(), BLOCK_P=spec.block_p // split_p, SPLIT_P=split_p, HAS_BIAS=x_bias is not None,
             HAS_START=start is not None, FORWARD=forward, EXPAND=left_ranks is not None, num_warps=warps,
