@@ -27,8 +27,10 @@ class KernelTuning:
                             None: the per-kernel choice of :class:`ScanSpec` [HYBRIDLM_TRITON_WARPS]
     triton_backward_stages  software-pipeline stages of the backward chunk kernels
                             [HYBRIDLM_TRITON_BACKWARD_STAGES]
-    triton_backward_kernels the backward chunk pass's design: 1, one fused kernel; 2, split in
-                            a dv kernel and a dq/dk kernel (triton/chunk_bwd.py)
+    triton_backward_kernels the backward's design: 1, one fused chunk kernel; 2, split in a dv
+                            kernel and a dq/dk kernel (triton/chunk_bwd.py); 3, a reverse walk per
+                            (sequence, head) with the state gradient resident, then the rotation back
+                            (triton/reverse_bwd.py)
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     triton_backward_unroll  the most pair blocks of d_state the backward chunk kernels walk as unrolled
                             code (one copy of a walk's body per block, compiled per d_state and angle
@@ -98,7 +100,7 @@ class KernelTuning:
 
 # the knobs that pick one of a few designs: their values, and how an error names them
 CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
-    "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
+    "triton_backward_kernels": ((1, 2, 3), "1 (fused), 2 (split) or 3 (reverse walk)"),
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),

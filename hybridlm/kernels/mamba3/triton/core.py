@@ -22,6 +22,7 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_bwd import scan_backward
 from hybridlm.kernels.mamba3.triton.chunk_fwd import scan_forward
 from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
+from hybridlm.kernels.mamba3.triton.reverse_bwd import reverse_backward
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
 
 
@@ -75,7 +76,8 @@ def chunk_bwd(q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None
     spec = _spec(q, v, theta, cu_seqlens, cu_chunks, chunk_seq, chunk_start, chunk, interleaved, matmul_dtype)
     saved = dict(q=q, k=k, q_bias=q_bias, k_bias=k_bias, theta=theta, v=v, adt=adt, gamma=gamma, scale=scale, D=D,
                  states=states, mimo_x=mimo_x)
-    g = scan_backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
+    backward = reverse_backward if spec.backward_kernels == 3 else scan_backward
+    g = backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
     return [g["dq"].to(q.dtype), g["dk"].to(k.dtype),
             *(g[n] if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
             g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], g["dD"] if g["dD"] is not None else _absent(q),

@@ -68,9 +68,22 @@ class ScanSpec:
 
     @property
     def backward_kernels(self) -> int:
-        """The backward chunk pass's design: 1, the fused kernel; 2, the split pair (chunk_bwd.py).
-        Both take backward_warps and backward_stages."""
+        """The backward's design: 1, the fused chunk kernel; 2, the split pair (chunk_bwd.py); 3, the
+        reverse walk (reverse_bwd.py). All take backward_stages; 1 and 2 backward_warps."""
         return self.knobs.triton_backward_kernels
+
+    @property
+    def all_pairs(self) -> int:
+        """Pairs of a pair block that spans all of d_state (the reverse walk's whole-N products; a dot's
+        operand is at least 16 wide, so at least 8 pairs)."""
+        return max(8, triton.next_power_of_2(self.d_state // 2))
+
+    @property
+    def reverse_warps(self) -> int:
+        """Warps of the reverse walk (reverse_bwd.py): its G (P × N fp32) and whole-N tiles stay on chip."""
+        if self.knobs.triton_warps is not None:
+            return self.knobs.triton_warps
+        return 8
 
     def unrolled_walk(self, forward: bool = False) -> dict:
         """The backward chunk kernels' pair-block walks (or the forward output kernel's, ``forward``) as
