@@ -93,9 +93,10 @@ def _reverse_dqkv_kernel(
                                                 same, scale, CHUNK, R, MM_DTYPE)
         to_end = tl.exp(cs_end - cs)
         w = to_end * scale
+        k_grad = mm(k2, tl.trans(grad2), MM_DTYPE, PRECISION)  # row b: G k̄_b
+        ratio = tl.sum(v.to(tl.float32) * k_grad, 1)  # v_b·(G k̄_b) = k̄_b·(Gᵀ v_b), for d scale_b
         _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,
-                  p_mask, scores, weights, dy, mm(k2, tl.trans(grad2), MM_DTYPE, PRECISION), w, CHUNK, R, HAS_D,
-                  MM_DTYPE, PRECISION, EXPAND)
+                  p_mask, scores, weights, dy, k_grad, w, CHUNK, R, HAS_D, MM_DTYPE, PRECISION, EXPAND)
         dy = dy.to(MM_DTYPE)
         growth = tl.exp(cs)[:, None]
 
@@ -110,10 +111,9 @@ def _reverse_dqkv_kernel(
         _store_head_pairs(DQ, tok0, h, n_heads, d_state, rows, valid, 0, half_n, dqa, dqb, R, ALL_PAIRS,
                           INTERLEAVED)
 
-        # dk̄; its state term, row b of v G, also gives k̄_b·(Gᵀ v_b) for d scale_b
-        dk2 = mm(v.to(MM_DTYPE), grad2, MM_DTYPE, PRECISION)
-        ratio = tl.sum(k2.to(tl.float32) * dk2, 1)
-        dk2 = mm(tl.trans(dscores), q2, MM_DTYPE, PRECISION) + w[:, None] * dk2
+        # dk̄ = (P ∘ M)ᵀ q̄ + w · v G
+        dk2 = mm(tl.trans(dscores), q2, MM_DTYPE, PRECISION) + w[:, None] * mm(v.to(MM_DTYPE), grad2, MM_DTYPE,
+                                                                                PRECISION)
         dka, dkb = halves(dk2, ALL_PAIRS)
         _store_head_pairs(DK, tok0, h, n_heads, d_state, rows, valid, 0, half_n, dka, dkb, R, ALL_PAIRS,
                           INTERLEAVED)
