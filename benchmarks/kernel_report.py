@@ -4,6 +4,7 @@
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
     python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
     python benchmarks/kernel_report.py --sass [TRIPS] [--d-state 64]  # also SASS instruction counts
+    python benchmarks/kernel_report.py --peer-dqkv DIR --sass [--d-state 64]  # the official backward's main kernel
 
 Runs one scan's launches with a capturing stub instead of the GPU, compiles each kernel for
 sm_90 with Triton's own toolchain (ptxas ships with Triton), and prints ptxas's resource line.
@@ -222,6 +223,47 @@ def decode_attention_launches(dtype: torch.dtype) -> list:
         kernel.PDL, kernel.pdl_usable = default
 
 
+def peer_dqkv_launch(source: str, d_state: int) -> tuple:
+    """The official SISO backward's main kernel (``mamba3_siso_bwd_kernel_dqkv``: one program per (sequence,
+    head) walking its chunks in reverse), from the mamba_ssm source tree ``source`` (the staged peer, unpacked),
+    with the configuration its autotune chose on the H200 (benchmarks/peer_autotune_h200.json) at d_state 64 or
+    128: (kernel, args, kwargs) for :func:`resource_line`. Its package ``__init__`` files import CUDA
+    extensions, so only its Triton modules are loaded."""
+    import importlib
+    import inspect
+    import json
+    import sys
+    import types
+
+    root = os.path.join(source, "mamba_ssm")
+    for name in ("", ".ops", ".ops.triton", ".ops.triton.mamba3"):
+        package = types.ModuleType("mamba_ssm" + name)
+        package.__path__ = [os.path.join(root, *name.split(".")[1:])]
+        sys.modules.setdefault("mamba_ssm" + name, package)
+    bwd = importlib.import_module("mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd")
+    # its launcher asserts CUDA tensors; the same function without the check, for the capturing stub
+    launcher = "\n".join(line for line in inspect.getsource(bwd.compute_dqkv).splitlines() if "is_cuda" not in line)
+    exec(launcher, bwd.__dict__)
+    chosen = json.load(open(os.path.join(os.path.dirname(__file__), "peer_autotune_h200.json")))
+    configs = chosen["mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd.mamba3_siso_bwd_kernel_dqkv"]
+    config = next(c for key, c in configs.items() if key.startswith(f"(64, {d_state}, 64,"))
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"],
+                   **({"maxnreg": config["maxnreg"]} if config["maxnreg"] else {}))
+    bwd.mamba3_siso_bwd_kernel_dqkv.configs = [triton.Config({}, **options)]
+    B, L, H, P, C = 2, 256, 16, 64, 64
+    bf16 = torch.bfloat16
+    q = torch.randn(B, L, H, d_state, dtype=bf16)
+    v = torch.randn(B, L, H, P, dtype=bf16)
+    da_cs = torch.randn(B, H, L)
+    states = torch.randn(B, H, P, L // C * d_state, dtype=bf16)
+    (fn, args, kwargs), = launches(lambda: bwd.compute_dqkv(q, q.clone(), v, da_cs, torch.randn(B, H, L // C),
+                                                              da_cs.clone(), states, v.clone(), D=torch.randn(H),
+                                                              chunk_size=C))
+    # the JIT's specialization of integer arguments equal to 1 (its TMA descriptors need a constant unit stride)
+    fn.constexprs = sorted(set(fn.constexprs) | {i for i, a in enumerate(args) if type(a) is int and a == 1})
+    return fn, args, dict(kwargs) | options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-state", type=int, default=128)
@@ -230,12 +272,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
+    parser.add_argument("--peer-dqkv", metavar="MAMBA_SSM_SOURCE",
+                        help="the official backward's dqkv kernel from this unpacked mamba_ssm source instead "
+                             "(.gpu/peer/mamba_ssm-*.tar.gz), at its H200 autotune choice and --d-state")
     parser.add_argument("--sass", type=int, nargs="?", const=1, default=0, metavar="LOOP_TRIPS",
                         help="also count each kernel's SASS instructions, loop bodies counted LOOP_TRIPS times")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype) if args.decode_attention
-             else scan_launches(args.d_state, args.headdim, args.rank, dtype))
+    if args.peer_dqkv:
+        found = [peer_dqkv_launch(args.peer_dqkv, args.d_state)]
+    else:
+        found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype)
+                 if args.decode_attention else scan_launches(args.d_state, args.headdim, args.rank, dtype))
     for fn, a, kw in found:
         print(resource_line(fn, a, dict(kw), sass=args.sass))
 
