@@ -29,9 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.chunk_bwd import (
-    _add_chunk_dD, _chunk_tiles, _state_terms, _store_dv, _store_head_pairs, _through_weights,
-)
+from hybridlm.kernels.mamba3.triton.chunk_bwd import _intra_terms, _state_terms, _store_dv, _store_head_pairs
 from hybridlm.kernels.mamba3.triton.chunk_fwd import value_strides
 from hybridlm.kernels.mamba3.triton.head_sums import head_sums
 from hybridlm.kernels.mamba3.triton.rows import (
@@ -83,16 +81,11 @@ def _reverse_dqkv_kernel(
                                           INTERLEAVED, HAS_BIAS, True)
         q2 = joined(qa, qb, ALL_PAIRS).to(MM_DTYPE)
         k2 = joined(ka, kb, ALL_PAIRS).to(MM_DTYPE)
-        cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
-            ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim,
-            rows, valid, tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
         scores = mm(q2, tl.trans(k2), MM_DTYPE, PRECISION)
-        if HAS_D:
-            _add_chunk_dD(DD, h, rows, dprod)
-        dscores, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay,
-                                                same, scale, CHUNK, R, MM_DTYPE)
-        to_end = tl.exp(cs_end - cs)
-        w = to_end * scale
+        cs, cs_end, scale, v, dy, weights, dscores, dcs, dscale, to_end, w = _intra_terms(
+            ADT, GAMMA, SCALE, V, RANKS, DY, DGAMMA, DD, h, n_heads, headdim, v_row, v_head, dy_row, dy_head, tok0,
+            end, rows, valid, tok_local, t_valid, at_token0, at_token, p, p_mask, scores, CHUNK, R, HAS_D, MM_DTYPE,
+            PRECISION, EXPAND)
         k_grad = mm(k2, tl.trans(grad2), MM_DTYPE, PRECISION)  # row b: G k̄_b
         ratio = tl.sum(v.to(tl.float32) * k_grad, 1)  # v_b·(G k̄_b) = k̄_b·(Gᵀ v_b), for d scale_b
         _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,

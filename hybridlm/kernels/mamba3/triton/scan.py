@@ -66,8 +66,8 @@ def fuse_rank_expansion() -> bool:
 @torch.compiler.assume_constant_result
 def chunk_rows_cap() -> int:
     """The most token-rank rows a chunk has: 32 under the reverse-walk backward (``triton_backward_kernels=3``,
-    whose whole-N tiles of 64 rows spill: 696 B a thread at d_state 64, none at 32; ptxas sm_90, bf16,
-    benchmarks/kernel_report.py), else 64. Read once while torch.compile traces."""
+    whose whole-N tiles of 64 rows spill 696–872 B a thread at d_state 64, of 32 rows 0–136 B; ptxas sm_90,
+    bf16, benchmarks/kernel_report.py), else 64. Read once while torch.compile traces."""
     return 32 if kernel_tuning().triton_backward_kernels == 3 else 64
 
 

@@ -81,9 +81,9 @@ class ScanSpec:
     @property
     def reverse_warps(self) -> int:
         """Warps of the reverse walk (reverse_bwd.py), whose G (P × N fp32) and whole-N tiles stay on chip:
-        4 up to d_state 64 (ptxas sm_90, bf16, 32-row chunks: 80 B spilled, where 8 warps spill none but
-        issue 46 % more instructions in all: the products' tiles are repeated over the warps), 8 above
-        (d_state 128: 744 B spilled on 4 warps, 112 on 8)."""
+        4 up to d_state 64 (ptxas sm_90, bf16, 32-row chunks: 136 B spilled, where 8 warps spill none but
+        issue 42 % more warp-instructions in all), 8 above
+        (d_state 128: 752 B spilled on 4 warps, 136 on 8)."""
         if self.knobs.triton_warps is not None:
             return self.knobs.triton_warps
         return 4 if self.d_state <= 64 and self.matmul_dtype != torch.float32 else 8
