@@ -20,8 +20,8 @@ autotune that follows then only times them (its compiles, one after another, wer
 5-8 minutes per d_state).
 
 ``--backward-kernels`` times our layers once per backward design, in one run: 1 the fused chunk
-kernel, 2 the split pair, 3 the reverse walk (``KernelTuning.triton_backward_kernels``; 3 also runs
-the forward in chunks of 32 token-rank rows). ``--tunings`` adds variants
+kernel, 2 the split pair, 3 the reverse walk, 4 the official split (``KernelTuning.triton_backward_kernels``;
+3 also runs the forward in chunks of 32 token-rank rows; 4 is SISO's, MIMO layers take 1). ``--tunings`` adds variants
 with other kernel knobs, ``;`` between sets of ``knob=value`` (``KernelTuning`` fields, the
 ``triton_`` prefix optional), e.g. ``--tunings "bias_rows=1024;bias_rows=512"``: an A/B of knobs
 side by side in one run. The table has a row per variant (column "variant"); the JSON keys of
@@ -85,7 +85,7 @@ def default_peer_configs() -> Path:
     return Path(__file__).parent / f"peer_autotune_{gpu_slug(torch.cuda.get_device_name())}.json"
 
 
-BACKWARD_LABELS = {1: "fused", 2: "split", 3: "reverse"}
+BACKWARD_LABELS = {1: "fused", 2: "split", 3: "reverse", 4: "walk"}
 
 
 def backward_designs(text: str) -> list[int]:

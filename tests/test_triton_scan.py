@@ -247,9 +247,9 @@ def test_backward_kernels_knob_is_checked_and_read_from_the_environment():
 
     assert KernelTuning().triton_backward_kernels == 1  # the fused kernel until the split one is measured
     assert tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "2"}).triton_backward_kernels == 2
-    assert tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "3"}).triton_backward_kernels == 3
-    with pytest.raises(ValueError, match="triton_backward_kernels must be 1 .*, 2 .* or 3"):
-        tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "4"})
+    assert tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "4"}).triton_backward_kernels == 4
+    with pytest.raises(ValueError, match="triton_backward_kernels must be 1 .*, 2 .*, 3 .* or 4"):
+        tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "5"})
     with pytest.raises(ValueError, match="HYBRIDLM_TRITON_BACKWARD_KERNELS"):
         tuning_from_env({"HYBRIDLM_TRITON_BACKWARD_KERNELS": "split"})
     for bad in (0, True, 2.0):
@@ -355,6 +355,28 @@ def test_reverse_backward_matches_reference(case, monkeypatch):
     (walk, R, tokens), *rest = launched
     assert walk == "_reverse_dqkv_kernel" and R * tokens <= 32 and tokens == kernel_chunk(chunk, R, 32)
     assert [name for name, *_ in rest] == ["_rotate_back_kernel"]
+
+
+@pytest.mark.parametrize("case", ["siso-packed", "half-no-bias-no-D", "siso-groups-rope1-norm", "mimo4-rope1"])
+def test_walk_backward_matches_reference(case, monkeypatch):
+    """The official module's split (triton_backward_kernels=4, SISO: q̄ and k̃ = scale·k̄ made first, a reverse walk
+    fed by tensor descriptors, then the rotation back and the per-token scalars) against the reference, every
+    gradient: packed ragged sequences (one empty, one of a single token) with initial states, no biases/D/rotated
+    half, groups with rope 1.0; it launches its three kernels and no chunk-parallel one. MIMO takes the fused
+    kernel."""
+    from hybridlm.kernels.mamba3.triton import chunk_bwd, walk_bwd
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    launched = []
+    for module, name in ((chunk_bwd, "_chunk_bwd_kernel"), (walk_bwd, "_prepare_kernel"), (walk_bwd, "_walk_kernel"),
+                         (walk_bwd, "_finish_kernel")):
+        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), launched))
+    args, kw, init, cu, chunk = split_backward_case(case)
+    with use_tuning(triton_backward_kernels=4):
+        ours = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=chunk)
+    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=chunk))
+    mimo = case.startswith("mimo")
+    assert launched[:3] == (["_chunk_bwd_kernel"] if mimo else ["_prepare_kernel", "_walk_kernel", "_finish_kernel"])
 
 
 def test_bfloat16_inputs_accumulate_in_fp32():

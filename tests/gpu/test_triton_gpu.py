@@ -1,8 +1,8 @@
 """The Triton Mamba-3 kernels on the GPU: against the reference in fp32 at realistic shapes,
 against the official module (bf16, same weights) relative to exact fp64 math, and one 64K-token
-sequence. The backward tests run under the three backward designs (``triton_backward_kernels`` 1, the
-fused kernel, 2, the split pair, and 3, the reverse walk; results under "<name>", "<name>/split" and
-"<name>/reverse"). Set
+sequence. The backward tests run under the four backward designs (``triton_backward_kernels`` 1, the
+fused kernel, 2, the split pair, 3, the reverse walk, and 4, the official split, SISO; results under "<name>",
+"<name>/split", "<name>/reverse" and "<name>/walk"). Set
 HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
 
 import pytest
@@ -17,12 +17,12 @@ from test_official_equivalence import build
 pytestmark = pytest.mark.gpu
 triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 RESULTS: dict = {}
-BACKWARD_DESIGNS = pytest.mark.parametrize("backward_kernels", [1, 2, 3], ids=["fused", "split", "reverse"])
+BACKWARD_DESIGNS = pytest.mark.parametrize("backward_kernels", [1, 2, 3, 4], ids=["fused", "split", "reverse", "walk"])
 
 
 def design_key(name: str, backward_kernels: int) -> str:
     """The results key of a test case: its name, with "/split" or "/reverse" for the other backward designs."""
-    return {1: name, 2: f"{name}/split", 3: f"{name}/reverse"}[backward_kernels]
+    return {1: name, 2: f"{name}/split", 3: f"{name}/reverse", 4: f"{name}/walk"}[backward_kernels]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,6 +113,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
     "reverse-fuse-ranks": dict(triton_backward_kernels=3, triton_fuse_ranks=1),  # chunks of 32 rows, reverse walk
+    "walk": dict(triton_backward_kernels=4),  # SISO: the official split (MIMO: the fused kernel)
 }
 
 

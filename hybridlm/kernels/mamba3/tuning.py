@@ -30,7 +30,9 @@ class KernelTuning:
     triton_backward_kernels the backward's design: 1, one fused chunk kernel; 2, split in a dv
                             kernel and a dq/dk kernel (triton/chunk_bwd.py); 3, a reverse walk per
                             (sequence, head) with the state gradient resident, then the rotation back
-                            (triton/reverse_bwd.py)
+                            (triton/reverse_bwd.py); 4, SISO: the official module's split, q̄ and k̃ made
+                            first, a lean reverse walk fed by tensor descriptors, then the rotation back
+                            and the per-token scalars (triton/walk_bwd.py; MIMO takes 1)
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     triton_backward_unroll  the most pair blocks of d_state the backward chunk kernels walk as unrolled
                             code (one copy of a walk's body per block, compiled per d_state and angle
@@ -100,7 +102,7 @@ class KernelTuning:
 
 # the knobs that pick one of a few designs: their values, and how an error names them
 CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
-    "triton_backward_kernels": ((1, 2, 3), "1 (fused), 2 (split) or 3 (reverse walk)"),
+    "triton_backward_kernels": ((1, 2, 3, 4), "1 (fused), 2 (split), 3 (reverse walk) or 4 (the official split)"),
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),

@@ -446,7 +446,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
     grid = (lay.n_chunks, H)
     D_or_any = D if D is not None else adt  # an unread pointer without D
-    if lay.n_chunks and spec.backward_kernels == 1:
+    if lay.n_chunks and spec.backward_kernels != 2:  # the fused kernel, also for what another design leaves here
         _chunk_bwd_kernel[grid](
             q, k, qb, kb, theta, v, ranks_or_any, dy, adt, gamma, scale, D_or_any, states, dstates,
             dq_heads, dk_heads, dv, d_ranks_or_any, dtheta, dadt, dgamma, dscale, dD if D is not None else adt,
