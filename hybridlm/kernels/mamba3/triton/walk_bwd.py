@@ -1,6 +1,6 @@
 """Backward, fourth design (``KernelTuning.triton_backward_kernels = 4``, SISO): the official module's split.
 
-docs/benchmarks.md (*A third backward design …*) found why the official backward's main kernel issues half the
+docs/benchmarks.md (*Two more backward designs …*) found why the official backward's main kernel issues half the
 instructions of ours a token: its reverse walk gets q̄ and k̃ = scale·k̄ ready-made, keeps its operands in shared
 memory (tensor descriptors, 2 stages) and reloads a tile in 16 bits for each elementwise use, so no tile is held
 twice. This design is that split, written here from the formulas:
