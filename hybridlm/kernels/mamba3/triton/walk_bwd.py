@@ -252,8 +252,8 @@ def walk_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     has_bias = k_bias is not None
     qb, kb = (q_bias, k_bias) if has_bias else (q, k)
     v = v[:, 0]  # (T, H, P)
-    if v.stride(-1) != 1 or v.stride(1) != P or (v.stride(0) * v.element_size()) % 16:
-        v = v.contiguous()  # a descriptor's rows: unit inner stride, 16-byte aligned row stride
+    if v.stride(-1) != 1 or v.stride(1) != P or (v.stride(0) * v.element_size()) % 16 or v.data_ptr() % 16:
+        v = v.contiguous()  # a descriptor's rows: unit inner stride, a 16-byte aligned start and row stride
     dy = dy[:, 0]
     qbar = torch.empty(T, H, N, device=dev, dtype=q.dtype)
     ktilde = torch.empty(T, H, N, device=dev, dtype=q.dtype)
