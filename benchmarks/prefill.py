@@ -130,6 +130,12 @@ def variants(backward_kernels: str, tunings: str | None) -> list[tuple[str, dict
     return out + [(text.strip(), tuning_changes(text)) for text in (tunings or "").split(";") if text.strip()]
 
 
+def siso_only(changes: dict) -> bool:
+    """A variant that changes only SISO layers (the walk backward, design 4: MIMO takes the fused kernel), whose
+    MIMO time would repeat the default's."""
+    return changes.get("triton_backward_kernels") == 4
+
+
 def ours_key(base: str, label: str) -> str:
     """A row's key for one of our layers under a variant: the fused default keeps the plain key
     ("ours", "ours_mimo4"), so a default run's JSON reads as before."""
@@ -229,7 +235,7 @@ def main() -> None:
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
     parser.add_argument("--backward-kernels", default="1",
-                        help="our backward designs to time, comma-separated: 1 fused, 2 split")
+                        help="our backward designs to time, comma-separated: 1 fused, 2 split, 3 reverse, 4 walk")
     parser.add_argument("--tunings", default=None,
                         help='more variants of our layers: ";" between sets of knob=value, e.g. "bias_rows=1024"')
     parser.add_argument("--peer-configs", type=Path, default=None,
@@ -273,7 +279,7 @@ def main() -> None:
             for label, changes in designs:
                 with use_tuning(**changes):
                     row[ours_key("ours", label)] = time_or_error(ours, args.batch, L, args.d_model)
-                    if mimo is not None:
+                    if mimo is not None and not siso_only(changes):
                         row[ours_key(f"ours_mimo{args.mimo_rank}", label)] = time_or_error(mimo, args.batch, L,
                                                                                              args.d_model)
             if peer is not None:
@@ -289,7 +295,7 @@ def main() -> None:
                     with use_tuning(**changes):
                         for name, layer, key in (("ours", ours, "ours"),
                                                  ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
-                            if layer is not None and "error" not in row[ours_key(key, label)]:
+                            if layer is not None and "error" not in row.get(ours_key(key, label), {"error": 1}):
                                 print(f"--- {name} [{label}], d_state {n}, L {L}\n"
                                       f"{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
@@ -325,6 +331,8 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[tuple[str, dict]
                 cells += [m["error"], "—"]
             elif m:
                 cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
+            elif mimo_rank > 1:  # a SISO-only variant: MIMO layers run the default there
+                cells += ["—", "—"]
             print("| " + " | ".join(map(str, cells)) + " |")
 
 
