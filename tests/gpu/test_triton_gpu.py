@@ -79,6 +79,8 @@ KERNEL_CONFIGS = {
 @pytest.mark.parametrize("name", list(KERNEL_CONFIGS))
 def test_fp32_kernels_match_reference(name, backward_kernels):
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
+    if backward_kernels == 4 and R > 1:
+        pytest.skip("the walk design is SISO's: MIMO runs the fused kernel, tested as 'fused'")
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
     with use_tuning(triton_backward_kernels=backward_kernels):
         y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
@@ -92,7 +94,8 @@ def test_fp32_kernels_match_reference(name, backward_kernels):
 
 @BACKWARD_DESIGNS
 def test_packed_fp32_matches_reference(backward_kernels):
-    args, kw = kernel_inputs(1, 700, 2, 2, 8, 64, 64, 16, "half")
+    rank, layout = (1, "interleaved") if backward_kernels == 4 else (2, "half")  # the walk design is SISO's
+    args, kw = kernel_inputs(1, 700, rank, 2, 8, 64, 64, 16, layout)
     cu = torch.tensor([0, 1, 65, 64 + 200, 64 + 200, 700], dtype=torch.int32, device="cuda")
     with use_tuning(triton_backward_kernels=backward_kernels):
         y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
