@@ -96,15 +96,17 @@ def _walk_kernel(QBAR, KTILDE, V, DY, ADT, QK, D, STATES, DFINAL,
     first = tl.load(CU_CHUNKS + seq)
     n_chunks = tl.load(CU_CHUNKS + seq + 1) - first
     head_row = n_heads * d_state
-    # the sequence's rows of head h; a descriptor bounds them at the sequence's end (zeros past it, no stores)
-    qbar = tl.make_tensor_descriptor(QBAR + h * d_state, [end, d_state], [head_row, 1], [CHUNK, BLOCK_N])
-    ktilde = tl.make_tensor_descriptor(KTILDE + h * d_state, [end, d_state], [head_row, 1], [CHUNK, BLOCK_N])
-    dqbar = tl.make_tensor_descriptor(DQBAR + h * d_state, [end, d_state], [head_row, 1], [CHUNK, BLOCK_N])
-    dktilde = tl.make_tensor_descriptor(DKTILDE + h * d_state, [end, d_state], [head_row, 1], [CHUNK, BLOCK_N])
-    values = tl.make_tensor_descriptor(V + h * headdim, [end, headdim], [v_row, 1], [CHUNK, BLOCK_P])
-    grads = tl.make_tensor_descriptor(DY + h * headdim, [end, headdim], [dy_row, 1], [CHUNK, BLOCK_P])
-    dvalues = tl.make_tensor_descriptor(DV + h * headdim, [end, headdim], [n_heads * headdim, 1], [CHUNK, BLOCK_P])
-    states = tl.make_tensor_descriptor(STATES, [first + n_chunks, n_heads, headdim, d_state],
+    # the sequence's rows of head h; a descriptor bounds them at the sequence's end (zeros past it, no stores);
+    # at least one row, so that a leading empty sequence makes no empty descriptor (its walk has no chunk)
+    rows = tl.maximum(end, 1)
+    qbar = tl.make_tensor_descriptor(QBAR + h * d_state, [rows, d_state], [head_row, 1], [CHUNK, BLOCK_N])
+    ktilde = tl.make_tensor_descriptor(KTILDE + h * d_state, [rows, d_state], [head_row, 1], [CHUNK, BLOCK_N])
+    dqbar = tl.make_tensor_descriptor(DQBAR + h * d_state, [rows, d_state], [head_row, 1], [CHUNK, BLOCK_N])
+    dktilde = tl.make_tensor_descriptor(DKTILDE + h * d_state, [rows, d_state], [head_row, 1], [CHUNK, BLOCK_N])
+    values = tl.make_tensor_descriptor(V + h * headdim, [rows, headdim], [v_row, 1], [CHUNK, BLOCK_P])
+    grads = tl.make_tensor_descriptor(DY + h * headdim, [rows, headdim], [dy_row, 1], [CHUNK, BLOCK_P])
+    dvalues = tl.make_tensor_descriptor(DV + h * headdim, [rows, headdim], [n_heads * headdim, 1], [CHUNK, BLOCK_P])
+    states = tl.make_tensor_descriptor(STATES, [tl.maximum(first + n_chunks, 1), n_heads, headdim, d_state],
                                        [n_heads * headdim * d_state, headdim * d_state, d_state, 1],
                                        [1, 1, BLOCK_P, BLOCK_N])  # (n_chunks, H, P, N): every axis bounded
     t = tl.arange(0, CHUNK)
