@@ -20,8 +20,9 @@ pairs and then the rest (rows.rotated_end), and a block's a and b halves are joi
 operand, so each product over a block is one tl.dot. Every output is written once, except dD,
 which each chunk adds to (atomically).
 
-Two designs, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
-head), the same helpers and formulas):
+Two designs here, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
+head), the same helpers and formulas; designs 3 and 4 walk each sequence in reverse instead:
+reverse_bwd.py, walk_bwd.py):
 
 * fused (1): one kernel does both walks; A dies with dv, before walk 2.
 * split (2): kernel 1 does walk 1 and what needs A (dv, dγ, dD, and the A-parts of d cs and

@@ -23,8 +23,8 @@ from hybridlm.kernels.mamba3.triton.chunk_bwd import scan_backward
 from hybridlm.kernels.mamba3.triton.chunk_fwd import scan_forward
 from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
 from hybridlm.kernels.mamba3.triton.reverse_bwd import reverse_backward
-from hybridlm.kernels.mamba3.triton.walk_bwd import walk_backward
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
+from hybridlm.kernels.mamba3.triton.walk_bwd import walk_backward
 
 
 def _spec(q: Tensor, v: Tensor, theta: Tensor, cu_seqlens: Tensor, cu_chunks: Tensor, chunk_seq: Tensor,
