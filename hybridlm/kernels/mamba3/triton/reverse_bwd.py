@@ -17,10 +17,11 @@ gradient resident, and the rotation back in a kernel of its own.
    hold rotated pairs: dθ from q̄, k̄ and dq̄, dk̄, then dq̄, dk̄ rotated back in place.
 3. head_sums.py sums the heads of a group and the bias gradients, as for the other designs.
 
-This is the official module's split (its ``dqkv`` kernel walks a (sequence, head) in reverse, its
-``rotary_bias_angles`` kernel rotates back), except that q̄ and k̄ are recomputed from q, k and the
-angles rather than stored by the forward: no extra activation memory. The grid is B·H programs (512 at
-B 8 and 64 heads), against n_chunks·H for the chunk-parallel designs.
+The official module splits its backward so too (its ``dqkv`` kernel walks a (sequence, head) in reverse, its
+``rotary_bias_angles`` kernel rotates back), but its walk gets q̄ and k̃ ready-made and keeps scale and γ out of
+it: design 4 (walk_bwd.py) follows it that far. Here q̄ and k̄ are recomputed from q, k and the angles in the
+walk: no extra memory. The grid is B·H programs (512 at B 8 and 64 heads), against n_chunks·H for the
+chunk-parallel designs.
 """
 from __future__ import annotations
 
