@@ -1,17 +1,20 @@
-"""A paused state-tracking run restarted with Adam's second moments as saved or reset: the test of a reading
+"""A paused state-tracking run restarted with Adam's second moments as saved or floored: the test of a reading
 in docs/results.md §1 (a run that solved one curriculum stage lost it in the first hundred steps of the next;
 the reading: while the loss sat at zero Adam's second moments decayed, so the new stage's first, larger
 gradients took steps of up to ≈ 3 × lr on every weight).
 
-    python -m hybridlm.studies.state_tracking_restart FROM OUT --second-moments reset FLAGS...
+    python -m hybridlm.studies.state_tracking_restart FROM OUT --second-moments floor FLAGS...
     python -m hybridlm.studies.state_tracking_train --out OUT FLAGS... --stop-after-steps 500
 
 FLAGS are the run's own (state_tracking_settings.FLAGS). The first command copies FROM/checkpoint.pt into OUT
-and, with ``reset``, replaces every parameter's second moment by the square of its gradient on the batch of
-the step the checkpoint stopped before (what Adam's estimate would be after that gradient alone); with
-``keep`` it changes nothing (the control). Either way it writes OUT/restart.json: the update each parameter
-tensor would take on that batch, |Adam's step| ÷ lr (its mean and largest element), as saved and after the
-reset. The second command trains on from there, evaluating as the run was set to.
+and, with ``floor``, raises every parameter's second moment to at least the square of its gradient on the batch
+of the step the checkpoint stopped before (as if Adam had seen a gradient that large lately: an element's first
+update is then at most about |m̂| ÷ |g|, where moments decayed during a quiet stretch let it reach ≈ 3 × lr);
+with ``keep`` it changes nothing (the control). (Replacing the moments by g² alone is no control: where the new
+gradient is small against the momentum, the update grows without bound — 478 × lr at the stage switch of a
+CPU run of the parity protocol.) Either way it writes OUT/restart.json: the update each parameter tensor would
+take on that batch, |Adam's step| ÷ lr (its mean and largest element), as saved and after the floor. The second
+command trains on from there, evaluating as the run was set to.
 """
 from __future__ import annotations
 
@@ -57,19 +60,19 @@ def update_sizes(trainer: Trainer, grads: dict) -> dict:
     return {"mean": total / max(count, 1), "max": largest, "tensors": sizes}
 
 
-def reset_second_moments(trainer: Trainer, grads: dict) -> None:
-    """Every second moment becomes its gradient's square (bias correction at this step count is ≈ 1)."""
+def floor_second_moments(trainer: Trainer, grads: dict) -> None:
+    """Every second moment at least its gradient's square (bias correction at these step counts is ≈ 1)."""
     for p, g in grads.items():
         state = trainer.opt.state.get(p)
         if state:
-            state["exp_avg_sq"].copy_(g * g)
+            torch.maximum(state["exp_avg_sq"], g * g, out=state["exp_avg_sq"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("source", type=Path, help="the paused run's folder (its checkpoint.pt)")
     parser.add_argument("out", type=Path, help="the restarted run's folder")
-    parser.add_argument("--second-moments", choices=("keep", "reset"), required=True)
+    parser.add_argument("--second-moments", choices=("keep", "floor"), required=True)
     parser.add_argument("--run-key", default="", help="the run key the checkpoint was written under")
     parser.add_argument("--device", default=None)
     args, flags = parser.parse_known_args(argv)
@@ -85,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     grads = next_gradients(trainer)
     report = {"source": str(args.source), "step": trainer.step, "second_moments": args.second_moments,
               "as_saved": update_sizes(trainer, grads)}
-    if args.second_moments == "reset":
-        reset_second_moments(trainer, grads)
-        report["after_reset"] = update_sizes(trainer, grads)
+    if args.second_moments == "floor":
+        floor_second_moments(trainer, grads)
+        report["after_floor"] = update_sizes(trainer, grads)
         trainer.save_checkpoint()
     (args.out / "restart.json").write_text(json.dumps(report, indent=1) + "\n")
-    after = report.get("after_reset", report["as_saved"])
+    after = report.get("after_floor", report["as_saved"])
     print(f"[restart] step {trainer.step}, second moments {args.second_moments}: next update ÷ lr, mean "
           f"{report['as_saved']['mean']:.3g} max {report['as_saved']['max']:.3g} as saved; "
           f"mean {after['mean']:.3g} max {after['max']:.3g} now", flush=True)
