@@ -280,7 +280,8 @@ def walk_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
             lay.cu_seqlens, lay.cu_chunks, v.stride(0), dy.stride(0), H, N, P, CHUNK=lay.chunk,
             BLOCK_N=triton.next_power_of_2(N), BLOCK_P=spec.block_p, HAS_D=D is not None,
             HAS_DFINAL=dfinal is not None, NEED_DSSM0=need_dssm0, MM_DTYPE=consts["MM_DTYPE"],
-            PRECISION=consts["PRECISION"], num_warps=4, num_stages=2)
+            PRECISION=consts["PRECISION"], num_warps=4,
+            num_stages=1 if spec.matmul_dtype == torch.float32 else 2)  # fp32 tiles: 296 KB of shared memory at 2
     if T:
         _finish_kernel[token_grid](q, k, qb, kb, theta, scale, gamma, dqk, dq_heads, dk_heads, dtheta, dscale, dgamma,
                                    T, *spec.dims(), **rotation)
