@@ -20,8 +20,7 @@ autotune that follows then only times them (its compiles, one after another, wer
 5-8 minutes per d_state).
 
 ``--backward-kernels`` times our layers once per backward design, in one run: 1 the fused chunk
-kernel, 2 the split pair, 3 the reverse walk, 4 the official split (``KernelTuning.triton_backward_kernels``;
-3 also runs the forward in chunks of 32 token-rank rows; 4 is SISO's, MIMO layers take 1). ``--tunings`` adds variants
+kernel, 2 the split pair (``KernelTuning.triton_backward_kernels``). ``--tunings`` adds variants
 with other kernel knobs, ``;`` between sets of ``knob=value`` (``KernelTuning`` fields, the
 ``triton_`` prefix optional), e.g. ``--tunings "bias_rows=1024;bias_rows=512"``: an A/B of knobs
 side by side in one run. The table has a row per variant (column "variant"); the JSON keys of
@@ -85,7 +84,7 @@ def default_peer_configs() -> Path:
     return Path(__file__).parent / f"peer_autotune_{gpu_slug(torch.cuda.get_device_name())}.json"
 
 
-BACKWARD_LABELS = {1: "fused", 2: "split", 3: "reverse", 4: "walk"}
+BACKWARD_LABELS = {1: "fused", 2: "split"}
 
 
 def backward_designs(text: str) -> list[int]:
@@ -128,12 +127,6 @@ def variants(backward_kernels: str, tunings: str | None) -> list[tuple[str, dict
     then the --tunings sets."""
     out = [(BACKWARD_LABELS[d], {"triton_backward_kernels": d}) for d in backward_designs(backward_kernels)]
     return out + [(text.strip(), tuning_changes(text)) for text in (tunings or "").split(";") if text.strip()]
-
-
-def siso_only(changes: dict) -> bool:
-    """A variant that changes only SISO layers (the walk backward, design 4: MIMO takes the fused kernel), whose
-    MIMO time would repeat the default's."""
-    return changes.get("triton_backward_kernels") == 4
 
 
 def ours_key(base: str, label: str) -> str:
@@ -235,7 +228,7 @@ def main() -> None:
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
     parser.add_argument("--backward-kernels", default="1",
-                        help="our backward designs to time, comma-separated: 1 fused, 2 split, 3 reverse, 4 walk")
+                        help="our backward designs to time, comma-separated: 1 fused, 2 split")
     parser.add_argument("--tunings", default=None,
                         help='more variants of our layers: ";" between sets of knob=value, e.g. "bias_rows=1024"')
     parser.add_argument("--peer-configs", type=Path, default=None,
@@ -279,7 +272,7 @@ def main() -> None:
             for label, changes in designs:
                 with use_tuning(**changes):
                     row[ours_key("ours", label)] = time_or_error(ours, args.batch, L, args.d_model)
-                    if mimo is not None and not siso_only(changes):
+                    if mimo is not None:
                         row[ours_key(f"ours_mimo{args.mimo_rank}", label)] = time_or_error(mimo, args.batch, L,
                                                                                              args.d_model)
             if peer is not None:
@@ -295,7 +288,7 @@ def main() -> None:
                     with use_tuning(**changes):
                         for name, layer, key in (("ours", ours, "ours"),
                                                  ("ours MIMO", mimo, f"ours_mimo{args.mimo_rank}")):
-                            if layer is not None and "error" not in row.get(ours_key(key, label), {"error": 1}):
+                            if layer is not None and "error" not in row[ours_key(key, label)]:
                                 print(f"--- {name} [{label}], d_state {n}, L {L}\n"
                                       f"{profile_layer(layer, args.batch, L, args.d_model)}")
                 if peer is not None:
@@ -331,8 +324,6 @@ def print_table(rows: list[dict], mimo_rank: int, designs: list[tuple[str, dict]
                 cells += [m["error"], "—"]
             elif m:
                 cells += [f"{m['fwd_bwd_ms']:.2f}", f"{m['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}×"]
-            elif mimo_rank > 1:  # a SISO-only variant: MIMO layers run the default there
-                cells += ["—", "—"]
             print("| " + " | ".join(map(str, cells)) + " |")
 
 

@@ -1,8 +1,7 @@
 """The Triton Mamba-3 kernels on the GPU: against the reference in fp32 at realistic shapes,
 against the official module (bf16, same weights) relative to exact fp64 math, and one 64K-token
-sequence. The backward tests run under the four backward designs (``triton_backward_kernels`` 1, the
-fused kernel, 2, the split pair, 3, the reverse walk, and 4, the official split, SISO; results under "<name>",
-"<name>/split", "<name>/reverse" and "<name>/walk"). Set
+sequence. The backward tests run under both backward designs (``triton_backward_kernels`` 1, the
+fused kernel, and 2, the split pair; results of the split one under "<name>/split"). Set
 HYBRIDLM_RESULTS_TRITON=path.json to write the measured errors."""
 
 import pytest
@@ -17,12 +16,12 @@ from test_official_equivalence import build
 pytestmark = pytest.mark.gpu
 triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 RESULTS: dict = {}
-BACKWARD_DESIGNS = pytest.mark.parametrize("backward_kernels", [1, 2, 3, 4], ids=["fused", "split", "reverse", "walk"])
+BACKWARD_DESIGNS = pytest.mark.parametrize("backward_kernels", [1, 2], ids=["fused", "split"])
 
 
 def design_key(name: str, backward_kernels: int) -> str:
-    """The results key of a test case: its name, with "/split" or "/reverse" for the other backward designs."""
-    return {1: name, 2: f"{name}/split", 3: f"{name}/reverse", 4: f"{name}/walk"}[backward_kernels]
+    """The results key of a test case: its name, with "/split" for the split backward design."""
+    return name if backward_kernels == 1 else f"{name}/split"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,8 +78,6 @@ KERNEL_CONFIGS = {
 @pytest.mark.parametrize("name", list(KERNEL_CONFIGS))
 def test_fp32_kernels_match_reference(name, backward_kernels):
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
-    if backward_kernels == 4 and R > 1:
-        pytest.skip("the walk design is SISO's: MIMO runs the fused kernel, tested as 'fused'")
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
     with use_tuning(triton_backward_kernels=backward_kernels):
         y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64)
@@ -94,8 +91,7 @@ def test_fp32_kernels_match_reference(name, backward_kernels):
 
 @BACKWARD_DESIGNS
 def test_packed_fp32_matches_reference(backward_kernels):
-    rank, layout = (1, "interleaved") if backward_kernels == 4 else (2, "half")  # the walk design is SISO's
-    args, kw = kernel_inputs(1, 700, rank, 2, 8, 64, 64, 16, layout)
+    args, kw = kernel_inputs(1, 700, 2, 2, 8, 64, 64, 16, "half")
     cu = torch.tensor([0, 1, 65, 64 + 200, 64 + 200, 700], dtype=torch.int32, device="cuda")
     with use_tuning(triton_backward_kernels=backward_kernels):
         y, fin, grads = grads_of(triton_kernels.mamba3_chunked, args, kw, 64, cu)
@@ -111,12 +107,11 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "stages1": dict(triton_states_stages=1),
     "no-register-cap": dict(triton_states_maxnreg=255),
     "split-p2-pairs8": dict(triton_states_split_p=2, triton_states_block_pairs=8),
+    "backward-loops": dict(triton_backward_unroll=0),  # the walks as loops (the default unrolls d_state 64's)
     "unroll4": dict(triton_backward_unroll=4, triton_forward_unroll=4),  # both configs' walks (2 and 4 blocks)
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
-    "reverse-fuse-ranks": dict(triton_backward_kernels=3, triton_fuse_ranks=1),  # chunks of 32 rows, reverse walk
-    "walk": dict(triton_backward_kernels=4),  # SISO: the official split (MIMO: the fused kernel)
 }
 
 

@@ -78,8 +78,9 @@ PDL = True
 # wait, then streams the rest after it: the weights are no kernel's output, so with PDL their first DRAM
 # round trip overlaps the previous kernel's last programs instead of following them (8 KiB a program at
 # the one-row blocks, a bounded amount in flight, where PREFETCH_L2 asked L2 for every row at once).
-# The first iteration of the walk is peeled for it. Off until decode_profile.py times it (GEMV_SETS).
-PRELOAD_FIRST_TILE = False
+# The first iteration of the walk is peeled for it. Measured (benchmarks/gpu/inference.sh choose, H200,
+# 2026-12-05): the step's GEMV time 1,028 -> 968 us, hybrid-1.5b at batch 1 1.22 -> 1.174 ms a step.
+PRELOAD_FIRST_TILE = True
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -20,9 +20,8 @@ pairs and then the rest (rows.rotated_end), and a block's a and b halves are joi
 operand, so each product over a block is one tl.dot. Every output is written once, except dD,
 which each chunk adds to (atomically).
 
-Two designs here, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
-head), the same helpers and formulas; designs 3 and 4 walk each sequence in reverse instead:
-reverse_bwd.py, walk_bwd.py):
+Two designs, chosen by ``KernelTuning.triton_backward_kernels`` (both one program per (chunk,
+head), the same helpers and formulas):
 
 * fused (1): one kernel does both walks; A dies with dv, before walk 2.
 * split (2): kernel 1 does walk 1 and what needs A (dv, dγ, dD, and the A-parts of d cs and
@@ -177,26 +176,6 @@ def _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, to
 
 
 @triton.jit
-def _intra_terms(ADT, GAMMA, SCALE, V, RANKS, DY, DGAMMA, DD, h, n_heads, headdim, v_row, v_head, dy_row, dy_head,
-                 tok0, end, rows, valid, tok_local, t_valid, at_token0, at_token, p, p_mask, scores,
-                 CHUNK: tl.constexpr, R: tl.constexpr, HAS_D: tl.constexpr, MM_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr, EXPAND: tl.constexpr):
-    """Given A = q̄ k̄ᵀ (``scores``): the chunk's tiles, its share of dD and dγ stored; returns cs, cs_end, scale,
-    v, dy, M, P ∘ M (the dq̄/dk̄ operand), the rows' d cs and d scale parts so far, e^{cs_end − cs} and w. (P ∘ A
-    through M gives the per-token scalars, P ∘ M comes next; the caller puts A ∘ M into dv last, the order
-    ptxas spills least in.)"""
-    cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
-        ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim, rows, valid,
-        tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
-    if HAS_D:
-        _add_chunk_dD(DD, h, rows, dprod)
-    dscores, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay,
-                                            same, scale, CHUNK, R, MM_DTYPE)
-    to_end = tl.exp(cs_end - cs)
-    return cs, cs_end, scale, v, dy, weights, dscores, dcs, dscale, to_end, to_end * scale
-
-
-@triton.jit
 def _walk2_block(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
                  tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0,
                  dscores, dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK: tl.constexpr, R: tl.constexpr,
@@ -311,10 +290,17 @@ def _chunk_bwd_kernel(
     t_valid = t < end - tok0
     at_token0 = tok0.to(tl.int64) * n_heads + h  # the chunk's first token at head h; token t is + t·H
     at_token = t * n_heads
-    cs, cs_end, scale, v, dy, weights, dscores, dcs, dscale, to_end, w = _intra_terms(
-        ADT, GAMMA, SCALE, V, RANKS, DY, DGAMMA, DD, h, n_heads, headdim, v_row, v_head, dy_row, dy_head, tok0, end,
-        rows, valid, tok_local, t_valid, at_token0, at_token, p, p_mask, scores, CHUNK, R, HAS_D, MM_DTYPE, PRECISION,
-        EXPAND)
+    cs, cs_end, scale, v, dy, dprod, weights, decay, same = _chunk_tiles(
+        ADT, GAMMA, SCALE, V, RANKS, DY, v_row, v_head, dy_row, dy_head, tok0, end, h, n_heads, headdim, rows, valid,
+        tok_local, p, p_mask, CHUNK, R, MM_DTYPE, PRECISION, EXPAND)
+    # P ∘ A through M gives the per-token scalars, P ∘ M is walk 2's operand, A ∘ M goes into dv
+    # last (the order ptxas spills least in)
+    if HAS_D:
+        _add_chunk_dD(DD, h, rows, dprod)
+    dscores, dcs, dscale = _through_weights(DGAMMA, at_token0, at_token, t_valid, dprod, scores, weights, decay,
+                                            same, scale, CHUNK, R, MM_DTYPE)
+    to_end = tl.exp(cs_end - cs)
+    w = to_end * scale
     _store_dv(DV, D, V, RANKS, DRANKS, c, h, n_heads, headdim, v_row, v_head, tok0, rows, valid, t, t_valid, p,
               p_mask, scores, weights, dy, k_grad, w, CHUNK, R, HAS_D, MM_DTYPE, PRECISION, EXPAND)
 
@@ -447,7 +433,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
     grid = (lay.n_chunks, H)
     D_or_any = D if D is not None else adt  # an unread pointer without D
-    if lay.n_chunks and spec.backward_kernels != 2:  # the fused kernel, also for what another design leaves here
+    if lay.n_chunks and spec.backward_kernels == 1:
         _chunk_bwd_kernel[grid](
             q, k, qb, kb, theta, v, ranks_or_any, dy, adt, gamma, scale, D_or_any, states, dstates,
             dq_heads, dk_heads, dv, d_ranks_or_any, dtheta, dadt, dgamma, dscale, dD if D is not None else adt,

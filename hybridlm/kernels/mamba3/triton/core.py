@@ -22,9 +22,7 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.triton.chunk_bwd import scan_backward
 from hybridlm.kernels.mamba3.triton.chunk_fwd import scan_forward
 from hybridlm.kernels.mamba3.triton.layout import ChunkLayout
-from hybridlm.kernels.mamba3.triton.reverse_bwd import reverse_backward
 from hybridlm.kernels.mamba3.triton.spec import ScanSpec
-from hybridlm.kernels.mamba3.triton.walk_bwd import walk_backward
 
 
 def _spec(q: Tensor, v: Tensor, theta: Tensor, cu_seqlens: Tensor, cu_chunks: Tensor, chunk_seq: Tensor,
@@ -77,10 +75,7 @@ def chunk_bwd(q: Tensor, k: Tensor, q_bias: Tensor | None, k_bias: Tensor | None
     spec = _spec(q, v, theta, cu_seqlens, cu_chunks, chunk_seq, chunk_start, chunk, interleaved, matmul_dtype)
     saved = dict(q=q, k=k, q_bias=q_bias, k_bias=k_bias, theta=theta, v=v, adt=adt, gamma=gamma, scale=scale, D=D,
                  states=states, mimo_x=mimo_x)
-    # the walk design is SISO's (a MIMO same-token term is an R × R block): MIMO takes the fused kernel
-    backward = {3: reverse_backward, 4: walk_backward if spec.rank == 1 else scan_backward}.get(
-        spec.backward_kernels, scan_backward)
-    g = backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
+    g = scan_backward(spec, saved, dy, dfinal, need_dssm0=need_dssm0)
     return [g["dq"].to(q.dtype), g["dk"].to(k.dtype),
             *(g[n] if g[n] is not None else _absent(q) for n in ("dq_bias", "dk_bias")),
             g["dtheta"], g["dv"], g["dadt"], g["dgamma"], g["dscale"], g["dD"] if g["dD"] is not None else _absent(q),

@@ -40,12 +40,12 @@ class ChunkLayout:
         return self.cu_seqlens[:-1].long()
 
 
-def kernel_chunk(chunk_size: int, rank: int, max_rows: int = 64) -> int:
+def kernel_chunk(chunk_size: int, rank: int) -> int:
     """Tokens per chunk: the caller's chunk size rounded down to a power of two, capped so that a
-    chunk has at most ``max_rows`` token-rank rows (64: 64/R tokens, as the paper tiles MIMO) and at
-    least 16 (the smallest matrix tile)."""
+    chunk has at most 64 token-rank rows (64/R tokens, as the paper tiles MIMO) and at least 16
+    (the smallest matrix tile)."""
     chunk = 1 << (max(1, chunk_size).bit_length() - 1)
-    chunk = min(chunk, max(1, max_rows // rank))
+    chunk = min(chunk, max(1, 64 // rank))
     return max(chunk, -(-16 // rank))
 
 

@@ -63,14 +63,6 @@ def fuse_rank_expansion() -> bool:
     return bool(kernel_tuning().triton_fuse_ranks)
 
 
-@torch.compiler.assume_constant_result
-def chunk_rows_cap() -> int:
-    """The most token-rank rows a chunk has: 32 under the reverse-walk backward (``triton_backward_kernels=3``,
-    whose whole-N tiles of 64 rows spill 696–872 B a thread at d_state 64, of 32 rows 0–136 B; ptxas sm_90,
-    bf16, benchmarks/kernel_report.py), else 64. Read once while torch.compile traces."""
-    return 32 if kernel_tuning().triton_backward_kernels == 3 else 64
-
-
 def warn_fallback(reason: str) -> None:
     warn_once(f"Mamba-3 Triton backend: falling back to the reference scan: {reason}", stacklevel=4)
 
@@ -103,7 +95,7 @@ def mamba3_chunked(
     H, P = x.shape[-2:]
     S = 0 if angle_rate is None else angle_rate.shape[-1]
     heads_from_groups(q[:1, :0], H, None)  # raises ShapeError if G does not divide H
-    chunk = kernel_chunk(chunk_size, R, chunk_rows_cap())
+    chunk = kernel_chunk(chunk_size, R)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, L, B, values=False)
         layout = packed_layout(cu_seqlens, chunk, L)

@@ -68,25 +68,9 @@ class ScanSpec:
 
     @property
     def backward_kernels(self) -> int:
-        """The backward's design: 1, the fused chunk kernel; 2, the split pair (chunk_bwd.py); 3, the
-        reverse walk (reverse_bwd.py); 4, SISO, the official module's split (walk_bwd.py). 1 and 2 take
-        backward_warps and backward_stages, 3 reverse_warps and backward_stages."""
+        """The backward chunk pass's design: 1, the fused kernel; 2, the split pair (chunk_bwd.py).
+        Both take backward_warps and backward_stages."""
         return self.knobs.triton_backward_kernels
-
-    @property
-    def all_pairs(self) -> int:
-        """Pairs of a pair block that spans all of d_state (the reverse walk's whole-N products; a dot's
-        operand is at least 16 wide, so at least 8 pairs)."""
-        return max(8, triton.next_power_of_2(self.d_state // 2))
-
-    @property
-    def reverse_warps(self) -> int:
-        """Warps of the reverse walk (reverse_bwd.py), whose G (P × N fp32) and whole-N tiles stay on chip:
-        4 up to d_state 64 (ptxas sm_90, bf16, 32-row chunks: 136 B spilled, where 8 warps spill none but
-        issue 42 % more warp-instructions in all), 8 above (d_state 128: 752 B spilled on 4 warps, 136 on 8)."""
-        if self.knobs.triton_warps is not None:
-            return self.knobs.triton_warps
-        return 4 if self.d_state <= 64 and self.matmul_dtype != torch.float32 else 8
 
     def unrolled_walk(self, forward: bool = False) -> dict:
         """The backward chunk kernels' pair-block walks (or the forward output kernel's, ``forward``) as
