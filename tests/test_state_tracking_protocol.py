@@ -77,6 +77,20 @@ def test_the_paper_protocol_plans_the_full_sweep_with_the_papers_settings():
     assert (s.layers, s.weight_decay) == (3, 0.1)
 
 
+def test_a_subset_of_the_lrs_runs_with_the_ids_and_settings_of_the_whole_sweep():
+    """paper.lr_subset: only those lrs run (the four an earlier session's record lacks, say), each run with the
+    id and flags it has in the whole sweep, so its record joins the others; an lr off the sweep is refused."""
+    whole = {r.id: r.train_flags for r in state_tracking.plan(paper_config(), {}).runs}
+    part = state_tracking.plan(paper_config(lr_subset=[1e-4, 1.93e-4, 5.18e-3, 1e-2]), {}).runs
+    assert len(part) == 4 * 2 * len(paper_config().paper.models)
+    assert {r.meta["lr"] for r in part} == {1e-4, 1.93e-4, 5.18e-3, 1e-2}
+    assert all(whole[r.id] == r.train_flags for r in part)
+    from hybridlm.studies.config import StudyError
+
+    with pytest.raises(StudyError, match=r"paper.lr_subset names 0.005, not among the sweep's lrs 0.0001, 0.000193"):
+        paper_config(lr_subset=[5e-3, 1e-2])
+
+
 def test_how_often_a_run_is_looked_at_is_not_part_of_its_key():
     """A finer evaluation (or logging, checkpoint) cadence resumes the runs in progress; anything that
     changes what is trained starts them over."""

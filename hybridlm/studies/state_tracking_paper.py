@@ -83,6 +83,9 @@ class PaperProtocol(Strict):
     solved_at: float = Field(0.0, ge=0, le=1)  # a run stops once its best scaled accuracy reaches this; 0 = never
     steps_per_call: int = Field(0, ge=0)  # stop every run after this many steps per call; 0 = the time budget
     lr_first: float = Field(1e-3, gt=0)  # runs start at the lr nearest this one and go outwards
+    # run only these of the sweep's lrs (empty: all), e.g. the ones an earlier session's record lacks;
+    # each must be one of lrs(), so a run keeps the id and settings it has in the whole sweep
+    lr_subset: list[float] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> "PaperProtocol":
@@ -93,6 +96,10 @@ class PaperProtocol(Strict):
             raise ValueError(f"paper.report_length {self.report_length} is not in paper.eval_lengths")
         if self.lr_min > self.lr_max:
             raise ValueError(f"paper.lr_min {self.lr_min:g} exceeds paper.lr_max {self.lr_max:g}")
+        strays = [lr for lr in self.lr_subset if lr not in self.lrs()]
+        if strays:
+            raise ValueError(f"paper.lr_subset names {', '.join(f'{lr:g}' for lr in strays)}, not among the sweep's "
+                             f"lrs {', '.join(f'{lr:g}' for lr in self.lrs())}")
         return self
 
     @property
@@ -102,7 +109,8 @@ class PaperProtocol(Strict):
     def lrs_in_run_order(self) -> list[float]:
         """The sweep's lrs nearest ``lr_first`` first (in log distance): the runs most likely to
         learn come first when a budget ends midway."""
-        return sorted(self.lrs(), key=lambda lr: (abs(math.log(lr / self.lr_first)), lr))
+        chosen = [lr for lr in self.lrs() if not self.lr_subset or lr in self.lr_subset]
+        return sorted(chosen, key=lambda lr: (abs(math.log(lr / self.lr_first)), lr))
 
     def lrs(self) -> list[float]:
         """``lr_count`` learning rates log-spaced from lr_min to lr_max (3 significant digits)."""
