@@ -163,7 +163,8 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
     rows, on CUDA cores and then on tensor cores; then split-K (4) on tensor cores; then the one-row
     CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the tensor-core form (the Hopper
     instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2); then the one-row default
-    with PDL (gated, plain), and that with PRELOAD_FIRST_TILE."""
+    with PDL (gated, plain) and its first tile before the wait (PRELOAD_TILES 1), then all four
+    (PRELOAD_TILES 4)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -176,6 +177,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
             kernel.norm_gemv(h, residual, g, 1e-5, w1)
             kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
         kernel.CUDA_CORES_AT_ONE_ROW = True  # the one-row CUDA-core form at its default blocks
+        kernel.TENSOR_CORES, kernel.SPLIT_K = default["TENSOR_CORES"], default["SPLIT_K"]  # as the loop left them
         h, residual = torch.randn(1, 2048, dtype=dtype), torch.randn(1, 2048, dtype=dtype)
         g, w1, w3 = torch.rand(2048, dtype=dtype), *(torch.randn(4096, 2048, dtype=dtype) for _ in range(2))
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
@@ -185,14 +187,15 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.norm_gemv(h, residual, g, 1e-5, w1[:2048], stacked=(w1[:512], w3[:512]))
         kernel.gemv(h, w1)
-        kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2 = True, False  # the defaults at one row: PDL, CUDA cores
+        kernel.CUDA_CORES_AT_ONE_ROW, kernel.PREFETCH_L2 = True, False  # the defaults at one row: PDL, CUDA cores,
+        kernel.PRELOAD_TILES = 1  # the first tile before the wait
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
-        kernel.PRELOAD_FIRST_TILE = True  # and with the first weight tile loaded before the wait
+        kernel.PRELOAD_TILES = 4  # and with all four of a program's weight tiles loaded before the wait
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
 
-    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "PRELOAD_FIRST_TILE", "pdl_usable"
+    names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "PRELOAD_TILES", "pdl_usable"
     default = {name: getattr(kernel, name) for name in names}
     try:
         return launches(run)

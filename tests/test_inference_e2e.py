@@ -286,12 +286,12 @@ def test_triton_norm_gemv_one_row_on_cuda_cores(weights, split_k, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("form,split_k", [("one-row", 1), ("one-row", 2), ("tensor-cores", 1)])
-def test_triton_norm_gemv_preloaded_first_tile(form, split_k, monkeypatch):
-    """PRELOAD_FIRST_TILE loads each program's first weight tile before the PDL wait and peels that
-    tile off the walk: the same products added in the same order, so bitwise the output without it,
-    in every form (one row on CUDA cores, with split-K, and the tensor-core tile; gated, plain and
-    stacked weights; d_model 300 over 128-wide tiles, so the peeled tile is followed by a short one),
-    and within 1e-6 of the reference (fp32)."""
+def test_triton_norm_gemv_preloaded_tiles(form, split_k, monkeypatch):
+    """PRELOAD_TILES loads each program's first weight tiles before the PDL wait and peels them off the
+    walk: the same products added in the same order, so bitwise the output without them, in every form
+    (one row on CUDA cores, with split-K, and the tensor-core tile; gated, plain and stacked weights;
+    d_model 300 over 128-wide tiles: 1 or 2 peeled tiles followed by a short one, or all 3 of a program's
+    tiles, the short one included, and 4 capped at a program's own), and within 1e-6 of the reference (fp32)."""
     from hybridlm.kernels.decode_gemv import norm_gemv
     from hybridlm.kernels.decode_gemv import reference as gemv_reference
     from hybridlm.kernels.decode_gemv import triton as kernel
@@ -306,15 +306,16 @@ def test_triton_norm_gemv_preloaded_first_tile(form, split_k, monkeypatch):
     for shapes in ((40,), (40, 40), (32, 16, 40)):
         ws = [torch.randn(rows_, d_model, generator=gen) / d_model ** 0.5 for rows_ in shapes]
         extra = dict(w_up=ws[1] if len(ws) == 2 else None, stacked=tuple(ws[1:]) if len(ws) == 3 else None)
-        monkeypatch.setattr(kernel, "PRELOAD_FIRST_TILE", False)
+        monkeypatch.setattr(kernel, "PRELOAD_TILES", 0)
         plain, _ = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
         plain_gemv = kernel.gemv(h, ws[-1])
-        monkeypatch.setattr(kernel, "PRELOAD_FIRST_TILE", True)
-        got, stream = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
         want, want_stream = gemv_reference.norm_gemv(h, residual, norm_weight, 1e-5, ws[0], **extra)
-        assert torch.equal(got, plain) and torch.equal(stream, want_stream) and rel_err(got, want) <= 1e-6
-        got_gemv = kernel.gemv(h, ws[-1])  # the plain form (split-K by PLAIN_SPLIT_K)
-        assert torch.equal(got_gemv, plain_gemv) and rel_err(got_gemv, h @ ws[-1].T) <= 1e-6
+        for tiles in (1, 2, 4):
+            monkeypatch.setattr(kernel, "PRELOAD_TILES", tiles)
+            got, stream = norm_gemv(h, residual, norm_weight, 1e-5, ws[0], backend="triton", **extra)
+            assert torch.equal(got, plain) and torch.equal(stream, want_stream) and rel_err(got, want) <= 1e-6
+            got_gemv = kernel.gemv(h, ws[-1])  # the plain form (split-K by PLAIN_SPLIT_K)
+            assert torch.equal(got_gemv, plain_gemv) and rel_err(got_gemv, h @ ws[-1].T) <= 1e-6
 
 @needs_triton
 @pytest.mark.parametrize("family", ["hybrid-tiny", "mamba3-mimo-tiny", "transformer-tiny"])

@@ -137,10 +137,10 @@ def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, mo
     from hybridlm.kernels.kv_append import triton as kv_kernel
     from hybridlm.kernels.rmsnorm import triton as norm_kernel
 
-    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (kernel, "PRELOAD_FIRST_TILE"),
-                         (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
+    for module, knob in ((kernel, "PDL"), (kernel, "PREFETCH_L2"), (decode_gemv, "PLAIN_GEMVS"), (norm_kernel, "PDL"),
                          (kv_kernel, "PDL"), (attention_kernel, "PDL")):
         monkeypatch.setattr(module, knob, True)
+    monkeypatch.setattr(kernel, "PRELOAD_TILES", 4)  # all of a 2,048-wide row block's tiles before the wait
     if in_proj == "plain":  # auto takes the kernel on the GPU
         monkeypatch.setattr(decode_gemv, "PLAIN_IN_PROJ", True)
     else:
@@ -156,17 +156,20 @@ def test_step_with_every_gemv_in_the_kernel_pdl_and_prefetch(models, in_proj, mo
     assert rel_err(graphed, truth) <= bound
 
 
-@pytest.mark.parametrize("split_k,early_weights", [(1, "PREFETCH_L2"), (4, "PREFETCH_L2"),
-                                                    (1, "PRELOAD_FIRST_TILE"), (4, "PRELOAD_FIRST_TILE")])
-def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, early_weights, monkeypatch):
+@pytest.mark.parametrize("split_k,early_weights,value", [(1, "PREFETCH_L2", 1), (4, "PREFETCH_L2", 1),
+                                                          (1, "PRELOAD_TILES", 1), (4, "PRELOAD_TILES", 1),
+                                                          (1, "PRELOAD_TILES", 4)])
+def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, early_weights, value, monkeypatch):
     """Twelve dependent 2048 x 2048 GEMVs, every third followed by a torch op (a kernel without PDL),
-    launched with PDL and the weights read before the wait (the L2 prefetch, or the first tile into
-    registers) inside a CUDA graph, replayed 20 times: bitwise what the same chain gives launched
-    plainly (PDL and the early weights change when, not what, the kernel computes; a program that
-    read its input early would not)."""
+    launched with PDL and the weights read before the wait (the L2 prefetch, or the first tiles into
+    registers: one, or all four of a program's) inside a CUDA graph, replayed 20 times: bitwise what the
+    same chain gives launched plainly (PDL and the early weights change when, not what, the kernel
+    computes; a program that read its input early would not)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     monkeypatch.setattr(kernel, "SPLIT_K", split_k)
+    for knob, plainly in (("PDL", False), ("PREFETCH_L2", False), ("PRELOAD_TILES", 0)):
+        monkeypatch.setattr(kernel, knob, plainly)
     g = torch.Generator(device="cuda").manual_seed(split_k)
     ws = [(torch.randn(2048, 2048, device="cuda", generator=g) / 2048 ** 0.5).bfloat16() for _ in range(12)]
     x0 = torch.randn(1, 2048, device="cuda", generator=g).bfloat16()
@@ -180,7 +183,7 @@ def test_a_chain_of_pdl_gemvs_in_a_graph(split_k, early_weights, monkeypatch):
 
     want = chain(x0)
     monkeypatch.setattr(kernel, "PDL", True)
-    monkeypatch.setattr(kernel, early_weights, True)
+    monkeypatch.setattr(kernel, early_weights, type(getattr(kernel, early_weights))(value))
     static = x0.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

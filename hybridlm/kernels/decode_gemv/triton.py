@@ -74,13 +74,14 @@ ONE_ROW_BLOCK_K = 512
 # off, kept for other GPUs to try.
 PREFETCH_L2 = False
 PDL = True
-# PRELOAD_FIRST_TILE: each program loads its first weight tile (and w_up's) into registers before the
-# wait, then streams the rest after it: the weights are no kernel's output, so with PDL their first DRAM
-# round trip overlaps the previous kernel's last programs instead of following them (8 KiB a program at
-# the one-row blocks, a bounded amount in flight, where PREFETCH_L2 asked L2 for every row at once).
-# The first iteration of the walk is peeled for it. Measured (benchmarks/gpu/inference.sh choose, H200,
-# 2026-12-05): the step's GEMV time 1,028 -> 968 us, hybrid-1.5b at batch 1 1.22 -> 1.174 ms a step.
-PRELOAD_FIRST_TILE = True
+# PRELOAD_TILES: each program loads its first weight tiles (and w_up's) into registers before the PDL
+# wait, then streams the rest after it: the weights are no kernel's output, so with PDL their DRAM round
+# trips overlap the previous kernel's last programs instead of following them (8 KiB a tile at the one-row
+# blocks, a bounded amount in flight, where PREFETCH_L2 asked L2 for every row at once). Those tiles are
+# peeled off the walk (at most the program's own). Measured with one tile (benchmarks/gpu/inference.sh
+# choose, H200, 2026-12-05): the step's GEMV time 1,028 -> 968 us, hybrid-1.5b at batch 1 1.22 -> 1.174 ms a
+# step. More (a 2,048-wide row block is 4 tiles: all of a program's weights before the wait) not yet timed.
+PRELOAD_TILES = 1
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -141,8 +142,10 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
         _prefetch_rows(W, w_rows, col_in, K, k_start, k_end)
         if GATED:
             _prefetch_rows(W_UP, w_rows, col_in, K, k_start, k_end)
-    if PRELOAD:  # weights are no kernel's output: their first tile may load before the wait
-        w0, w0_up = _weight_tile(W, W_UP, w_rows, col_in, K, k_start, k_end, BLOCK_K, GATED)
+    preloaded = ()  # weights are no kernel's output: the first PRELOAD tiles may load before the wait
+    for i in tl.static_range(PRELOAD):
+        preloaded = preloaded + (_weight_tile(W, W_UP, w_rows, col_in, K, k_start + i * BLOCK_K, k_end, BLOCK_K,
+                                              GATED),)
     wait_for_previous(PDL)  # everything below reads what the kernels before wrote, or writes
     dtype = H.dtype.element_ty
     rstd = tl.zeros([ROWS], dtype=tl.float32)
@@ -166,13 +169,11 @@ def _decode_gemv_kernel(H, RES, G, STREAM, W, W_UP, W2, W3, OUT, M, N, N1, N2, K
     # one row on CUDA cores: products added lane-wise over the whole loop, reduced across lanes once
     lanes = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     lanes_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_walk = k_start
-    if PRELOAD:
+    for i in tl.static_range(PRELOAD):
         acc, acc_up, lanes, lanes_up = _add_tile(
-            w0, w0_up, k_start, k_end, H, RES, G, W, K, M, rows, row_in, rstd, acc, acc_up, lanes, lanes_up,
-            NORM, HAS_RES, GATED, ROWS, BLOCK_K, TENSOR_CORES, DOT_FP32, dtype)
-        k_walk = k_start + BLOCK_K
-    for k0 in range(k_walk, k_end, BLOCK_K):
+            preloaded[i][0], preloaded[i][1], k_start + i * BLOCK_K, k_end, H, RES, G, W, K, M, rows, row_in, rstd,
+            acc, acc_up, lanes, lanes_up, NORM, HAS_RES, GATED, ROWS, BLOCK_K, TENSOR_CORES, DOT_FP32, dtype)
+    for k0 in range(k_start + PRELOAD * BLOCK_K, k_end, BLOCK_K):
         w, w_up = _weight_tile(W, W_UP, w_rows, col_in, K, k0, k_end, BLOCK_K, GATED)
         acc, acc_up, lanes, lanes_up = _add_tile(
             w, w_up, k0, k_end, H, RES, G, W, K, M, rows, row_in, rstd, acc, acc_up, lanes, lanes_up,
@@ -335,7 +336,8 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
             K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k),
             PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
-            PDL=PDL and hopper, PRELOAD=PRELOAD_FIRST_TILE, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            PDL=PDL and hopper, PRELOAD=min(PRELOAD_TILES, triton.cdiv(k_per_split, block_k)), num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
             **launch_options(PDL and hopper))
     return out
 
