@@ -44,14 +44,39 @@ def randomize_mamba3_(module: nn.Module, seed: int = 0, angle_scale: float = 8.0
 
 
 def write_results(env_var: str, results: dict) -> None:
-    """Write a test module's measured errors as JSON to the path in ``env_var``, if it is set."""
+    """Write a test module's measured errors as JSON to the path in ``env_var``, if it is set. Under
+    pytest-xdist (tests spread over processes: ``pytest -n N``) each worker merges its results into what the
+    other workers of the same run wrote, under a file lock; a file from another run is replaced."""
+    import fcntl
     import json
     import os
 
     path = os.environ.get(env_var)
-    if path and results:
+    if not path or not results:
+        return
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
+        return
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                merged = json.load(f)
+            if merged.pop("_xdist_run", None) != run:
+                merged = {}
+        with open(path, "w") as f:
+            json.dump({**_merged(merged, results), "_xdist_run": run}, f, indent=2)
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """``old`` updated by ``new``, nested dicts merged key by key (two workers fill one table's rows)."""
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def random_decode_state(module: nn.Module, batch: int, seed: int = 0):

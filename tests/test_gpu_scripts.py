@@ -3,6 +3,7 @@ as bash, every file it names exists, and every option it passes to a benchmark s
 script's --help lists."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -113,3 +114,23 @@ def test_call_outputs_stay_within_eight_files(tmp_path):
     assert left == ["logs.tgz", "st-paper.tgz.part-aa", "st-paper.tgz.part-ab", "study.log"]
     listed = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True).stdout.split()
     assert {"a.txt", "f.txt", "mps-log/server.log"} <= set(listed)
+
+
+def test_measured_errors_merge_across_xdist_workers(tmp_path, monkeypatch):
+    """The GPU tests run under pytest -n (common.sh's PYTEST_PARALLEL): each worker's write_results merges its
+    rows into the same run's file, nested tables key by key; a file left by another run is replaced, and
+    without xdist the module's results are written whole."""
+    from hybridlm.testing import write_results
+
+    path = tmp_path / "errors.json"
+    monkeypatch.setenv("HYBRIDLM_RESULTS_X", str(path))
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-1")
+    write_results("HYBRIDLM_RESULTS_X", {"fp32": {"a": 1.0}, "packed": 2.0})
+    write_results("HYBRIDLM_RESULTS_X", {"fp32": {"b": 3.0}})
+    assert json.loads(path.read_text()) == {"fp32": {"a": 1.0, "b": 3.0}, "packed": 2.0, "_xdist_run": "run-1"}
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-2")
+    write_results("HYBRIDLM_RESULTS_X", {"fp32": {"c": 4.0}})
+    assert json.loads(path.read_text()) == {"fp32": {"c": 4.0}, "_xdist_run": "run-2"}
+    monkeypatch.delenv("PYTEST_XDIST_TESTRUNUID")
+    write_results("HYBRIDLM_RESULTS_X", {"fp32": {"d": 5.0}})
+    assert json.loads(path.read_text()) == {"fp32": {"d": 5.0}}

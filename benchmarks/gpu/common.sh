@@ -5,6 +5,11 @@ mkdir -p "$OUT"
 source .gpu/setup.sh > "$OUT/setup.log" 2>&1 || { echo "source .gpu/setup.sh failed (see $OUT/setup.log)"; exit 2; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
+# pytest's -n for the GPU tests: their time goes mostly to Triton's compiles, one process at a time, so
+# PYTEST_JOBS processes (default 8; pytest-xdist is in the image) share the GPU and the 16 cores; 1: one process.
+# Their measured errors merge into one JSON (hybridlm.testing.write_results).
+PYTEST_PARALLEL=""
+if [ "${PYTEST_JOBS:-8}" != 1 ] && python3 -c "import xdist" 2>/dev/null; then PYTEST_PARALLEL="-n ${PYTEST_JOBS:-8}"; fi
 
 bring_back() {  # bring_back NAME FOLDER: FOLDER as $OUT/NAME.tgz.part-* (15 MiB parts)
   tar czf - "$2" | split -b 15M - "$OUT/$1.tgz.part-"

@@ -14,11 +14,11 @@ parts=${*:-tests gemv generate}
 for part in $parts; do
   case "$part" in
     tests)
-      HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q -rf --tb=short -p no:warnings \
+      HYBRIDLM_RESULTS_E2E="$OUT/e2e-errors.json" python3 -m pytest -q $PYTEST_PARALLEL -rf --tb=short -p no:warnings \
         tests/gpu/test_inference_e2e_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 60 | tee "$OUT/tests.log" ;;
     attention)
       HYBRIDLM_RESULTS_ATTENTION="$OUT/attention-errors.json" HYBRIDLM_RESULTS_DECODE_ATTENTION="$OUT/decode-attention-errors.json" \
-        python3 -m pytest -q -rf --tb=short -p no:warnings tests/gpu/test_attention_gpu.py tests/gpu/test_decode_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
+        python3 -m pytest -q $PYTEST_PARALLEL -rf --tb=short -p no:warnings tests/gpu/test_attention_gpu.py tests/gpu/test_decode_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
     gemv)
       python3 benchmarks/gemv.py --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
     gemv-sweep)

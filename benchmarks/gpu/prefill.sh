@@ -28,7 +28,7 @@ configs=benchmarks/peer_autotune_h200.json
 for part in ${*:-tests table ncu}; do
   case "$part" in
     tests)
-      python3 -m pytest -q tests/gpu/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 15 \
+      python3 -m pytest -q $PYTEST_PARALLEL tests/gpu/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 15 \
         | tee "$OUT/tests.log" ;;
     table)
       python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen "${SEQLEN:-2048,8192,16384}" \
