@@ -112,8 +112,6 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
-    "loads-first": dict(triton_output_loads_first=1),  # the output and expansion backwards' loads before stores
-    "loads-first-block16": dict(triton_output_loads_first=1, triton_output_block_t=16),
 }
 
 

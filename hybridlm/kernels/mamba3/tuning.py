@@ -59,12 +59,6 @@ class KernelTuning:
                             expansion, triton/ranks.py) takes; None: 32 (output) and 64 (expansion)
                             [HYBRIDLM_TRITON_OUTPUT_BLOCK_T]
     triton_output_warps     warps of those kernels; None: 4 [HYBRIDLM_TRITON_OUTPUT_WARPS]
-    triton_output_loads_first 1: the backward kernels of the gate/norm/rank contraction and of the rank
-                            expansion load every rank's rows (and per-rank vectors) before their first
-                            store, so a program's loads are one round trip to memory, not R (the compiler
-                            cannot move a load above a store to another tensor it cannot prove apart);
-                            0: each rank's loads follow the stores of the rank before
-                            [HYBRIDLM_TRITON_OUTPUT_LOADS_FIRST]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -85,7 +79,6 @@ class KernelTuning:
     triton_states_stages: int | None = None
     triton_output_block_t: int | None = None
     triton_output_warps: int | None = None
-    triton_output_loads_first: int = 0
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
 
@@ -111,7 +104,6 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
-    "triton_output_loads_first": ((0, 1), "0 (each rank's loads after the last rank's stores) or 1 (all loads first)"),
 }
 
 ENV_VARS: dict[str, str] = {
@@ -129,7 +121,6 @@ ENV_VARS: dict[str, str] = {
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "triton_output_block_t": "HYBRIDLM_TRITON_OUTPUT_BLOCK_T",
     "triton_output_warps": "HYBRIDLM_TRITON_OUTPUT_WARPS",
-    "triton_output_loads_first": "HYBRIDLM_TRITON_OUTPUT_LOADS_FIRST",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
 }

@@ -25,12 +25,6 @@ def token_tiling(default_block_t: int) -> tuple[int, int]:
     return tuning.triton_output_block_t or default_block_t, tuning.triton_output_warps or 4
 
 
-def loads_first() -> bool:
-    """KernelTuning.triton_output_loads_first: the backward kernels here and in ranks.py load every rank's
-    rows before their first store."""
-    return bool(kernel_tuning().triton_output_loads_first)
-
-
 @triton.jit
 def _silu_parts(z):
     sig = 1.0 / (1.0 + tl.exp(-z))
@@ -61,8 +55,9 @@ def rank_vector(V, h, r, headdim, p, p_mask, R: tl.constexpr):
 
 @triton.jit
 def all_rank_rows(X, t64, h, n_heads, headdim, p, mask, R: tl.constexpr):
-    """Every rank's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, a tuple in X's dtype, all
-    loaded before the caller's first store (KernelTuning.triton_output_loads_first)."""
+    """Every rank's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, a tuple in X's dtype, for a
+    caller that loads them all before its first store (the compiler moves no load above a store to a
+    tensor it cannot prove apart)."""
     rows = ()
     for r in tl.static_range(R):
         rows = rows + (tl.load(X + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
@@ -119,10 +114,11 @@ def _gate_bwd_kernel(
     Y, Z, MIMO_Z, MIMO_O, NORM_W, DOUT, DY, DZ, DMIMO_Z, DMIMO_O, DNORM_W,
     n_tokens, n_heads, headdim, z_row, dout_row, eps,
     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr, LOADS_FIRST: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
 ):
     """dy per rank, dz, and this block's partial sums of d mimo_z, d mimo_o (R, P) and d norm weight (P).
-    LOADS_FIRST: every rank's y rows and vectors loaded before the first store."""
+    Each rank's loads follow the last rank's stores: loading them all first (as ranks.py's backward does)
+    took R = 4 from 168 to 247 registers and measured 2.6 % slower (H200, 2026-12-05, docs/benchmarks.md)."""
     pid_t, h = tl.program_id(0), tl.program_id(1)
     t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     dout = tl.load(DOUT + t64 * dout_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -133,34 +129,19 @@ def _gate_bwd_kernel(
         w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     partial = (pid_t * n_heads + h).to(tl.int64)
-    if LOADS_FIRST:
-        ys = all_rank_rows(Y, t64, h, n_heads, headdim, p, mask, R)
-        if HAS_MIMO_Z:
-            mzs = all_rank_vectors(MIMO_Z, h, headdim, p, p_mask, R)
-        if HAS_MIMO_O:
-            mos = all_rank_vectors(MIMO_O, h, headdim, p, p_mask, R)
     for r in tl.static_range(R):
-        if LOADS_FIRST:
-            y = ys[r].to(tl.float32)
-        else:
-            y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
         if HAS_Z:
             zr = z
             if HAS_MIMO_Z:
-                if LOADS_FIRST:
-                    mz = mzs[r]
-                else:
-                    mz = rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
+                mz = rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
                 zr = z * mz
             gate, dgate = _silu_parts(zr)
         else:
             gate = 1.0
         do = dout
         if HAS_MIMO_O:
-            if LOADS_FIRST:
-                do = dout * mos[r]
-            else:
-                do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
+            do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
         if NORM == 1:  # o = n·gate, n = y·rstd·w
             rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
             n = y * rstd * w
@@ -245,7 +226,7 @@ def gated_output_bwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o:
             y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
             _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
             z.stride(0) if z is not None else 0, dout.stride(0), eps,
-            **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t), LOADS_FIRST=loads_first(), num_warps=warps)
+            **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t), num_warps=warps)
     return [dy, dz if dz is not None else _absent(y),
             dmimo_z.sum(0).to(mimo_z.dtype) if dmimo_z is not None else _absent(y),
             dmimo_o.sum(0).to(mimo_o.dtype) if dmimo_o is not None else _absent(y),
