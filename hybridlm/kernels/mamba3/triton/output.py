@@ -42,36 +42,14 @@ def token_block(pid_t, n_tokens, headdim, BLOCK_T: tl.constexpr, BLOCK_P: tl.con
 
 @triton.jit
 def rank_rows(X, t64, r, h, n_heads, headdim, p, mask, R: tl.constexpr):
-    """Rank r's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, fp32."""
-    return tl.load(X + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
-                   other=0.0).to(tl.float32)
+    """Rank r's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, in X's dtype."""
+    return tl.load(X + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def rank_vector(V, h, r, headdim, p, p_mask, R: tl.constexpr):
     """Rank r's row (1, BLOCK_P) of head h in a per-head (H, R, P) vector."""
     return tl.load(V + (h * R + r) * headdim + p, mask=p_mask, other=0.0)[None, :]
-
-
-@triton.jit
-def all_rank_rows(X, t64, h, n_heads, headdim, p, mask, R: tl.constexpr):
-    """Every rank's rows (BLOCK_T, BLOCK_P) of head h in a (T, R, H, P) tensor, a tuple in X's dtype, for a
-    caller that loads them all before its first store (the compiler moves no load above a store to a
-    tensor it cannot prove apart)."""
-    rows = ()
-    for r in tl.static_range(R):
-        rows = rows + (tl.load(X + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], mask=mask,
-                               other=0.0),)
-    return rows
-
-
-@triton.jit
-def all_rank_vectors(V, h, headdim, p, p_mask, R: tl.constexpr):
-    """Every rank's row (1, BLOCK_P) of head h in a per-head (H, R, P) vector, a tuple."""
-    rows = ()
-    for r in tl.static_range(R):
-        rows = rows + (rank_vector(V, h, r, headdim, p, p_mask, R),)
-    return rows
 
 
 @triton.jit
@@ -88,7 +66,7 @@ def _gate_fwd_kernel(
         w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
     out = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     for r in tl.static_range(R):
-        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R).to(tl.float32)
         if HAS_Z:
             zr = z
             if HAS_MIMO_Z:
@@ -130,7 +108,7 @@ def _gate_bwd_kernel(
         dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     partial = (pid_t * n_heads + h).to(tl.int64)
     for r in tl.static_range(R):
-        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R)
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R).to(tl.float32)
         if HAS_Z:
             zr = z
             if HAS_MIMO_Z:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.triton.output import all_rank_rows, all_rank_vectors, rank_vector, token_block, token_tiling
+from hybridlm.kernels.mamba3.triton.output import rank_rows, rank_vector, token_block, token_tiling
 
 BLOCK_T = 64  # tokens a program, unless KernelTuning.triton_output_block_t says otherwise
 
@@ -32,15 +32,18 @@ def _expand_fwd_kernel(X, MIMO_X, V, n_tokens, n_heads, headdim, x_row,
 @triton.jit
 def _expand_bwd_kernel(DV, X, MIMO_X, DX, DMIMO_PARTIAL, n_tokens, n_heads, headdim, x_row,
                        R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Every rank's dv rows and mimo_x rows are loaded before the first store (of a partial): one round trip
-    to memory a program, not R (343 -> 278 us at B 8, L 2K, R 4, d_model 2048 on an H200, 2026-12-05)."""
+    """Every rank's dv rows and mimo_x rows are loaded before the first store (of a partial), since the
+    compiler moves no load above a store to a tensor it cannot prove apart: one round trip to memory a
+    program, not R (343 -> 278 us at B 8, L 2K, R 4, d_model 2048 on an H200, 2026-12-05)."""
     pid_t, h = tl.program_id(0), tl.program_id(1)
     t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     x = tl.load(X + t64 * x_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
     dx = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
     partial = DMIMO_PARTIAL + (pid_t.to(tl.int64) * n_heads + h) * R * headdim
-    dvs = all_rank_rows(DV, t64, h, n_heads, headdim, p, mask, R)
-    ws = all_rank_vectors(MIMO_X, h, headdim, p, p_mask, R)
+    dvs, ws = (), ()
+    for r in tl.static_range(R):
+        dvs = dvs + (rank_rows(DV, t64, r, h, n_heads, headdim, p, mask, R),)
+        ws = ws + (rank_vector(MIMO_X, h, r, headdim, p, p_mask, R),)
     for r in tl.static_range(R):
         w = ws[r]
         dv = dvs[r].to(tl.float32)
