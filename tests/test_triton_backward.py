@@ -33,20 +33,25 @@ def test_bfloat16_gradients():
     assert max(errors.values()) < 2e-2, errors
 
 
-@pytest.mark.parametrize("R,G,has_bias", [(1, 1, True), (4, 2, True), (2, 4, True), (1, 2, False)])
-def test_head_sums_kernel_equals_the_torch_reductions(R, G, has_bias):
+@pytest.mark.parametrize("R,H,G,has_bias,group_heads", [
+    (1, 4, 1, True, None), (4, 4, 2, True, None), (2, 4, 4, True, None), (1, 4, 2, False, None),
+    (1, 6, 1, False, None),  # 6 heads a group, one load of 8 (N 24): two masked
+    (2, 6, 2, False, 2),  # 3 heads a group, 2 a load
+    (1, 6, 1, True, 1),  # head by head
+])
+def test_head_sums_kernel_equals_the_torch_reductions(R, H, G, has_bias, group_heads):
     """The backward's reduction kernels: the group sums of per-head dq/dk (bf16, summed in fp32)
     and the bias gradients, against the torch reductions they replaced; a bias program sums one
     row block here (``triton_bias_rows`` lowered), so every head's gradient is added from several
-    programs."""
+    programs. ``group_heads``: heads a group-sum load takes (None: the default, 8 at N 24)."""
     from hybridlm.kernels.mamba3.triton.head_sums import head_sums
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
-    T, H, N = 37, 4, 24  # N not a power of two; T·R not a multiple of the row block
+    T, N = 37, 24  # N not a power of two; T·R not a multiple of the row block
     g = torch.Generator().manual_seed(3)
     dq_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
     dk_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
-    with use_tuning(triton_bias_rows=1):
+    with use_tuning(triton_bias_rows=1, triton_group_heads=group_heads):
         dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, G, has_bias)
     for per_head, total, bias in ((dq_heads, dq, dq_bias), (dk_heads, dk, dk_bias)):
         want = per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)

@@ -44,6 +44,9 @@ class KernelTuning:
     triton_bias_rows        token-rank rows one program of the B/C bias-gradient sums reduces; None:
                             about 1,024 programs in all (triton/head_sums.py ``bias_rows_for``)
                             [HYBRIDLM_TRITON_BIAS_ROWS]
+    triton_group_heads      heads of a group one load of the dq/dk group sums takes, side by side in
+                            memory; None: enough for 256 values a row (triton/head_sums.py); 1: head by head
+                            [HYBRIDLM_TRITON_GROUP_HEADS]
     triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
                             None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
@@ -73,6 +76,7 @@ class KernelTuning:
     triton_forward_unroll: int = 0
     triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
+    triton_group_heads: int | None = None
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_maxnreg: int | None = None
@@ -91,7 +95,7 @@ class KernelTuning:
             wrong_type = not isinstance(value, int) or isinstance(value, bool)
             if wrong_type or (value not in allowed if allowed else value < 1):
                 raise ValueError(f"KernelTuning.{f.name} must be {text}; got {value!r}")
-        for name in ("triton_block_pairs", "triton_states_block_pairs", "triton_states_split_p",
+        for name in ("triton_block_pairs", "triton_group_heads", "triton_states_block_pairs", "triton_states_split_p",
                      "triton_output_block_t", "triton_output_warps"):
             value = getattr(self, name)
             if value is not None and value & (value - 1):
@@ -115,6 +119,7 @@ ENV_VARS: dict[str, str] = {
     "triton_forward_unroll": "HYBRIDLM_TRITON_FORWARD_UNROLL",
     "triton_fuse_ranks": "HYBRIDLM_TRITON_FUSE_RANKS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
+    "triton_group_heads": "HYBRIDLM_TRITON_GROUP_HEADS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
     "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",

@@ -3,7 +3,8 @@ group, and the B/C bias gradients.
 
 The chunk kernel writes dq̄, dk̄ rotated back per head, (T, R, H, N) in q's dtype. Head h reads
 group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program takes a block of
-token-rank rows of one group, sums its heads in fp32 and stores the result in q's dtype. A bias
+token-rank rows of one group, sums its heads in fp32 (several neighbouring heads a load) and stores the
+result in q's dtype. A bias
 (H, R, N) is added to every token, so its gradient is the per-head sum over tokens: a program takes
 one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums them per rank in
 fp32 registers and adds the result to the fp32 gradient once. (The first design added every row block's sums
@@ -25,21 +26,31 @@ from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
 @triton.jit
 def _group_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, n_rows, n_heads, heads_per_group, n_groups, d_state,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (row block, group, q or k)."""
+                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr):
+    """Program (row block, group, q or k). A load takes HEADS neighbouring heads of a row (HEADS·N values
+    side by side in memory), so a program keeps HEADS times the bytes in flight of a head-by-head walk;
+    the heads are told apart once, after the walk (a reshape in the loop would move every tile through
+    shared memory)."""
     X, OUT = DQ_HEADS, DQ
     if tl.program_id(2) == 1:
         X, OUT = DK_HEADS, DK
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # row = token·R + rank
     g = tl.program_id(1)
-    n = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEADS * BLOCK_N)  # head j·HEADS + cols // BLOCK_N, column cols % BLOCK_N
+    head = cols // BLOCK_N
+    n = cols % BLOCK_N
     mask = (rows < n_rows)[:, None] & (n < d_state)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    total = tl.zeros([BLOCK_ROWS, BLOCK_N], dtype=tl.float32)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
-        total += tl.load(X + (rows64 * n_heads + h) * d_state + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + (rows64 * n_groups + g) * d_state + n[None, :], total.to(OUT.dtype.element_ty), mask=mask)
+    total = tl.zeros([BLOCK_ROWS, HEADS * BLOCK_N], dtype=tl.float32)
+    for j in range(0, heads_per_group, HEADS):
+        h = g * heads_per_group + j + head
+        in_group = (j + head < heads_per_group)[None, :]
+        total += tl.load(X + (rows64 * n_heads + h[None, :]) * d_state + n[None, :], mask=mask & in_group,
+                         other=0.0).to(tl.float32)
+    sums = tl.sum(tl.reshape(total, (BLOCK_ROWS, HEADS, BLOCK_N)), axis=1)
+    n_out = tl.arange(0, BLOCK_N)
+    out_mask = (rows < n_rows)[:, None] & (n_out < d_state)[None, :]
+    tl.store(OUT + (rows64 * n_groups + g) * d_state + n_out[None, :], sums.to(OUT.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -81,11 +92,22 @@ def bias_rows_for(n_rows: int, n_heads: int) -> int:
     return min(4096, max(1024, triton.next_power_of_2(max(1, wanted))))
 
 
+GROUP_TILE = 4096  # values a group-sum program adds per load: 32 fp32 registers a thread at 4 warps
+GROUP_SPAN = 256  # values of a row one group-sum load takes side by side (512 bytes of bf16)
+
+
+def group_heads_for(heads_per_group: int, block_n: int, tuning: KernelTuning) -> int:
+    """Heads one load of the group sums takes: ``tuning.triton_group_heads``, or enough for GROUP_SPAN
+    contiguous values a row; never more than the group's heads (rounded up to a power of two)."""
+    wanted = tuning.triton_group_heads or max(1, GROUP_SPAN // block_n)
+    return min(wanted, triton.next_power_of_2(heads_per_group))
+
+
 def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool, tuning: KernelTuning | None = None
               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """dq_heads, dk_heads (T, R, H, N), contiguous -> dq, dk (T, R, G, N) in their dtype and, with
     biases, dq_bias, dk_bias (H, R, N) fp32. With one head per group dq, dk are the inputs.
-    ``tuning``: the scan's knobs (``triton_bias_rows``), default those in force."""
+    ``tuning``: the scan's knobs (``triton_group_heads``, ``triton_bias_rows``), default those in force."""
     T, R, H, N = dq_heads.shape
     tuning = tuning or kernel_tuning()
     block_n = max(16, triton.next_power_of_2(N))
@@ -95,9 +117,11 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool,
         dq = dq_heads.new_empty(T, R, n_groups, N)
         dk = dk_heads.new_empty(T, R, n_groups, N)
         if T:
-            _group_sums_kernel[(triton.cdiv(T * R, block_rows), n_groups, 2)](
-                dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N, BLOCK_ROWS=block_rows,
-                BLOCK_N=block_n)
+            heads = group_heads_for(H // n_groups, block_n, tuning)
+            group_rows = max(1, GROUP_TILE // (heads * block_n))
+            _group_sums_kernel[(triton.cdiv(T * R, group_rows), n_groups, 2)](
+                dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N, BLOCK_ROWS=group_rows,
+                BLOCK_N=block_n, HEADS=heads)
     if not has_bias:
         return dq, dk, None, None
     dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
