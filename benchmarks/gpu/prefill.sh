@@ -2,8 +2,9 @@
 # Issue 17: prefill.sh [tests] [table] [ncu] (default all three; together ≈ 9-10 minutes, near a call's
 # limit on a fresh machine: split them over two calls there):
 #   tests  the Triton GPU tests (tests/gpu/test_triton_gpu.py, ≈ 5.5 min; TESTS_K: a -k filter)
-#   table  the prefill benchmark with both backward designs and a profile (TUNINGS: more variants of our
-#          layers, prefill.py --tunings, e.g. "bias_rows=1024;bias_rows=512"; SEQLEN, default 2048,8192,16384)
+#   table  the prefill benchmark and a profile (TUNINGS: more variants of our layers, prefill.py --tunings,
+#          e.g. "bias_rows=1024;bias_rows=512"; BACKWARD_KERNELS, default 1, e.g. 1,2 adds the split design;
+#          SEQLEN, default 2048,8192,16384; PROFILE=" " leaves the profile out)
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 #   stalls ncu's warp-state (stall reasons), scheduler, occupancy and memory sections of STALL_KERNELS (default
 #          our states and backward chunk kernels), one step, d_state 64 (not in the default set)
@@ -28,11 +29,15 @@ configs=benchmarks/peer_autotune_h200.json
 for part in ${*:-tests table ncu}; do
   case "$part" in
     tests)
-      python3 -m pytest -q $PYTEST_PARALLEL tests/gpu/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 15 \
-        | tee "$OUT/tests.log" ;;
+      python3 -m pytest -q -rf --tb=short $PYTEST_PARALLEL tests/gpu/test_triton_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
+        > "$OUT/tests.log" 2>&1
+      tail -n 25 "$OUT/tests.log" ;;
     table)
-      python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels 1,2 --seqlen "${SEQLEN:-2048,8192,16384}" \
-        ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" --profile 2>&1 | tail -n 150 | tee "$OUT/prefill.log" ;;
+      # straight into the log (not through tail): a call cut off at its limit still brings back the rows so far
+      python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels "${BACKWARD_KERNELS:-1}" \
+        --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" \
+        ${PROFILE:---profile} > "$OUT/prefill.log" 2>&1
+      tail -n 150 "$OUT/prefill.log" ;;
     ncu)
       if command -v ncu >/dev/null; then
         ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
