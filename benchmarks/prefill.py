@@ -212,11 +212,28 @@ def profile_layer(layer, batch: int, seqlen: int, d_model: int, top: int = 45) -
     for _ in range(3):
         layer(u).backward(grad)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    steps = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
             layer(u).backward(grad)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+    kernels = prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
+    return kernels + "\n" + torch_op_table(prof.key_averages(group_by_input_shape=True), steps)
+
+
+def torch_op_table(averages, steps: int, top: int = 25) -> str:
+    """The torch ops (aten::) whose kernels take the most device time a step, with their input shapes:
+    which of the layer's glue the kernel rows above come from."""
+    def device_us(e):
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+    rows = [e for e in averages if e.key.startswith("aten::") and device_us(e) > 0]
+    rows.sort(key=device_us, reverse=True)
+    lines = [f"torch ops by device time a step ({steps} steps; nested ops count in their callers too)",
+             f"{'us/step':>9} {'calls/step':>10}  op  input shapes"]
+    for e in rows[:top]:
+        lines.append(f"{device_us(e) / steps:9.1f} {e.count / steps:10.1f}  {e.key}  {e.input_shapes}")
+    return "\n".join(lines)
 
 
 def main() -> None:
