@@ -3,6 +3,9 @@
     CUTE_DSL_ARCH=sm_90a python3 benchmarks/cute_report.py [--d-state 64,128] [--rank 1,4]
         [--headdim 64] [--nheads 64] [--ptxas PATH]
 
+The knobs of KernelTuning come from the environment as everywhere (HYBRIDLM_CUTE_MAX_ROWS=2, ...). Each line
+gives ptxas's registers and spills and the kernel's SASS instructions (static count and the top opcodes).
+
 Needs nvidia-cutlass-dsl 4.8.1 (its CUDA-13 libraries from .gpu-cute unpacked into site-packages),
 apache-tvm-ffi and torch (no GPU: the configuration comes from the host code,
 ``hybridlm.kernels.mamba3.cute.kernel_config``, as in a real step). ``ptxas`` comes from ``--ptxas`` or the
@@ -49,6 +52,7 @@ def main() -> None:
     from hybridlm.kernels.mamba3 import cute
     from hybridlm.kernels.mamba3.contract import DecodeLayout
     from hybridlm.kernels.mamba3.cute import step
+    from kernel_report import sass_counts  # benchmarks/ is on the path when this script runs
 
     # a launch with min_blocks_per_mp asks the driver for the SM's shared memory: answer for sm_90
     dsl.cuda_helpers.get_device_attribute = lambda *a, **k: 233472
@@ -71,10 +75,14 @@ def main() -> None:
             new = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
             report = "ptxas not found"
             if ptxas and new:
-                out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", new[-1], "-o", os.devnull],
+                cubin = new[-1][:-len(".ptx")] + ".cubin"
+                out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", new[-1], "-o", cubin],
                                      capture_output=True, text=True).stderr
                 report = " ".join(line.split("info    :")[-1].strip() for line in out.splitlines()
                                   if "registers" in line or "spill" in line)
+                if os.path.exists(cubin):
+                    with open(cubin, "rb") as f:
+                        report += "; " + sass_counts(f.read())
             print(f"R={rank} d_state={N} headdim={args.headdim}: {op.threads} threads, {op.rows} rows a thread; "
                   f"{report}" + (f" ({new[-1]})" if new else ""))
 
