@@ -2,7 +2,7 @@
 roofline, and end-to-end generation of a hybrid model.
 
     python benchmarks/decode.py [--batch 1,16,128] [--d-state 64,128] [--mimo-rank 1,4]
-        [--d-model 2048] [--headdim 64] [--backends cute,triton] [--no-peer]
+        [--d-model 2048] [--headdim 64] [--backends cute,triton,"cute[cute_prerotate=1]"] [--no-peer]
         [--e2e specs/hybrid-1.5b.yaml] [--e2e-batch 1,128] [--prompt 2048] [--new-tokens 256]
         [--json out.json]
 
@@ -93,7 +93,18 @@ def time_peer(peer, batch: int) -> float:
     return time_graph(lambda: peer.step(u, *states))
 
 
+def backend_and_tuning(backend: str) -> tuple[str, dict]:
+    """``"cute[cute_prerotate=1]"`` -> ("cute", {"cute_prerotate": 1}): a backend under other kernel knobs,
+    timed as a column of its own (prefill.py's --tunings syntax inside the brackets)."""
+    from prefill import tuning_changes  # benchmarks/prefill.py, beside this script
+
+    name, _, knobs = backend.partition("[")
+    return name, tuning_changes(knobs.rstrip("]")) if knobs else {}
+
+
 def layer_rows(args, bandwidth: float) -> list[dict]:
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
     rows = []
     for rank in args.mimo_rank:
         for d_state in args.d_state:
@@ -103,8 +114,10 @@ def layer_rows(args, bandwidth: float) -> list[dict]:
                 roof_ms = roofline_bytes(ours, batch) / bandwidth * 1e3
                 row["roofline_ms"] = roof_ms
                 for backend in args.backends:
+                    kernel_backend, changes = backend_and_tuning(backend)
                     try:
-                        t = time_ours(ours, batch, backend)
+                        with use_tuning(**changes):
+                            t = time_ours(ours, batch, kernel_backend)
                     except Exception as e:  # keep measuring the others; the row says what failed
                         row[f"{backend}_error"] = f"{type(e).__name__}: {e}"[:300]
                         continue

@@ -170,6 +170,9 @@ def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
     assert tuned == cute.kernel_config(layout, torch.float32, torch.float32, KernelTuning(cute_max_rows=1,
                                                                                         cute_min_blocks=3))
     assert (tuned.row_groups, tuned.min_blocks) == (layout.headdim, 3) != (default.row_groups, default.min_blocks)
+    with use_tuning(cute_prerotate=1):
+        cute.mamba3_decode_step(proj, cache.state, params, layout)
+    assert compiled[-1] == default._replace(prerotate=True) != default
 
     refused = cute_layout(*CUTE_UNSPLITTABLE[0])
     state = Mamba3State(angle=torch.zeros(1, 2, refused.n_angles), ssm=torch.zeros(1, 2, 192, 256),

@@ -82,17 +82,18 @@ def step_kernel(backend):
     return triton.mamba3_decode_step, triton.step_unsupported_reason
 
 
-@pytest.mark.parametrize("backend", ["cute", "triton"])
+@pytest.mark.parametrize("backend", ["cute", "cute-prerotate", "triton"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_step_kernel_matches_reference(backend, name):
-    step, unsupported_reason = step_kernel(backend)
+    """cute-prerotate: the CuTe step with KernelTuning.cute_prerotate (B and C rotated once per CTA)."""
+    step, unsupported_reason = step_kernel(backend.split("-")[0])
     m = make_layer(name)
     layout, params = m.decode_layout(), m.decode_params()
     cache = random_decode_state(m, batch=5, seed=1)
     assert unsupported_reason(torch.empty(1, device="cuda", dtype=BF16), cache.state, layout) is None
     gen = torch.Generator(device="cuda").manual_seed(2)
     worst = {}
-    with torch.no_grad():
+    with use_tuning(cute_prerotate=int(backend == "cute-prerotate")), torch.no_grad():
         for _ in range(4):
             # each step starts from the state the kernel wrote in place; the reference starts from a
             # copy of it, so a bf16 k that rounds the other way in one step cannot compound

@@ -66,6 +66,9 @@ class KernelTuning:
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
                             many as 128 registers a thread give [HYBRIDLM_CUTE_MIN_BLOCKS]
+    cute_prerotate          1: the CuTe step rotates B and C once per CTA, as its warps normalize them,
+                            where each thread rotated its slots of them for every rank; not yet timed on
+                            a GPU [HYBRIDLM_CUTE_PREROTATE]
     """
 
     triton_block_pairs: int = 16
@@ -85,6 +88,7 @@ class KernelTuning:
     triton_output_warps: int | None = None
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
+    cute_prerotate: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -108,6 +112,7 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
+    "cute_prerotate": ((0, 1), "0 (each thread rotates its slots) or 1 (B and C rotated once per CTA)"),
 }
 
 ENV_VARS: dict[str, str] = {
@@ -128,6 +133,7 @@ ENV_VARS: dict[str, str] = {
     "triton_output_warps": "HYBRIDLM_TRITON_OUTPUT_WARPS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
+    "cute_prerotate": "HYBRIDLM_CUTE_PREROTATE",
 }
 
 

@@ -34,6 +34,7 @@ class StepConfig(NamedTuple):
     kv_dtype: torch.dtype
     row_groups: int  # state rows worked on side by side (cute/layout.py)
     min_blocks: int  # CTAs per SM the register budget must allow
+    prerotate: bool = False  # B and C rotated once per CTA (KernelTuning.cute_prerotate)
 
     @property
     def threads(self) -> int:
@@ -65,7 +66,7 @@ def _kernel_config(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torc
                 "no split of the state rows fits")
     threads = groups * lanes
     min_blocks = tuning.cute_min_blocks or default_min_blocks(threads)
-    return StepConfig(layout, proj_dtype, kv_dtype, groups, min_blocks)
+    return StepConfig(layout, proj_dtype, kv_dtype, groups, min_blocks, bool(tuning.cute_prerotate))
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,7 +117,7 @@ def build_op(config: StepConfig, has_mimo: bool):
         A_floor=float(layout.A_floor), bc_eps=float(layout.bc_norm_eps), out_eps=float(layout.norm_eps),
         out_mode=OUT_MODES[layout.out_norm], row_groups=config.row_groups, min_blocks=config.min_blocks,
         mimo=has_mimo, columns={name: start for name, (start, _) in in_proj.offsets().items()},
-        width=in_proj.width)
+        width=in_proj.width, prerotate=config.prerotate)
 
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:

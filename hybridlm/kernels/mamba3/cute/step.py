@@ -65,13 +65,16 @@ class Mamba3DecodeStep:
     def __init__(self, *, nheads: int, headdim: int, ngroups: int, rank: int, d_state: int, n_angles: int,
                  interleaved: bool, discretization: str, heavy_tail: bool, A_floor: float, bc_eps: float,
                  out_eps: float, out_mode: int, row_groups: int, min_blocks: int, mimo: bool,
-                 columns: Mapping[str, int], width: int):
+                 columns: Mapping[str, int], width: int, prerotate: bool = False):
         self.H, self.P, self.G, self.R, self.N, self.S = nheads, headdim, ngroups, rank, d_state, n_angles
         self.interleaved = interleaved
         self.discretization = discretization
         self.heavy_tail = heavy_tail
         self.A_floor, self.bc_eps, self.out_eps = A_floor, bc_eps, out_eps
         self.mimo = mimo  # mimo_x, mimo_z, mimo_o are given
+        # B and C rotated once per CTA, as the warps normalize them, instead of by every thread at its
+        # slots for each rank (KernelTuning.cute_prerotate)
+        self.prerotate = prerotate
         self.out_mode = out_mode  # 0 none, 1 pregate grouped, 2 postgate grouped, 3 per-rank y (fp32)
         self.TPR = d_state // VEC  # lanes per state row
         self.NG = row_groups
@@ -132,6 +135,28 @@ class Mamba3DecodeStep:
         v = self._slot_values(sVec, base, lane)
         mates = [(s ^ 1) if const_expr(self.interleaved) else (s + VEC // 2) % VEC for s in range(VEC)]
         return [v[s] * cos[s] + v[mates[s]] * sin[s] for s in range(VEC)]
+
+    def _vector_slots(self, sVec, base, lane, cos, sin):
+        """B_r or C_r at the thread's slots: rotated in shared memory already, or rotated here."""
+        if const_expr(self.prerotate):
+            return self._slot_values(sVec, base, lane)
+        return self._rotated_slots(sVec, base, lane, cos, sin)
+
+    def _rotated_chunks(self, vals, chunk_cs):
+        """A warp's B or C values (column lane32 + 32·c in vals[c]) rotated by (cos, ±sin) = chunk_cs[c]: the
+        partner of an interleaved pair is the next lane; of a half-split pair, N/2 columns on, a chunk of
+        this lane's when N/2 ≥ 32 and a lane N/2 away otherwise (N is a power of two)."""
+        half = self.N // 2
+        mates = []
+        for c in range(len(vals)):
+            if const_expr(self.interleaved):
+                mates.append(cute.arch.shuffle_sync_bfly(vals[c], offset=1))
+            elif const_expr(half >= 32):
+                step = half // 32
+                mates.append(vals[c + step] if c < step else vals[c - step])
+            else:
+                mates.append(cute.arch.shuffle_sync_bfly(vals[c], offset=half))
+        return [vals[c] * chunk_cs[c][0] + mates[c] * chunk_cs[c][1] for c in range(len(vals))]
 
     def _reduce_rows(self, partial, lane):
         """Sum each row's partials over the row's TPR lanes, halving the values a lane holds at each
@@ -298,7 +323,14 @@ class Mamba3DecodeStep:
                         sP.mx[r * P + p] = got[base + 3 * r]
                         sP.mz[r * P + p] = got[base + 3 * r + 1]
                         sP.mo[r * P + p] = got[base + 3 * r + 2]
-        # B and C after RMSNorm (over N: the warp's lanes) and bias; the cached k as it is
+        chunk_cs = []  # prerotating: cos and ±sin at each of the lane's columns lane32 + 32·c, every vector's
+        if const_expr(self.prerotate):
+            cute.arch.sync_threads()  # the new angles' cos and sin, for the rotation below
+            for c in cutlass.range_constexpr((N + 31) // 32):
+                n = lane32 + 32 * c
+                chunk_cs.append(self._cos_sin(sCos, sSin, n if const_expr(N % 32 == 0)
+                                              else cutlass.select_(n < N, n, Int32(0))))
+        # B and C after RMSNorm (over N: the warp's lanes) and bias (and, prerotating, rotated); the cached k as it is
         for v, kind, chunks in vec_in:
             ss = Float32(0.0)
             for n, got in chunks:
@@ -307,21 +339,27 @@ class Mamba3DecodeStep:
             for k in cutlass.range_constexpr(5):
                 ss = ss + cute.arch.shuffle_sync_bfly(ss, offset=16 >> k)
             rstd = cute.math.rsqrt(ss / Float32(N) + Float32(self.bc_eps))
+            vals = []
             for n, got in chunks:
                 is_b = kind == 0
                 val = got[0] * rstd * cutlass.select_(is_b, got[2], got[3])
                 if const_expr(mBBias is not None):
                     val = val + cutlass.select_(is_b, got[4], got[5])
-                val = cutlass.select_(kind < 2, val, got[1])
+                vals.append(val)
+            if const_expr(self.prerotate):
+                vals = self._rotated_chunks(vals, chunk_cs)
+            for c, (n, got) in enumerate(chunks):
+                val = cutlass.select_(kind < 2, vals[c], got[1])
                 if v < 3 * R and n < N:
                     sVec[v * N + n] = val
         cute.arch.sync_threads()
 
         cos, sin = [], []
-        for s in cutlass.range_constexpr(VEC):
-            cos_s, sin_s = self._cos_sin(sCos, sSin, slots[s])
-            cos.append(cos_s)
-            sin.append(sin_s)
+        if const_expr(not self.prerotate):
+            for s in cutlass.range_constexpr(VEC):
+                cos_s, sin_s = self._cos_sin(sCos, sSin, slots[s])
+                cos.append(cos_s)
+                sin.append(sin_s)
 
         # H ← αH + Σ_r [γ (x⊙mimo_x_r) k_rᵀ + β (x_prev⊙mimo_x_r) k_prev_rᵀ]
         state = []
@@ -332,7 +370,7 @@ class Mamba3DecodeStep:
                     vals.append(frags[i * (VEC // PIECE) + j][e] * alpha)
             state.append(vals)
         for r in cutlass.range_constexpr(R):
-            k = self._rotated_slots(sVec, r * N, lane, cos, sin)
+            k = self._vector_slots(sVec, r * N, lane, cos, sin)
             k_prev = self._slot_values(sVec, (2 * R + r) * N, lane)
             for i in cutlass.range_constexpr(self.rows):
                 mx = Float32(1.0)
@@ -351,7 +389,7 @@ class Mamba3DecodeStep:
 
         # (H q_r)[p]: each row's sum over its TPR lanes
         for r in cutlass.range_constexpr(R):
-            q = self._rotated_slots(sVec, (R + r) * N, lane, cos, sin)
+            q = self._vector_slots(sVec, (R + r) * N, lane, cos, sin)
             partial = []
             for i in cutlass.range_constexpr(self.rows):
                 acc = Float32(0.0)
@@ -410,11 +448,14 @@ class Mamba3DecodeStep:
                 mOut[b, h * P + p] = o.to(mOut.element_type)
             mV[b, h, p] = sP.x[p].to(mV.element_type)  # exact: x came in this dtype
         for idx in cutlass.range(tidx, R * N, self.threads):
-            r = idx // N
-            n = idx % N
-            _, mate, _ = self._pair(n)
-            cos_n, sin_n = self._cos_sin(sCos, sSin, n)
-            mK[b, r, h, n] = (sVec[idx] * cos_n + sVec[r * N + mate] * sin_n).to(mK.element_type)
+            if const_expr(self.prerotate):  # sVec holds B rotated
+                mK[b, idx // N, h, idx % N] = sVec[idx].to(mK.element_type)
+            else:
+                r = idx // N
+                n = idx % N
+                _, mate, _ = self._pair(n)
+                cos_n, sin_n = self._cos_sin(sCos, sSin, n)
+                mK[b, r, h, n] = (sVec[idx] * cos_n + sVec[r * N + mate] * sin_n).to(mK.element_type)
         if const_expr(S > 0):
             for j in cutlass.range(tidx, S, self.threads):
                 mAngle[b, h, j] = sTheta[j]
