@@ -9,6 +9,9 @@
 #             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
+#   step      tests/gpu/test_step_kernels_gpu.py, the CuTe and Triton decode-step kernels (TESTS_K: a -k filter)
+#   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), d_state 64,128, R 1,4, for
+#             BACKENDS (default "cute,cute[cute_prerotate=1]": a knob's A/B), the official step too if PEER=1
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
@@ -38,7 +41,17 @@ for part in $parts; do
       echo "fastest: knobs '$knobs', attention $attention" | tee -a "$OUT/profile-sets.log"
       python3 benchmarks/generate.py --only 'a:*' --variants fused --gemv-knobs "$knobs" --attention "$attention" \
         --json "$OUT/generate-chosen.json" 2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate-chosen.log" ;;
-    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose)"; exit 2 ;;
+    step)
+      HYBRIDLM_RESULTS_STEP="$OUT/step-errors.json" python3 -m pytest -q $PYTEST_PARALLEL -rf --tb=short -p no:warnings \
+        tests/gpu/test_step_kernels_gpu.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/step-tests.log" 2>&1
+      tail -n 30 "$OUT/step-tests.log" ;;
+    layer)
+      peer=--no-peer
+      [ "${PEER:-0}" = 1 ] && peer=""
+      python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state 64,128 --mimo-rank 1,4 \
+        --backends "${BACKENDS:-cute,cute[cute_prerotate=1]}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
+      grep -v Warning "$OUT/layer.log" | tail -n 20 ;;
+    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose, step, layer)"; exit 2 ;;
   esac
 done
 # the JSON results come back as they are, every log inside logs.tgz (a call brings back at most 8 files)
