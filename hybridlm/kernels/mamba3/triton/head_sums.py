@@ -4,10 +4,9 @@ group, and the B/C bias gradients.
 The chunk kernel writes dq̄, dk̄ rotated back per head, (T, R, H, N) in q's dtype. Head h reads
 group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program takes a block of
 token-rank rows of one group, sums its heads in fp32 (several neighbouring heads a load) and stores the
-result in q's dtype. A bias
-(H, R, N) is added to every token, so its gradient is the per-head sum over tokens: a program takes
-one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums them per rank in
-fp32 registers and adds the result to the fp32 gradient once. (The first design added every row block's sums
+result in q's dtype. A bias (H, R, N) is added to every token, so its gradient is the per-head sum over
+tokens: a program takes one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums
+them per rank in fp32 registers and adds the result to the fp32 gradient once. (The first design added every row block's sums
 atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
 which pointed at the atomics; this design makes 0.5M, and took 1.36 ms all the same: see the bias
