@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of our Triton kernels for Hopper, without a GPU.
 
-    python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16]
+    python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16] [--out-norm none]
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
     python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
     python benchmarks/kernel_report.py --sass [TRIPS] [--d-state 64]  # also SASS instruction counts
@@ -129,7 +129,8 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sa
             f"smem {compiled.metadata.shared}" + (f"  {sass_counts(compiled.asm['cubin'], sass)}" if sass else ""))
 
 
-def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256) -> list:
+def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256,
+                  out_norm: str = "none") -> list:
     from hybridlm.kernels.mamba3.triton import scan as scan_module
     from hybridlm.testing import scan_kwargs
 
@@ -142,7 +143,9 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
         x = torch.randn(1, seqlen, H, headdim, dtype=dtype)
         dt = torch.rand(1, seqlen, H) * 0.1
         kw = dict(q_bias=torch.randn(H, rank, d_state), k_bias=torch.randn(H, rank, d_state), D=torch.randn(H),
-                  pair_layout="interleaved" if rank == 1 else "half")
+                  pair_layout="interleaved" if rank == 1 else "half", out_norm=out_norm)
+        if out_norm != "none":
+            kw["norm_weight"] = torch.rand(H * headdim)
         if rank > 1:
             kw.update(mimo_x=torch.randn(H, rank, headdim), mimo_z=torch.randn(H, rank, headdim),
                       mimo_o=torch.randn(H, rank, headdim))
@@ -273,6 +276,8 @@ def main() -> None:
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--out-norm", default="none", choices=["none", "pregate_grouped", "postgate_grouped"],
+                        help="the scan's output norm (the hybrid presets: pregate_grouped)")
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
     parser.add_argument("--peer-dqkv", metavar="MAMBA_SSM_SOURCE",
@@ -286,7 +291,8 @@ def main() -> None:
         found = [peer_dqkv_launch(args.peer_dqkv, args.d_state)]
     else:
         found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype)
-                 if args.decode_attention else scan_launches(args.d_state, args.headdim, args.rank, dtype))
+                 if args.decode_attention else scan_launches(args.d_state, args.headdim, args.rank, dtype,
+                                                             out_norm=args.out_norm))
     for fn, a, kw in found:
         print(resource_line(fn, a, dict(kw), sass=args.sass))
 

@@ -3,7 +3,7 @@
 
     python benchmarks/prefill.py [--peer-configs benchmarks/peer_autotune_h200.json] [--tune]
         [--d-state 64,128] [--seqlen 2048,8192,16384] [--batch 8] [--d-model 2048] [--headdim 64]
-        [--mimo-rank 4] [--backward-kernels 1,2] [--json out.json] [--profile]
+        [--mimo-rank 4] [--backward-kernels 1,2] [--outproj-norm] [--json out.json] [--profile]
 
 Times the whole layer (projections, norms, scan, gate, output projection) forward and
 forward+backward with ``triton.testing.do_bench`` (median). The official kernels run only with the
@@ -135,11 +135,13 @@ def ours_key(base: str, label: str) -> str:
     return base if label == BACKWARD_LABELS[1] else f"{base}[{label}]"
 
 
-def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool):
+def build_pair(d_model: int, d_state: int, headdim: int, mimo_rank: int, with_peer: bool, outproj_norm: bool = False):
     from hybridlm.blocks import Mamba3
     from hybridlm.testing import randomize_mamba3_
 
     kw = dict(d_model=d_model, d_state=d_state, headdim=headdim, chunk_size=64 // mimo_rank)
+    if outproj_norm:  # the grouped RMSNorm before out_proj (both modules' is_outproj_norm): the hybrid presets' layer
+        kw.update(is_outproj_norm=True)
     if mimo_rank > 1:
         kw.update(is_mimo=True, mimo_rank=mimo_rank)
     torch.manual_seed(0)
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=2048)
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--mimo-rank", type=int, default=4, help="also time our MIMO at this rank (0: skip)")
+    parser.add_argument("--outproj-norm", action="store_true",
+                        help="layers with the grouped RMSNorm before out_proj (is_outproj_norm), as in the hybrid presets")
     parser.add_argument("--backward-kernels", default="1",
                         help="our backward designs to time, comma-separated: 1 fused, 2 split")
     parser.add_argument("--tunings", default=None,
@@ -278,14 +282,15 @@ def main() -> None:
         if args.tune and args.tune_workers > 0:
             precompile_peer_configs(args, args.tune_workers)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  batch {args.batch}  d_model {args.d_model}  "
-          f"headdim {args.headdim}  bf16  variants {', '.join(label for label, _ in designs)}")
+          f"headdim {args.headdim}  bf16  out_proj norm {args.outproj_norm}  variants {', '.join(label for label, _ in designs)}")
     rows = []
     for n in map(int, args.d_state.split(",")):
-        ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer)
-        mimo = build_pair(args.d_model, n, args.headdim, args.mimo_rank, False)[0] if args.mimo_rank > 1 else None
+        ours, peer = build_pair(args.d_model, n, args.headdim, 1, with_peer, args.outproj_norm)
+        mimo = (build_pair(args.d_model, n, args.headdim, args.mimo_rank, False, args.outproj_norm)[0]
+                if args.mimo_rank > 1 else None)
         for i, L in enumerate(map(int, args.seqlen.split(","))):
-            row = {"d_state": n, "seqlen": L, "projections_fwd_bwd_ms": time_projections(ours, args.batch, L,
-                                                                                           args.d_model)}
+            row = {"d_state": n, "seqlen": L, "outproj_norm": args.outproj_norm,
+                   "projections_fwd_bwd_ms": time_projections(ours, args.batch, L, args.d_model)}
             for label, changes in designs:
                 with use_tuning(**changes):
                     row[ours_key("ours", label)] = time_or_error(ours, args.batch, L, args.d_model)

@@ -4,7 +4,8 @@
 #   tests  the Triton GPU tests (tests/gpu/test_triton_gpu.py, ≈ 5.5 min; TESTS_K: a -k filter)
 #   table  the prefill benchmark and a profile (TUNINGS: more variants of our layers, prefill.py --tunings,
 #          e.g. "bias_rows=1024;bias_rows=512"; BACKWARD_KERNELS, default 1, e.g. 1,2 adds the split design;
-#          SEQLEN, default 2048,8192,16384; PROFILE=" " leaves the profile out)
+#          SEQLEN, default 2048,8192,16384; PROFILE=" " leaves the profile out; NORM=1: the layers with the grouped
+#          norm before out_proj, as in the hybrid presets, into prefill-norm.json/.log)
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 #   stalls ncu's warp-state (stall reasons), scheduler, occupancy and memory sections of STALL_KERNELS (default
 #          our states and backward chunk kernels), one step, d_state 64 (not in the default set)
@@ -35,9 +36,9 @@ for part in ${*:-tests table ncu}; do
     table)
       # straight into the log (not through tail): a call cut off at its limit still brings back the rows so far
       python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels "${BACKWARD_KERNELS:-1}" \
-        --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill.json" \
-        ${PROFILE:---profile} > "$OUT/prefill.log" 2>&1
-      tail -n 150 "$OUT/prefill.log" ;;
+        --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill${NORM:+-norm}.json" \
+        ${NORM:+--outproj-norm} ${PROFILE:---profile} > "$OUT/prefill${NORM:+-norm}.log" 2>&1
+      tail -n 150 "$OUT/prefill${NORM:+-norm}.log" ;;
     ncu)
       if command -v ncu >/dev/null; then
         ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \

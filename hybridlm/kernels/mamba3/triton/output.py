@@ -120,22 +120,25 @@ def _gate_bwd_kernel(
         do = dout
         if HAS_MIMO_O:
             do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
-        if NORM == 1:  # o = n·gate, n = y·rstd·w
+        if NORM == 1:  # o = n·gate, n = ŷ·w, ŷ = y·rstd
             rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
-            n = y * rstd * w
+            yhat = y * rstd
+            n = yhat * w
             o = n * gate
             dn = do * gate
-            dw += tl.sum(dn * y * rstd, 0)
+            dw += tl.sum(dn * yhat, 0)
             dyhat = dn * w
-            dy = rstd * (dyhat - y * rstd * rstd * (tl.sum(dyhat * y, 1) / headdim)[:, None])
+            # dy = rstd·(dŷ − ŷ·mean(dŷ·ŷ)): the row's factors first, then two operations an element
+            dy = rstd * dyhat - yhat * (rstd * (tl.sum(dyhat * yhat, 1) / headdim)[:, None])
             dgated = do * n
-        elif NORM == 2:  # o = m·rstd·w, m = y·gate
+        elif NORM == 2:  # o = m̂·w, m̂ = m·rstd, m = y·gate
             m = y * gate
             rstd = tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None]
-            o = m * rstd * w
-            dw += tl.sum(do * m * rstd, 0)
+            mhat = m * rstd
+            o = mhat * w
+            dw += tl.sum(do * mhat, 0)
             dmhat = do * w
-            dm = rstd * (dmhat - m * rstd * rstd * (tl.sum(dmhat * m, 1) / headdim)[:, None])
+            dm = rstd * dmhat - mhat * (rstd * (tl.sum(dmhat * mhat, 1) / headdim)[:, None])
             dy = dm * gate
             dgated = dm * y
         else:
