@@ -149,9 +149,10 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
         if rank > 1:
             kw.update(mimo_x=torch.randn(H, rank, headdim), mimo_z=torch.randn(H, rank, headdim),
                       mimo_o=torch.randn(H, rank, headdim))
-        leaves = [t.requires_grad_() for t in (q, k, x)]
+        angle_rate = torch.randn(1, seqlen, S)  # a leaf as in training: its backward kernel is compiled too
+        leaves = [t.requires_grad_() for t in (q, k, x, angle_rate)]
         def run():
-            out = scan_module.mamba3_chunked(*leaves, dt, -dt, torch.rand(1, seqlen, H), torch.randn(1, seqlen, S),
+            out = scan_module.mamba3_chunked(*leaves[:3], dt, -dt, torch.rand(1, seqlen, H), leaves[3],
                                              z=torch.randn_like(x), **scan_kwargs(kw))
             out.float().sum().backward()  # the stubs leave garbage, but the backward launches are captured
 
