@@ -35,10 +35,11 @@ for part in ${*:-tests table ncu}; do
       tail -n 25 "$OUT/tests.log" ;;
     table)
       # straight into the log (not through tail): a call cut off at its limit still brings back the rows so far
+      name=prefill${NORM:+-norm}
       python3 benchmarks/prefill.py --peer-configs "$configs" --backward-kernels "${BACKWARD_KERNELS:-1}" \
-        --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/prefill${NORM:+-norm}.json" \
-        ${NORM:+--outproj-norm} ${PROFILE:---profile} > "$OUT/prefill${NORM:+-norm}.log" 2>&1
-      tail -n 150 "$OUT/prefill${NORM:+-norm}.log" ;;
+        --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/$name.json" \
+        ${NORM:+--outproj-norm} ${PROFILE:---profile} > "$OUT/$name.log" 2>&1
+      tail -n 150 "$OUT/$name.log" ;;
     ncu)
       if command -v ncu >/dev/null; then
         ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \

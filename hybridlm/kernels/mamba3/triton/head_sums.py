@@ -6,8 +6,8 @@ group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program 
 token-rank rows of one group, sums its heads in fp32 (several neighbouring heads a load) and stores the
 result in q's dtype. A bias (H, R, N) is added to every token, so its gradient is the per-head sum over
 tokens: a program takes one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums
-them per rank in fp32 registers and adds the result to the fp32 gradient once. (The first design added every row block's sums
-atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
+them per rank in fp32 registers and adds the result to the fp32 gradient once. (The first design added
+every row block's sums atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
 which pointed at the atomics; this design makes 0.5M, and took 1.36 ms all the same: see the bias
 kernel.)
@@ -91,7 +91,7 @@ def bias_rows_for(n_rows: int, n_heads: int) -> int:
     return min(4096, max(1024, triton.next_power_of_2(max(1, wanted))))
 
 
-GROUP_TILE = 4096  # values a group-sum program adds per load: 32 fp32 registers a thread at 4 warps
+TILE_VALUES = 4096  # values a program of either kernel adds per load: 32 fp32 registers a thread at 4 warps
 GROUP_SPAN = 256  # values of a row one group-sum load takes side by side (512 bytes of bf16)
 
 
@@ -110,14 +110,14 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool,
     T, R, H, N = dq_heads.shape
     tuning = tuning or kernel_tuning()
     block_n = max(16, triton.next_power_of_2(N))
-    block_rows = max(R, min(64, 4096 // block_n))  # ≤ 4K elements a tile: no spills, many programs
+    block_rows = max(R, min(64, TILE_VALUES // block_n))  # the bias sums' tile: no spills, many programs
     dq, dk = dq_heads, dk_heads
     if H != n_groups:
         dq = dq_heads.new_empty(T, R, n_groups, N)
         dk = dk_heads.new_empty(T, R, n_groups, N)
         if T:
             heads = group_heads_for(H // n_groups, block_n, tuning)
-            group_rows = max(1, GROUP_TILE // (heads * block_n))
+            group_rows = max(1, TILE_VALUES // (heads * block_n))
             _group_sums_kernel[(triton.cdiv(T * R, group_rows), n_groups, 2)](
                 dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N, BLOCK_ROWS=group_rows,
                 BLOCK_N=block_n, HEADS=heads)
