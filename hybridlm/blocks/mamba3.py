@@ -25,7 +25,7 @@ from hybridlm.errors import ShapeError
 from hybridlm.kernels import decode_gemv, dispatch
 from hybridlm.kernels.mamba3.contract import (DecodeLayout, DecodeParams, InProjLayout, Mamba3State,
                                              ScanParams)
-from hybridlm.kernels.mamba3.shared import causal_conv1d, step_scalars
+from hybridlm.kernels.mamba3.shared import causal_conv1d
 from hybridlm.kernels.norms import upcast
 from hybridlm.layouts.blocks import mamba3_problems, mamba3_rope_angles
 
@@ -226,7 +226,7 @@ class Mamba3(nn.Module):
     def _project(self, u: Tensor, cu_seqlens: Tensor | None, conv_state: Tensor | None):
         """in_proj and the per-token scalars. u (B, L, d) -> kernel inputs (+ the new conv state)."""
         layout = self.in_proj_layout()
-        H, R, G, N, P = layout.nheads, layout.rank, layout.ngroups, layout.d_state, layout.headdim
+        H, R, P = layout.nheads, layout.rank, layout.headdim
         seg = layout.split(self.in_proj(u))
         z, x, b, c, angle = seg["z"], seg["x"], seg["B"], seg["C"], seg.get("angle")
         new_conv = None
@@ -235,13 +235,12 @@ class Mamba3(nn.Module):
             xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                           initial_state=conv_state, cu_seqlens=cu_seqlens, return_final_state=True)
             x, b, c = torch.split(F.silu(xbc), [x.shape[-1], b.shape[-1], c.shape[-1]], dim=-1)
-        b = self.B_norm(b.unflatten(-1, (R, G, N)))
-        c = self.C_norm(c.unflatten(-1, (R, G, N)))
-        dt, adt, lam = step_scalars(seg["dt"], seg["A"], seg.get("trap"), self.dt_bias,
-                                    a_activation=self.a_activation,
-                                    A_floor=self.A_floor, discretization=self.discretization)
+        q, k, dt, adt, lam = dispatch.mamba3_inputs(
+            b, c, seg["dt"], seg["A"], seg.get("trap"), self.dt_bias, self.B_norm.weight, self.C_norm.weight,
+            rank=R, a_activation=self.a_activation, A_floor=self.A_floor, discretization=self.discretization,
+            b_eps=self.B_norm.eps, c_eps=self.C_norm.eps, backend=self.backend)
         return dict(
-            q=c, k=b, x=x.unflatten(-1, (H, P)), dt=dt, adt=adt, lam=lam,
+            q=q, k=k, x=x.unflatten(-1, (H, P)), dt=dt, adt=adt, lam=lam,
             angle_rate=None if angle is None else upcast(angle),
         ), z.unflatten(-1, (H, P)), new_conv
 

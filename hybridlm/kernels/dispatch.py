@@ -1,12 +1,12 @@
 """The Mamba-3 entry points and backends; the choice of backend is :mod:`hybridlm.kernels.registry`'s.
 
-Backends of ``mamba3`` blocks (ops ``scan``, ``step``, ``decode_step``, with the signatures of
-:mod:`hybridlm.kernels.mamba3.oracle`'s ``mamba3_chunked``, ``mamba3_step`` and
-``mamba3_decode_step``):
+Backends of ``mamba3`` blocks (ops ``scan``, ``step``, ``inputs``, ``decode_step``, with the
+signatures of :mod:`hybridlm.kernels.mamba3.oracle`'s ``mamba3_chunked``, ``mamba3_step``,
+``mamba3_inputs`` and ``mamba3_decode_step``):
 
 - ``reference``: plain PyTorch, chunked; every device;
 - ``sequential``: the token-by-token ground truth (slow, for debugging);
-- ``triton``: the fused chunked scan (forward and backward) and decode step; CUDA, or the CPU under
+- ``triton``: the fused chunked scan and per-token inputs (forward and backward) and decode step; CUDA, or the CPU under
   ``TRITON_INTERPRET=1``; what its kernels do not take goes to ``reference``;
 - ``cute``: the CuTe-DSL decode step (Hopper and newer, nvidia-cutlass-dsl); everything else, and
   what the kernel does not take, goes to ``triton``.
@@ -15,7 +15,8 @@ Backends of ``mamba3`` blocks (ops ``scan``, ``step``, ``decode_step``, with the
 ``reference`` elsewhere. Support checks, per op (the ``check`` values of
 :func:`hybridlm.kernels.registry.choose`): ``scan`` gets stand-ins of q, x and angle_rate (shape
 with batch and sequence axes 1, dtype, device: plain values, so the choice stays out of a
-``torch.compile`` graph); ``decode_step`` gets (proj, state, layout), eagerly.
+``torch.compile`` graph); ``inputs`` gets B's row width, the head count and the inputs' dtypes;
+``decode_step`` gets (proj, state, layout), eagerly.
 """
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def _decode_check(check):
 def _triton_ops():
     from hybridlm.kernels.mamba3 import triton as kernels
 
+    from hybridlm.kernels.mamba3.triton import inputs
+
     return {"scan": Op(kernels.mamba3_chunked, _scan_check(kernels.unsupported_reason)),
+            "inputs": Op(inputs.mamba3_inputs, inputs.unsupported_reason),
             "decode_step": Op(kernels.mamba3_decode_step, _decode_check(kernels.step_unsupported_reason))}
 
 
@@ -75,8 +79,10 @@ def _cute_ops():
 
 
 registry.register_backend(KIND, "reference", {"scan": oracle.mamba3_chunked, "step": oracle.mamba3_step,
+                                              "inputs": oracle.mamba3_inputs,
                                               "decode_step": oracle.mamba3_decode_step}, auto_priority=0)
 registry.register_backend(KIND, "sequential", {"scan": oracle.mamba3_sequential, "step": oracle.mamba3_step,
+                                               "inputs": oracle.mamba3_inputs,
                                                "decode_step": oracle.mamba3_decode_step})
 registry.register_backend(KIND, "triton", load=_triton_ops, fallback="reference", auto_priority=1,
                           auto_devices=("cuda",), installed=registry.installed("triton"))
@@ -90,6 +96,15 @@ def mamba3_scan(q: Tensor, k: Tensor, x: Tensor, dt: Tensor, adt: Tensor, lam: T
     name = registry.choose(KIND, "scan", backend, x.device.type, x.device.index, _plain(q), _plain(x),
                            _plain(angle_rate))
     return registry.implementation(KIND, name, "scan")(q, k, x, dt, adt, lam, angle_rate, params, **kwargs)
+
+
+def mamba3_inputs(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor | None, dt_bias: Tensor,
+                  b_norm: Tensor, c_norm: Tensor, *, backend: str | None = None, **kwargs):
+    """The scan's per-token inputs from in_proj's segments; arguments as :func:`oracle.mamba3_inputs`."""
+    dtypes = tuple(t.dtype for t in (b, c, dd_dt, dd_a, trap, b_norm, c_norm) if t is not None)
+    name = registry.choose(KIND, "inputs", backend, b.device.type, b.device.index, int(b.shape[-1]),
+                           int(dd_dt.shape[-1]), dtypes)
+    return registry.implementation(KIND, name, "inputs")(b, c, dd_dt, dd_a, trap, dt_bias, b_norm, c_norm, **kwargs)
 
 
 def mamba3_step(*args, backend: str | None = None, **kwargs):

@@ -9,6 +9,8 @@ Three forms compute the same function and are tested against each other (inputs 
                         models on CPU
     mamba3_decode_step  one token of a whole layer, from in_proj's output row (the decode kernels' oracle)
 
+and :func:`mamba3_inputs`, the per-token scan inputs (B/C norms, Δ, A·Δ, λ) from in_proj's segments.
+
 Arithmetic is float32 (float64 when the inputs are float64); outputs take the dtype of ``x``.
 """
 from __future__ import annotations
@@ -246,6 +248,21 @@ def mamba3_chunked(
         start = initial_state or zero_state(B, H, P, N, S, R, device=x.device, dtype=cd)
         final = keep_state_where_empty(final, start, lengths == 0)
     return out, final
+
+
+def mamba3_inputs(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor | None, dt_bias: Tensor,
+                  b_norm: Tensor, c_norm: Tensor, *, rank: int, a_activation: str, A_floor: float,
+                  discretization: str, b_eps: float, c_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The scan's per-token inputs from in_proj's segments: b, c (..., R·G·N) -> q = C_norm(c), k =
+    B_norm(b) (..., R, G, N) in their dtype (the RMSNorms over N with weights ``c_norm``, ``b_norm``);
+    dd_dt, dd_a, trap (..., H) -> Δ, A·Δ, λ (..., H) in fp32 (:func:`step_scalars`)."""
+    N = b_norm.shape[0]
+    rows = (rank, b.shape[-1] // (rank * N), N)
+    k = rms_norm(b.unflatten(-1, rows), b_norm, b_eps)
+    q = rms_norm(c.unflatten(-1, rows), c_norm, c_eps)
+    dt, adt, lam = step_scalars(dd_dt, dd_a, trap, dt_bias, a_activation=a_activation, A_floor=A_floor,
+                                discretization=discretization)
+    return q, k, dt, adt, lam
 
 
 def mamba3_decode_step(proj: Tensor, state: Mamba3State, params: DecodeParams, layout: DecodeLayout) -> Tensor:
