@@ -19,7 +19,7 @@ from test_reference import _angles, make_inputs, random_state
 from test_triton_scan import CONFIGS, DEVICE, FWD_TOL, GRAD_TOL, assert_same, run_with_grads, to_device
 
 triton_kernels = pytest.importorskip("hybridlm.kernels.mamba3.triton")
-OPS = ("mamba3_chunk_fwd", "mamba3_chunk_bwd", "angle_cumsum_fwd", "angle_cumsum_bwd", "gated_output_fwd",
+OPS = ("mamba3_chunk_fwd", "mamba3_chunk_bwd", "token_walk_fwd", "token_walk_bwd", "gated_output_fwd",
        "gated_output_bwd", "expand_ranks_fwd", "expand_ranks_bwd")
 
 

@@ -18,7 +18,7 @@ from hybridlm.kernels.mamba3.triton.step import unsupported_reason as step_unsup
 # re-running the chunk scan costs as much as its forward, while its outputs are one y per token.
 SAC_SAVE_OPS = {
     torch.ops.hybridlm.mamba3_chunk_fwd.default,
-    torch.ops.hybridlm.angle_cumsum_fwd.default,
+    torch.ops.hybridlm.token_walk_fwd.default,
     torch.ops.hybridlm.gated_output_fwd.default,
     torch.ops.hybridlm.expand_ranks_fwd.default,
 }

@@ -1,9 +1,17 @@
-"""The cumulative rotation angle: a per-sequence prefix sum reduced modulo 2π.
+"""The per-token walk before the chunk scan: the trapezoid weights and the cumulative rotation angle.
 
-θ_t = (θ_init + Σ_{τ ≤ t} δθ_τ) mod 2π, per (head, angle pair), restarting at every sequence. The
+Per sequence, head and token t (docs/mamba3.md §2.1):
+
+    γ_t = λ_t Δ_t,   scale_t = γ_t + (1 − λ_{t+1}) Δ_{t+1}   (the second term 0 at a sequence's last token)
+    θ_t = (θ_init + Σ_{τ ≤ t} π·tanh(rate_τ)·Δ_τ) mod 2π      (per angle pair; the rates are shared by the heads)
+
+One program walks one (sequence, head): γ and scale need the next token, θ the running sum. The
 running sum is carried in fp32 and reduced after every block of tokens, so it stays in [0, 2π) and
-keeps fp32 resolution however long the sequence (docs/mamba3.md §2.1). The backward treats
-the reduction as the identity: dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ.
+keeps fp32 resolution however long the sequence. The backward walks in reverse, treats the reduction
+as the identity (dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ) and writes dΔ, dλ and, for the rates'
+gradient (a sum over heads), each head's dδθ·Δ, summed by torch. In plain torch the same is a dozen
+ops forward and twenty backward over (T, H) tensors, and the per-head increments δθ (T, H, S) went
+through memory three times more.
 """
 from __future__ import annotations
 
@@ -15,11 +23,10 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_T = 64
-TWO_PI = 2 * math.pi
 # Loads of the walks' next blocks in flight while a block is summed (Triton's software pipeline, through shared
-# memory): a program is one (sequence, head) walking its tokens one 4 KB block at a time, 512 of them at B 8 and
-# 64 heads, so a walk that waits for each load leaves the memory system idle (65 and 79 µs forward and backward on
-# an H200 at B 8, L 2K, 16 angles, ≈ 40 % of the copy bandwidth; the pipelined walk is not yet timed).
+# memory): 512 programs at B 8 and 64 heads, each walking its tokens one block at a time, leave the memory system
+# idle when each waits for its loads (the angle sums alone took 65 and 79 µs forward and backward on an H200 at
+# B 8, L 2K, 16 angles, ≈ 40 % of the copy bandwidth, before they were pipelined; not yet timed since).
 STAGES = tl.constexpr(3)
 
 
@@ -29,8 +36,17 @@ def _mod_two_pi(x):
 
 
 @triton.jit
-def _angle_cumsum_fwd_kernel(DELTA, THETA0, THETA, CU, s_t, s_h, s0_n, s0_h, n_angles,
-                             HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+def _tanh(x):
+    # sign(x)·(1 − 2 / (e^{2|x|} + 1)): no overflow; absolute error ≈ 1e-7 near 0, enough for an angle rate
+    e2 = tl.exp(2.0 * tl.minimum(tl.abs(x), 15.0))
+    magnitude = 1.0 - 2.0 / (e2 + 1.0)
+    return tl.where(x < 0.0, -magnitude, magnitude)
+
+
+@triton.jit
+def _walk_fwd_kernel(DT, LAM, RATE, THETA0, GAMMA, SCALE, THETA, CU, H, n_angles, s0_n, s0_h,
+                     HAS_ANGLES: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
     seq, h = tl.program_id(0), tl.program_id(1)
     start = tl.load(CU + seq)
     end = tl.load(CU + seq + 1)
@@ -41,17 +57,30 @@ def _angle_cumsum_fwd_kernel(DELTA, THETA0, THETA, CU, s_t, s_h, s0_n, s0_h, n_a
         carry = tl.load(THETA0 + seq * s0_n + h * s0_h + s, mask=s_mask, other=0.0).to(tl.float32)
     for i in tl.range(tl.cdiv(end - start, BLOCK_T), num_stages=STAGES):
         t = start + i * BLOCK_T + tl.arange(0, BLOCK_T)
-        m = (t < end)[:, None] & s_mask[None, :]
-        offs = t.to(tl.int64)[:, None] * s_t + h * s_h + s[None, :]
-        d = tl.load(DELTA + offs, mask=m, other=0.0)
-        theta = _mod_two_pi(carry[None, :] + tl.cumsum(d, 0))
-        tl.store(THETA + offs, theta, mask=m)
-        carry = _mod_two_pi(carry + tl.sum(d, 0))
+        m = t < end
+        th = t.to(tl.int64) * H + h
+        dt = tl.load(DT + th, mask=m, other=0.0)
+        lam = tl.load(LAM + th, mask=m, other=0.0)
+        has_next = t + 1 < end
+        dt_next = tl.load(DT + th + H, mask=has_next, other=0.0)
+        lam_next = tl.load(LAM + th + H, mask=has_next, other=0.0)
+        gamma = lam * dt
+        tl.store(GAMMA + th, gamma, mask=m)
+        tl.store(SCALE + th, gamma + dt_next * (1.0 - lam_next), mask=m)
+        if HAS_ANGLES:
+            ms = m[:, None] & s_mask[None, :]
+            rate = tl.load(RATE + t.to(tl.int64)[:, None] * n_angles + s[None, :], mask=ms, other=0.0)
+            d = (3.141592653589793 * _tanh(rate.to(tl.float32))) * dt[:, None]
+            theta = _mod_two_pi(carry[None, :] + tl.cumsum(d, 0))
+            tl.store(THETA + th[:, None] * n_angles + s[None, :], theta, mask=ms)
+            carry = _mod_two_pi(carry + tl.sum(d, 0))
 
 
 @triton.jit
-def _angle_cumsum_bwd_kernel(DTHETA, DDELTA, DTHETA0, CU, s_t, s_h, n_angles,
-                             BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+def _walk_bwd_kernel(DGAMMA, DSCALE, DTHETA, DT, LAM, RATE, DDT, DLAM, RATE_TERMS, DTHETA0, CU, H, n_angles,
+                     HAS_ANGLES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dΔ, dλ of the (sequence, head)'s tokens; RATE_TERMS (T, H, S) gets dδθ·Δ (the rates' gradient
+    is π·(1 − tanh²) times its sum over heads); DTHETA0 (NS, H, S) the initial angle's gradient."""
     seq, h = tl.program_id(0), tl.program_id(1)
     start = tl.load(CU + seq)
     end = tl.load(CU + seq + 1)
@@ -61,65 +90,114 @@ def _angle_cumsum_bwd_kernel(DTHETA, DDELTA, DTHETA0, CU, s_t, s_h, n_angles,
     n_blocks = tl.cdiv(end - start, BLOCK_T)
     for i in tl.range(n_blocks, num_stages=STAGES):
         t = start + (n_blocks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        m = (t < end)[:, None] & s_mask[None, :]
-        offs = t.to(tl.int64)[:, None] * s_t + h * s_h + s[None, :]
-        g = tl.load(DTHETA + offs, mask=m, other=0.0)
-        tl.store(DDELTA + offs, carry[None, :] + tl.cumsum(g, 0, reverse=True), mask=m)
-        carry += tl.sum(g, 0)
-    tl.store(DTHETA0 + (seq * tl.num_programs(1) + h) * n_angles + s, carry, mask=s_mask)
+        m = t < end
+        th = t.to(tl.int64) * H + h
+        dt = tl.load(DT + th, mask=m, other=0.0)
+        lam = tl.load(LAM + th, mask=m, other=0.0)
+        d_scale = tl.load(DSCALE + th, mask=m, other=0.0)
+        d_gamma = tl.load(DGAMMA + th, mask=m, other=0.0) + d_scale  # γ_t enters scale_t too
+        # token t's Δ and λ enter scale_{t−1} as (1 − λ_t) Δ_t
+        d_scale_prev = tl.load(DSCALE + th - H, mask=m & (t > start), other=0.0)
+        d_dt = d_gamma * lam + d_scale_prev * (1.0 - lam)
+        d_lam = (d_gamma - d_scale_prev) * dt
+        if HAS_ANGLES:
+            ms = m[:, None] & s_mask[None, :]
+            offs = th[:, None] * n_angles + s[None, :]
+            g = tl.load(DTHETA + offs, mask=ms, other=0.0)
+            d_delta = carry[None, :] + tl.cumsum(g, 0, reverse=True)
+            carry += tl.sum(g, 0)
+            rate = tl.load(RATE + t.to(tl.int64)[:, None] * n_angles + s[None, :], mask=ms, other=0.0)
+            d_dt += tl.sum(d_delta * (3.141592653589793 * _tanh(rate.to(tl.float32))), 1)
+            tl.store(RATE_TERMS + offs, d_delta * dt[:, None], mask=ms)
+        tl.store(DDT + th, d_dt, mask=m)
+        tl.store(DLAM + th, d_lam, mask=m)
+    if HAS_ANGLES:
+        tl.store(DTHETA0 + (seq * H + h) * n_angles + s, carry, mask=s_mask)
 
 
-@torch.library.custom_op("hybridlm::angle_cumsum_fwd", mutates_args=())
-def angle_cumsum_fwd(delta: Tensor, theta0: Tensor | None, cu_seqlens: Tensor) -> Tensor:
-    """delta (T, H, S) fp32, theta0 (NS, H, S) or None, cu_seqlens (NS+1,) int32 -> theta (T, H, S)."""
-    delta = delta.contiguous()
-    T, H, S = delta.shape
-    theta = torch.empty_like(delta)
-    if T and S:
-        init = theta0.float().contiguous() if theta0 is not None else delta
-        _angle_cumsum_fwd_kernel[(cu_seqlens.numel() - 1, H)](
-            delta, init, theta, cu_seqlens, delta.stride(0), delta.stride(1),
-            init.stride(0) if theta0 is not None else 0, init.stride(1) if theta0 is not None else 0, S,
-            HAS_INIT=theta0 is not None, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
-    return theta
+def _angles(rate: Tensor | None) -> int:
+    return 0 if rate is None else rate.shape[-1]
 
 
-@angle_cumsum_fwd.register_fake
-def _(delta, theta0, cu_seqlens):
-    return torch.empty_like(delta, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("hybridlm::angle_cumsum_bwd", mutates_args=())
-def angle_cumsum_bwd(dtheta: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
-    """dtheta (T, H, S) -> d delta (T, H, S) and d theta0 (NS, H, S), fp32."""
-    dtheta = dtheta.float().contiguous()
-    T, H, S = dtheta.shape
+@torch.library.custom_op("hybridlm::token_walk_fwd", mutates_args=())
+def token_walk_fwd(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor | None,
+                   cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dt, lam (T, H) fp32; rate (T, S) or None; theta0 (NS, H, S) or None; cu_seqlens (NS+1,) int32
+    -> γ, scale (T, H) and θ (T, H, S), fp32."""
+    dt, lam = dt.float().contiguous(), lam.float().contiguous()
+    T, H = dt.shape
+    S = _angles(rate)
+    gamma, scale = torch.empty_like(dt), torch.empty_like(dt)
+    theta = torch.empty(T, H, S, dtype=torch.float32, device=dt.device)
     n_seqs = cu_seqlens.numel() - 1
-    ddelta = torch.zeros_like(dtheta)
-    dtheta0 = torch.zeros(n_seqs, H, S, dtype=torch.float32, device=dtheta.device)
-    if S and n_seqs:
-        _angle_cumsum_bwd_kernel[(n_seqs, H)](
-            dtheta, ddelta, dtheta0, cu_seqlens, dtheta.stride(0), dtheta.stride(1), S,
-            BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(S))
-    return ddelta, dtheta0
+    if T and n_seqs:
+        rate_ = rate.contiguous() if S else dt
+        init = theta0.float().contiguous() if theta0 is not None and S else None
+        _walk_fwd_kernel[(n_seqs, H)](
+            dt, lam, rate_, init if init is not None else dt, gamma, scale, theta, cu_seqlens, H, S,
+            init.stride(0) if init is not None else 0, init.stride(1) if init is not None else 0,
+            HAS_ANGLES=S > 0, HAS_INIT=init is not None, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
+    return gamma, scale, theta
 
 
-@angle_cumsum_bwd.register_fake
-def _(dtheta, cu_seqlens):
-    T, H, S = dtheta.shape
-    return dtheta.new_empty(T, H, S, dtype=torch.float32), dtheta.new_empty(cu_seqlens.shape[0] - 1, H, S,
-                                                                            dtype=torch.float32)
+@token_walk_fwd.register_fake
+def _(dt, lam, rate, theta0, cu_seqlens):
+    T, H = dt.shape
+    f32 = dict(dtype=torch.float32)
+    return dt.new_empty(T, H, **f32), dt.new_empty(T, H, **f32), dt.new_empty(T, H, _angles(rate), **f32)
+
+
+@torch.library.custom_op("hybridlm::token_walk_bwd", mutates_args=())
+def token_walk_bwd(d_gamma: Tensor, d_scale: Tensor, d_theta: Tensor, dt: Tensor, lam: Tensor, rate: Tensor | None,
+                   cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dΔ, dλ (T, H), d rate (rate's shape and dtype; empty without rates), dθ_init (NS, H, S), fp32."""
+    T, H = dt.shape
+    S = _angles(rate)
+    n_seqs = cu_seqlens.numel() - 1
+    # every token is some sequence's (cu_seqlens ends at T: shared.check_cu_seqlens), so no buffer needs zeros
+    d_dt = torch.empty(T, H, dtype=torch.float32, device=dt.device)
+    d_lam = torch.empty_like(d_dt)
+    d_theta0 = torch.empty(n_seqs, H, S, dtype=torch.float32, device=dt.device)
+    terms = torch.empty(T, H, S, dtype=torch.float32, device=dt.device) if S else None
+    if T and n_seqs:
+        _walk_bwd_kernel[(n_seqs, H)](
+            d_gamma.float().contiguous(), d_scale.float().contiguous(),
+            d_theta.float().contiguous() if S else d_dt, dt.contiguous(), lam.contiguous(),
+            rate.contiguous() if S else d_dt, d_dt, d_lam, terms if S else d_dt, d_theta0, cu_seqlens, H, S,
+            HAS_ANGLES=S > 0, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
+    if S:
+        tanh = torch.tanh(rate.float())
+        d_rate = (terms.sum(1) * (math.pi * (1 - tanh * tanh))).to(rate.dtype)
+    else:
+        d_rate = dt.new_empty(0)
+    return d_dt, d_lam, d_rate, d_theta0
+
+
+@token_walk_bwd.register_fake
+def _(d_gamma, d_scale, d_theta, dt, lam, rate, cu_seqlens):
+    T, H = dt.shape
+    f32 = dict(dtype=torch.float32)
+    d_rate = torch.empty_like(rate, memory_format=torch.contiguous_format) if rate is not None else dt.new_empty(0)
+    return (dt.new_empty(T, H, **f32), dt.new_empty(T, H, **f32), d_rate,
+            dt.new_empty(cu_seqlens.shape[0] - 1, H, _angles(rate), **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2])
-    ctx.has_init = inputs[1] is not None
+    dt, lam, rate, theta0, cu_seqlens = inputs
+    ctx.save_for_backward(dt, lam, rate, cu_seqlens)
+    ctx.has_init = theta0 is not None
 
 
-def _backward(ctx, dtheta: Tensor):
-    (cu_seqlens,) = ctx.saved_tensors
-    ddelta, dtheta0 = angle_cumsum_bwd(dtheta, cu_seqlens)
-    return ddelta, (dtheta0 if ctx.has_init else None), None
+def _backward(ctx, d_gamma: Tensor | None, d_scale: Tensor | None, d_theta: Tensor | None):
+    dt, lam, rate, cu_seqlens = ctx.saved_tensors
+    zeros = torch.zeros(dt.shape, dtype=torch.float32, device=dt.device)
+    S = _angles(rate)
+    if d_theta is None:
+        d_theta = torch.zeros(*dt.shape, S, dtype=torch.float32, device=dt.device)
+    d_dt, d_lam, d_rate, d_theta0 = token_walk_bwd(d_gamma if d_gamma is not None else zeros,
+                                                   d_scale if d_scale is not None else zeros, d_theta, dt, lam,
+                                                   rate, cu_seqlens)
+    return d_dt, d_lam, d_rate if rate is not None else None, d_theta0 if ctx.has_init else None, None
 
 
-angle_cumsum_fwd.register_autograd(_backward, setup_context=_setup_context)
+token_walk_fwd.register_autograd(_backward, setup_context=_setup_context)

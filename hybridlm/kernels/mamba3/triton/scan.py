@@ -1,11 +1,11 @@
 """``mamba3_chunked`` on the Triton kernels: same signature and results as
 :func:`hybridlm.kernels.mamba3.oracle.mamba3_chunked`.
 
-Triton kernels do the chunked scan (rotation of B/C with their biases, the trapezoid weights,
-the intra-chunk product, the state passing, D), the cumulative angle, the MIMO rank expansion of
-x, and the output stage (gate, grouped norms, rank contraction). The cheap per-token glue — γ and
-the shifted scale, folding the initial state, the final k/v states — and the two "default" output
-norms (a reduction across heads) run as plain torch ops around them, so autograd chains
+Triton kernels do the per-token walk (the trapezoid weights γ and scale, the cumulative angle),
+the chunked scan (rotation of B/C with their biases, the intra-chunk product, the state passing,
+D), the MIMO rank expansion of x, and the output stage (gate, grouped norms, rank contraction).
+The rest of the glue — folding the initial state, the final k/v states — and the two "default"
+output norms (a reduction across heads) run as plain torch ops around them, so autograd chains
 everything. Inputs the kernels do not cover fall back to the reference with one
 warning that names the reason.
 """
@@ -13,16 +13,15 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hybridlm.errors import ShapeError
 from hybridlm.kernels.mamba3 import oracle
 from hybridlm.kernels.mamba3.contract import Mamba3State, ScanParams
-from hybridlm.kernels.mamba3.shared import (angle_increment, check_cu_seqlens, check_shapes, fold_initial_state,
+from hybridlm.kernels.mamba3.shared import (check_cu_seqlens, check_shapes, fold_initial_state,
                                             fp32_contiguous, heads_from_groups, keep_state_where_empty,
                                             output_stage, rotate_pairs, zero_state)
-from hybridlm.kernels.mamba3.triton.angles import angle_cumsum_fwd
+from hybridlm.kernels.mamba3.triton.angles import token_walk_fwd
 from hybridlm.kernels.mamba3.triton.core import chunk_scan
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
 from hybridlm.kernels.mamba3.triton.layout import dense_layout, kernel_chunk, packed_layout
@@ -114,20 +113,9 @@ def mamba3_chunked(
     qf, kf, xf = tokens(q).contiguous(), tokens(k).contiguous(), tokens(x)
     dt_, adt_, lam_ = (tokens(t).float().contiguous() for t in (dt, adt, lam))
 
-    # per-token weights: γ_t = λ_tΔ_t and scale_t = γ_t + (1 − λ_{t+1})Δ_{t+1} (0 past a sequence's end)
-    gamma = lam_ * dt_
-    not_last = torch.ones(T + 1, 1, dtype=torch.float32, device=x.device)  # row T: empty sequences point there
-    not_last.index_fill_(0, layout.nonempty_last_token, 0.0)  # (x[i] = 0 copies a CPU scalar: no CUDA-graph capture)
-    not_last = not_last[:T]
-    shifted = F.pad((dt_ * (1 - lam_))[1:], (0, 0, 0, 1)) * not_last
-    scale = gamma + shifted
-
-    if S:
-        delta = angle_increment(tokens(angle_rate).float(), dt_)
-        theta0 = None if initial_state is None else initial_state.angle
-        theta = angle_cumsum_fwd(delta, theta0, layout.cu_seqlens)
-    else:
-        theta = torch.zeros(T, H, 0, dtype=torch.float32, device=x.device)
+    # per-token weights γ_t = λ_tΔ_t, scale_t = γ_t + (1 − λ_{t+1})Δ_{t+1} and the cumulative angle, one walk
+    theta0 = None if initial_state is None or not S else initial_state.angle
+    gamma, scale, theta = token_walk_fwd(dt_, lam_, tokens(angle_rate) if S else None, theta0, layout.cu_seqlens)
 
     v = xf.unsqueeze(1)  # (T, R, H, P): SISO reads x in place; MIMO rows must be evenly strided
     mimo_x = None  # given: the kernels expand x to the ranks as they load it (v stays x)
