@@ -131,6 +131,7 @@ def resource_line(fn: JITFunction, args: tuple, kwargs: dict, arch: int = 90, sa
 
 def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seqlen: int = 256,
                   out_norm: str = "none") -> list:
+    from hybridlm.kernels.mamba3.triton import inputs
     from hybridlm.kernels.mamba3.triton import scan as scan_module
     from hybridlm.testing import scan_kwargs
 
@@ -151,10 +152,20 @@ def scan_launches(d_state: int, headdim: int, rank: int, dtype: torch.dtype, seq
                       mimo_o=torch.randn(H, rank, headdim))
         angle_rate = torch.randn(1, seqlen, S)  # a leaf as in training: its backward kernel is compiled too
         leaves = [t.requires_grad_() for t in (q, k, x, angle_rate)]
+        # the per-token inputs from in_proj's B, C, dt, A and trap columns (one projection row, as the module's)
+        W = rank * G * d_state
+        proj = torch.randn(1, seqlen, 2 * W + 3 * H, dtype=dtype, requires_grad=True)
+        segments = torch.split(proj, [W, W, H, H, H], dim=-1)
+        norms = [torch.ones(d_state, dtype=dtype, requires_grad=True) for _ in range(2)]
+        dt_bias = torch.zeros(H, requires_grad=True)
+
         def run():
             out = scan_module.mamba3_chunked(*leaves[:3], dt, -dt, torch.rand(1, seqlen, H), leaves[3],
                                              z=torch.randn_like(x), **scan_kwargs(kw))
             out.float().sum().backward()  # the stubs leave garbage, but the backward launches are captured
+            made = inputs.mamba3_inputs(*segments, dt_bias, *norms, rank=rank, a_activation="heavy_tail",
+                                        A_floor=1e-4, discretization="trapezoid", b_eps=1e-5, c_eps=1e-5)
+            sum(t.float().sum() for t in made).backward()
 
         return launches(run)
     finally:

@@ -190,13 +190,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_gamma: Tensor | None, d_scale: Tensor | None, d_theta: Tensor | None):
     dt, lam, rate, cu_seqlens = ctx.saved_tensors
-    zeros = torch.zeros(dt.shape, dtype=torch.float32, device=dt.device)
-    S = _angles(rate)
-    if d_theta is None:
-        d_theta = torch.zeros(*dt.shape, S, dtype=torch.float32, device=dt.device)
-    d_dt, d_lam, d_rate, d_theta0 = token_walk_bwd(d_gamma if d_gamma is not None else zeros,
-                                                   d_scale if d_scale is not None else zeros, d_theta, dt, lam,
-                                                   rate, cu_seqlens)
+    d_gamma, d_scale, d_theta = (g if g is not None else torch.zeros(shape, dtype=torch.float32, device=dt.device)
+                                 for g, shape in ((d_gamma, dt.shape), (d_scale, dt.shape),
+                                                  (d_theta, (*dt.shape, _angles(rate)))))
+    d_dt, d_lam, d_rate, d_theta0 = token_walk_bwd(d_gamma, d_scale, d_theta, dt, lam, rate, cu_seqlens)
     return d_dt, d_lam, d_rate if rate is not None else None, d_theta0 if ctx.has_init else None, None
 
 

@@ -54,7 +54,8 @@ def _a_magnitude(x, HEAVY_TAIL: tl.constexpr):
 @triton.jit
 def _a_magnitude_slope(x, HEAVY_TAIL: tl.constexpr):
     if HEAVY_TAIL:
-        return tl.where(x > 0.0, 1.0, 1.0 / ((1.0 - x) * (1.0 - x)))
+        below = 1.0 - tl.minimum(x, 0.0)
+        return tl.where(x > 0.0, 1.0, 1.0 / (below * below))
     else:
         return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
 
@@ -233,7 +234,7 @@ def inputs_bwd(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor |
     d_trap = torch.empty(trap.shape, dtype=trap.dtype, device=b.device) if trap is not None else dd_dt.new_empty(0)
     blocks = _blocks(RG, N, H)
     programs = triton.cdiv(T, blocks["BLOCK_T"])
-    partial = torch.zeros(programs, H + 2 * N, dtype=torch.float32, device=b.device)
+    partial = torch.empty(programs, H + 2 * N, dtype=torch.float32, device=b.device)  # each program writes its row
     if T:
         _inputs_bwd_kernel[(programs,)](
             bt, ct, b_norm, c_norm, dtt, dat, trapt, dt_bias, dk.contiguous(), dq.contiguous(),
