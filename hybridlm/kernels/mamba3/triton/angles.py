@@ -9,13 +9,11 @@ One program walks one (sequence, head): γ and scale need the next token, θ the
 running sum is carried in fp32 and reduced after every block of tokens, so it stays in [0, 2π) and
 keeps fp32 resolution however long the sequence. The backward walks in reverse, treats the reduction
 as the identity (dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ) and writes dΔ, dλ and, for the rates'
-gradient (a sum over heads), each head's dδθ·Δ, summed by torch. In plain torch the same is a dozen
+gradient (a sum over heads), each head's dδθ·Δ, which a third kernel sums over the heads. In plain torch the same is a dozen
 ops forward and twenty backward over (T, H) tensors, and the per-head increments δθ (T, H, S) went
 through memory three times more.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -23,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_T = 64
+RATE_TILE = 8192  # values of the per-head rate terms a program of the rates' gradient sums at once
 # Loads of the walks' next blocks in flight while a block is summed (Triton's software pipeline, through shared
 # memory): 512 programs at B 8 and 64 heads, each walking its tokens one block at a time, leave the memory system
 # idle when each waits for its loads (the angle sums alone took 65 and 79 µs forward and backward on an H200 at
@@ -115,6 +114,24 @@ def _walk_bwd_kernel(DGAMMA, DSCALE, DTHETA, DT, LAM, RATE, DDT, DLAM, RATE_TERM
         tl.store(DTHETA0 + (seq * H + h) * n_angles + s, carry, mask=s_mask)
 
 
+@triton.jit
+def _rate_grad_kernel(TERMS, RATE, DRATE, T, H, n_angles, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+    """d rate_t = π·(1 − tanh²(rate_t))·Σ_h TERMS[t, h] for a block of tokens (TERMS (T, H, S) fp32)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
+    s = tl.arange(0, BLOCK_S)
+    rows = t.to(tl.int64)
+    m = (t < T)[:, None] & (s < n_angles)[None, :]
+    m3 = m[:, None, :] & (h < H)[None, :, None]
+    terms = tl.load(TERMS + (rows[:, None, None] * H + h[None, :, None]) * n_angles + s[None, None, :], mask=m3,
+                    other=0.0)
+    at = rows[:, None] * n_angles + s[None, :]
+    tanh = _tanh(tl.load(RATE + at, mask=m, other=0.0).to(tl.float32))
+    d_rate = tl.sum(terms, 1) * (3.141592653589793 * (1.0 - tanh * tanh))
+    tl.store(DRATE + at, d_rate.to(DRATE.dtype.element_ty), mask=m)
+
+
 def _angles(rate: Tensor | None) -> int:
     return 0 if rate is None else rate.shape[-1]
 
@@ -166,8 +183,12 @@ def token_walk_bwd(d_gamma: Tensor, d_scale: Tensor, d_theta: Tensor, dt: Tensor
             rate.contiguous() if S else d_dt, d_dt, d_lam, terms if S else d_dt, d_theta0, cu_seqlens, H, S,
             HAS_ANGLES=S > 0, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
     if S:
-        tanh = torch.tanh(rate.float())
-        d_rate = (terms.sum(1) * (math.pi * (1 - tanh * tanh))).to(rate.dtype)
+        rate = rate.contiguous()
+        d_rate = torch.empty_like(rate)
+        block_h, block_s = triton.next_power_of_2(H), triton.next_power_of_2(S)
+        block_t = max(1, min(64, RATE_TILE // (block_h * block_s)))
+        _rate_grad_kernel[(triton.cdiv(T, block_t),)](terms, rate, d_rate, T, H, S, BLOCK_T=block_t, BLOCK_H=block_h,
+                                                       BLOCK_S=block_s)
     else:
         d_rate = dt.new_empty(0)
     return d_dt, d_lam, d_rate, d_theta0
