@@ -5,6 +5,8 @@ every such parameter before comparing (docs/mamba3.md §8).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -99,3 +101,23 @@ def scan_kwargs(flat: dict) -> dict:
 
     fields = {k: v for k, v in flat.items() if k in ScanParams._fields}
     return {"params": ScanParams(**fields), **{k: v for k, v in flat.items() if k not in ScanParams._fields}}
+
+
+def reference_walk(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor, lengths: list[int]):
+    """The Triton token walk's function (hybridlm/kernels/mamba3/triton/angles.py) as the torch ops it
+    replaced: γ, scale and θ of packed sequences of ``lengths``, from dt, lam (T, H), rate (T, S) or
+    None and theta0 (NS, H, S). θ is not reduced mod 2π (compare its cos and sin)."""
+    gammas, scales, thetas = [], [], []
+    start = 0
+    for i, n in enumerate(lengths):
+        d, lm = dt[start:start + n], lam[start:start + n]
+        gamma = lm * d
+        shifted = torch.cat([(d * (1 - lm))[1:], d.new_zeros(min(n, 1), d.shape[1])])
+        gammas.append(gamma)
+        scales.append(gamma + shifted)
+        if rate is not None:
+            delta = math.pi * torch.tanh(rate[start:start + n]).unsqueeze(1) * d.unsqueeze(-1)
+            thetas.append(theta0[i] + delta.cumsum(0))
+        start += n
+    theta = torch.cat(thetas) if rate is not None else dt.new_zeros(dt.shape[0], dt.shape[1], 0)
+    return torch.cat(gammas), torch.cat(scales), theta

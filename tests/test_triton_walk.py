@@ -1,33 +1,13 @@
 """The per-token walk (γ, scale, the cumulative angle: hybridlm/kernels/mamba3/triton/angles.py)
 against the torch ops it replaced, forward and every gradient, on packed sequences with an empty
 one, a one-token one and initial angles. Interpreted on the CPU (TRITON_INTERPRET=1, conftest)."""
-import math
-
 import pytest
 import torch
 
 from hybridlm.kernels.mamba3.shared import TWO_PI
-from hybridlm.testing import rel_err
+from hybridlm.testing import reference_walk, rel_err
 
 angles = pytest.importorskip("hybridlm.kernels.mamba3.triton.angles")
-
-
-def reference_walk(dt, lam, rate, theta0, lengths):
-    """γ, scale and θ per sequence in plain torch (θ unreduced: the kernel's mod 2π is compared modulo 2π)."""
-    gammas, scales, thetas = [], [], []
-    start = 0
-    for i, n in enumerate(lengths):
-        d, lm = dt[start:start + n], lam[start:start + n]
-        gamma = lm * d
-        shifted = torch.cat([(d * (1 - lm))[1:], d.new_zeros(min(n, 1), d.shape[1])])
-        gammas.append(gamma)
-        scales.append(gamma + shifted)
-        if rate is not None:
-            delta = math.pi * torch.tanh(rate[start:start + n]).unsqueeze(1) * d.unsqueeze(-1)
-            thetas.append(theta0[i] + delta.cumsum(0))
-        start += n
-    theta = torch.cat(thetas) if rate is not None else dt.new_zeros(dt.shape[0], dt.shape[1], 0)
-    return torch.cat(gammas), torch.cat(scales), theta
 
 
 @pytest.mark.parametrize("S", [0, 3, 8])

@@ -9,7 +9,7 @@ import torch
 
 from hybridlm.kernels.mamba3 import oracle
 from hybridlm.kernels.mamba3.tuning import use_tuning
-from hybridlm.testing import rel_err, scan_kwargs, write_results
+from hybridlm.testing import reference_walk, rel_err, scan_kwargs, write_results
 from test_official_equivalence import CONFIGS as OFFICIAL_CONFIGS
 from test_official_equivalence import build
 
@@ -197,3 +197,53 @@ def test_64k_tokens_in_one_call():
     err = rel_err(y, y_ref)
     RESULTS.setdefault("long", {})["triton_vs_reference_fp32_64k"] = err
     assert torch.isfinite(y).all() and err <= 1e-5
+
+
+@pytest.mark.parametrize("R,N", [(1, 64), (4, 128)])
+def test_per_token_inputs_and_walk_compiled(R, N):
+    """The per-token inputs (B/C norms, Δ, A·Δ, λ) and the walk (γ, scale, θ) compiled, at a model's
+    shape (two 2K sequences, 64 heads), against the torch ops they replaced: the CPU tests run them
+    interpreted, where exp, log, rsqrt and sigmoid are NumPy's."""
+    from hybridlm.kernels.mamba3.triton import angles, inputs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, L, H, S = 2, 2048, 64, N // 4
+    W = R * N
+    proj = torch.randn(B, L, 2 * W + 3 * H + S, generator=g, device="cuda").bfloat16()
+    proj[0, :2, 2 * W] = torch.tensor([30.0, -40.0])  # Δ past softplus's threshold, and deep in its tail
+    segments = list(torch.split(proj, [W, W, H, H, H, S], dim=-1))
+    rate = segments.pop()
+    params = [torch.randn(H, device="cuda", generator=g) - 3,
+              *(1 + 0.3 * torch.randn(N, device="cuda", generator=g) for _ in range(2))]
+    kw = dict(rank=R, a_activation="softplus", A_floor=1e-4, discretization="trapezoid", b_eps=1e-5, c_eps=1e-5)
+    cu = torch.tensor([0, L, 2 * L], dtype=torch.int32, device="cuda")
+    errors = {}
+    results = {}
+    for label, fn in (("ours", inputs.mamba3_inputs), ("reference", oracle.mamba3_inputs)):
+        leaves = [t.detach().clone().requires_grad_() for t in (proj, *params)]
+        views = list(torch.split(leaves[0], [W, W, H, H, H, S], dim=-1))
+        q, k, dt, adt, lam = fn(*views[:5], *leaves[1:], **kw)
+        rate_ = views[5].float().reshape(B * L, S)
+        if label == "ours":
+            gamma, scale, theta = angles.token_walk_fwd(dt.reshape(-1, H), lam.reshape(-1, H), rate_, None, cu)
+        else:
+            # in fp64: unreduced, θ reaches ≈ 1e5 here, where fp32 keeps 3 digits of it
+            gamma, scale, theta = reference_walk(dt.reshape(-1, H).double(), lam.reshape(-1, H).double(),
+                                                 rate_.double(), torch.zeros(2, H, S, device="cuda").double(), [L, L])
+        outs = [q, k, adt, gamma, scale, theta.cos(), theta.sin()]
+        w = torch.Generator(device="cuda").manual_seed(1)
+        loss = sum((o.float() * torch.randn(o.shape, generator=w, device="cuda")).sum() for o in outs)
+        results[label] = (outs, torch.autograd.grad(loss, leaves))
+    (outs, grads), (ref_outs, ref_grads) = results["ours"], results["reference"]
+    for name, a, b in zip(("q", "k", "adt", "gamma", "scale", "cos", "sin"), outs, ref_outs):
+        errors[name] = rel_err(a, b)
+    for name, a, b in zip(("proj", "dt_bias", "B_norm", "C_norm"), grads, ref_grads):
+        errors["d_" + name] = rel_err(a, b)
+    RESULTS.setdefault("per_token_inputs", {})[f"R{R}-N{N}"] = errors
+    # q, k: one bf16 rounding; fp32 values 1e-6; θ's cos/sin against fp64, 2e-4 (fp32 sums reduced mod 2π per
+    # block, where one token turns ≈ 85 rad (Δ 27): 7e-5 interpreted at this shape); gradients: bf16 in-proj columns
+    # 8e-3 (one rounding of each), the norm weights 1e-5, dt_bias 2e-4 (a sum over 4K tokens of both signs)
+    bounds = dict(q=8e-3, k=8e-3, adt=1e-6, gamma=1e-6, scale=1e-6, cos=2e-4, sin=2e-4, d_proj=8e-3,
+                  d_dt_bias=2e-4, d_B_norm=1e-5, d_C_norm=1e-5)
+    bad = {n: (e, bounds[n]) for n, e in errors.items() if e > bounds[n]}
+    assert not bad, bad
