@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.mamba3.triton.activations import a_magnitude, a_magnitude_slope, softplus
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_type_reason, dtypes_reason
 
 # values a program holds of B (and as many of C): rows of (rank, group) × d_state, whole tokens
@@ -26,38 +27,6 @@ TILE_VALUES = 4096
 MAX_TOKENS = 64
 MAX_HEADS = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _log1p(u):
-    # log(1 + u) to fp32 precision for small u (log(1 + u) alone loses it below u ≈ 1e-4): the
-    # rounding of w = 1 + u cancels in log(w) / (w − 1)
-    w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
-
-
-@triton.jit
-def _softplus(x):
-    # torch's softplus (threshold 20), computed without overflow and exactly for negative x
-    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))))
-
-
-@triton.jit
-def _a_magnitude(x, HEAVY_TAIL: tl.constexpr):
-    """|A| before its floor: heavy_tail(x) = 1 + relu(x) + (1 / (1 − min(x, 0)) − 1), or softplus(x)."""
-    if HEAVY_TAIL:
-        return 1.0 + tl.maximum(x, 0.0) + (1.0 / (1.0 - tl.minimum(x, 0.0)) - 1.0)
-    else:
-        return _softplus(x)
-
-
-@triton.jit
-def _a_magnitude_slope(x, HEAVY_TAIL: tl.constexpr):
-    if HEAVY_TAIL:
-        below = 1.0 - tl.minimum(x, 0.0)
-        return tl.where(x > 0.0, 1.0, 1.0 / (below * below))
-    else:
-        return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
 
 
 @triton.jit
@@ -121,9 +90,9 @@ def _inputs_fwd_kernel(B, C, WB, WC, DDT, DA, TRAP, DT_BIAS, K, Q, DT, ADT, LAM,
 
     rows, h, mask, out = _head_tile(t0, T, H, BLOCK_T, BLOCK_H)
     bias = tl.load(DT_BIAS + h, mask=h < H, other=0.0).to(tl.float32)
-    dt = _softplus(tl.load(DDT + rows * s_dt + h[None, :], mask=mask, other=0.0).to(tl.float32) + bias[None, :])
+    dt = softplus(tl.load(DDT + rows * s_dt + h[None, :], mask=mask, other=0.0).to(tl.float32) + bias[None, :])
     a = tl.load(DA + rows * s_da + h[None, :], mask=mask, other=0.0).to(tl.float32)
-    A = -tl.maximum(_a_magnitude(a, HEAVY_TAIL), A_floor)
+    A = -tl.maximum(a_magnitude(a, HEAVY_TAIL), A_floor)
     tl.store(DT + out, dt, mask=mask)
     tl.store(ADT + out, A * dt, mask=mask)
     if HAS_TRAP:
@@ -150,9 +119,9 @@ def _inputs_bwd_kernel(B, C, WB, WC, DDT, DA, TRAP, DT_BIAS, DK, DQ, GDT, GADT, 
     rows, h, mask, out = _head_tile(t0, T, H, BLOCK_T, BLOCK_H)
     bias = tl.load(DT_BIAS + h, mask=h < H, other=0.0).to(tl.float32)
     s = tl.load(DDT + rows * s_dt + h[None, :], mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-    dt = _softplus(s)
+    dt = softplus(s)
     a = tl.load(DA + rows * s_da + h[None, :], mask=mask, other=0.0).to(tl.float32)
-    magnitude = _a_magnitude(a, HEAVY_TAIL)
+    magnitude = a_magnitude(a, HEAVY_TAIL)
     A = -tl.maximum(magnitude, A_floor)
     g_adt = tl.load(GADT + out, mask=mask, other=0.0)
     g_dt = tl.load(GDT + out, mask=mask, other=0.0) + g_adt * A
@@ -160,7 +129,7 @@ def _inputs_bwd_kernel(B, C, WB, WC, DDT, DA, TRAP, DT_BIAS, DK, DQ, GDT, GADT, 
     tl.store(DDDT + out, ds.to(DDDT.dtype.element_ty), mask=mask)
     tl.store(partial + h, tl.sum(ds, 0), mask=h < H)
     # A = −max(|A|, floor): no gradient below the floor (at it, as torch's clamp, the gradient passes)
-    da = tl.where(magnitude >= A_floor, -(g_adt * dt), 0.0) * _a_magnitude_slope(a, HEAVY_TAIL)
+    da = tl.where(magnitude >= A_floor, -(g_adt * dt), 0.0) * a_magnitude_slope(a, HEAVY_TAIL)
     tl.store(DDA + out, da.to(DDA.dtype.element_ty), mask=mask)
     if HAS_TRAP:
         lam = tl.sigmoid(tl.load(TRAP + rows * s_trap + h[None, :], mask=mask, other=0.0).to(tl.float32))

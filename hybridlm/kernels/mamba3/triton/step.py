@@ -16,6 +16,7 @@ from torch import Tensor
 from hybridlm.kernels.mamba3.contract import DecodeLayout, DecodeParams, Mamba3State
 from hybridlm.kernels.mamba3.shared import fp32_state_reason
 from hybridlm.kernels.mamba3.step_output import OUT_MODES, allocate_step_output, finish_step_output
+from hybridlm.kernels.mamba3.triton.activations import a_magnitude, softplus
 from hybridlm.kernels.mamba3.triton.interpreter_compat import device_reason
 
 DISCRETIZATIONS = {"trapezoid": 0, "euler": 1, "half": 2}  # the kernel's DISCRETIZATION codes
@@ -80,13 +81,8 @@ def _step_kernel(
 
     # per-head scalars (docs/mamba3.md §2.1)
     dt = tl.load(row + col_dt + h).to(tl.float32) + tl.load(DT_BIAS + h)
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
-    a_raw = tl.load(row + col_a + h).to(tl.float32)
-    if HEAVY_TAIL:
-        a_mag = 1.0 + tl.maximum(a_raw, 0.0) + (1.0 / (1.0 - tl.minimum(a_raw, 0.0)) - 1.0)
-    else:
-        a_mag = tl.where(a_raw > 20.0, a_raw, tl.log(1.0 + tl.exp(tl.minimum(a_raw, 20.0))))
-    A = -tl.maximum(a_mag, A_floor)
+    dt = softplus(dt)
+    A = -tl.maximum(a_magnitude(tl.load(row + col_a + h).to(tl.float32), HEAVY_TAIL), A_floor)
     if DISCRETIZATION == 0:
         lam = tl.sigmoid(tl.load(row + col_trap + h).to(tl.float32))
     elif DISCRETIZATION == 1:
