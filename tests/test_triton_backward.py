@@ -33,25 +33,33 @@ def test_bfloat16_gradients():
     assert max(errors.values()) < 2e-2, errors
 
 
-@pytest.mark.parametrize("R,H,G,has_bias,group_heads", [
-    (1, 4, 1, True, None), (4, 4, 2, True, None), (2, 4, 4, True, None), (1, 4, 2, False, None),
-    (1, 6, 1, False, None),  # 6 heads a group, one load of 8 (N 24): two masked
-    (2, 6, 2, False, 2),  # 3 heads a group, 2 a load
-    (1, 6, 1, True, 1),  # head by head
+@pytest.mark.parametrize("R,H,G,has_bias,group_heads,bias_in_group_sums", [
+    (1, 4, 1, True, None, 0), (4, 4, 2, True, None, 0), (2, 4, 4, True, None, 0), (1, 4, 2, False, None, 0),
+    (1, 6, 1, False, None, 0),  # 6 heads a group, one load of 8 (N 24): two masked
+    (2, 6, 2, False, 2, 0),  # 3 heads a group, 2 a load
+    (1, 6, 1, True, 1, 0),  # head by head
+    (1, 6, 2, True, 2, 1), (1, 4, 1, True, None, 1),  # the bias sums from the group sums' column sums
+    (4, 4, 2, True, None, 1), (1, 4, 4, True, None, 1),  # ... which only SISO with groups takes
 ])
-def test_head_sums_kernel_equals_the_torch_reductions(R, H, G, has_bias, group_heads):
+def test_head_sums_kernel_equals_the_torch_reductions(R, H, G, has_bias, group_heads, bias_in_group_sums,
+                                                     monkeypatch):
     """The backward's reduction kernels: the group sums of per-head dq/dk (bf16, summed in fp32)
     and the bias gradients, against the torch reductions they replaced; a bias program sums one
     row block here (``triton_bias_rows`` lowered), so every head's gradient is added from several
-    programs. ``group_heads``: heads a group-sum load takes (None: the default, 8 at N 24)."""
-    from hybridlm.kernels.mamba3.triton.head_sums import head_sums
+    programs. ``group_heads``: heads a group-sum load takes (None: the default, 8 at N 24);
+    ``bias_in_group_sums``: the knob that takes the bias gradients from the group sums' column sums."""
+    from hybridlm.kernels.mamba3.triton import head_sums as module
     from hybridlm.kernels.mamba3.tuning import use_tuning
 
+    if bias_in_group_sums and R == 1 and H != G:  # the folded path must not fall back to the bias kernel
+        monkeypatch.setattr(module, "_bias_sums_kernel", None)
+    head_sums = module.head_sums
     T, N = 37, 24  # N not a power of two; T·R not a multiple of the row block
     g = torch.Generator().manual_seed(3)
     dq_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
     dk_heads = torch.randn(T, R, H, N, generator=g).bfloat16().to(DEVICE)
-    with use_tuning(triton_bias_rows=1, triton_group_heads=group_heads):
+    with use_tuning(triton_bias_rows=1, triton_group_heads=group_heads,
+                    triton_bias_in_group_sums=bias_in_group_sums):
         dq, dk, dq_bias, dk_bias = head_sums(dq_heads, dk_heads, G, has_bias)
     for per_head, total, bias in ((dq_heads, dq, dq_bias), (dk_heads, dk, dk_bias)):
         want = per_head.view(T, R, G, H // G, N).sum(3, dtype=torch.float32)

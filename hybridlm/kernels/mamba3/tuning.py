@@ -47,6 +47,10 @@ class KernelTuning:
     triton_group_heads      heads of a group one load of the dq/dk group sums takes, side by side in
                             memory; None: enough for 256 values a row (triton/head_sums.py); 1: head by head
                             [HYBRIDLM_TRITON_GROUP_HEADS]
+    triton_bias_in_group_sums 1: with one rank (SISO), the group sums also write each row block's per-head
+                            column sums, summed by torch into the bias gradients, so dq/dk per head are read
+                            once instead of twice (the bias kernel's pass); 0: the bias kernel; not yet timed
+                            on a GPU [HYBRIDLM_TRITON_BIAS_IN_GROUP_SUMS]
     triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
                             None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
@@ -80,6 +84,7 @@ class KernelTuning:
     triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
     triton_group_heads: int | None = None
+    triton_bias_in_group_sums: int = 0
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_maxnreg: int | None = None
@@ -112,6 +117,7 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
+    "triton_bias_in_group_sums": ((0, 1), "0 (the bias kernel) or 1 (the group sums' partial column sums)"),
     "cute_prerotate": ((0, 1), "0 (each thread rotates its slots) or 1 (B and C rotated once per CTA)"),
 }
 
@@ -125,6 +131,7 @@ ENV_VARS: dict[str, str] = {
     "triton_fuse_ranks": "HYBRIDLM_TRITON_FUSE_RANKS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_group_heads": "HYBRIDLM_TRITON_GROUP_HEADS",
+    "triton_bias_in_group_sums": "HYBRIDLM_TRITON_BIAS_IN_GROUP_SUMS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
     "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",

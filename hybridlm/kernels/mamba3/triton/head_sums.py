@@ -6,7 +6,9 @@ group h // (H/G), so dq (T, R, G, N) is the sum over a group's heads: a program 
 token-rank rows of one group, sums its heads in fp32 (several neighbouring heads a load) and stores the
 result in q's dtype. A bias (H, R, N) is added to every token, so its gradient is the per-head sum over
 tokens: a program takes one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums
-them per rank in fp32 registers and adds the result to the fp32 gradient once. (The first design added
+them per rank in fp32 registers and adds the result to the fp32 gradient once. With one rank and
+``KernelTuning.triton_bias_in_group_sums``, the group sums write each load's column sums instead (a partial
+per row block, summed by torch: an eighth of the bytes the bias kernel reads again). (The first design added
 every row block's sums atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
 which pointed at the atomics; this design makes 0.5M, and took 1.36 ms all the same: see the bias
@@ -24,15 +26,17 @@ from hybridlm.kernels.mamba3.tuning import KernelTuning, kernel_tuning
 
 
 @triton.jit
-def _group_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, n_rows, n_heads, heads_per_group, n_groups, d_state,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr):
+def _group_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, DQ_COLUMNS, DK_COLUMNS, n_rows, n_heads, heads_per_group,
+                       n_groups, d_state, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+                       COLUMN_SUMS: tl.constexpr):
     """Program (row block, group, q or k). A load takes HEADS neighbouring heads of a row (HEADS·N values
     side by side in memory), so a program keeps HEADS times the bytes in flight of a head-by-head walk;
     the heads are told apart once, after the walk (a reshape in the loop would move every tile through
-    shared memory)."""
-    X, OUT = DQ_HEADS, DQ
+    shared memory). COLUMN_SUMS (one rank: a row is a token): each load's column sums, this row block's
+    share of its heads' bias gradients, go to row ``program_id(0)`` of DQ_COLUMNS / DK_COLUMNS (blocks, H, N)."""
+    X, OUT, COLUMNS = DQ_HEADS, DQ, DQ_COLUMNS
     if tl.program_id(2) == 1:
-        X, OUT = DK_HEADS, DK
+        X, OUT, COLUMNS = DK_HEADS, DK, DK_COLUMNS
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # row = token·R + rank
     g = tl.program_id(1)
     cols = tl.arange(0, HEADS * BLOCK_N)  # head j·HEADS + cols // BLOCK_N, column cols % BLOCK_N
@@ -44,8 +48,12 @@ def _group_sums_kernel(DQ_HEADS, DK_HEADS, DQ, DK, n_rows, n_heads, heads_per_gr
     for j in range(0, heads_per_group, HEADS):
         h = g * heads_per_group + j + head
         in_group = (j + head < heads_per_group)[None, :]
-        total += tl.load(X + (rows64 * n_heads + h[None, :]) * d_state + n[None, :], mask=mask & in_group,
-                         other=0.0).to(tl.float32)
+        x = tl.load(X + (rows64 * n_heads + h[None, :]) * d_state + n[None, :], mask=mask & in_group,
+                    other=0.0).to(tl.float32)
+        total += x
+        if COLUMN_SUMS:
+            tl.store(COLUMNS + (tl.program_id(0).to(tl.int64) * n_heads + h) * d_state + n, tl.sum(x, 0),
+                     mask=(n < d_state) & (j + head < heads_per_group))
     sums = tl.sum(tl.reshape(total, (BLOCK_ROWS, HEADS, BLOCK_N)), axis=1)
     n_out = tl.arange(0, BLOCK_N)
     out_mask = (rows < n_rows)[:, None] & (n_out < d_state)[None, :]
@@ -112,17 +120,24 @@ def head_sums(dq_heads: Tensor, dk_heads: Tensor, n_groups: int, has_bias: bool,
     block_n = max(16, triton.next_power_of_2(N))
     block_rows = max(R, min(64, TILE_VALUES // block_n))  # the bias sums' tile: no spills, many programs
     dq, dk = dq_heads, dk_heads
+    columns = None  # with the bias sums folded into the group sums: each row block's per-head column sums
     if H != n_groups:
         dq = dq_heads.new_empty(T, R, n_groups, N)
         dk = dk_heads.new_empty(T, R, n_groups, N)
         if T:
             heads = group_heads_for(H // n_groups, block_n, tuning)
             group_rows = max(1, TILE_VALUES // (heads * block_n))
-            _group_sums_kernel[(triton.cdiv(T * R, group_rows), n_groups, 2)](
-                dq_heads, dk_heads, dq, dk, T * R, H, H // n_groups, n_groups, N, BLOCK_ROWS=group_rows,
-                BLOCK_N=block_n, HEADS=heads)
+            blocks = triton.cdiv(T * R, group_rows)
+            if has_bias and R == 1 and tuning.triton_bias_in_group_sums:
+                columns = torch.empty(2, blocks, H, N, device=dq_heads.device, dtype=torch.float32)
+            _group_sums_kernel[(blocks, n_groups, 2)](
+                dq_heads, dk_heads, dq, dk, *(columns if columns is not None else (dq, dk)), T * R, H,
+                H // n_groups, n_groups, N, BLOCK_ROWS=group_rows, BLOCK_N=block_n, HEADS=heads,
+                COLUMN_SUMS=columns is not None)
     if not has_bias:
         return dq, dk, None, None
+    if columns is not None:  # every (block, head) column sum written: no zeros; the blocks summed here
+        return dq, dk, columns[0].sum(0).view(H, 1, N), columns[1].sum(0).view(H, 1, N)
     dq_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     dk_bias = torch.zeros(H, R, N, device=dq_heads.device, dtype=torch.float32)
     if T:
