@@ -9,9 +9,9 @@ One program walks one (sequence, head): γ and scale need the next token, θ the
 running sum is carried in fp32 and reduced after every block of tokens, so it stays in [0, 2π) and
 keeps fp32 resolution however long the sequence. The backward walks in reverse, treats the reduction
 as the identity (dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ) and writes dΔ, dλ and, for the rates'
-gradient (a sum over heads), each head's dδθ·Δ, which a third kernel sums over the heads. In plain torch the same is a dozen
-ops forward and twenty backward over (T, H) tensors, and the per-head increments δθ (T, H, S) went
-through memory three times more.
+gradient (a sum over heads), each head's dδθ·Δ, which a third kernel sums over the heads. In plain
+torch the same was a dozen ops forward and twenty backward over (T, H) tensors, and the per-head
+increments δθ (T, H, S) went through memory three times more.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def token_walk_bwd(d_gamma: Tensor, d_scale: Tensor, d_theta: Tensor, dt: Tensor
             d_theta.float().contiguous() if S else d_dt, dt.contiguous(), lam.contiguous(),
             rate.contiguous() if S else d_dt, d_dt, d_lam, terms if S else d_dt, d_theta0, cu_seqlens, H, S,
             HAS_ANGLES=S > 0, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
-    if S:
+    if S and T:
         rate = rate.contiguous()
         d_rate = torch.empty_like(rate)
         block_h, block_s = triton.next_power_of_2(H), triton.next_power_of_2(S)
@@ -190,7 +190,7 @@ def token_walk_bwd(d_gamma: Tensor, d_scale: Tensor, d_theta: Tensor, dt: Tensor
         _rate_grad_kernel[(triton.cdiv(T, block_t),)](terms, rate, d_rate, T, H, S, BLOCK_T=block_t, BLOCK_H=block_h,
                                                        BLOCK_S=block_s)
     else:
-        d_rate = dt.new_empty(0)
+        d_rate = torch.empty_like(rate) if S else dt.new_empty(0)
     return d_dt, d_lam, d_rate, d_theta0
 
 

@@ -197,10 +197,8 @@ def inputs_bwd(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor |
     T, H, RG, N = _sizes(b, dd_dt, b_norm, rank)
     bt, ct, dtt, dat = _tokens(b), _tokens(c), _tokens(dd_dt), _tokens(dd_a)
     trapt = _tokens(trap) if trap is not None else dtt
-    db, dc = torch.empty(b.shape, dtype=b.dtype, device=b.device), torch.empty(c.shape, dtype=c.dtype, device=b.device)
-    d_ddt, d_da = torch.empty(dd_dt.shape, dtype=dd_dt.dtype, device=b.device), torch.empty(
-        dd_a.shape, dtype=dd_a.dtype, device=b.device)
-    d_trap = torch.empty(trap.shape, dtype=trap.dtype, device=b.device) if trap is not None else dd_dt.new_empty(0)
+    db, dc, d_ddt, d_da = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (b, c, dd_dt, dd_a))
+    d_trap = torch.empty_like(trap, memory_format=torch.contiguous_format) if trap is not None else dd_dt.new_empty(0)
     blocks = _blocks(RG, N, H)
     programs = triton.cdiv(T, blocks["BLOCK_T"])
     partial = torch.empty(programs, H + 2 * N, dtype=torch.float32, device=b.device)  # each program writes its row
@@ -233,13 +231,18 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = scalars
 
 
+def _or_zeros(grad: Tensor | None, shape, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """An output's gradient, or zeros where autograd passes None (the output was not used)."""
+    return grad if grad is not None else torch.zeros(shape, dtype=dtype, device=like.device)
+
+
 def _backward(ctx, dk, dq, ddt, dadt, dlam):
     b, c, dd_dt, dd_a, trap, dt_bias, b_norm, c_norm = ctx.saved_tensors
-    zeros = lambda g, like: g if g is not None else torch.zeros(like, dtype=torch.float32, device=b.device)  # noqa: E731
-    k_shape = (*b.shape[:-1], ctx.scalars[0], b.shape[-1] // (ctx.scalars[0] * b_norm.shape[0]), b_norm.shape[0])
-    dk, dq = (g if g is not None else torch.zeros(k_shape, dtype=b.dtype, device=b.device) for g in (dk, dq))
-    grads = inputs_bwd(b, c, dd_dt, dd_a, trap, dt_bias, b_norm, c_norm, dk, dq, zeros(ddt, dd_dt.shape),
-                       zeros(dadt, dd_dt.shape), zeros(dlam, dd_dt.shape), *ctx.scalars)
+    rank, N = ctx.scalars[0], b_norm.shape[0]
+    k_shape = (*b.shape[:-1], rank, b.shape[-1] // (rank * N), N)
+    dk, dq = (_or_zeros(g, k_shape, b.dtype, b) for g in (dk, dq))
+    ddt, dadt, dlam = (_or_zeros(g, dd_dt.shape, torch.float32, b) for g in (ddt, dadt, dlam))
+    grads = inputs_bwd(b, c, dd_dt, dd_a, trap, dt_bias, b_norm, c_norm, dk, dq, ddt, dadt, dlam, *ctx.scalars)
     db, dc, d_ddt, d_da, d_trap, d_bias, d_bn, d_cn = grads
     return (db, dc, d_ddt, d_da, d_trap if trap is not None else None, d_bias, d_bn, d_cn) + (None,) * len(_SCALARS)
 
