@@ -5,8 +5,6 @@ every such parameter before comparing (docs/mamba3.md §8).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -107,6 +105,8 @@ def reference_walk(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor,
     """The Triton token walk's function (hybridlm/kernels/mamba3/triton/angles.py) as the torch ops it
     replaced: γ, scale and θ of packed sequences of ``lengths``, from dt, lam (T, H), rate (T, S) or
     None and theta0 (NS, H, S). θ is not reduced mod 2π (compare its cos and sin)."""
+    from hybridlm.kernels.mamba3.shared import angle_increment
+
     gammas, scales, thetas = [], [], []
     start = 0
     for i, n in enumerate(lengths):
@@ -116,8 +116,7 @@ def reference_walk(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor,
         gammas.append(gamma)
         scales.append(gamma + shifted)
         if rate is not None:
-            delta = math.pi * torch.tanh(rate[start:start + n]).unsqueeze(1) * d.unsqueeze(-1)
-            thetas.append(theta0[i] + delta.cumsum(0))
+            thetas.append(theta0[i] + angle_increment(rate[start:start + n], d).cumsum(0))
         start += n
     theta = torch.cat(thetas) if rate is not None else dt.new_zeros(dt.shape[0], dt.shape[1], 0)
     return torch.cat(gammas), torch.cat(scales), theta

@@ -149,7 +149,7 @@ def _blocks(RG: int, N: int, H: int) -> dict:
     return dict(BLOCK_T=tokens, BLOCK_RG=block_rg, BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(H))
 
 
-def _sizes(b: Tensor, dd_dt: Tensor, b_norm: Tensor, rank: int):
+def _sizes(b: Tensor, dd_dt: Tensor, b_norm: Tensor):
     N, H = b_norm.shape[0], dd_dt.shape[-1]
     return b.numel() // b.shape[-1], H, b.shape[-1] // N, N  # T, H, R·G, N
 
@@ -163,7 +163,7 @@ def inputs_fwd(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor |
                b_norm: Tensor, c_norm: Tensor, rank: int, eps_b: float, eps_c: float, A_floor: float,
                heavy_tail: bool, lam_constant: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """b, c (..., R·G·N); dd_dt, dd_a, trap (..., H) -> k, q (..., R, G, N) in b's dtype; Δ, A·Δ, λ (..., H) fp32."""
-    T, H, RG, N = _sizes(b, dd_dt, b_norm, rank)
+    T, H, RG, N = _sizes(b, dd_dt, b_norm)
     lead = b.shape[:-1]
     bt, ct, dtt, dat = _tokens(b), _tokens(c), _tokens(dd_dt), _tokens(dd_a)
     trapt = _tokens(trap) if trap is not None else dtt
@@ -194,7 +194,7 @@ def inputs_bwd(b: Tensor, c: Tensor, dd_dt: Tensor, dd_a: Tensor, trap: Tensor |
                lam_constant: float) -> list[Tensor]:
     """[db, dc, d dd_dt, d dd_a, d trap (empty without trap), d dt_bias, d b_norm, d c_norm], each in
     its input's dtype and shape (contiguous)."""
-    T, H, RG, N = _sizes(b, dd_dt, b_norm, rank)
+    T, H, RG, N = _sizes(b, dd_dt, b_norm)
     bt, ct, dtt, dat = _tokens(b), _tokens(c), _tokens(dd_dt), _tokens(dd_a)
     trapt = _tokens(trap) if trap is not None else dtt
     db, dc, d_ddt, d_da = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (b, c, dd_dt, dd_a))
