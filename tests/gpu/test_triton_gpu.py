@@ -112,7 +112,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
-    "bias-kernel": dict(triton_bias_in_group_sums=0),  # SISO: the bias sums' own pass (the default folds them in)
+    "bias-in-group-sums": dict(triton_bias_in_group_sums=1),  # SISO: the bias sums folded into the group sums
 }
 
 

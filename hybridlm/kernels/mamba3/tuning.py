@@ -47,10 +47,11 @@ class KernelTuning:
     triton_group_heads      heads of a group one load of the dq/dk group sums takes, side by side in
                             memory; None: enough for 256 values a row (triton/head_sums.py); 1: head by head
                             [HYBRIDLM_TRITON_GROUP_HEADS]
-    triton_bias_in_group_sums 1 (default): with one rank (SISO), the group sums also write each row block's
-                            per-head column sums, summed by torch into the bias gradients, so dq/dk per head
-                            are read once instead of twice; 0: the bias kernel's second pass. Chosen on
-                            ptxas's counts and the bytes, not yet timed on a GPU
+    triton_bias_in_group_sums 1: with one rank (SISO), the group sums also write each row block's
+                            per-head column sums, summed by torch into the bias gradients; 0 (default): the
+                            bias kernel's second pass. Timed on the H200 (2026-12-05, B 8, L 2K): the group
+                            sums with column sums 343 / 671 µs at d_state 64 / 128, against 73 + 70 / 139 + 131
+                            µs for the group sums and the bias kernel (docs/benchmarks.md)
                             [HYBRIDLM_TRITON_BIAS_IN_GROUP_SUMS]
     triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
                             None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
@@ -85,7 +86,7 @@ class KernelTuning:
     triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
     triton_group_heads: int | None = None
-    triton_bias_in_group_sums: int = 1
+    triton_bias_in_group_sums: int = 0
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_maxnreg: int | None = None

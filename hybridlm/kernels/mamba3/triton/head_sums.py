@@ -8,7 +8,9 @@ result in q's dtype. A bias (H, R, N) is added to every token, so its gradient i
 tokens: a program takes one head and a long run of rows (``KernelTuning.triton_bias_rows`` of them), sums
 them per rank in fp32 registers and adds the result to the fp32 gradient once. With one rank and
 ``KernelTuning.triton_bias_in_group_sums``, the group sums write each load's column sums instead (a partial
-per row block, summed by torch: an eighth of the bytes the bias kernel reads again). (The first design added
+per row block, summed by torch: an eighth of the bytes the bias kernel reads again), off by default: timed on
+the H200, the group sums with column sums took 2.4-4.8x the time of the plain group sums, more than the bias
+kernel's own pass (2026-12-05, docs/benchmarks.md). (The first design added
 every row block's sums atomically from the group-sum programs: at MIMO R = 4, B 8, L 2K, 64 heads, 33M atomic adds onto
 32K addresses. It took 1.37 ms on the H200, 8.5× its SISO time where every other kernel took ≈ 4×,
 which pointed at the atomics; this design makes 0.5M, and took 1.36 ms all the same: see the bias
