@@ -6,6 +6,9 @@
 #          e.g. "bias_rows=1024;bias_rows=512"; BACKWARD_KERNELS, default 1, e.g. 1,2 adds the split design;
 #          SEQLEN, default 2048,8192,16384; PROFILE=" " leaves the profile out; NORM=1: the layers with the grouped
 #          norm before out_proj, as in the hybrid presets, into prefill-norm.json/.log)
+#   record every op's inputs and outputs of one bf16 layer forward+backward into $OUT/ops.pt (RECORD_ARGS: more
+#          options of benchmarks/op_replay.py, e.g. "--d-state 64 --tunings backward_unroll=2"; not in the default
+#          set); then here: TRITON_INTERPRET=1 python benchmarks/op_replay.py --replay ops.pt
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 #   stalls ncu's warp-state (stall reasons), scheduler, occupancy and memory sections of STALL_KERNELS (default
 #          our states and backward chunk kernels), one step, d_state 64 (not in the default set)
@@ -40,6 +43,8 @@ for part in ${*:-tests table ncu}; do
         --seqlen "${SEQLEN:-2048,8192,16384}" ${TUNINGS:+--tunings "$TUNINGS"} --json "$OUT/$name.json" \
         ${NORM:+--outproj-norm} ${PROFILE:---profile} > "$OUT/$name.log" 2>&1
       tail -n 150 "$OUT/$name.log" ;;
+    record)  # every op's inputs and outputs of one bf16 layer step, for benchmarks/op_replay.py --replay here
+      python3 benchmarks/op_replay.py --record "$OUT/ops.pt" ${RECORD_ARGS:-} 2>&1 | tail -n 3 | tee "$OUT/record.log" ;;
     ncu)
       if command -v ncu >/dev/null; then
         ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,smsp__inst_executed.sum \

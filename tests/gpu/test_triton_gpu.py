@@ -107,7 +107,9 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "stages1": dict(triton_states_stages=1),
     "no-register-cap": dict(triton_states_maxnreg=255),
     "split-p2-pairs8": dict(triton_states_split_p=2, triton_states_block_pairs=8),
-    "backward-loops": dict(triton_backward_unroll=0),  # the walks as loops (the default unrolls d_state 64's)
+    # the backward walks unrolled (d_state 64's two pair blocks; the default is loops since its bf16 layer test
+    # failed on the H200, 2026-12-05: the bf16 gradients below are what tests it)
+    "backward-unroll2": dict(triton_backward_unroll=2),
     "unroll4": dict(triton_backward_unroll=4, triton_forward_unroll=4),  # both configs' walks (2 and 4 blocks)
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
@@ -119,8 +121,11 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
 @pytest.mark.parametrize("variant", list(STATES_VARIANTS))
 @pytest.mark.parametrize("name", ["siso-N64", "mimo4-N128-G2"])
 def test_states_kernel_variants_match_reference(name, variant):
-    """The states kernel's knob sets, compiled for this GPU, against the reference in fp32 and in bf16
-    against the defaults (the same products in another order: bitwise equality is not asked)."""
+    """The scan kernels' knob sets, compiled for this GPU, against the reference in fp32, and in bf16 (the
+    tensor-core path, which the CPU interpreter does not run) the output and every gradient against the
+    defaults' (the same products in another order: bitwise equality is not asked). Bounds: the output 1e-2 (a
+    few roundings of the states); the gradients 2e-2, the layer test's floor, not yet measured here (the layer
+    test with unrolled walks measured 0.1-0.84, 2026-12-05)."""
     B, L, R, G, H, N, P, S, layout, out_norm = KERNEL_CONFIGS[name]
     args, kw = kernel_inputs(B, L, R, G, H, N, P, S, layout, out_norm=out_norm)
     with use_tuning(**STATES_VARIANTS[variant]):
@@ -129,13 +134,15 @@ def test_states_kernel_variants_match_reference(name, variant):
     errs = {"output": rel_err(y, y_ref), "final_ssm": rel_err(fin.ssm, fin_ref.ssm)}
     errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads_ref})
     args16, kw16 = kernel_inputs(B, L, R, G, H, N, P, S, layout, dtype=torch.bfloat16, out_norm=out_norm)
-    y_default = grads_of(triton_kernels.mamba3_chunked, args16, kw16, 64)[0]
+    y_default, _, grads_default = grads_of(triton_kernels.mamba3_chunked, args16, kw16, 64)
     with use_tuning(**STATES_VARIANTS[variant]):
-        y_variant = grads_of(triton_kernels.mamba3_chunked, args16, kw16, 64)[0]
+        y_variant, _, grads_variant = grads_of(triton_kernels.mamba3_chunked, args16, kw16, 64)
     errs["bf16_vs_defaults"] = rel_err(y_variant.float(), y_default.float())
+    errs.update({f"bf16_vs_defaults_d{n}": rel_err(grads_variant[n].float(), grads_default[n].float())
+                 for n in grads_default})
     RESULTS.setdefault("states_variants", {})[f"{name}/{variant}"] = errs
-    bounds = {"output": 1e-5, "final_ssm": 1e-5, "bf16_vs_defaults": 1e-2}  # bf16: a few roundings of the states
-    bad = {k: v for k, v in errs.items() if v > bounds.get(k, 1e-4)}
+    bounds = {"output": 1e-5, "final_ssm": 1e-5, "bf16_vs_defaults": 1e-2}
+    bad = {k: v for k, v in errs.items() if v > bounds.get(k, 2e-2 if k.startswith("bf16") else 1e-4)}
     assert not bad, bad
 
 

@@ -32,8 +32,12 @@ class KernelTuning:
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
     triton_backward_unroll  the most pair blocks of d_state the backward chunk kernels walk as unrolled
                             code (one copy of a walk's body per block, compiled per d_state and angle
-                            count); a longer walk, or 0, runs as loops. 2 (d_state 64 unrolled, 128 looped):
-                            MIMO R = 4 forward+backward 3.4 % faster, SISO the same (H200, 2026-12-05)
+                            count); a longer walk, or 0 (default), runs as loops. 2 (d_state 64 unrolled) was
+                            the default from 2026-12-05 (MIMO R = 4 forward+backward 3.4 % faster, SISO the
+                            same, H200) until the first bf16 GPU test of it: a d_state-64 layer's gradients
+                            failed against the official module and fp64 (0.1-0.84 relative; the split design
+                            an illegal memory access), on the tensor-core path the CPU interpreter does not
+                            run (docs/benchmarks.md, session 22)
                             [HYBRIDLM_TRITON_BACKWARD_UNROLL]
     triton_forward_unroll   the same for the forward output kernel's walk (triton/chunk_fwd.py)
                             [HYBRIDLM_TRITON_FORWARD_UNROLL]
@@ -81,7 +85,7 @@ class KernelTuning:
     triton_warps: int | None = None
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
-    triton_backward_unroll: int = 2
+    triton_backward_unroll: int = 0
     triton_forward_unroll: int = 0
     triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
