@@ -133,6 +133,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "unroll4": dict(triton_backward_unroll=4, triton_forward_unroll=4),  # both configs' walks (2 and 4 blocks)
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
+    "output-stages3": dict(triton_output_stages=3),  # MIMO: the gate backward's ranks as a pipelined loop
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
     "bias-in-group-sums": dict(triton_bias_in_group_sums=1),  # SISO: the bias sums folded into the group sums
 }
