@@ -114,6 +114,14 @@ def test_call_outputs_stay_within_eight_files(tmp_path):
     assert left == ["logs.tgz", "st-paper.tgz.part-aa", "st-paper.tgz.part-ab", "study.log"]
     listed = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True).stdout.split()
     assert {"a.txt", "f.txt", "mps-log/server.log"} <= set(listed)
+    # a second script of the same call adds to the archive (2026-12-05 it replaced it, and a recorded file with it)
+    (out / "g.txt").write_text("g")
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    listed = subprocess.run(["tar", "tzf", str(out / "logs.tgz")], capture_output=True, text=True).stdout.split()
+    assert {"a.txt", "g.txt", "mps-log/server.log"} <= set(listed)
+    assert sorted(p.name for p in out.iterdir()) == left
 
 
 def test_measured_errors_merge_across_xdist_workers(tmp_path, monkeypatch):

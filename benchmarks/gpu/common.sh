@@ -27,5 +27,12 @@ tidy_out() {  # tidy_out KEEP...: every file of $OUT but those matching a KEEP p
     pack+=("$name")
   done
   [ "${#pack[@]}" -gt 0 ] || return 0
-  (cd "$OUT" && tar czf logs.tgz "${pack[@]}" && rm -rf "${pack[@]}")
+  # an earlier script of the same call may have left a logs.tgz: add to it (2026-12-05 a second tidy_out
+  # replaced the first one's archive, and the recorded ops.pt with it)
+  local merged out_dir
+  merged=$(mktemp -d)
+  out_dir=$(cd "$OUT" && pwd)
+  [ -f "$out_dir/logs.tgz" ] && tar xzf "$out_dir/logs.tgz" -C "$merged"
+  (cd "$out_dir" && mv "${pack[@]}" "$merged"/) &&
+    (cd "$merged" && tar czf "$out_dir/logs.tgz" $(ls -A)) && rm -rf "$merged"
 }

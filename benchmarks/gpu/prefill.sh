@@ -68,4 +68,4 @@ for part in ${*:-tests table ncu}; do
     *) echo "unknown part $part (tests, table, ncu, stalls)"; exit 2 ;;
   esac
 done
-tidy_out "*.json" "*.log"  # at most 8 files come back: the set-up's logs go into logs.tgz
+tidy_out "*.json" "*.log" "*.pt"  # at most 8 files come back: the set-up's logs go into logs.tgz
