@@ -212,39 +212,6 @@ def test_output_and_expansion_backwards_match_the_oracle(rank, out_norm, gated):
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(got, want)), [rel_err(a, b) for a, b in zip(got, want)]
 
 
-@pytest.mark.parametrize("config", ["siso-N64-rope-quarter", "mimo2-N64", "siso-groups-rope1-norm"])
-@pytest.mark.parametrize("kernels", [1, 2])
-def test_unrolled_walks_keep_the_results(config, kernels):
-    """triton_backward_unroll and triton_forward_unroll: the backward chunk kernels' (fused and split designs)
-    and the forward output kernel's pair-block walks as straight-line code, over packed ragged sequences with
-    initial states: one block (d_state 16), and two with the first half rotated and the second not (a quarter
-    of the pairs rotated), or both rotated (MIMO, all rotated) — against the oracle, every gradient. The
-    knobs only unroll walks of at most their blocks."""
-    from hybridlm.kernels.mamba3.triton.layout import dense_layout
-    from hybridlm.kernels.mamba3.triton.spec import ScanSpec
-    from hybridlm.kernels.mamba3.tuning import use_tuning
-
-    R, G, H, N, P, frac, layout, out_norm = CONFIGS[config]
-    lengths = [19, 1, 12]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    S = _angles(N, frac)
-    args, kw = make_inputs(B=1, L=sum(lengths), R=R, G=G, H=H, N=N, P=P, S=S, layout=layout, out_norm=out_norm)
-    init = random_state(len(lengths), H, P, N, S, R)
-    with use_tuning(triton_backward_unroll=2, triton_forward_unroll=2, triton_backward_kernels=kernels):
-        ours = run_with_grads(triton_scan, args, kw, init, cu_seqlens=cu, chunk_size=8)
-    assert_same(ours, run_with_grads(oracle.mamba3_chunked, args, kw, init, cu_seqlens=cu, chunk_size=8))
-
-    def walk(d_state, unroll, n_angles=8, forward=False):
-        spec = ScanSpec(layout=dense_layout(1, 16, 16, torch.device("cpu")), rank=1, n_groups=1, n_heads=2,
-                        d_state=d_state, headdim=8, n_angles=n_angles, interleaved=True, matmul_dtype=torch.float32)
-        with use_tuning(triton_backward_unroll=unroll):
-            return spec.unrolled_walk(forward)
-
-    assert walk(64, 2) == dict(WALK_BLOCKS=2, ROTATED_BLOCKS=1) and walk(64, 0) == dict(WALK_BLOCKS=0, ROTATED_BLOCKS=0)
-    assert walk(128, 2)["WALK_BLOCKS"] == 0 and walk(128, 4, n_angles=64) == dict(WALK_BLOCKS=4, ROTATED_BLOCKS=4)
-    assert walk(64, 2, forward=True)["WALK_BLOCKS"] == 0  # the forward has its own knob
-
-
 @pytest.mark.parametrize("config,kernels", [("mimo2-groups", 1), ("mimo2-N64", 2), ("mimo4-rope1", 1)])
 def test_fused_rank_expansion_keeps_the_results(config, kernels, monkeypatch):
     """triton_fuse_ranks: MIMO's x expanded to the ranks inside the states, output and backward chunk kernels

@@ -30,17 +30,6 @@ class KernelTuning:
     triton_backward_kernels the backward chunk pass's design: 1, one fused kernel; 2, split in
                             a dv kernel and a dq/dk kernel (triton/chunk_bwd.py)
                             [HYBRIDLM_TRITON_BACKWARD_KERNELS]
-    triton_backward_unroll  the most pair blocks of d_state the backward chunk kernels walk as unrolled
-                            code (one copy of a walk's body per block, compiled per d_state and angle
-                            count); a longer walk, or 0 (default), runs as loops. 2 (d_state 64 unrolled) was
-                            the default from 2026-12-05 (MIMO R = 4 forward+backward 3.4 % faster, SISO the
-                            same, H200) until the first bf16 GPU test of it: a d_state-64 layer's gradients
-                            failed against the official module and fp64 (0.1-0.84 relative; the split design
-                            an illegal memory access), on the tensor-core path the CPU interpreter does not
-                            run (docs/benchmarks.md, session 22)
-                            [HYBRIDLM_TRITON_BACKWARD_UNROLL]
-    triton_forward_unroll   the same for the forward output kernel's walk (triton/chunk_fwd.py)
-                            [HYBRIDLM_TRITON_FORWARD_UNROLL]
     triton_fuse_ranks       1: MIMO's rank expansion of x fused into the scan kernels (they load x per token
                             and weight it per rank as it loads; the backward chunk kernel reduces dv over
                             each token's ranks into dx and sums d mimo_x per chunk), so v (T, R, H, P) is
@@ -91,8 +80,6 @@ class KernelTuning:
     triton_warps: int | None = None
     triton_backward_stages: int = 1
     triton_backward_kernels: int = 1
-    triton_backward_unroll: int = 0
-    triton_forward_unroll: int = 0
     triton_fuse_ranks: int = 0
     triton_bias_rows: int | None = None
     triton_group_heads: int | None = None
@@ -127,8 +114,6 @@ class KernelTuning:
 # the knobs that pick one of a few designs: their values, and how an error names them
 CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
-    "triton_backward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
-    "triton_forward_unroll": ((0, 2, 4, 8), "0 (loops) or the most pair blocks a walk unrolls: 2, 4 or 8"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
     "triton_bias_in_group_sums": ((0, 1), "0 (the bias kernel) or 1 (the group sums' partial column sums)"),
     "triton_output_stages": ((0, 2, 3), "0 (the ranks unrolled) or 2 or 3 (a pipelined loop over the ranks)"),
@@ -140,8 +125,6 @@ ENV_VARS: dict[str, str] = {
     "triton_warps": "HYBRIDLM_TRITON_WARPS",
     "triton_backward_stages": "HYBRIDLM_TRITON_BACKWARD_STAGES",
     "triton_backward_kernels": "HYBRIDLM_TRITON_BACKWARD_KERNELS",
-    "triton_backward_unroll": "HYBRIDLM_TRITON_BACKWARD_UNROLL",
-    "triton_forward_unroll": "HYBRIDLM_TRITON_FORWARD_UNROLL",
     "triton_fuse_ranks": "HYBRIDLM_TRITON_FUSE_RANKS",
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_group_heads": "HYBRIDLM_TRITON_GROUP_HEADS",

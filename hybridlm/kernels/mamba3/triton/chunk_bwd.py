@@ -79,30 +79,23 @@ def _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state
 def _scores_and_state_grad(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads,
                            n_angles, d_state, half_n, rows, valid, p, p_mask, CHUNK: tl.constexpr, R: tl.constexpr,
                            BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                           WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr):
-    """Walk 1: A = q̄ k̄ᵀ and, row b, G k̄_b, over all of N (the rotated pair blocks, then the rest);
-    WALK_BLOCKS > 0: the blocks unrolled (WALK_BLOCKS of them, the first ROTATED_BLOCKS rotated)."""
+                           HAS_BIAS: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Walk 1: A = q̄ k̄ᵀ and, row b, G k̄_b, over all of N (the rotated pair blocks, then the rest).
+    Loops, not unrolled: unrolled (``tl.static_range``) walks passed every fp32 test but gave wrong bf16
+    gradients on the tensor cores (H200 and H100, Triton 3.6, 2026-12-05: 0.1-0.84 relative)."""
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     k_grad = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
-    if WALK_BLOCKS > 0:  # unrolled: the pair blocks as straight-line code
-        for b in tl.static_range(WALK_BLOCKS):
-            scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end,
-                                          h, n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask,
-                                          b * BLOCK_PAIRS, scores, k_grad, CHUNK, R, BLOCK_PAIRS, INTERLEAVED,
-                                          HAS_BIAS, MM_DTYPE, PRECISION, b < ROTATED_BLOCKS)
-    else:
-        rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
-        for i0 in range(0, rotated, BLOCK_PAIRS):
-            scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end,
-                                          h, n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores,
-                                          k_grad, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
-                                          True)
-        for i0 in range(rotated, half_n, BLOCK_PAIRS):
-            scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end,
-                                          h, n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores,
-                                          k_grad, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
-                                          False)
+    rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
+    for i0 in range(0, rotated, BLOCK_PAIRS):
+        scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end,
+                                      h, n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores,
+                                      k_grad, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
+                                      True)
+    for i0 in range(rotated, half_n, BLOCK_PAIRS):
+        scores, k_grad = _walk1_block(Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end,
+                                      h, n_heads, n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores,
+                                      k_grad, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
+                                      False)
     return scores, k_grad
 
 
@@ -218,8 +211,7 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
                 tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask,
                 dscores, dy, v, growth, w, dcs, CHUNK: tl.constexpr, R: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
                 BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr,
-                ROTATED_BLOCKS: tl.constexpr):
+                MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Walk 2: dq̄, dk̄ block by block, rotated back and stored, and dθ from both sides (the rotated
     pair blocks, then the rest); dscores = P ∘ M, dy and v in the matmul dtype, growth = e^{cs_a}
     and w per row as columns. Returns dcs plus the inter-chunk term q̄_a·dq̄_a, ⟨S_c, G⟩ and
@@ -227,27 +219,19 @@ def _dq_dk_walk(Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at
     dscores_t = tl.trans(dscores)
     entering = tl.zeros([BLOCK_P, 2 * BLOCK_PAIRS], dtype=tl.float32)  # ⟨S_c, G⟩ elementwise, summed after
     ratio = tl.zeros([CHUNK * R], dtype=tl.float32)  # k̄_b·(Gᵀ v_b), accumulated
-    if WALK_BLOCKS > 0:  # unrolled: the pair blocks as straight-line code
-        for b in tl.static_range(WALK_BLOCKS):
-            dcs, entering, ratio = _walk2_block(
-                Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
-                tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, b * BLOCK_PAIRS,
-                dscores, dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED,
-                HAS_BIAS, MM_DTYPE, PRECISION, b < ROTATED_BLOCKS)
-    else:
-        rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
-        for i0 in range(0, rotated, BLOCK_PAIRS):
-            dcs, entering, ratio = _walk2_block(
-                Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
-                tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores,
-                dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
-                MM_DTYPE, PRECISION, True)
-        for i0 in range(rotated, half_n, BLOCK_PAIRS):
-            dcs, entering, ratio = _walk2_block(
-                Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
-                tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores,
-                dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
-                MM_DTYPE, PRECISION, False)
+    rotated = rotated_end(n_angles, half_n, BLOCK_PAIRS)
+    for i0 in range(0, rotated, BLOCK_PAIRS):
+        dcs, entering, ratio = _walk2_block(
+            Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
+            tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores,
+            dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
+            MM_DTYPE, PRECISION, True)
+    for i0 in range(rotated, half_n, BLOCK_PAIRS):
+        dcs, entering, ratio = _walk2_block(
+            Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0,
+            tok0, end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, i0, dscores,
+            dscores_t, dy, v, growth, w, dcs, entering, ratio, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS,
+            MM_DTYPE, PRECISION, False)
     return dcs, tl.sum(tl.sum(entering, 1), 0), ratio
 
 
@@ -269,8 +253,7 @@ def _chunk_bwd_kernel(
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
-    EXPAND: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr,
 ):
     """Fused: per chunk and head, dv (or, EXPAND, dx and the chunk's share of d mimo_x), dq and dk of the
     head, dθ, dγ, d scale, dA·Δ and the chunk's share of dD."""
@@ -282,8 +265,7 @@ def _chunk_bwd_kernel(
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores, k_grad = _scores_and_state_grad(
         Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads, n_angles, d_state,
-        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
-        WALK_BLOCKS, ROTATED_BLOCKS)
+        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
 
     # dv and the per-token scalars that need no second walk
     t = tl.arange(0, CHUNK)
@@ -308,7 +290,7 @@ def _chunk_bwd_kernel(
         Q, K, Q_BIAS, K_BIAS, THETA, STATES, DSTATES, DQ, DK, DTHETA, at_chunk, k_row, at_state, at_token0, tok0,
         end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask, dscores, dy.to(MM_DTYPE),
         v.to(MM_DTYPE), tl.exp(cs)[:, None], w[:, None], dcs, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED,
-        HAS_BIAS, MM_DTYPE, PRECISION, WALK_BLOCKS, ROTATED_BLOCKS)
+        HAS_BIAS, MM_DTYPE, PRECISION)
     ratio, state_term, dcs_end = _state_terms(ratio, entering, to_end, scale, cs_end)
     tl.store((DSCALE + at_token0) + at_token, rows_to_tokens(dscale + ratio, CHUNK, R), mask=t_valid)
     tl.store((DADT + at_token0) + at_token,
@@ -323,8 +305,7 @@ def _chunk_bwd_dv_kernel(
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
-    EXPAND: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr,
 ):
     """Split, kernel 1 (walk 1): dv, dγ, the chunk's share of dD, and per token the parts of d cs
     and d scale that need A (into DCS_PART, DSCALE_PART (T, H) fp32, for kernel 2)."""
@@ -336,8 +317,7 @@ def _chunk_bwd_dv_kernel(
     at_state = (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores, k_grad = _scores_and_state_grad(
         Q, K, Q_BIAS, K_BIAS, THETA, DSTATES, at_chunk, k_row, at_state, tok0, end, h, n_heads, n_angles, d_state,
-        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
-        WALK_BLOCKS, ROTATED_BLOCKS)
+        half_n, rows, valid, p, p_mask, CHUNK, R, BLOCK_PAIRS, BLOCK_P, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
     t = tl.arange(0, CHUNK)
     t_valid = t < end - tok0
     at_token0 = tok0.to(tl.int64) * n_heads + h
@@ -364,8 +344,7 @@ def _chunk_bwd_dqk_kernel(
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
-    EXPAND: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr,
 ):
     """Split, kernel 2 (walk 2): P and M again, then dq and dk of the head and dθ; d scale and dA·Δ
     from kernel 1's parts plus the inter-chunk and state terms."""
@@ -388,7 +367,7 @@ def _chunk_bwd_dqk_kernel(
         end, h, n_heads, n_angles, d_state, half_n, rows, valid, t, t_valid, p, p_mask,
         (dprod * weights).to(MM_DTYPE), dy.to(MM_DTYPE), v.to(MM_DTYPE), tl.exp(cs)[:, None],
         (to_end * scale)[:, None], tl.zeros([CHUNK * R], dtype=tl.float32), CHUNK, R, BLOCK_PAIRS, BLOCK_P,
-        INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, WALK_BLOCKS, ROTATED_BLOCKS)
+        INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION)
     ratio, state_term, dcs_end = _state_terms(ratio, entering, to_end, scale, cs_end)
     dscale_part = tl.load((DSCALE_PART + at_token0) + at_token, mask=t_valid, other=0.0)
     dcs_part = tl.load((DCS_PART + at_token0) + at_token, mask=t_valid, other=0.0)
@@ -426,8 +405,7 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
     qb = q_bias if has_bias else q
     kb = k_bias if has_bias else k
     common = dict(HAS_BIAS=has_bias, BLOCK_P=spec.block_p, num_warps=spec.backward_warps,
-                  num_stages=spec.backward_stages, EXPAND=mimo_x is not None, **spec.constexprs(),
-                  **spec.unrolled_walk())
+                  num_stages=spec.backward_stages, EXPAND=mimo_x is not None, **spec.constexprs())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
     dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)

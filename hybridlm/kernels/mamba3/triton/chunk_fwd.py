@@ -35,8 +35,7 @@ def _output_fwd_kernel(
     n_heads, heads_per_group, n_groups, d_state, half_n, headdim, n_angles,
     R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, WALK_BLOCKS: tl.constexpr, ROTATED_BLOCKS: tl.constexpr,
-    EXPAND: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EXPAND: tl.constexpr,
 ):
     """y_a = Σ_b (q̄_a·k̄_b) M_ab v_b + e^{cs_a} S_c q̄_a + D v_a for the rows of one chunk and head."""
     c, h = tl.program_id(0), tl.program_id(1)
@@ -47,18 +46,12 @@ def _output_fwd_kernel(
     state = STATES + (c.to(tl.int64) * n_heads + h) * headdim * d_state
     scores = tl.zeros([CHUNK * R, CHUNK * R], dtype=tl.float32)
     inter = tl.zeros([CHUNK * R, BLOCK_P], dtype=tl.float32)
-    if WALK_BLOCKS > 0:  # unrolled: the pair blocks as straight-line code
-        for b in tl.static_range(WALK_BLOCKS):
-            scores, inter = _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads,
-                                          n_angles, d_state, half_n, rows, valid, p, p_mask, b * BLOCK_PAIRS, scores,
-                                          inter, CHUNK, R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION,
-                                          b < ROTATED_BLOCKS)
-    else:  # one loop, every block rotated (angle 0 past S); split in two as the backward's walks (the second
-        # without angles), it compiled to more instructions here (two pipelined loops' prologues)
-        for i0 in range(0, half_n, BLOCK_PAIRS):
-            scores, inter = _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads,
-                                          n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores, inter, CHUNK,
-                                          R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, True)
+    # one loop, every block rotated (angle 0 past S); split in two as the backward's walks (the second without
+    # angles), it compiled to more instructions here (two pipelined loops' prologues)
+    for i0 in range(0, half_n, BLOCK_PAIRS):
+        scores, inter = _output_block(Q, K, Q_BIAS, K_BIAS, THETA, state, at_chunk, k_row, tok0, end, h, n_heads,
+                                      n_angles, d_state, half_n, rows, valid, p, p_mask, i0, scores, inter, CHUNK,
+                                      R, BLOCK_PAIRS, INTERLEAVED, HAS_BIAS, MM_DTYPE, PRECISION, True)
     cs, cs_end, gamma, scale = chunk_scalars(ADT, GAMMA, SCALE, tok0, end, h, n_heads, CHUNK, R)
     weights, _, _ = intra_weights(tok_local, cs, gamma, scale)
     ranked = rank_weights(RANKS, h, rows, valid, p, p_mask, headdim, R) if EXPAND else 0.0
@@ -99,5 +92,5 @@ def scan_forward(spec: ScanSpec, q: Tensor, k: Tensor, q_bias: Tensor | None, k_
             mimo_x if mimo_x is not None else adt, adt, gamma, scale, D if D is not None else adt, states, y,
             lay.cu_seqlens, lay.chunk_seq, lay.chunk_start,
             *vs, *spec.dims(), BLOCK_P=spec.block_p, HAS_D=D is not None, num_warps=spec.parallel_warps,
-            EXPAND=mimo_x is not None, **spec.unrolled_walk(forward=True), **common)
+            EXPAND=mimo_x is not None, **common)
     return y, states, final

@@ -105,6 +105,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_bias, k_bias, theta, v, adt, gamma, scale, D, mimo_x, output[1], *grid[:4])
     ctx.scalars = tuple(grid[4:])
     ctx.has_ssm0 = ssm0 is not None
+    # the saved states output never has a gradient: without this autograd fills one with zeros every backward
+    # (n_chunks × H × P × N, 41 µs of an H100 layer step at B 8, L 2K, d_state 64; profile of 2026-12-05)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy: Tensor | None, dstates: Tensor | None, dfinal: Tensor | None):

@@ -72,22 +72,6 @@ class ScanSpec:
         Both take backward_warps and backward_stages."""
         return self.knobs.triton_backward_kernels
 
-    def unrolled_walk(self, forward: bool = False) -> dict:
-        """The backward chunk kernels' pair-block walks (or the forward output kernel's, ``forward``) as
-        loops (WALK_BLOCKS 0) or, where they have at most ``triton_backward_unroll`` blocks
-        (``triton_forward_unroll``), unrolled: WALK_BLOCKS blocks of d_state's pairs, the first
-        ROTATED_BLOCKS of them holding rotated pairs (rows.rotated_end). ptxas sm_90, bf16, backward:
-        at d_state 64 (2 blocks) 11 % (SISO) / 15 % (MIMO R = 4) fewer instructions a program and no
-        spills; at 128 (4 blocks) 424–444 B of spills. Forward, MIMO R = 4: 16 % / 23 % fewer (d_state
-        64 / 128) at 128 registers (121 looped); SISO: 166 registers against 112, half the programs an SM
-        at 8 warps (benchmarks/kernel_report.py). Untimed."""
-        pairs = self.block_pairs
-        blocks = triton.cdiv(self.d_state // 2, pairs)
-        most = self.knobs.triton_forward_unroll if forward else self.knobs.triton_backward_unroll
-        if blocks > most:
-            return dict(WALK_BLOCKS=0, ROTATED_BLOCKS=0)
-        return dict(WALK_BLOCKS=blocks, ROTATED_BLOCKS=min(triton.cdiv(self.n_angles, pairs), blocks))
-
     def dims(self) -> tuple[int, ...]:
         """The runtime sizes every chunk kernel takes, in its argument order."""
         return (self.n_heads, self.n_heads // self.n_groups, self.n_groups, self.d_state, self.d_state // 2,
