@@ -10,9 +10,13 @@ from hybridlm.testing import reference_walk, rel_err
 angles = pytest.importorskip("hybridlm.kernels.mamba3.triton.angles")
 
 
-@pytest.mark.parametrize("S", [0, 3, 8])
-def test_walk_matches_torch(S):
-    lengths = [70, 0, 1, 130]  # several token blocks, an empty and a one-token sequence
+@pytest.mark.parametrize("S,segments", [(0, 1), (3, 1), (8, 1), (3, 2), (8, 4), (3, 8)])
+def test_walk_matches_torch(S, segments, monkeypatch):
+    """``segments``: each (sequence, head) walk cut into that many programs (``angles.walk_segments``), which
+    the sizes here would not choose: segments of several blocks (300 tokens, 2 segments), of one, and empty
+    ones (the one-token sequence; 130 tokens in 8 segments of a block each)."""
+    monkeypatch.setattr(angles, "walk_segments", lambda *args: segments if S else 1)
+    lengths = [70, 0, 1, 130, 300]  # several token blocks, an empty and a one-token sequence
     T, H = sum(lengths), 5
     g = torch.Generator().manual_seed(0)
     dt = (torch.rand(T, H, generator=g) * 0.5).requires_grad_()
