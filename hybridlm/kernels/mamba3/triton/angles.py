@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.mamba3.tuning import kernel_tuning
+
 BLOCK_T = 64
 RATE_TILE = 8192  # values of the per-head rate terms a program of the rates' gradient sums at once
 # Loads of the walks' next blocks in flight while a block is summed (Triton's software pipeline, through shared
@@ -33,16 +35,16 @@ RATE_TILE = 8192  # values of the per-head rate terms a program of the rates' gr
 # idle when each waits for its loads (the angle sums alone took 65 and 79 µs forward and backward on an H200 at
 # B 8, L 2K, 16 angles, ≈ 40 % of the copy bandwidth, before they were pipelined; not yet timed since).
 STAGES = tl.constexpr(3)
-WALK_PROGRAMS = 8192  # programs a walk aims at (segments × sequences × heads): ≈ 60 an SM
 
 
 def walk_segments(n_tokens: int, n_seqs: int, n_heads: int, has_angles: bool) -> int:
     """Segments a (sequence, head) walk is cut into: a power of two up to 64 that brings the programs near
-    WALK_PROGRAMS, at most one a block of the mean sequence; 1 without angles, whose walk has no carry."""
+    ``KernelTuning.triton_walk_programs`` (default 8192, ≈ 60 an SM), at most one a block of the mean
+    sequence; 1 without angles, whose walk has no carry."""
     if not has_angles or n_seqs * n_heads == 0:
         return 1
     blocks = max(1, n_tokens // (n_seqs * BLOCK_T))
-    wanted = max(1, WALK_PROGRAMS // (n_seqs * n_heads))
+    wanted = max(1, kernel_tuning().triton_walk_programs // (n_seqs * n_heads))
     return max(1, min(64, triton.next_power_of_2(wanted), 1 << (blocks.bit_length() - 1)))
 
 
