@@ -67,9 +67,6 @@ class KernelTuning:
                             of registers. Untimed: MIMO R 4's gate backward took 1.0 ms at B 8, L 2K
                             (≈ 1.5 TB/s, 255 registers with the grouped norm, 2 programs an SM)
                             [HYBRIDLM_TRITON_OUTPUT_STAGES]
-    triton_walk_programs    programs the token walk (triton/angles.py) aims at, its (sequence, head) walks cut
-                            into up to 64 segments to get there; 1: one program per walk, as before
-                            2026-12-05 [HYBRIDLM_TRITON_WALK_PROGRAMS]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -94,7 +91,6 @@ class KernelTuning:
     triton_output_block_t: int | None = None
     triton_output_warps: int | None = None
     triton_output_stages: int = 0
-    triton_walk_programs: int = 8192
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
     cute_prerotate: int = 0
@@ -140,7 +136,6 @@ ENV_VARS: dict[str, str] = {
     "triton_output_block_t": "HYBRIDLM_TRITON_OUTPUT_BLOCK_T",
     "triton_output_warps": "HYBRIDLM_TRITON_OUTPUT_WARPS",
     "triton_output_stages": "HYBRIDLM_TRITON_OUTPUT_STAGES",
-    "triton_walk_programs": "HYBRIDLM_TRITON_WALK_PROGRAMS",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
     "cute_prerotate": "HYBRIDLM_CUTE_PREROTATE",

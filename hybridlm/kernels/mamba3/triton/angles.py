@@ -9,13 +9,10 @@ One program walks one (sequence, head): γ and scale need the next token, θ the
 running sum is carried in fp32 and reduced after every block of tokens, so it stays in [0, 2π) and
 keeps fp32 resolution however long the sequence. The backward walks in reverse, treats the reduction
 as the identity (dδθ_t = Σ_{τ ≥ t} dθ_τ, dθ_init = Σ_τ dθ_τ) and writes dΔ, dλ and, for the rates'
-gradient (a sum over heads), each head's dδθ·Δ, which a third kernel sums over the heads.
-
-A (sequence, head) walk is cut into ``walk_segments`` segments of whole blocks, each its own program, so
-that a batch of a few long sequences still fills the GPU (B 8 × 64 heads was 512 programs each walking
-2,048 tokens, latency-bound: 86 + 127 µs forward and backward on an H100 at L 2K, 16 angles). With the
-angles, a first pass sums each segment's increments (forward, reduced mod 2π) or angle gradients
-(backward) and the walk starts each segment from the sums of those before (after) it. In plain
+gradient (a sum over heads), each head's dδθ·Δ, which a third kernel sums over the heads. (More programs do
+not make it faster: cutting each walk into up to 64 segments, about 8K programs, with a first pass of segment
+sums, took 92 + 29 µs forward and 171 + 29 µs backward against 87 and 125 on an H100 at B 8, L 2K, 64 heads,
+16 angles; docs/benchmarks.md, session 23.) In plain
 torch the same was a dozen ops forward and twenty backward over (T, H) tensors, and the per-head
 increments δθ (T, H, S) went through memory three times more.
 """
@@ -26,8 +23,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.mamba3.tuning import kernel_tuning
-
 BLOCK_T = 64
 RATE_TILE = 8192  # values of the per-head rate terms a program of the rates' gradient sums at once
 # Loads of the walks' next blocks in flight while a block is summed (Triton's software pipeline, through shared
@@ -35,62 +30,6 @@ RATE_TILE = 8192  # values of the per-head rate terms a program of the rates' gr
 # idle when each waits for its loads (the angle sums alone took 65 and 79 µs forward and backward on an H200 at
 # B 8, L 2K, 16 angles, ≈ 40 % of the copy bandwidth, before they were pipelined; not yet timed since).
 STAGES = tl.constexpr(3)
-
-
-def walk_segments(n_tokens: int, n_seqs: int, n_heads: int, has_angles: bool) -> int:
-    """Segments a (sequence, head) walk is cut into: a power of two up to 64 that brings the programs near
-    ``KernelTuning.triton_walk_programs`` (default 8192, ≈ 60 an SM), at most one a block of the mean
-    sequence; 1 without angles, whose walk has no carry."""
-    if not has_angles or n_seqs * n_heads == 0:
-        return 1
-    blocks = max(1, n_tokens // (n_seqs * BLOCK_T))
-    wanted = max(1, kernel_tuning().triton_walk_programs // (n_seqs * n_heads))
-    return max(1, min(64, triton.next_power_of_2(wanted), 1 << (blocks.bit_length() - 1)))
-
-
-@triton.jit
-def _segment(CU, seq, part, SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The sequence's bounds and this program's segment [first, last) of them: whole blocks, the last
-    segments possibly empty."""
-    start = tl.load(CU + seq)
-    end = tl.load(CU + seq + 1)
-    size = tl.cdiv(tl.cdiv(end - start, SEGMENTS), BLOCK_T) * BLOCK_T
-    first = tl.minimum(start + part * size, end)
-    return start, end, first, tl.minimum(first + size, end)
-
-
-@triton.jit
-def _walk_sums_kernel(DT, RATE, DTHETA, SUMS, CU, H, n_angles, FORWARD: tl.constexpr, SEGMENTS: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per (sequence, head, segment) into SUMS (NS, H, SEGMENTS, S): forward the segment's angle increments
-    π·tanh(rate)·Δ summed (mod 2π, block by block, as the walk sums them), backward its dθ summed."""
-    seq, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, _, first, last = _segment(CU, seq, part, SEGMENTS, BLOCK_T)
-    s = tl.arange(0, BLOCK_S)
-    s_mask = s < n_angles
-    total = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for t0 in tl.range(first, last, BLOCK_T, num_stages=STAGES):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m = t < last
-        ms = m[:, None] & s_mask[None, :]
-        th = t.to(tl.int64) * H + h
-        if FORWARD:
-            dt = tl.load(DT + th, mask=m, other=0.0)
-            rate = tl.load(RATE + t.to(tl.int64)[:, None] * n_angles + s[None, :], mask=ms, other=0.0)
-            total = _mod_two_pi(total + tl.sum((3.141592653589793 * _tanh(rate.to(tl.float32))) * dt[:, None], 0))
-        else:
-            total += tl.sum(tl.load(DTHETA + th[:, None] * n_angles + s[None, :], mask=ms, other=0.0), 0)
-    tl.store(SUMS + ((seq * H + h) * SEGMENTS + part) * n_angles + s, total, mask=s_mask)
-
-
-@triton.jit
-def _sums_before(SUMS, seq, h, part, H, n_angles, s, s_mask, AFTER: tl.constexpr, SEGMENTS: tl.constexpr):
-    """The sum over the segments before ``part`` (AFTER: after it) of SUMS (NS, H, SEGMENTS, S)."""
-    j = tl.arange(0, SEGMENTS)
-    pick = (j > part) if AFTER else (j < part)
-    sums = tl.load(SUMS + ((seq * H + h) * SEGMENTS + j[:, None]) * n_angles + s[None, :],
-                   mask=pick[:, None] & s_mask[None, :], other=0.0)
-    return tl.sum(sums, 0)
 
 
 @triton.jit
@@ -107,23 +46,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _walk_fwd_kernel(DT, LAM, RATE, THETA0, SUMS, GAMMA, SCALE, THETA, CU, H, n_angles, s0_n, s0_h,
-                     HAS_ANGLES: tl.constexpr, HAS_INIT: tl.constexpr, SEGMENTS: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (sequence, head, segment): γ, scale and θ of the segment's tokens, θ carried from the
-    initial angle plus the earlier segments' sums (SUMS, _walk_sums_kernel)."""
-    seq, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, end, first, last = _segment(CU, seq, part, SEGMENTS, BLOCK_T)
+def _walk_fwd_kernel(DT, LAM, RATE, THETA0, GAMMA, SCALE, THETA, CU, H, n_angles, s0_n, s0_h,
+                     HAS_ANGLES: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+    seq, h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(CU + seq)
+    end = tl.load(CU + seq + 1)
     s = tl.arange(0, BLOCK_S)
     s_mask = s < n_angles
     carry = tl.zeros([BLOCK_S], dtype=tl.float32)
     if HAS_INIT:
         carry = tl.load(THETA0 + seq * s0_n + h * s0_h + s, mask=s_mask, other=0.0).to(tl.float32)
-    if SEGMENTS > 1:
-        carry = _mod_two_pi(carry + _sums_before(SUMS, seq, h, part, H, n_angles, s, s_mask, False, SEGMENTS))
-    for t0 in tl.range(first, last, BLOCK_T, num_stages=STAGES):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m = t < last
+    for i in tl.range(tl.cdiv(end - start, BLOCK_T), num_stages=STAGES):
+        t = start + i * BLOCK_T + tl.arange(0, BLOCK_T)
+        m = t < end
         th = t.to(tl.int64) * H + h
         dt = tl.load(DT + th, mask=m, other=0.0)
         lam = tl.load(LAM + th, mask=m, other=0.0)
@@ -143,22 +79,20 @@ def _walk_fwd_kernel(DT, LAM, RATE, THETA0, SUMS, GAMMA, SCALE, THETA, CU, H, n_
 
 
 @triton.jit
-def _walk_bwd_kernel(DGAMMA, DSCALE, DTHETA, DT, LAM, RATE, SUMS, DDT, DLAM, RATE_TERMS, DTHETA0, CU, H, n_angles,
-                     HAS_ANGLES: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+def _walk_bwd_kernel(DGAMMA, DSCALE, DTHETA, DT, LAM, RATE, DDT, DLAM, RATE_TERMS, DTHETA0, CU, H, n_angles,
+                     HAS_ANGLES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
     """dΔ, dλ of the (sequence, head)'s tokens; RATE_TERMS (T, H, S) gets dδθ·Δ (the rates' gradient
     is π·(1 − tanh²) times its sum over heads); DTHETA0 (NS, H, S) the initial angle's gradient."""
-    seq, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, _, first, last = _segment(CU, seq, part, SEGMENTS, BLOCK_T)
+    seq, h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(CU + seq)
+    end = tl.load(CU + seq + 1)
     s = tl.arange(0, BLOCK_S)
     s_mask = s < n_angles
     carry = tl.zeros([BLOCK_S], dtype=tl.float32)  # Σ dθ over the tokens after this block
-    if SEGMENTS > 1:
-        carry = _sums_before(SUMS, seq, h, part, H, n_angles, s, s_mask, True, SEGMENTS)
-    n_blocks = tl.cdiv(last - first, BLOCK_T)
+    n_blocks = tl.cdiv(end - start, BLOCK_T)
     for i in tl.range(n_blocks, num_stages=STAGES):
-        t = first + (n_blocks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        m = t < last
+        t = start + (n_blocks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        m = t < end
         th = t.to(tl.int64) * H + h
         dt = tl.load(DT + th, mask=m, other=0.0)
         lam = tl.load(LAM + th, mask=m, other=0.0)
@@ -179,8 +113,8 @@ def _walk_bwd_kernel(DGAMMA, DSCALE, DTHETA, DT, LAM, RATE, SUMS, DDT, DLAM, RAT
             tl.store(RATE_TERMS + offs, d_delta * dt[:, None], mask=ms)
         tl.store(DDT + th, d_dt, mask=m)
         tl.store(DLAM + th, d_lam, mask=m)
-    if HAS_ANGLES:  # segment 0's carry is the sum over the whole sequence
-        tl.store(DTHETA0 + (seq * H + h) * n_angles + s, carry, mask=s_mask & (part == 0))
+    if HAS_ANGLES:
+        tl.store(DTHETA0 + (seq * H + h) * n_angles + s, carry, mask=s_mask)
 
 
 @triton.jit
@@ -205,19 +139,6 @@ def _angles(rate: Tensor | None) -> int:
     return 0 if rate is None else rate.shape[-1]
 
 
-def _segment_sums(dt: Tensor, rate: Tensor, d_theta: Tensor, cu_seqlens: Tensor, H: int, S: int, segments: int,
-                  forward: bool, block_s: int) -> Tensor:
-    """(NS, H, segments, S) fp32: each segment's angle increments (``forward``) or dθ summed; a placeholder
-    when the walk is one segment."""
-    if segments == 1:
-        return dt
-    n_seqs = cu_seqlens.numel() - 1
-    sums = torch.empty(n_seqs, H, segments, S, dtype=torch.float32, device=dt.device)
-    _walk_sums_kernel[(n_seqs, H, segments)](dt, rate, d_theta, sums, cu_seqlens, H, S, FORWARD=forward,
-                                             SEGMENTS=segments, BLOCK_T=BLOCK_T, BLOCK_S=block_s)
-    return sums
-
-
 @torch.library.custom_op("hybridlm::token_walk_fwd", mutates_args=())
 def token_walk_fwd(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor | None,
                    cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,13 +153,10 @@ def token_walk_fwd(dt: Tensor, lam: Tensor, rate: Tensor | None, theta0: Tensor 
     if T and n_seqs:
         rate_ = rate.contiguous() if S else dt
         init = theta0.float().contiguous() if theta0 is not None and S else None
-        segments = walk_segments(T, n_seqs, H, S > 0)
-        block_s = triton.next_power_of_2(max(S, 1))
-        sums = _segment_sums(dt, rate_, dt, cu_seqlens, H, S, segments, True, block_s)
-        _walk_fwd_kernel[(n_seqs, H, segments)](
-            dt, lam, rate_, init if init is not None else dt, sums, gamma, scale, theta, cu_seqlens, H, S,
+        _walk_fwd_kernel[(n_seqs, H)](
+            dt, lam, rate_, init if init is not None else dt, gamma, scale, theta, cu_seqlens, H, S,
             init.stride(0) if init is not None else 0, init.stride(1) if init is not None else 0,
-            HAS_ANGLES=S > 0, HAS_INIT=init is not None, SEGMENTS=segments, BLOCK_T=BLOCK_T, BLOCK_S=block_s)
+            HAS_ANGLES=S > 0, HAS_INIT=init is not None, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
     return gamma, scale, theta
 
 
@@ -262,14 +180,11 @@ def token_walk_bwd(d_gamma: Tensor, d_scale: Tensor, d_theta: Tensor, dt: Tensor
     d_theta0 = torch.empty(n_seqs, H, S, dtype=torch.float32, device=dt.device)
     terms = torch.empty(T, H, S, dtype=torch.float32, device=dt.device) if S else None
     if T and n_seqs:
-        segments = walk_segments(T, n_seqs, H, S > 0)
-        block_s = triton.next_power_of_2(max(S, 1))
-        d_theta_ = d_theta.float().contiguous() if S else d_dt
-        sums = _segment_sums(dt, dt, d_theta_, cu_seqlens, H, S, segments, False, block_s)
-        _walk_bwd_kernel[(n_seqs, H, segments)](
-            d_gamma.float().contiguous(), d_scale.float().contiguous(), d_theta_, dt.contiguous(), lam.contiguous(),
-            rate.contiguous() if S else d_dt, sums, d_dt, d_lam, terms if S else d_dt, d_theta0, cu_seqlens, H, S,
-            HAS_ANGLES=S > 0, SEGMENTS=segments, BLOCK_T=BLOCK_T, BLOCK_S=block_s)
+        _walk_bwd_kernel[(n_seqs, H)](
+            d_gamma.float().contiguous(), d_scale.float().contiguous(),
+            d_theta.float().contiguous() if S else d_dt, dt.contiguous(), lam.contiguous(),
+            rate.contiguous() if S else d_dt, d_dt, d_lam, terms if S else d_dt, d_theta0, cu_seqlens, H, S,
+            HAS_ANGLES=S > 0, BLOCK_T=BLOCK_T, BLOCK_S=triton.next_power_of_2(max(S, 1)))
     if S and T:
         rate = rate.contiguous()
         d_rate = torch.empty_like(rate)
