@@ -8,7 +8,7 @@ bf16 roundings (≈ 1e-2 relative) and a miscompiled kernel by far more.
     # here, on the files that came back
     TRITON_INTERPRET=1 python benchmarks/op_replay.py --replay ops.pt
 
-``--tunings`` takes knob=value pairs as ``benchmarks/prefill.py`` does, e.g. ``output_stages=3``.
+``--tunings`` takes knob=value pairs as ``benchmarks/prefill.py`` does, e.g. ``output_block_t=16``.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
         cli.add_argument(flag, type=int, default=default)
     cli.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     cli.add_argument("--device", default="cuda", help="cpu: the interpreter's own run (a check of this tool)")
-    cli.add_argument("--tunings", default=None, help='knob=value pairs, ","-separated, e.g. "output_stages=3"')
+    cli.add_argument("--tunings", default=None, help='knob=value pairs, ","-separated, e.g. "output_block_t=16"')
     return cli
 
 

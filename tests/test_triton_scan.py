@@ -157,14 +157,12 @@ def test_states_kernel_knobs_keep_the_results(knobs):
 
 @pytest.mark.parametrize("config", ["mimo2-groups", "mimo2-N64"])
 @pytest.mark.parametrize("knobs", [dict(triton_output_block_t=16, triton_output_warps=2),
-                                   dict(triton_output_block_t=128, triton_output_warps=8, triton_output_stages=2),
-                                   dict(triton_output_stages=3)])
+                                   dict(triton_output_block_t=128, triton_output_warps=8)])
 def test_output_kernel_tiling_keeps_the_results(config, knobs):
     """The output-stage and rank-expansion kernels' token blocks and warps (issue 17's MIMO A/B): blocks
     smaller and larger than the 37 tokens (a partial last block, or one block for all), with both grouped
-    norms, and the gate backward's ranks as a pipelined loop (``triton_output_stages``), against the oracle,
-    forward and every gradient (the per-block partial sums of d mimo_z, d mimo_o and d norm weight included,
-    now written without a zero fill)."""
+    norms, against the oracle, forward and every gradient (the per-block partial sums of d mimo_z, d mimo_o
+    and d norm weight included, now written without a zero fill)."""
     from hybridlm.kernels.mamba3.tuning import tuning_from_env, use_tuning
 
     R, G, H, N, P, frac, layout, out_norm = CONFIGS[config]

@@ -7,7 +7,7 @@
 #          SEQLEN, default 2048,8192,16384; PROFILE=" " leaves the profile out; NORM=1: the layers with the grouped
 #          norm before out_proj, as in the hybrid presets, into prefill-norm.json/.log)
 #   record every op's inputs and outputs of one bf16 layer forward+backward into $OUT/ops.pt (RECORD_ARGS: more
-#          options of benchmarks/op_replay.py, e.g. "--d-state 64 --tunings output_stages=3"; not in the default
+#          options of benchmarks/op_replay.py, e.g. "--d-state 64 --tunings output_block_t=16"; not in the default
 #          set); then here: TRITON_INTERPRET=1 python benchmarks/op_replay.py --replay ops.pt
 #   ncu    each scan kernel's time and executed instructions by ncu (ours and the official, one step, d_state 64)
 #   stalls ncu's warp-state (stall reasons), scheduler, occupancy and memory sections of STALL_KERNELS (default

@@ -129,7 +129,6 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "split-p2-pairs8": dict(triton_states_split_p=2, triton_states_block_pairs=8),
     "output-block16": dict(triton_output_block_t=16),
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
-    "output-stages3": dict(triton_output_stages=3),  # MIMO: the gate backward's ranks as a pipelined loop
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
     "bias-in-group-sums": dict(triton_bias_in_group_sums=1),  # SISO: the bias sums folded into the group sums
 }

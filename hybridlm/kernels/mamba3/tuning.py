@@ -61,12 +61,6 @@ class KernelTuning:
                             expansion, triton/ranks.py) takes; None: 32 (output) and 64 (expansion)
                             [HYBRIDLM_TRITON_OUTPUT_BLOCK_T]
     triton_output_warps     warps of those kernels; None: 4 [HYBRIDLM_TRITON_OUTPUT_WARPS]
-    triton_output_stages    the gate backward's walk over MIMO's ranks: 0 (default) unrolled, each rank's
-                            loads after the last rank's stores; 2 or 3: a loop Triton pipelines, the next
-                            ranks' y loads in flight through shared memory (5.6 / 10 KB a program) instead
-                            of registers. Untimed: MIMO R 4's gate backward took 1.0 ms at B 8, L 2K
-                            (≈ 1.5 TB/s, 255 registers with the grouped norm, 2 programs an SM)
-                            [HYBRIDLM_TRITON_OUTPUT_STAGES]
     cute_max_rows           most state rows one thread of the CuTe step owns; None: 8 for SISO,
                             4 for MIMO [HYBRIDLM_CUTE_MAX_ROWS]
     cute_min_blocks         CTAs per SM the CuTe step's register budget must allow; None: as
@@ -90,7 +84,6 @@ class KernelTuning:
     triton_states_stages: int | None = None
     triton_output_block_t: int | None = None
     triton_output_warps: int | None = None
-    triton_output_stages: int = 0
     cute_max_rows: int | None = None
     cute_min_blocks: int | None = None
     cute_prerotate: int = 0
@@ -116,7 +109,6 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
     "triton_bias_in_group_sums": ((0, 1), "0 (the bias kernel) or 1 (the group sums' partial column sums)"),
-    "triton_output_stages": ((0, 2, 3), "0 (the ranks unrolled) or 2 or 3 (a pipelined loop over the ranks)"),
     "cute_prerotate": ((0, 1), "0 (each thread rotates its slots) or 1 (B and C rotated once per CTA)"),
 }
 
@@ -135,7 +127,6 @@ ENV_VARS: dict[str, str] = {
     "triton_states_stages": "HYBRIDLM_TRITON_STATES_STAGES",
     "triton_output_block_t": "HYBRIDLM_TRITON_OUTPUT_BLOCK_T",
     "triton_output_warps": "HYBRIDLM_TRITON_OUTPUT_WARPS",
-    "triton_output_stages": "HYBRIDLM_TRITON_OUTPUT_STAGES",
     "cute_max_rows": "HYBRIDLM_CUTE_MAX_ROWS",
     "cute_min_blocks": "HYBRIDLM_CUTE_MIN_BLOCKS",
     "cute_prerotate": "HYBRIDLM_CUTE_PREROTATE",

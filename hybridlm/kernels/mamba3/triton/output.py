@@ -88,91 +88,74 @@ def _gate_fwd_kernel(
 
 
 @triton.jit
-def _gate_bwd_rank(Y, MIMO_Z, MIMO_O, DY, DMIMO_Z, DMIMO_O, r, t64, h, n_heads, headdim, p, p_mask, mask, partial, eps,
-                   dout, z, dz, w, dw, R: tl.constexpr, NORM: tl.constexpr, HAS_Z: tl.constexpr,
-                   HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr):
-    """Rank r's dy stored, its partial d mimo_z / d mimo_o rows stored; dz and dw with its terms added."""
-    y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R).to(tl.float32)
-    if HAS_Z:
-        zr = z
-        if HAS_MIMO_Z:
-            mz = rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
-            zr = z * mz
-        gate, dgate = _silu_parts(zr)
-    else:
-        gate = 1.0
-    do = dout
-    if HAS_MIMO_O:
-        do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
-    if NORM == 1:  # o = n·gate, n = ŷ·w, ŷ = y·rstd
-        rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
-        yhat = y * rstd
-        n = yhat * w
-        o = n * gate
-        dn = do * gate
-        dw += tl.sum(dn * yhat, 0)
-        dyhat = dn * w
-        # dy = rstd·(dŷ − ŷ·mean(dŷ·ŷ)): the row's factors first, then two operations an element
-        dy = rstd * dyhat - yhat * (rstd * (tl.sum(dyhat * yhat, 1) / headdim)[:, None])
-        dgated = do * n
-    elif NORM == 2:  # o = m̂·w, m̂ = m·rstd, m = y·gate
-        m = y * gate
-        rstd = tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None]
-        mhat = m * rstd
-        o = mhat * w
-        dw += tl.sum(do * mhat, 0)
-        dmhat = do * w
-        dm = rstd * dmhat - mhat * (rstd * (tl.sum(dmhat * mhat, 1) / headdim)[:, None])
-        dy = dm * gate
-        dgated = dm * y
-    else:
-        o = y * gate
-        dy = do * gate
-        dgated = do * y
-    tl.store(DY + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], dy.to(DY.dtype.element_ty),
-             mask=mask)
-    if HAS_MIMO_O:
-        tl.store(DMIMO_O + (partial * R + r) * headdim + p, tl.sum(dout * o, 0), mask=p_mask)
-    if HAS_Z:
-        dzr = dgated * dgate
-        if HAS_MIMO_Z:
-            tl.store(DMIMO_Z + (partial * R + r) * headdim + p, tl.sum(dzr * z, 0), mask=p_mask)
-            dz += dzr * mz
-        else:
-            dz += dzr
-    return dz, dw
-
-
-@triton.jit
 def _gate_bwd_kernel(
     Y, Z, MIMO_Z, MIMO_O, NORM_W, DOUT, DY, DZ, DMIMO_Z, DMIMO_O, DNORM_W,
     n_tokens, n_heads, headdim, z_row, dout_row, eps,
     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr, STAGES: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MIMO_Z: tl.constexpr, HAS_MIMO_O: tl.constexpr,
 ):
     """dy per rank, dz, and this block's partial sums of d mimo_z, d mimo_o (R, P) and d norm weight (P).
-    STAGES 0: the ranks unrolled, each rank's loads after the last rank's stores (loading them all first, as
-    ranks.py's backward does, took R = 4 from 168 to 247 registers and measured 2.6 % slower, H200,
-    2026-12-05, docs/benchmarks.md); else a loop over the ranks that Triton pipelines, the next ranks' y
-    loads in flight through shared memory (KernelTuning.triton_output_stages)."""
+    Each rank's loads follow the last rank's stores: loading them all first (as ranks.py's backward does)
+    took R = 4 from 168 to 247 registers and measured 2.6 % slower (H200, 2026-12-05, docs/benchmarks.md)."""
     pid_t, h = tl.program_id(0), tl.program_id(1)
     t64, p, p_mask, mask = token_block(pid_t, n_tokens, headdim, BLOCK_T, BLOCK_P)
     dout = tl.load(DOUT + t64 * dout_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = 0.0
-    dz = 0.0
     if HAS_Z:
         z = tl.load(Z + t64 * z_row + h * headdim + p[None, :], mask=mask, other=0.0).to(tl.float32)
         dz = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
-    w = 0.0
-    dw = 0.0
     if NORM != 0:
         w = tl.load(NORM_W + h * headdim + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([BLOCK_P], dtype=tl.float32)
     partial = (pid_t * n_heads + h).to(tl.int64)
-    # STAGES 0: one loop unrolled whole (as a static range); else a loop Triton pipelines
-    for r in tl.range(0, R, num_stages=max(STAGES, 1), loop_unroll_factor=R if STAGES == 0 else 1):
-        dz, dw = _gate_bwd_rank(Y, MIMO_Z, MIMO_O, DY, DMIMO_Z, DMIMO_O, r, t64, h, n_heads, headdim, p, p_mask,
-                                mask, partial, eps, dout, z, dz, w, dw, R, NORM, HAS_Z, HAS_MIMO_Z, HAS_MIMO_O)
+    for r in tl.static_range(R):
+        y = rank_rows(Y, t64, r, h, n_heads, headdim, p, mask, R).to(tl.float32)
+        if HAS_Z:
+            zr = z
+            if HAS_MIMO_Z:
+                mz = rank_vector(MIMO_Z, h, r, headdim, p, p_mask, R)
+                zr = z * mz
+            gate, dgate = _silu_parts(zr)
+        else:
+            gate = 1.0
+        do = dout
+        if HAS_MIMO_O:
+            do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
+        if NORM == 1:  # o = n·gate, n = ŷ·w, ŷ = y·rstd
+            rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
+            yhat = y * rstd
+            n = yhat * w
+            o = n * gate
+            dn = do * gate
+            dw += tl.sum(dn * yhat, 0)
+            dyhat = dn * w
+            # dy = rstd·(dŷ − ŷ·mean(dŷ·ŷ)): the row's factors first, then two operations an element
+            dy = rstd * dyhat - yhat * (rstd * (tl.sum(dyhat * yhat, 1) / headdim)[:, None])
+            dgated = do * n
+        elif NORM == 2:  # o = m̂·w, m̂ = m·rstd, m = y·gate
+            m = y * gate
+            rstd = tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None]
+            mhat = m * rstd
+            o = mhat * w
+            dw += tl.sum(do * mhat, 0)
+            dmhat = do * w
+            dm = rstd * dmhat - mhat * (rstd * (tl.sum(dmhat * mhat, 1) / headdim)[:, None])
+            dy = dm * gate
+            dgated = dm * y
+        else:
+            o = y * gate
+            dy = do * gate
+            dgated = do * y
+        tl.store(DY + (t64 * R + r) * (n_heads * headdim) + h * headdim + p[None, :], dy.to(DY.dtype.element_ty),
+                 mask=mask)
+        if HAS_MIMO_O:
+            tl.store(DMIMO_O + (partial * R + r) * headdim + p, tl.sum(dout * o, 0), mask=p_mask)
+        if HAS_Z:
+            dzr = dgated * dgate
+            if HAS_MIMO_Z:
+                tl.store(DMIMO_Z + (partial * R + r) * headdim + p, tl.sum(dzr * z, 0), mask=p_mask)
+                dz += dzr * mz
+            else:
+                dz += dzr
     if HAS_Z:
         tl.store(DZ + t64 * (n_heads * headdim) + h * headdim + p[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
     if NORM != 0:
@@ -224,8 +207,7 @@ def gated_output_bwd(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o:
             y, _or(z, y), _or(mimo_z, y), _or(mimo_o, y), _or(norm_weight, y), dout, dy, _or(dz, y),
             _or(dmimo_z, y), _or(dmimo_o, y), _or(dnorm, y), T, H, P,
             z.stride(0) if z is not None else 0, dout.stride(0), eps,
-            **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t), STAGES=kernel_tuning().triton_output_stages,
-            num_warps=warps)
+            **_constants(R, P, out_norm, z, mimo_z, mimo_o, block_t), num_warps=warps)
     return [dy, dz if dz is not None else _absent(y),
             dmimo_z.sum(0).to(mimo_z.dtype) if dmimo_z is not None else _absent(y),
             dmimo_o.sum(0).to(mimo_o.dtype) if dmimo_o is not None else _absent(y),
