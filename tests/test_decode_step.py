@@ -28,6 +28,7 @@ LAYERS = {
     "siso-rope1-P12": dict(d_state=16, headdim=12, d_model=24, rope_fraction=1.0),
     "mimo2-groups-norm": dict(d_state=16, headdim=8, is_mimo=True, mimo_rank=2, ngroups=2, is_outproj_norm=True),
     "mimo4": dict(d_state=32, headdim=16, is_mimo=True, mimo_rank=4),
+    "mimo1-norm": dict(d_state=16, headdim=8, is_mimo=True, mimo_rank=1, is_outproj_norm=True),  # MIMO weights, R 1
     "postgate-grouped": dict(d_state=16, headdim=8, out_norm="postgate_grouped", discretization="half"),
     "pregate-default": dict(d_state=16, headdim=8, out_norm="pregate_default", is_mimo=True, mimo_rank=2),
     "postgate-default-euler-norot": dict(d_state=16, headdim=8, out_norm="postgate_default", discretization="euler",

@@ -85,6 +85,7 @@ VARIANTS = {
     "siso": dict(),
     "siso-norm": dict(is_outproj_norm=True, ngroups=2),
     "mimo": dict(is_mimo=True, mimo_rank=2, ngroups=2, is_outproj_norm=True),
+    "mimo1": dict(is_mimo=True, mimo_rank=1, is_outproj_norm=True),  # MIMO weights at rank 1
     "mamba2-like": dict(conv_kernel=3, discretization="euler", rotation=False, bc_bias=False,
                         out_norm="postgate_default", a_activation="softplus"),
     "half-lambda": dict(discretization="half", out_norm="pregate_default"),

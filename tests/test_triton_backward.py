@@ -15,19 +15,35 @@ triton_pkg = pytest.importorskip("hybridlm.kernels.mamba3.triton")
 triton_scan = triton_pkg.mamba3_chunked
 
 
-def test_bfloat16_gradients():
+@pytest.mark.parametrize("narrow_state_grads", [0, 1])
+def test_bfloat16_gradients(narrow_state_grads, monkeypatch):
     """bf16 inputs, MIMO R=4: dq, dk summed over a group's heads in fp32 and cast back, dv in bf16;
-    every gradient within bf16 rounding of the fp32 reference (the interpreter multiplies in fp32)."""
+    every gradient within bf16 rounding of the fp32 reference (the interpreter multiplies in fp32).
+    ``narrow_state_grads``: the backward's per-chunk state gradients stored in bf16, not fp32 (the knob)."""
+    from hybridlm.kernels.mamba3.triton import chunk_bwd
+    from hybridlm.kernels.mamba3.tuning import use_tuning
+
+    stored = []
+    real_states = chunk_bwd.chunk_states
+
+    def spy(*a, **k):
+        states, final = real_states(*a, **k)
+        stored.append(states.dtype)
+        return states, final
+
+    monkeypatch.setattr(chunk_bwd, "chunk_states", spy)
     args, kw = make_inputs(B=1, L=40, R=4, H=2, N=16, P=16, S=4, layout="half")
     leaves_ref = [t.clone().requires_grad_() if t is not None else None for t in args]
     y_ref = oracle.mamba3_chunked(*leaves_ref, **scan_kwargs(kw))
     bf16 = [t.to(DEVICE).bfloat16().requires_grad_() for t in args[:3]] + [t.to(DEVICE) for t in args[3:]]
     kw16 = {n: v.to(DEVICE) if torch.is_tensor(v) else v for n, v in kw.items()}
     kw16["z"] = kw16["z"].bfloat16()
-    y = triton_scan(*bf16, **scan_kwargs(kw16), chunk_size=16)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
-    grads = torch.autograd.grad((y.float() * w).sum(), bf16[:3])
+    with use_tuning(triton_narrow_state_grads=narrow_state_grads):
+        y = triton_scan(*bf16, **scan_kwargs(kw16), chunk_size=16)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
+        grads = torch.autograd.grad((y.float() * w).sum(), bf16[:3])
     grads_ref = torch.autograd.grad((y_ref * w.cpu()).sum(), leaves_ref[:3])
+    assert stored == [torch.bfloat16 if narrow_state_grads else torch.float32]
     assert all(g.dtype == torch.bfloat16 for g in grads)
     errors = {n: rel_err(g.float().cpu(), r) for n, g, r in zip("qkx", grads, grads_ref)}
     assert max(errors.values()) < 2e-2, errors

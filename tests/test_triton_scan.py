@@ -27,6 +27,9 @@ CONFIGS = {
     "siso-groups-rope1-norm": (1, 2, 4, 16, 8, 1.0, "interleaved", "pregate_grouped"),
     "mimo2-groups": (2, 2, 4, 16, 8, 0.5, "half", "postgate_grouped"),
     "mimo4-rope1": (4, 1, 2, 16, 8, 1.0, "half", "pregate_default"),  # a norm across heads: the torch path
+    # MIMO weights at rank 1 (a Mamba3 block built with is_mimo=True, mimo_rank=1): x, z and y still
+    # weighted per rank (the Triton path once skipped x's weights below rank 2)
+    "mimo1-weights": (1, 1, 2, 16, 8, 0.5, "half", "pregate_grouped"),
     # d_state 64: the kernels walk N in several blocks of rotation pairs
     "siso-N64": (1, 1, 2, 64, 8, 0.5, "interleaved", "none"),
     "mimo2-N64": (2, 1, 2, 64, 8, 1.0, "half", "pregate_grouped"),

@@ -131,6 +131,7 @@ STATES_VARIANTS = {  # the scan kernels' knob sets under A/B (docs/benchmarks.md
     "output-block64-warps8": dict(triton_output_block_t=64, triton_output_warps=8),
     "fuse-ranks": dict(triton_fuse_ranks=1),  # MIMO: x expanded inside the scan kernels (SISO: unchanged)
     "bias-in-group-sums": dict(triton_bias_in_group_sums=1),  # SISO: the bias sums folded into the group sums
+    "narrow-state-grads": dict(triton_narrow_state_grads=1),  # the backward's per-chunk G stored in bf16
 }
 
 

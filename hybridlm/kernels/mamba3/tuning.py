@@ -46,6 +46,12 @@ class KernelTuning:
                             sums with column sums 343 / 671 µs at d_state 64 / 128, against 73 + 70 / 139 + 131
                             µs for the group sums and the bias kernel (docs/benchmarks.md)
                             [HYBRIDLM_TRITON_BIAS_IN_GROUP_SUMS]
+    triton_narrow_state_grads 1: the backward's state gradient leaving each chunk (G, n_chunks × H × P × N) is
+                            stored in the matmul dtype (bf16/fp16), as the forward's states are; 0 (default):
+                            fp32. Its uses are bf16 products but for one fp32 sum (⟨S_c, G⟩, d cs_end), so
+                            this halves G's bytes (0.27 GB written and read a SISO layer at B 8, L 2K, d_state
+                            64; 2.1 GB MIMO R = 4, d_state 128) at the cost of one rounding; not yet timed
+                            [HYBRIDLM_TRITON_NARROW_STATE_GRADS]
     triton_states_block_pairs rotation pairs per block of the states kernel (triton/states.py);
                             None: triton_block_pairs [HYBRIDLM_TRITON_STATES_BLOCK_PAIRS]
     triton_states_split_p   programs that share one head's P rows in the states kernel (each owns
@@ -78,6 +84,7 @@ class KernelTuning:
     triton_bias_rows: int | None = None
     triton_group_heads: int | None = None
     triton_bias_in_group_sums: int = 0
+    triton_narrow_state_grads: int = 0
     triton_states_block_pairs: int | None = None
     triton_states_split_p: int = 1
     triton_states_maxnreg: int | None = None
@@ -109,6 +116,7 @@ CHOICES: dict[str, tuple[tuple[int, ...], str]] = {
     "triton_backward_kernels": ((1, 2), "1 (fused) or 2 (split)"),
     "triton_fuse_ranks": ((0, 1), "0 (the expansion kernels) or 1 (fused into the scan kernels)"),
     "triton_bias_in_group_sums": ((0, 1), "0 (the bias kernel) or 1 (the group sums' partial column sums)"),
+    "triton_narrow_state_grads": ((0, 1), "0 (G stored in fp32) or 1 (G stored in the matmul dtype)"),
     "cute_prerotate": ((0, 1), "0 (each thread rotates its slots) or 1 (B and C rotated once per CTA)"),
 }
 
@@ -121,6 +129,7 @@ ENV_VARS: dict[str, str] = {
     "triton_bias_rows": "HYBRIDLM_TRITON_BIAS_ROWS",
     "triton_group_heads": "HYBRIDLM_TRITON_GROUP_HEADS",
     "triton_bias_in_group_sums": "HYBRIDLM_TRITON_BIAS_IN_GROUP_SUMS",
+    "triton_narrow_state_grads": "HYBRIDLM_TRITON_NARROW_STATE_GRADS",
     "triton_states_block_pairs": "HYBRIDLM_TRITON_STATES_BLOCK_PAIRS",
     "triton_states_split_p": "HYBRIDLM_TRITON_STATES_SPLIT_P",
     "triton_states_maxnreg": "HYBRIDLM_TRITON_STATES_MAXNREG",

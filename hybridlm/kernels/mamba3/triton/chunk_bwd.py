@@ -409,7 +409,9 @@ def scan_backward(spec: ScanSpec, saved: dict, dy: Tensor, dfinal: Tensor | None
                   num_stages=spec.backward_stages, EXPAND=mimo_x is not None, **spec.constexprs())
     dys = (dy.stride(1), dy.stride(2))
     vs = value_strides(v)
-    dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, torch.float32)
+    # G in fp32 unless the knob narrows it to the matmul dtype (its products round it there anyway)
+    grads_dtype = spec.matmul_dtype if spec.knobs.triton_narrow_state_grads else torch.float32
+    dstates, dssm0 = chunk_states(spec, q, q_bias, theta, dy, adt, adt, dfinal, False, dys, grads_dtype)
     grid = (lay.n_chunks, H)
     D_or_any = D if D is not None else adt  # an unread pointer without D
     if lay.n_chunks and spec.backward_kernels == 1:

@@ -121,8 +121,10 @@ def mamba3_chunked(
     mimo_x = None  # given: the kernels expand x to the ranks as they load it (v stays x)
     if R > 1 and params.mimo_x is not None and fuse_rank_expansion():
         mimo_x = fp32_contiguous(params.mimo_x)
+    elif params.mimo_x is not None:  # MIMO weights at any rank, R = 1 included (the reference's math)
+        v = expand_ranks_fwd(xf, params.mimo_x)
     elif R > 1:
-        v = expand_ranks_fwd(xf, params.mimo_x) if params.mimo_x is not None else v.expand(T, R, H, P).contiguous()
+        v = v.expand(T, R, H, P).contiguous()
 
     ssm0 = None
     if initial_state is not None:  # each sequence's first token's β-term reads the state's last v and k
