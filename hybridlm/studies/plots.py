@@ -24,6 +24,14 @@ class Panel:
     xticklabels: Sequence[str] | None = None  # default: the tick values
 
 
+def step_axis(ax) -> None:
+    """Training steps on the x axis as 0, 10k, 20k …: five ticks at most (40,000-step runs overlapped theirs)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
+
+
 def plot_panels(panels: Sequence[Panel], path: str | Path, suptitle: str | None = None) -> Path | None:
     """Panels side by side, one legend per panel; None (with a note) when matplotlib is missing."""
     try:
@@ -51,6 +59,8 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, suptitle: str | None 
             ax.minorticks_off()
         if panel.ylim:
             ax.set_ylim(*panel.ylim)
+        if panel.xlabel == "step" and not panel.xlog and panel.xticks is None:
+            step_axis(ax)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hybridlm.studies.plots import Panel, plot_panels
+from hybridlm.studies.plots import Panel, plot_panels, step_axis
 
 
 def paper_plots(cfg, planned: list, states: dict, best: dict, out: Path) -> list[Path]:
@@ -20,7 +20,8 @@ def paper_plots(cfg, planned: list, states: dict, best: dict, out: Path) -> list
                 points = [(h["step"], 100 * h[f"scaled_accuracy@{rep}"]) for h in st["history"]]
                 lines[f"{entry.label} (d{run.meta['width']}, lr {run.meta['lr']:g})"] = (
                     [s for s, _ in points], [v for _, v in points])
-        curves.append(Panel(task, lines, "step", f"scaled accuracy @ {rep} (%)", ylim=(-5, 105)))
+        # down to −100: a run can answer inverted (scaled accuracy < 0), not only at chance
+        curves.append(Panel(task, lines, "step", f"scaled accuracy @ {rep} (%)", ylim=(-105, 105)))
     if any(c.lines for c in curves):
         plots.append(plot_panels(curves, out / "state-tracking-paper.png", "Best run of each model: held-out accuracy"))
     sweep = []
@@ -75,6 +76,7 @@ def diagnostics_plot(history: list[dict], path: Path, title: str) -> Path | None
         ax.axhline(-1, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"mean Δ·tanh(θ) on {label}, per (head, pair); ±1 = a half turn", fontsize=9)
         ax.set_xlabel("step")
+        step_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     for h in range(heads):
@@ -83,6 +85,7 @@ def diagnostics_plot(history: list[dict], path: Path, title: str) -> Path | None
     axes[2].set_yscale("log")
     axes[2].set_title("mean |A|·Δ per head (0 = no decay)", fontsize=9)
     axes[2].set_xlabel("step")
+    step_axis(axes[2])
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
