@@ -532,7 +532,8 @@ def test_the_summary_reports_each_models_best_run_over_the_sweep(tmp_path):
                                       "seconds_per_step": 0.25}}
     summary = state_tracking.summarize(cfg, finished, tmp_path, [])
     # each run's row: the best at the other lengths over every evaluation, the lowest and the last loss
-    assert f"| {planned[0].id} | 4/4 | done | 0.0 | 2 | 98.7 | 0.0123 | 0.5000 |" in summary.markdown
+    # (held: no window of evaluations every_eval steps apart here)
+    assert f"| {planned[0].id} | 4/4 | done | 0.0 | 2 | – | 98.7 | 0.0123 | 0.5000 |" in summary.markdown
     last_official = [r for r in planned if r.meta["model"] == "official"][-1]
     best = summary.data["best"]["official/parity"]
     assert best["run"] == last_official.id
@@ -544,6 +545,41 @@ def test_the_summary_reports_each_models_best_run_over_the_sweep(tmp_path):
             "state-tracking-paper-diagnostics-mamba3-parity.png"} <= names
     assert all(p.stat().st_size > 1000 for p in summary.plots)
     assert math.isclose(cfg.paper.lrs()[1], 1e-2)
+
+
+def test_held_accuracy_ignores_a_one_evaluation_peak(tmp_path, monkeypatch):
+    """The paper's measure is a run's best evaluation; "held" is the best value every evaluation of a window
+    of consecutive evaluations reached, so a lone peak (a run that answers right at 256 for one evaluation
+    between chance and inverted ones, as session 24's winner did) does not count, a plateau does, and a gap
+    in a trimmed record ends a window."""
+    from hybridlm.studies import state_tracking_paper as paper
+
+    def hist(values, every=100, start=0):
+        return [{"step": start + every * i, "scaled_accuracy@256": v} for i, v in enumerate(values)]
+
+    peak = hist([0.0, -0.5, 0.99, -0.02, 0.0] * 4)
+    plateau = hist([0.1] * 3 + [0.7, 0.8, 0.75, 0.72] * 3)
+    assert paper.held_best(peak, 256, 100, steps=300) == pytest.approx(-0.02)  # never above chance for 3
+    assert paper.held_best(plateau, 256, 100, steps=300) == pytest.approx(0.72)
+    gapped = hist([0.9, 0.9]) + hist([0.9, 0.9], start=400)  # steps 0, 100, 400, 500: no 3 in a row
+    assert paper.held_best(gapped, 256, 100, steps=300) is None
+    assert paper.held_best(gapped, 256, 100, steps=200) == pytest.approx(0.9)
+
+    monkeypatch.setattr(paper, "HOLD_STEPS", 4)  # 2 evaluations in a row at every 2 steps
+    cfg = paper_config(quick=True, widths=[16], lr_count=2, lr_max=1e-2, eval_lengths=[8])
+    planned = [r for r in state_tracking.plan(cfg, {}).runs if r.meta["model"] == "mamba3"]
+    finished = {}
+    for run, values in zip(planned, ([0.0, 0.95, 0.0], [0.6, 0.7, 0.65])):  # a peak; a plateau
+        history = [{"step": 2 * i, "scaled_accuracy@8": v} for i, v in enumerate(values)]
+        finished[run.id] = {"id": run.id, "meta": run.meta, "history": history,
+                            "best": {"step": 2, "scaled_accuracy": max(values)},
+                            "train": {"steps": 4, "losses": [[4, 0.1]], "seconds": 1.0, "seconds_per_step": 0.25}}
+    summary = state_tracking.summarize(cfg, finished, tmp_path, [])
+    best = summary.data["best"]["mamba3/parity"]
+    assert best["run"] == planned[0].id and best["scaled_accuracy"] == pytest.approx(0.95)
+    assert best["held"] == {"scaled_accuracy": pytest.approx(0.65), "run": planned[1].id}
+    assert summary.data["runs"][planned[0].id]["held"] == pytest.approx(0.0)
+    assert "| Mamba-3 | 65.0 (d16, " in summary.markdown
 
 
 @pytest.mark.parametrize("task", ["parity", "arith"])

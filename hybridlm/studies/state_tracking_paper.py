@@ -209,7 +209,7 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
              f"Best scaled accuracy (%) at length {rep} over the sweep ({len(p.widths)} widths × {p.lr_count} "
              f"learning rates, best evaluation of each run, every {p.eval_every:,} steps); (width, lr, step) of "
              "the best; * = the sweep is not finished."]
-    rows, data = [], {"best": {}, "runs": {}}
+    rows, held_rows, data = [], [], {"best": {}, "runs": {}}
     for model, entry in p.models.items():
         row = [entry.label]
         for task in cfg.tasks:
@@ -225,9 +225,25 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
             data["best"][f"{model}/{task}"] = {"scaled_accuracy": value, "run": r.id, "step": st["best"]["step"],
                                                "complete": complete}
         rows.append(row)
+        held_row = [entry.label]
+        for task in cfg.tasks:
+            here = [(held_best(states[r.id]["history"], rep, p.eval_every), r) for r in planned
+                    if r.meta["model"] == model and r.meta["task"] == task and states[r.id]]
+            here = [(v, r) for v, r in here if v is not None]
+            if not here:
+                held_row.append(None)
+                continue
+            value, r = max(here, key=lambda vr: vr[0])
+            held_row.append(f"{100 * value:.1f} (d{r.meta['width']}, {r.meta['lr']:g})")
+            data["best"].setdefault(f"{model}/{task}", {})["held"] = {"scaled_accuracy": value, "run": r.id}
+        held_rows.append(held_row)
     if set(cfg.tasks) == set(TASKS):
         rows += [[f"paper: {name}"] + [f"{v:.2f}" for v in values] for name, values in PAPER.items()]
     parts.append(markdown_table(["model"] + [f"{t} @ {rep}" for t in cfg.tasks], rows))
+    parts.append(f"The same sweep, **held**: the best scaled accuracy (%) at {rep} that every evaluation of "
+                 f"{HOLD_STEPS:,} consecutive steps reached ({max(2, HOLD_STEPS // p.eval_every)} evaluations in a "
+                 "row; the paper's measure above also counts a one-evaluation peak), and the run that held it:")
+    parts.append(markdown_table(["model"] + [f"{t} @ {rep}, held" for t in cfg.tasks], held_rows))
 
     others = [n for n in p.eval_lengths if n != rep]
     run_rows = []
@@ -239,14 +255,16 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
                          ("paused" if st else "not started"),
                          pct(st["best"]["scaled_accuracy"]) if st else None,
                          f"{st['best']['step']:,}" if st else None,
+                         pct(held_best(st["history"], rep, p.eval_every)) if st else None,
                          *[pct(best_at(st["history"], n)) if st else None for n in others],
                          f"{min(losses):.4f}" if losses else None, f"{losses[-1]:.4f}" if losses else None])
         data["runs"][r.id] = {"step": st["step"] if st else 0, "done": done,
-                              "best": st["best"] if st else None}
+                              "best": st["best"] if st else None,
+                              "held": held_best(st["history"], rep, p.eval_every) if st else None}
     parts.append(f"Every run (scaled accuracy (%) at {rep}, the best evaluation so far; at "
                  f"{', '.join(map(str, others)) or '-'}: the best of any evaluation, whether the run learned "
                  f"the task within its training lengths; the training loss: {p.log_freq}-step means):")
-    parts.append(markdown_table(["run", "steps", "status", f"best @ {rep}", "at step",
+    parts.append(markdown_table(["run", "steps", "status", f"best @ {rep}", "at step", f"held @ {rep}",
                                  *[f"best @ {n}" for n in others], "lowest loss", "last loss"], run_rows))
     diag = _diagnostics_lines(best)
     if diag:
@@ -256,6 +274,28 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
     plots = paper_plots(cfg, planned, states, best, out)
     parts.append("Runs recorded:\n" + environment_lines(sessions))
     return Summary("\n\n".join(parts), plots, data)
+
+
+HOLD_STEPS = 1_000  # "held": every evaluation of this many consecutive steps reached the value
+
+
+def held_best(history: list[dict], length: int, every: int, steps: int | None = None) -> float | None:
+    """The highest scaled accuracy at ``length`` that every evaluation of a window of ``steps // every``
+    consecutive evaluations (``every`` steps apart) reached: the best value a run held, where the paper's
+    best-of-evaluations also counts a one-evaluation peak. A gap in the evaluations (a record trimmed of
+    its low points) ends a window. None: no complete window."""
+    key = f"scaled_accuracy@{length}"
+    points = sorted((h["step"], h[key]) for h in history if key in h)
+    size = max(2, (HOLD_STEPS if steps is None else steps) // every)
+    best, window = None, []
+    for step, value in points:
+        if window and step - window[-1][0] != every:
+            window = []
+        window = (window + [(step, value)])[-size:]
+        if len(window) == size:
+            low = min(v for _, v in window)
+            best = low if best is None else max(best, low)
+    return best
 
 
 def best_at(history: list[dict], length: int) -> float | None:
