@@ -198,6 +198,8 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
     planned = runs(cfg)
     states = {r.id: run_state(r, finished, out / "work") for r in planned}
     rep = p.report_length
+    held = {r.id: held_best(states[r.id]["history"], rep, p.eval_every) if states[r.id] else None
+            for r in planned}
     best: dict[tuple[str, str], tuple[Run, dict]] = {}
     for r in planned:
         st = states[r.id]
@@ -227,9 +229,8 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
         rows.append(row)
         held_row = [entry.label]
         for task in cfg.tasks:
-            here = [(held_best(states[r.id]["history"], rep, p.eval_every), r) for r in planned
-                    if r.meta["model"] == model and r.meta["task"] == task and states[r.id]]
-            here = [(v, r) for v, r in here if v is not None]
+            here = [(held[r.id], r) for r in planned
+                    if r.meta["model"] == model and r.meta["task"] == task and held[r.id] is not None]
             if not here:
                 held_row.append(None)
                 continue
@@ -255,12 +256,12 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
                          ("paused" if st else "not started"),
                          pct(st["best"]["scaled_accuracy"]) if st else None,
                          f"{st['best']['step']:,}" if st else None,
-                         pct(held_best(st["history"], rep, p.eval_every)) if st else None,
+                         pct(held[r.id]),
                          *[pct(best_at(st["history"], n)) if st else None for n in others],
                          f"{min(losses):.4f}" if losses else None, f"{losses[-1]:.4f}" if losses else None])
         data["runs"][r.id] = {"step": st["step"] if st else 0, "done": done,
                               "best": st["best"] if st else None,
-                              "held": held_best(st["history"], rep, p.eval_every) if st else None}
+                              "held": held[r.id]}
     parts.append(f"Every run (scaled accuracy (%) at {rep}, the best evaluation so far; at "
                  f"{', '.join(map(str, others)) or '-'}: the best of any evaluation, whether the run learned "
                  f"the task within its training lengths; the training loss: {p.log_freq}-step means):")
