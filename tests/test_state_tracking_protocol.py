@@ -582,6 +582,32 @@ def test_held_accuracy_ignores_a_one_evaluation_peak(tmp_path, monkeypatch):
     assert "| Mamba-3 | 65.0 (d16, " in summary.markdown
 
 
+def test_records_of_several_sessions_merge_into_one_summary(tmp_path):
+    """state_tracking_merge: the furthest record of a run wins, a run at its planned steps is finished and any
+    other paused (its progress written where the summary reads a run in progress), unknown ids are listed."""
+    from hybridlm.studies.state_tracking_merge import summarize_records
+
+    cfg = paper_config(quick=True, widths=[16], lr_count=2, lr_max=1e-2, eval_lengths=[8])
+    planned = [r for r in state_tracking.plan(cfg, {}).runs if r.meta["model"] == "mamba3"]
+    steps = planned[0].steps
+
+    def run(step, best, values):
+        history = [{"step": 2 * i, "scaled_accuracy@8": v} for i, v in enumerate(values)]
+        return {"step": step, "best": {"step": 0, "scaled_accuracy": best}, "losses": [[step, 0.3]],
+                "history": history}
+
+    early = {"runs": {planned[0].id: run(2, 0.9, [0.9, 0.0])}}
+    later = {"runs": {planned[0].id: run(steps, 0.4, [0.4, 0.4]), planned[1].id: run(1, 0.2, [0.2]),
+                      "paper-mamba3-parity-d999-lr1": run(5, 0.5, [0.5])}}
+    summary, unknown = summarize_records(cfg, [early, later], tmp_path)
+    assert unknown == ["paper-mamba3-parity-d999-lr1"]
+    runs = summary.data["runs"]
+    assert runs[planned[0].id]["done"] and runs[planned[0].id]["best"]["scaled_accuracy"] == 0.4  # the later one
+    assert not runs[planned[1].id]["done"] and runs[planned[1].id]["step"] == 1
+    assert (tmp_path / "work" / planned[1].id / "progress.json").is_file()
+    assert f"| {planned[1].id} | 1/{steps:,} | paused |" in summary.markdown
+
+
 @pytest.mark.parametrize("task", ["parity", "arith"])
 def test_batches_padded_to_the_stage_hold_the_same_examples_and_loss(task):
     """``cuda-graph`` pads every batch to its stage's longest example (one shape a stage): the same

@@ -273,7 +273,8 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
                      "|mean Δ·tanh(θ)| over its rotated pairs on '1' and on '0' tokens (units of π), and the "
                      "mean |A|·Δ:\n" + diag)
     plots = paper_plots(cfg, planned, states, best, out)
-    parts.append("Runs recorded:\n" + environment_lines(sessions))
+    if sessions:  # none when the runs come from committed records (state_tracking_merge.py)
+        parts.append("Runs recorded:\n" + environment_lines(sessions))
     return Summary("\n\n".join(parts), plots, data)
 
 

@@ -78,7 +78,8 @@ def diagnostics_plot(history: list[dict], path: Path, title: str) -> Path | None
         ax.set_xlabel("step")
         step_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    if axes[0].get_legend_handles_labels()[1]:  # rotation off has no rotated pairs to label
+        axes[0].legend(fontsize=7, loc="best")
     for h in range(heads):
         axes[2].plot(steps, [max(layer["decay"][h], 1e-12) for layer in layers], color=colours(h % 10),
                      label=f"head {h}")
