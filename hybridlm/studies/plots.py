@@ -41,8 +41,9 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, suptitle: str | None 
     except ImportError:
         print("note: no plot written: install matplotlib (pip install 'hybridlm[eval]')", file=sys.stderr)
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    outside = [len(p.lines) + len(p.hlines) + len(p.vlines) > 4 for p in panels]  # legends beside their axes
+    fig, axes = plt.subplots(1, len(panels), figsize=((4.6 + 3.4 * any(outside)) * len(panels), 3.8), squeeze=False)
+    for ax, panel, beside in zip(axes[0], panels, outside):
         for label, (xs, ys) in panel.lines.items():
             ax.plot(list(xs), list(ys), marker="o" if len(xs) <= 12 else None, markersize=4, linewidth=1.4,
                     label=label)
@@ -65,7 +66,10 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, suptitle: str | None 
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if beside:  # off the data
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        else:
+            ax.legend(fontsize=7, loc="best")
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     return save_figure(fig, path)
