@@ -53,6 +53,18 @@ def rank_vector(V, h, r, headdim, p, p_mask, R: tl.constexpr):
 
 
 @triton.jit
+def _row_rstd(x, eps, headdim):
+    """1 / RMS of each row of x (BLOCK_T, BLOCK_P) over the head's headdim values, as a column."""
+    return tl.rsqrt(tl.sum(x * x, 1) / headdim + eps)[:, None]
+
+
+@triton.jit
+def _rms_back(dxhat, xhat, rstd, headdim):
+    """dx of x̂ = x·rstd: rstd·(dx̂ − x̂·mean(dx̂·x̂)), the row's factors first, then two operations an element."""
+    return rstd * dxhat - xhat * (rstd * (tl.sum(dxhat * xhat, 1) / headdim)[:, None])
+
+
+@triton.jit
 def _gate_fwd_kernel(
     Y, Z, MIMO_Z, MIMO_O, NORM_W, OUT, n_tokens, n_heads, headdim, z_row, eps,
     R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, NORM: tl.constexpr,
@@ -75,10 +87,10 @@ def _gate_fwd_kernel(
         else:
             gate = 1.0
         if NORM == 1:
-            o = y * tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None] * w * gate
+            o = y * _row_rstd(y, eps, headdim) * w * gate
         elif NORM == 2:
             m = y * gate
-            o = m * tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None] * w
+            o = m * _row_rstd(m, eps, headdim) * w
         else:
             o = y * gate
         if HAS_MIMO_O:
@@ -121,24 +133,23 @@ def _gate_bwd_kernel(
         if HAS_MIMO_O:
             do = dout * rank_vector(MIMO_O, h, r, headdim, p, p_mask, R)
         if NORM == 1:  # o = n·gate, n = ŷ·w, ŷ = y·rstd
-            rstd = tl.rsqrt(tl.sum(y * y, 1) / headdim + eps)[:, None]
+            rstd = _row_rstd(y, eps, headdim)
             yhat = y * rstd
             n = yhat * w
             o = n * gate
             dn = do * gate
             dw += tl.sum(dn * yhat, 0)
             dyhat = dn * w
-            # dy = rstd·(dŷ − ŷ·mean(dŷ·ŷ)): the row's factors first, then two operations an element
-            dy = rstd * dyhat - yhat * (rstd * (tl.sum(dyhat * yhat, 1) / headdim)[:, None])
+            dy = _rms_back(dyhat, yhat, rstd, headdim)
             dgated = do * n
         elif NORM == 2:  # o = m̂·w, m̂ = m·rstd, m = y·gate
             m = y * gate
-            rstd = tl.rsqrt(tl.sum(m * m, 1) / headdim + eps)[:, None]
+            rstd = _row_rstd(m, eps, headdim)
             mhat = m * rstd
             o = mhat * w
             dw += tl.sum(do * mhat, 0)
             dmhat = do * w
-            dm = rstd * dmhat - mhat * (rstd * (tl.sum(dmhat * mhat, 1) / headdim)[:, None])
+            dm = _rms_back(dmhat, mhat, rstd, headdim)
             dy = dm * gate
             dgated = dm * y
         else:
