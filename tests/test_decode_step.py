@@ -171,9 +171,13 @@ def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
     assert tuned == cute.kernel_config(layout, torch.float32, torch.float32, KernelTuning(cute_max_rows=1,
                                                                                         cute_min_blocks=3))
     assert (tuned.row_groups, tuned.min_blocks) == (layout.headdim, 3) != (default.row_groups, default.min_blocks)
-    with use_tuning(cute_prerotate=1):
+    assert default.prerotate  # MIMO's default: B and C rotated once per CTA
+    with use_tuning(cute_prerotate=0):
         cute.mamba3_decode_step(proj, cache.state, params, layout)
-    assert compiled[-1] == default._replace(prerotate=True) != default
+    assert compiled[-1] == default._replace(prerotate=False) != default
+    siso = Mamba3(d_model=32, d_state=32, headdim=16, chunk_size=4).decode_layout()  # mimo4's shape at rank 1
+    assert not cute.kernel_config(siso, torch.float32, torch.float32).prerotate
+    assert cute.kernel_config(siso, torch.float32, torch.float32, KernelTuning(cute_prerotate=1)).prerotate
 
     refused = cute_layout(*CUTE_UNSPLITTABLE[0])
     state = Mamba3State(angle=torch.zeros(1, 2, refused.n_angles), ssm=torch.zeros(1, 2, 192, 256),

@@ -608,6 +608,21 @@ def test_records_of_several_sessions_merge_into_one_summary(tmp_path):
     assert f"| {planned[1].id} | 1/{steps:,} | paused |" in summary.markdown
 
 
+def test_the_merged_summary_plans_the_tasks_its_records_trained():
+    """A record of arithmetic runs puts arithmetic in the merged summary (study.toml plans parity alone), and
+    'arith-brackets' is not read as 'arith'."""
+    from hybridlm.studies.state_tracking_merge import record_tasks
+
+    def record(*ids):
+        return {"runs": {i: {} for i in ids}}
+
+    assert record_tasks([record("paper-mamba3-mixer-parity-d32-lr0.000193")]) == ["parity"]
+    assert record_tasks([record("paper-real-mixer-arith-d32-lr0.00072"),
+                         record("paper-mamba3-parity-d64-lr1e-4")]) == ["parity", "arith"]
+    assert record_tasks([record("paper-mamba3-arith-brackets-d32-lr0.01")]) == ["arith-brackets"]
+    assert record_tasks([record("unrelated")]) == []
+
+
 @pytest.mark.parametrize("task", ["parity", "arith"])
 def test_batches_padded_to_the_stage_hold_the_same_examples_and_loss(task):
     """``cuda-graph`` pads every batch to its stage's longest example (one shape a stage): the same

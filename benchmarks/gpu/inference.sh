@@ -11,7 +11,7 @@
 #             rows with the fastest of the first model
 #   step      tests/gpu/test_step_kernels_gpu.py, the CuTe and Triton decode-step kernels (TESTS_K: a -k filter)
 #   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), d_state 64,128, R 1,4, for
-#             BACKENDS (default "cute,cute[cute_prerotate=1]": a knob's A/B), the official step too if PEER=1
+#             BACKENDS (default "cute"; a knob's A/B: e.g. "cute,cute[cute_max_rows=2]"), the official step too if PEER=1
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
 for part in $parts; do
@@ -49,7 +49,7 @@ for part in $parts; do
       peer=--no-peer
       [ "${PEER:-0}" = 1 ] && peer=""
       python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state 64,128 --mimo-rank 1,4 \
-        --backends "${BACKENDS:-cute,cute[cute_prerotate=1]}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
+        --backends "${BACKENDS:-cute}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
       grep -v Warning "$OUT/layer.log" | tail -n 20 ;;
     *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose, step, layer)"; exit 2 ;;
   esac

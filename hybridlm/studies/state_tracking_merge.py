@@ -6,13 +6,15 @@ docs/results.md §1's tables come from files in the repository alone.
 A record is what ``state_tracking_record`` wrote from a run folder (trimmed histories). A run that reached
 its planned steps counts as finished, any other as paused at its step; where records share a run (a run
 restarted in a later session), the one further along is kept. Writes OUT/summary.md (the study's tables:
-best and held accuracy per model and task, every run) and its plots; runs the study does not plan under
-today's settings are listed and left out.
+best and held accuracy per model and task, every run) and its plots. The tasks are those the records hold
+(every other setting is today's study.toml); runs the study does not plan under those settings are listed
+and left out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from hybridlm.studies import state_tracking, state_tracking_paper
@@ -27,6 +29,14 @@ def furthest_runs(records: list[dict]) -> dict[str, dict]:
             if run_id not in runs or run["step"] > runs[run_id]["step"]:
                 runs[run_id] = run
     return runs
+
+
+def record_tasks(records: list[dict]) -> list[str]:
+    """The tasks the records' runs trained, in the study's order (a run id is paper-MODEL-TASK-dWIDTH-lrLR)."""
+    names = "|".join(sorted(map(re.escape, state_tracking.TASKS), key=len, reverse=True))
+    found = {m.group(1) for record in records for run_id in record["runs"]
+             if (m := re.search(rf"-({names})-d\d+-lr", run_id))}
+    return [task for task in state_tracking.TASKS if task in found]
 
 
 def summarize_records(cfg, records: list[dict], out: Path):
@@ -62,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.out / "work").exists():
         parser.error(f"{args.out} already holds a work/ folder: give a new folder")
     records = [json.loads(p.read_text()) for p in args.records]
-    cfg = load_config(find_study_folder("state-tracking"), state_tracking.Config, overrides={"protocol": "paper"})
+    overrides = {"protocol": "paper"}
+    tasks = record_tasks(records)
+    if tasks:
+        overrides["paper"] = {"tasks": tasks}
+    cfg = load_config(find_study_folder("state-tracking"), state_tracking.Config, overrides=overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     summary, unknown = summarize_records(cfg, records, args.out)
     merged = "\n".join(f"- `{p}`: {r['device']}; " + "; ".join(f"`{c}`" for c in r["commands"])

@@ -85,7 +85,8 @@ def step_kernel(backend):
 @pytest.mark.parametrize("backend", ["cute", "cute-prerotate", "triton"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_step_kernel_matches_reference(backend, name):
-    """cute-prerotate: the CuTe step with KernelTuning.cute_prerotate (B and C rotated once per CTA)."""
+    """cute: each thread rotates its slots of B and C (SISO's default); cute-prerotate: B and C rotated once
+    per CTA (KernelTuning.cute_prerotate, MIMO's default)."""
     step, unsupported_reason = step_kernel(backend.split("-")[0])
     m = make_layer(name)
     layout, params = m.decode_layout(), m.decode_params()

@@ -66,7 +66,9 @@ def _kernel_config(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torc
                 "no split of the state rows fits")
     threads = groups * lanes
     min_blocks = tuning.cute_min_blocks or default_min_blocks(threads)
-    return StepConfig(layout, proj_dtype, kv_dtype, groups, min_blocks, bool(tuning.cute_prerotate))
+    # the H100 A/B (docs/benchmarks.md, session 25): MIMO's step 1.3-3 % faster rotated once per CTA, SISO's not
+    prerotate = layout.rank > 1 if tuning.cute_prerotate is None else bool(tuning.cute_prerotate)
+    return StepConfig(layout, proj_dtype, kv_dtype, groups, min_blocks, prerotate)
 
 
 @functools.lru_cache(maxsize=1)
