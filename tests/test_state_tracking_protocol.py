@@ -91,6 +91,24 @@ def test_a_subset_of_the_lrs_runs_with_the_ids_and_settings_of_the_whole_sweep()
         paper_config(lr_subset=[5e-3, 1e-2])
 
 
+def test_run_patterns_mix_tasks_and_models_in_one_call_with_the_sweeps_ids():
+    """paper.only_runs: the arithmetic runs of one width beside rotation off's parity runs at one lr, each run
+    with its id and flags in the whole sweep; a pattern that matches nothing is refused by name."""
+    from hybridlm.studies.config import StudyError
+
+    tasks = ["parity", "arith"]
+    whole = {r.id: r.train_flags for r in state_tracking.plan(paper_config(tasks=tasks), {}).runs}
+    patterns = ["paper-*-arith-d32-lr0.000373", "paper-real-mixer-parity-*-lr0.0001"]
+    part = state_tracking.plan(paper_config(tasks=tasks, only_runs=patterns), {}).runs
+    models = paper_config().paper.models
+    assert sorted(r.id for r in part) == sorted(
+        [f"paper-{m}-arith-d32-lr0.000373" for m in models] + [f"paper-real-mixer-parity-d{w}-lr0.0001" for w in (32, 64)])
+    assert all(whole[r.id] == r.train_flags for r in part)
+    assert {r.meta["layers"] for r in part if r.meta["task"] == "arith"} == {3}
+    with pytest.raises(StudyError, match=r"paper.only_runs pattern\(s\) paper-\*-arith-\* match no run"):
+        paper_config(only_runs=["paper-*-arith-*"])  # parity alone is planned
+
+
 def test_how_often_a_run_is_looked_at_is_not_part_of_its_key():
     """A finer evaluation (or logging, checkpoint) cadence resumes the runs in progress; anything that
     changes what is trained starts them over."""

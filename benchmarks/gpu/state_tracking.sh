@@ -6,6 +6,8 @@
 # TASKS: the tasks, a TOML list (default the study's, parity), e.g. TASKS='["arith"]' (3-layer models).
 # LRS, WIDTHS: only these of the sweep's lrs / widths, TOML lists (default all), e.g. LRS='[1e-4, 1.93e-4, 5.18e-3, 1e-2]'
 # (the runs keep their ids in the whole sweep, so their records join an earlier call's).
+# RUNS: only the runs whose ids match these shell patterns, a TOML list, e.g. with TASKS='["parity", "arith"]':
+# RUNS='["paper-*-arith-d32-*", "paper-real-mixer-parity-*-lr0.0001"]' (one call's mix of tasks and models).
 # `state_tracking.sh checked SECONDS [MODELS]`: the cuda-graph GPU test first, then the sweep with cuda-graph
 # if it passed, else eager.
 # `state_tracking.sh measure [MODES] [COUNTS]`: instead, the GPU test of the compiled steps against eager
@@ -56,7 +58,7 @@ export TRITON_CACHE_DIR=$PWD/runs/studies/state-tracking-paper/.triton-cache  # 
 timeout -k 5 $(( seconds - 35 )) python3 -m hybridlm study state-tracking --set protocol=paper \
   --out runs/studies/state-tracking-paper --only "$models" --jobs "${JOBS:-16}" --max-minutes "$minutes" \
   ${COMPILE:+--set "paper.compile=\"$COMPILE\""} ${TASKS:+--set "paper.tasks=$TASKS"} \
-  ${LRS:+--set "paper.lr_subset=$LRS"} ${WIDTHS:+--set "paper.widths=$WIDTHS"} > "$OUT/study.log" 2>&1
+  ${LRS:+--set "paper.lr_subset=$LRS"} ${WIDTHS:+--set "paper.widths=$WIDTHS"} ${RUNS:+--set "paper.only_runs=$RUNS"} > "$OUT/study.log" 2>&1
 echo "study exit status $?"; tail -n 40 "$OUT/study.log"
 kill %1 2>/dev/null
 find runs/studies/state-tracking-paper -name checkpoint.pt -size +0 | wc -l > "$OUT/checkpoints.txt"

@@ -18,6 +18,7 @@ resumed across calls by :mod:`hybridlm.studies.resumable_runner`. To measure how
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import functools
 import json
 import math
@@ -86,6 +87,9 @@ class PaperProtocol(Strict):
     # run only these of the sweep's lrs (empty: all), e.g. the ones an earlier session's record lacks;
     # each must be one of lrs(), so a run keeps the id and settings it has in the whole sweep
     lr_subset: list[float] = []
+    # run only the runs whose ids match one of these shell patterns (empty: all), e.g. one call's mix of
+    # tasks and models: ["paper-*-arith-d32-*", "paper-real-mixer-parity-*-lr0.0001"]
+    only_runs: list[str] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> "PaperProtocol":
@@ -100,7 +104,16 @@ class PaperProtocol(Strict):
         if strays:
             raise ValueError(f"paper.lr_subset names {', '.join(f'{lr:g}' for lr in strays)}, not among the sweep's "
                              f"lrs {', '.join(f'{lr:g}' for lr in self.lrs())}")
+        ids = [run_id(m, t, w, lr) for t in self.tasks for m in self.models for w in self.widths for lr in self.lrs()]
+        idle = [pattern for pattern in self.only_runs if not fnmatch.filter(ids, pattern)]
+        if idle:
+            raise ValueError(f"paper.only_runs pattern(s) {', '.join(idle)} match no run of the sweep (ids look like "
+                             f"{ids[0]}; tasks {', '.join(self.tasks)})")
         return self
+
+    def chosen(self, run: str) -> bool:
+        """Whether ``only_runs`` lets this run id through."""
+        return not self.only_runs or any(fnmatch.fnmatchcase(run, pattern) for pattern in self.only_runs)
 
     @property
     def steps(self) -> int:
@@ -160,6 +173,8 @@ def runs(cfg) -> list[Run]:
         for lr in p.lrs_in_run_order():
             for width in p.widths:
                 for model in p.models:
+                    if not p.chosen(run_id(model, task, width, lr)):
+                        continue
                     s = run_settings(cfg, model, task, width, lr)
                     meta = {"protocol": PROTOCOL, "phase": PROTOCOL, "model": model, "task": task, "width": width,
                             "lr": lr, "layers": s.layers, "spec": p.models[model].spec,
