@@ -67,3 +67,19 @@ def test_the_residual_turn_on_zeros_flips_the_answer_at_twice_the_longest_length
                      key=lambda hi: abs(ones[hi[0]][hi[1]]))
     assert 0.5 < abs(layer["turn_on_0"][head][pair]) * 256 < 1.5  # units of π, over 256 zeros
     assert scaled_accuracy(trained, 512, 256, seed=1) <= -0.5
+
+
+def test_the_length_profile_tool_reads_a_run_folder(tmp_path):
+    """state_tracking_lengths on a run folder holding this checkpoint: its settings from the run id, right at
+    40 symbols and inverted at 512 (as above), and a clear error for a pattern no run matches."""
+    from hybridlm.studies.state_tracking_lengths import find_runs, length_profile
+
+    run = "paper-mamba3-mixer-parity-d32-lr0.000193"
+    (tmp_path / "work" / run).mkdir(parents=True)
+    torch.save({"step": 21_200, "model": load_file(WEIGHTS)}, tmp_path / "work" / run / "best.pt")
+    runs = find_runs(tmp_path, ["*-parity-*"], "best")
+    [row] = length_profile(tmp_path, runs, [40, 512], samples=256, checkpoint="best")
+    assert (row["run"], row["step"]) == (run, 21_200)
+    assert row["scaled"][40] >= 0.97 and row["scaled"][512] <= -0.5
+    with pytest.raises(SystemExit, match="no run under .* has checkpoint.pt"):
+        find_runs(tmp_path, [], "last")

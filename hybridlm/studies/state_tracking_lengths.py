@@ -1,0 +1,114 @@
+"""Scaled accuracy of trained paper-protocol runs at many lengths, from their checkpoints: where a run's
+answer stops being right (inside the training lengths, or only past them).
+
+    python -m hybridlm.studies.state_tracking_lengths RUN_FOLDER [--runs PATTERNS] [--lengths 10,20,40,80,160,256]
+        [--samples 256] [--seed 1] [--checkpoint last|best] [--device cpu]
+
+RUN_FOLDER is the study's ``--out`` folder (``runs/studies/state-tracking-paper``): each run's
+``work/<run id>/checkpoint.pt`` (the last step) or ``best.pt`` (its best evaluation at the report length).
+A run's settings (task, depth, width) come from its id, as the study planned it under study.toml. Each
+length gets ``samples`` fresh examples (``seed``: 1, not the study's held-out set, seed 0). Prints a
+markdown table of scaled accuracy (%), (accuracy − chance) ÷ (1 − chance).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hybridlm.studies import state_tracking, state_tracking_paper
+from hybridlm.studies.config import find_study_folder, load_config
+from hybridlm.studies.state_tracking_train import Batch, Trainer, accuracy
+from hybridlm.studies.tables import markdown_table
+
+CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
+
+
+def planned_runs() -> dict[str, tuple[str, str, int, float]]:
+    """Every run id of the whole sweep (all tasks) -> (model, task, width, lr)."""
+    cfg = study_config()
+    p = cfg.paper
+    return {state_tracking_paper.run_id(m, t, w, lr): (m, t, w, lr)
+            for t in state_tracking.TASKS for m in p.models for w in p.widths for lr in p.lrs()}
+
+
+def study_config():
+    """study.toml under the paper protocol, every task planned; the trainer's own held-out set kept tiny
+    (this module evaluates on sets of its own)."""
+    return load_config(find_study_folder("state-tracking"), state_tracking.Config, overrides={
+        "protocol": "paper", "paper": {"tasks": list(state_tracking.TASKS), "eval_lengths": [8], "report_length": 8,
+                                       "eval_samples": 8}})
+
+
+def trained(run: str, folder: Path, checkpoint: str, device: str) -> tuple[Trainer, int]:
+    """The run's model with the checkpoint's weights, and the checkpoint's step."""
+    model, task, width, lr = planned_runs()[run]
+    settings = state_tracking_paper.run_settings(study_config(), model, task, width, lr)
+    trainer = Trainer(settings, Path(tempfile.mkdtemp(prefix="st-lengths-")), device=device)
+    state = torch.load(folder / "work" / run / CHECKPOINTS[checkpoint], map_location=trainer.device,
+                       weights_only=False)
+    trainer.model.load_state_dict(state["model"])
+    return trainer, int(state["step"])
+
+
+def scaled_accuracy(trainer: Trainer, length: int, samples: int, seed: int) -> float:
+    """Scaled accuracy on ``samples`` fresh examples of ``length`` symbols."""
+    full = torch.tensor([e.ids for e in trainer.batches.task.examples(length, samples, seed=seed)],
+                        device=trainer.device)
+    ends = torch.full((samples,), full.shape[1] - 2, device=trainer.device)
+    with torch.no_grad():
+        acc = accuracy(trainer.model, Batch(full[:, :-1], full[:, -1], ends), classes=trainer.classes)
+    return (acc - trainer.chance) / (1 - trainer.chance)
+
+
+def length_profile(folder: Path, runs: list[str], lengths: list[int], samples: int = 256, seed: int = 1,
+                   checkpoint: str = "last", device: str = "cpu") -> list[dict]:
+    """One row per run: its id, the checkpoint's step, and scaled accuracy at each length."""
+    rows = []
+    for run in runs:
+        trainer, step = trained(run, folder, checkpoint, device)
+        rows.append({"run": run, "step": step,
+                     "scaled": {n: scaled_accuracy(trainer, n, samples, seed) for n in lengths}})
+    return rows
+
+
+def find_runs(folder: Path, patterns: list[str], checkpoint: str) -> list[str]:
+    """The runs under ``folder/work`` with the checkpoint, whose ids match a pattern (all if none); each must
+    be a run of the sweep."""
+    work = folder / "work"
+    if not work.is_dir():
+        raise SystemExit(f"error: {folder} has no work/ folder: give the study's --out folder")
+    found = sorted(p.parent.name for p in work.glob(f"*/{CHECKPOINTS[checkpoint]}"))
+    chosen = [r for r in found if not patterns or any(fnmatch.fnmatchcase(r, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"error: no run under {work} has {CHECKPOINTS[checkpoint]}"
+                         + (f" and matches {', '.join(patterns)}" if patterns else ""))
+    strays = [r for r in chosen if r not in planned_runs()]
+    if strays:
+        raise SystemExit(f"error: not runs of the sweep under study.toml: {', '.join(strays)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="the study's --out folder")
+    parser.add_argument("--runs", default="", help="comma-separated shell patterns of run ids (default: every run)")
+    parser.add_argument("--lengths", type=ints, default=[10, 20, 40, 60, 80, 100, 120, 160, 256])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.folder, [p for p in args.runs.split(",") if p], args.checkpoint)
+    rows = length_profile(args.folder, runs, args.lengths, args.samples, args.seed, args.checkpoint, args.device)
+    print(markdown_table(["run", "step"] + [str(n) for n in args.lengths],
+                         [[r["run"], f"{r['step']:,}"] + [f"{100 * r['scaled'][n]:.0f}" for n in args.lengths]
+                          for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
