@@ -5,6 +5,9 @@
 #   attention tests/gpu/test_attention_gpu.py (FA4) and test_decode_attention_gpu.py (the Triton decode kernel)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
+#   tables    issue 21's two tables in one run: generate.py's every case, fused, the Table 7 decode sampled at
+#             B_SAMPLES contexts (default 3): batch 1 (a), then L 512 and 16K at the Transformer-fit batch and
+#             128 (b); ≈ 5-7 min on one GPU (the 16K prefills ≈ 9-30 s a row); --markdown writes the tables
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
 #             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
@@ -29,6 +32,9 @@ for part in $parts; do
     generate)
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
+    tables)
+      python3 benchmarks/generate.py --variants fused --b-samples "${B_SAMPLES:-3}" --json "$OUT/generate-tables.json" \
+        --markdown "$OUT/generate-tables.md" 2>&1 | grep -v Warning | tail -n 60 | tee "$OUT/generate-tables.log" ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
         --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --json "$OUT/decode-profile.json" \
@@ -51,8 +57,8 @@ for part in $parts; do
       python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state 64,128 --mimo-rank 1,4 \
         --backends "${BACKENDS:-cute}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
       grep -v Warning "$OUT/layer.log" | tail -n 20 ;;
-    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, profile, choose, step, layer)"; exit 2 ;;
+    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, tables, profile, choose, step, layer)"; exit 2 ;;
   esac
 done
 # the JSON results come back as they are, every log inside logs.tgz (a call brings back at most 8 files)
-tidy_out "*.json"
+tidy_out "*.json" "generate-tables.md"
