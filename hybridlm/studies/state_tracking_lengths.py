@@ -1,8 +1,8 @@
 """Scaled accuracy of trained paper-protocol runs at many lengths, from their checkpoints: where a run's
 answer stops being right (inside the training lengths, or only past them).
 
-    python -m hybridlm.studies.state_tracking_lengths RUN_FOLDER [--runs PATTERNS] [--lengths 10,20,40,80,160,256]
-        [--samples 256] [--seed 1] [--checkpoint last|best] [--device cpu]
+    python -m hybridlm.studies.state_tracking_lengths RUN_FOLDER [--runs PATTERNS]
+        [--lengths 10,20,40,60,80,100,120,160,256] [--samples 256] [--seed 1] [--checkpoint last|best] [--device cpu]
 
 RUN_FOLDER is the study's ``--out`` folder (``runs/studies/state-tracking-paper``): each run's
 ``work/<run id>/checkpoint.pt`` (the last step) or ``best.pt`` (its best evaluation at the report length).
@@ -43,11 +43,12 @@ def study_config():
                                        "eval_samples": 8}})
 
 
-def trained(run: str, folder: Path, checkpoint: str, device: str) -> tuple[Trainer, int]:
-    """The run's model with the checkpoint's weights, and the checkpoint's step."""
+def trained(run: str, folder: Path, checkpoint: str, device: str, scratch: Path) -> tuple[Trainer, int]:
+    """The run's model with the checkpoint's weights, and the checkpoint's step (``scratch``: the trainer's
+    folder, which it leaves empty)."""
     model, task, width, lr = planned_runs()[run]
     settings = state_tracking_paper.run_settings(study_config(), model, task, width, lr)
-    trainer = Trainer(settings, Path(tempfile.mkdtemp(prefix="st-lengths-")), device=device)
+    trainer = Trainer(settings, scratch / run, device=device)
     state = torch.load(folder / "work" / run / CHECKPOINTS[checkpoint], map_location=trainer.device,
                        weights_only=False)
     trainer.model.load_state_dict(state["model"])
@@ -68,10 +69,11 @@ def length_profile(folder: Path, runs: list[str], lengths: list[int], samples: i
                    checkpoint: str = "last", device: str = "cpu") -> list[dict]:
     """One row per run: its id, the checkpoint's step, and scaled accuracy at each length."""
     rows = []
-    for run in runs:
-        trainer, step = trained(run, folder, checkpoint, device)
-        rows.append({"run": run, "step": step,
-                     "scaled": {n: scaled_accuracy(trainer, n, samples, seed) for n in lengths}})
+    with tempfile.TemporaryDirectory(prefix="st-lengths-") as scratch:
+        for run in runs:
+            trainer, step = trained(run, folder, checkpoint, device, Path(scratch))
+            rows.append({"run": run, "step": step,
+                         "scaled": {n: scaled_accuracy(trainer, n, samples, seed) for n in lengths}})
     return rows
 
 
