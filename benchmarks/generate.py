@@ -358,7 +358,9 @@ def selected(case_id: str, only: list[str] | None) -> bool:
     return only is None or any(fnmatch.fnmatchcase(case_id, pattern) for pattern in only)
 
 
-def run(args) -> dict:
+def run(args, on_row=None) -> dict:
+    """Every planned case, one model in memory at a time; ``on_row(row)`` after each (the JSON file is
+    written as rows come, so a call stopped by its time limit keeps the rows it measured)."""
     from hybridlm.builder import build_model
     from hybridlm.layouts.presets import spec_or_preset
 
@@ -393,6 +395,8 @@ def run(args) -> dict:
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
         del model
         gc.collect()  # whatever an exception's traceback kept (a failed case's decoder) goes now
         if device.type == "cuda":
@@ -527,7 +531,7 @@ def main(argv=None) -> dict | None:
         if args.json:
             args.json.write_text(json.dumps({"op_counts": rows}, indent=1) + "\n")
         return {"op_counts": rows}
-    result = run(args)
+    result = run(args, on_row=(lambda row: merge_json(args.json, [row])) if args.json else None)
     if args.dry_run:
         return result
     rows = merge_json(args.json, result["rows"]) if args.json else result["rows"]

@@ -843,6 +843,24 @@ def test_generate_benchmark_quick(bench, tmp_path, capsys):
     assert len(json.loads(out.read_text())["rows"]) == len(rows)  # merged by id, not appended
 
 
+def test_generate_benchmark_writes_each_row_as_it_comes(bench, monkeypatch, tmp_path):
+    """A run stopped by its call's time limit keeps what it measured: the JSON holds every finished row
+    before the next case starts (here the third case's measurement stops the run)."""
+    out = tmp_path / "gen.json"
+    measured = []
+
+    def measure(model, case, token_budget):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # the call's limit
+        measured.append(case.id)
+        return {"ms_per_step": 1.0, "prefill_s": 0.1, "decode_s": 0.2}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--only", "a:*", "--json", str(out)])
+    assert [r["id"] for r in json.loads(out.read_text())["rows"]] == measured
+
+
 def test_sampled_decode_is_exact_for_a_step_cost_affine_in_context(bench):
     """The Transformer's step cost grows by one token's KV read a step: affine in the context. The
     sampled decode's interpolation then gives the sum of every step's cost exactly."""

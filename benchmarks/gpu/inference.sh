@@ -33,8 +33,10 @@ for part in $parts; do
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     tables)
-      python3 benchmarks/generate.py --variants fused --b-samples "${B_SAMPLES:-3}" --json "$OUT/generate-tables.json" \
-        --markdown "$OUT/generate-tables.md" 2>&1 | grep -v Warning | tail -n 60 | tee "$OUT/generate-tables.log" ;;
+      # bounded (TABLES_SECONDS, default 540) so that what it measured comes back: the JSON gets each row as it comes
+      timeout -k 5 "${TABLES_SECONDS:-540}" python3 benchmarks/generate.py --variants fused --b-samples "${B_SAMPLES:-3}" \
+        --json "$OUT/generate-tables.json" --markdown "$OUT/generate-tables.md" > "$OUT/generate-tables.log" 2>&1
+      echo "generate.py exit status $?"; grep -v Warning "$OUT/generate-tables.log" | tail -n 60 ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
         --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --json "$OUT/decode-profile.json" \
