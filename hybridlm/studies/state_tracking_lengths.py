@@ -27,14 +27,6 @@ from hybridlm.studies.tables import markdown_table
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
 
 
-def planned_runs() -> dict[str, tuple[str, str, int, float]]:
-    """Every run id of the whole sweep (all tasks) -> (model, task, width, lr)."""
-    cfg = study_config()
-    p = cfg.paper
-    return {state_tracking_paper.run_id(m, t, w, lr): (m, t, w, lr)
-            for t in state_tracking.TASKS for m in p.models for w in p.widths for lr in p.lrs()}
-
-
 def study_config():
     """study.toml under the paper protocol, every task planned; the trainer's own held-out set kept tiny
     (this module evaluates on sets of its own)."""
@@ -43,11 +35,11 @@ def study_config():
                                        "eval_samples": 8}})
 
 
-def trained(run: str, folder: Path, checkpoint: str, device: str, scratch: Path) -> tuple[Trainer, int]:
-    """The run's model with the checkpoint's weights, and the checkpoint's step (``scratch``: the trainer's
-    folder, which it leaves empty)."""
-    model, task, width, lr = planned_runs()[run]
-    settings = state_tracking_paper.run_settings(study_config(), model, task, width, lr)
+def trained(cfg, run: str, folder: Path, checkpoint: str, device: str, scratch: Path) -> tuple[Trainer, int]:
+    """The run's model (settings from ``cfg``, :func:`study_config`) with the checkpoint's weights, and the
+    checkpoint's step (``scratch``: the trainer's folder, which it leaves empty)."""
+    model, task, width, lr = cfg.paper.sweep(cfg.tasks)[run]
+    settings = state_tracking_paper.run_settings(cfg, model, task, width, lr)
     trainer = Trainer(settings, scratch / run, device=device)
     state = torch.load(folder / "work" / run / CHECKPOINTS[checkpoint], map_location=trainer.device,
                        weights_only=False)
@@ -68,10 +60,10 @@ def scaled_accuracy(trainer: Trainer, length: int, samples: int, seed: int) -> f
 def length_profile(folder: Path, runs: list[str], lengths: list[int], samples: int = 256, seed: int = 1,
                    checkpoint: str = "last", device: str = "cpu") -> list[dict]:
     """One row per run: its id, the checkpoint's step, and scaled accuracy at each length."""
-    rows = []
+    rows, cfg = [], study_config()
     with tempfile.TemporaryDirectory(prefix="st-lengths-") as scratch:
         for run in runs:
-            trainer, step = trained(run, folder, checkpoint, device, Path(scratch))
+            trainer, step = trained(cfg, run, folder, checkpoint, device, Path(scratch))
             rows.append({"run": run, "step": step,
                          "scaled": {n: scaled_accuracy(trainer, n, samples, seed) for n in lengths}})
     return rows
@@ -88,7 +80,8 @@ def find_runs(folder: Path, patterns: list[str], checkpoint: str) -> list[str]:
     if not chosen:
         raise SystemExit(f"error: no run under {work} has {CHECKPOINTS[checkpoint]}"
                          + (f" and matches {', '.join(patterns)}" if patterns else ""))
-    strays = [r for r in chosen if r not in planned_runs()]
+    sweep = study_config().paper.sweep(list(state_tracking.TASKS))
+    strays = [r for r in chosen if r not in sweep]
     if strays:
         raise SystemExit(f"error: not runs of the sweep under study.toml: {', '.join(strays)}")
     return chosen

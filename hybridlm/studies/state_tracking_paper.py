@@ -104,12 +104,17 @@ class PaperProtocol(Strict):
         if strays:
             raise ValueError(f"paper.lr_subset names {', '.join(f'{lr:g}' for lr in strays)}, not among the sweep's "
                              f"lrs {', '.join(f'{lr:g}' for lr in self.lrs())}")
-        ids = [run_id(m, t, w, lr) for t in self.tasks for m in self.models for w in self.widths for lr in self.lrs()]
+        ids = list(self.sweep(self.tasks))
         idle = [pattern for pattern in self.only_runs if not fnmatch.filter(ids, pattern)]
         if idle:
             raise ValueError(f"paper.only_runs pattern(s) {', '.join(idle)} match no run of the sweep (ids look like "
                              f"{ids[0]}; tasks {', '.join(self.tasks)})")
         return self
+
+    def sweep(self, tasks: list[str]) -> dict[str, tuple[str, str, int, float]]:
+        """Every run id of the sweep over ``tasks`` -> (model, task, width, lr), whatever only_runs and lr_subset say."""
+        return {run_id(m, t, w, lr): (m, t, w, lr)
+                for t in tasks for m in self.models for w in self.widths for lr in self.lrs()}
 
     def chosen(self, run: str) -> bool:
         """Whether ``only_runs`` lets this run id through."""
