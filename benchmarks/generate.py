@@ -22,11 +22,11 @@ chunked prefill), one process. Two kinds of case, each with an id that ``--only`
   (computed from the device's memory, see :func:`transformer_batch`); the state models also at
   batch 128, and the Transformer too where 128 fits. With ``--b-samples K`` (id suffix ``:sK``)
   the decode is sampled instead of run whole: ``SAMPLE_STEPS`` timed steps at K contexts spread
-  evenly from the prompt to the last token (the cache filled by a prefill of random tokens, as
-  random weights generate), and decode s is the sum over every generated token of ms/step
-  interpolated linearly between them. A step's cost is affine in its context (the KV-cache read
-  grows by one token a step; a Mamba-3 state does not grow), so the estimate is exact up to the
-  timing noise and costs K·SAMPLE_STEPS steps instead of ``ctx``: the 16K Transformer row takes
+  evenly from the prompt to the last token (the cache filled with random tokens, as random weights
+  generate: the prompt's prefill, then ``Decoder.extend`` on to each later context), and decode s is
+  the sum over every generated token of ms/step interpolated linearly between them. A step's cost
+  is affine in its context (the KV-cache read grows by one token a step; a Mamba-3 state does not
+  grow), so the estimate is exact up to the timing noise and costs K·SAMPLE_STEPS steps instead of ``ctx``: the 16K Transformer row takes
   about a minute instead of eight.
 
 Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary and
@@ -34,7 +34,7 @@ one SwiGLU gate kernel; at decode sizes the boundary inside the next block's fir
 the KV-cache write with RoPE one kernel), ``unfused`` (the blocks' own norm ops, SwiGLU's silu and
 mul, the torch cache write: the ops before issue 21), ``compiled`` (``fused`` with the step run through ``torch.compile`` inside the
 captured graph). ``--json`` merges the rows into the file by case id, so calls that each stay
-under a time limit fill one table.
+under a time limit fill one table; ``--skip-measured`` leaves out the cases the file already holds.
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ from hybridlm.builder.inference.decoder import PREFILL_TOKENS, chunk_within
 from hybridlm.builder.inference.generate import greedy
 from hybridlm.kernels.decode_gemv.knobs import set_knobs
 
-GPU_MODELS = ["hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b", "transformer-1.5b"]
-QUICK_MODELS = ["hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny", "transformer-tiny"]
+# The Transformer first: every (b) row's ratio is to it, so a run cut short by its time limit has it.
+GPU_MODELS = ["transformer-1.5b", "hybrid-1.5b", "mamba3-1.5b", "mamba3-mimo-1.5b"]
+QUICK_MODELS = ["transformer-tiny", "hybrid-tiny", "mamba3-tiny", "mamba3-mimo-tiny"]
 TRANSFORMER_PREFIX = "transformer"
 GIB = 2**30
 SAMPLE_STEPS = 32  # timed steps at each context of a sampled decode (--b-samples)
@@ -164,6 +165,17 @@ def interpolated_decode_s(points: list[tuple[float, float]], prompt: int, new_to
     return sum(ms_at(prompt + t) for t in range(new_tokens)) / 1e3
 
 
+def fill_to(decoder, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Random tokens into every row until it holds ``context`` tokens: the cache continued by
+    ``Decoder.extend`` (only the tokens it lacks: at 16K the next samples' 24K and 32K contexts cost 8K
+    tokens each instead of whole prefills), or a fresh prefill where it already holds more. The next
+    greedy tokens."""
+    held = decoder.lengths[0]
+    shape = (decoder.batch_size, context - held if context > held else context)
+    ids = torch.randint(0, vocab, shape, device=decoder.device, generator=generator)
+    return greedy(decoder.extend(ids) if context > held else decoder.prefill(ids))
+
+
 def timed_steps(decoder, tokens: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, float]:
     sync(device)
     t0 = time.perf_counter()
@@ -198,9 +210,8 @@ def _measure(model, case: Case, *, token_budget: int, seed: int = 0) -> dict:
         points = []
         steps = min(SAMPLE_STEPS, case.new_tokens)
         for i, start in enumerate(sample_starts(case.prompt, case.new_tokens, case.samples, steps)):
-            if i:  # fill the cache to this context (random tokens, as the weights are random)
-                context = torch.randint(0, model.spec.vocab_size, (case.batch, start), device=device, generator=g)
-                tokens = greedy(decoder.prefill(context))
+            if i:  # fill the cache on to this context (random tokens, as the weights are random)
+                tokens = fill_to(decoder, start, model.spec.vocab_size, g)
             tokens, seconds = timed_steps(decoder, tokens, steps, device)
             points.append((start + (steps - 1) / 2, seconds / steps * 1e3))
         decode_s = interpolated_decode_s(points, case.prompt, case.new_tokens)
@@ -369,6 +380,12 @@ def run(args, on_row=None) -> dict:
     memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
               else int(args.cpu_memory_gib * GIB))
     cases = plan(args, dtype, memory)
+    if args.skip_measured:
+        done = measured_ids(args.json)
+        skipped = [c.id for c in cases if c.id in done]
+        if skipped:
+            print(f"skipping {len(skipped)} case(s) already in {args.json}: {', '.join(skipped)}", flush=True)
+        cases = [c for c in cases if c.id not in done]
     if args.dry_run:
         for case in cases:
             print(json.dumps({"id": case.id, "prefill_chunk": chunk_within(case.batch, case.prompt,
@@ -405,6 +422,13 @@ def run(args, on_row=None) -> dict:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def measured_ids(path: Path | None) -> set[str]:
+    """Ids of the rows in ``path`` measured without an error (none if there is no such file)."""
+    if path is None or not path.exists():
+        return set()
+    return {r["id"] for r in json.loads(path.read_text())["rows"] if "error" not in r}
+
+
 def merge_json(path: Path, rows: list[dict]) -> list[dict]:
     """The file's rows with these replacing those of the same id; written back."""
     old = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -484,6 +508,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and activations (default bfloat16; float32 with --quick)")
     p.add_argument("--json", type=Path, default=None, help="merge the rows into this file by case id")
+    p.add_argument("--skip-measured", action="store_true",
+                   help="leave out the cases --json already holds without an error: a run split over calls "
+                        "(each bounded by a time limit) goes on where the last one stopped")
     p.add_argument("--markdown", type=Path, default=None, help="write the tables of every row in --json (or this run)")
     p.add_argument("--report", type=Path, nargs="+", default=None,
                    help="print the tables of these JSON files (rows merged by case id, later files win) and exit")
@@ -497,6 +524,8 @@ def parse_args(argv=None):
                    help="rmsnorm and swiglu_gate backend for --op-count (triton with TRITON_INTERPRET=1: the GPU's "
                         "path on a CPU)")
     args = p.parse_args(argv)
+    if args.skip_measured and args.json is None:
+        p.error("--skip-measured needs --json: the file whose rows are already measured")
     for variant in args.variants:
         if variant not in ("fused", "unfused", "compiled"):
             p.error(f"--variants: unknown variant {variant!r}; choose from fused, unfused, compiled")

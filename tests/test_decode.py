@@ -90,6 +90,44 @@ def test_dense_prefill_and_reuse_after_reset():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("chunk, rows", [(None, None), (3, None), (3, 2)])
+@torch.no_grad()
+def test_extend_continues_the_cache_as_one_prefill(chunk, rows):
+    """prefill(a tokens), two steps, extend(b tokens): the logits of the full forward over the whole
+    sequence, in one forward or in chunks and row groups (views of a non-empty cache), windowed
+    attention and MIMO included; the steps after it too."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    head, more = torch.randint(0, 64, (3, 6), generator=g), torch.randint(0, 64, (3, 9), generator=g)
+    decoder = Decoder(model, 3, 24, prefill_chunk=chunk, prefill_rows=rows)
+    decoder.prefill(head)
+    fed = [torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])]
+    for token in fed:
+        decoder.step(token)
+    logits = [decoder.extend(more)]
+    assert decoder.lengths == [17] * 3 and decoder.cache.seqlen_offset == 17
+    after = torch.tensor([7, 8, 9])
+    logits.append(decoder.step(after))
+    seq = torch.cat([head, torch.stack(fed, 1), more, after[:, None]], 1)
+    expected = model(seq)[:, -2:]
+    assert rel_err(torch.stack(logits, 1), expected) <= TOL[torch.float32]
+
+
+def test_extend_errors():
+    model = tiny_model()
+    decoder = Decoder(model, 2, 8)
+    with pytest.raises(ShapeError, match="extend before prefill"):
+        decoder.extend(torch.zeros(2, 3, dtype=torch.long))
+    decoder.prefill(prompts([3, 5]))
+    with pytest.raises(ShapeError, match=r"extend needs every row at the same length; rows hold 3\.\.5 tokens"):
+        decoder.extend(torch.zeros(2, 1, dtype=torch.long))
+    decoder.prefill(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"extend takes a \(2, L\) tensor of token ids with L >= 1; got \(3, 2\)"):
+        decoder.extend(torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ShapeError, match="holds 8 tokens per sequence; 5 \\+ 4 do not fit"):
+        decoder.extend(torch.zeros(2, 4, dtype=torch.long))
+
+
 def test_generate_list_of_prompts_equals_one_prompt_at_a_time():
     model = tiny_model()
     ps = prompts()

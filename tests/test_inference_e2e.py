@@ -4,6 +4,7 @@ steps of every family against the full forward (fp32, and bf16 against its measu
 chunked prefill against unchunked, the compiled step against the eager one, and the generation
 benchmark's quick run. Triton runs under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes.
 """
+import collections
 import importlib.util
 import json
 import sys
@@ -874,16 +875,46 @@ def test_sampled_decode_is_exact_for_a_step_cost_affine_in_context(bench):
 
 
 def test_generate_benchmark_sampled_decode_quick(bench, monkeypatch, tmp_path):
+    """Three contexts, the cache continued from one to the next (one prefill a row, two extends)."""
     monkeypatch.setattr(bench, "SAMPLE_STEPS", 4)
+    calls = collections.Counter()
+    for name in ("prefill", "extend"):
+        def counted(self, ids, _real=getattr(Decoder, name), _name=name):
+            calls[_name, ids.shape[1]] += 1
+            return _real(self, ids)
+        monkeypatch.setattr(Decoder, name, counted)
     out = tmp_path / "gen.json"
     bench.main(["--quick", "--only", "b16:transformer-tiny:*", "--contexts", "16", "--b-samples", "3",
                 "--json", str(out)])
+    # two rows (batches 4 and 6): the warm-up prefill (2 chunks of 8), the prompt's, 20 -> 22 and 26 -> 28 tokens
+    assert calls == {("prefill", 16): 4, ("extend", 2): 4}, calls
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["id"].endswith(":s3") and "error" not in r for r in rows)
     for r in rows:
         contexts = [x for x, _ in r["decode_sampled_ms_per_step"]]
         assert contexts == [16 + 1.5, 22 + 1.5, 28 + 1.5]  # sample_starts(16, 16, 3, 4)
         assert r["generated_tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
+
+
+def test_generate_benchmark_skips_the_rows_it_has(bench, monkeypatch, tmp_path):
+    """--skip-measured: a second call measures only what the first did not (or measured with an error)."""
+    out = tmp_path / "gen.json"
+    measured = []
+
+    def measure(model, case, token_budget):
+        measured.append(case.id)
+        if case.id == "a:mamba3-tiny:fused":
+            raise RuntimeError("simulated")
+        return {"ms_per_step": 1.0, "prefill_s": 0.1, "decode_s": 0.2}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.main(["--quick", "--only", "a:transformer-tiny:*,a:mamba3-tiny:*", "--json", str(out)])
+    assert measured == ["a:transformer-tiny:fused", "a:mamba3-tiny:fused"]  # the Transformer first
+    measured.clear()
+    bench.main(["--quick", "--only", "a:*", "--json", str(out), "--skip-measured"])
+    assert measured == ["a:hybrid-tiny:fused", "a:mamba3-tiny:fused", "a:mamba3-mimo-tiny:fused"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--skip-measured"])
 
 
 def test_prefill_shrinks_after_out_of_memory(monkeypatch):

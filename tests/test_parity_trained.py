@@ -69,7 +69,7 @@ def test_the_residual_turn_on_zeros_flips_the_answer_at_twice_the_longest_length
     assert scaled_accuracy(trained, 512, 256, seed=1) <= -0.5
 
 
-def test_the_length_profile_tool_reads_a_run_folder(tmp_path):
+def test_the_length_profile_tool_reads_a_run_folder(tmp_path, capsys):
     """state_tracking_lengths on a run folder holding this checkpoint: its settings from the run id, right at
     40 symbols and inverted at 512 (as above), and a clear error for a pattern no run matches."""
     from hybridlm.studies.state_tracking_lengths import find_runs, length_profile
@@ -81,5 +81,9 @@ def test_the_length_profile_tool_reads_a_run_folder(tmp_path):
     [row] = length_profile(tmp_path, runs, [40, 512], samples=256, checkpoint="best")
     assert (row["run"], row["step"]) == (run, 21_200)
     assert row["scaled"][40] >= 0.97 and row["scaled"][512] <= -0.5
-    with pytest.raises(SystemExit, match="no run under .* has checkpoint.pt"):
+    with pytest.raises(SystemExit, match="no run under .* has checkpoint.pt or last.pt"):
         find_runs(tmp_path, [], "last")
+    err = capsys.readouterr().err
+    assert "left out, without checkpoint.pt or last.pt" in err and run in err
+    (tmp_path / "work" / run / "best.pt").rename(tmp_path / "work" / run / "last.pt")  # a finished run's
+    assert find_runs(tmp_path, [], "last") == [run]

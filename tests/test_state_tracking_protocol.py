@@ -247,6 +247,8 @@ def test_a_stopped_run_resumes_to_the_same_numbers(tmp_path):
         assert torch.equal(a, b), name
     result = json.loads((parts / "result.json").read_text())
     assert result["best"]["scaled_accuracy"] == max(h["scaled_accuracy@8"] for h in whole.history)
+    last = torch.load(parts / "last.pt", weights_only=False)  # the finished run's weights, kept past checkpoint.pt
+    assert last["step"] == 6 and all(torch.equal(last["model"][k], v) for k, v in whole.model.state_dict().items())
     assert Trainer(tiny(), parts, "other key").resume().startswith("checkpoint of another run key")
 
 

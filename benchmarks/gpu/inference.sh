@@ -7,7 +7,9 @@
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   tables    issue 21's two tables in one run: generate.py's every case, fused, the Table 7 decode sampled at
 #             B_SAMPLES contexts (default 3): batch 1 (a), then L 512 and 16K at the Transformer-fit batch and
-#             128 (b); ≈ 5-7 min on one GPU (the 16K prefills ≈ 9-30 s a row); --markdown writes the tables
+#             128 (b); the Transformer first. H100 2026-12-05 (session 26): 14 of 19 rows in 540 s before the
+#             later contexts were filled by Decoder.extend instead of whole prefills; if one call does not hold
+#             them all, the same command again on the warm machine measures the rest (TABLES_FRESH=1: anew)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
 #             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
@@ -33,10 +35,16 @@ for part in $parts; do
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
     tables)
-      # bounded (TABLES_SECONDS, default 540) so that what it measured comes back: the JSON gets each row as it comes
+      # bounded (TABLES_SECONDS, default 540) so that what it measured comes back: the JSON gets each row as it
+      # comes. The rows live in runs/ (kept between calls on a warm machine): the next call, right after, goes
+      # on with the cases not yet measured (--skip-measured); TABLES_FRESH=1 starts over.
+      mkdir -p runs/inference; tables=runs/inference/generate-tables.json
+      [ "${TABLES_FRESH:-0}" = 1 ] && rm -f "$tables"
       timeout -k 5 "${TABLES_SECONDS:-540}" python3 benchmarks/generate.py --variants fused --b-samples "${B_SAMPLES:-3}" \
-        --json "$OUT/generate-tables.json" --markdown "$OUT/generate-tables.md" > "$OUT/generate-tables.log" 2>&1
-      echo "generate.py exit status $?"; grep -v Warning "$OUT/generate-tables.log" | tail -n 60 ;;
+        --json "$tables" --skip-measured --markdown "$OUT/generate-tables.md" > "$OUT/generate-tables.log" 2>&1
+      echo "generate.py exit status $?"; cp "$tables" "$OUT/generate-tables.json"
+      [ -f "$OUT/generate-tables.md" ] || python3 benchmarks/generate.py --report "$tables" > "$OUT/generate-tables.md"
+      grep -v Warning "$OUT/generate-tables.log" | tail -n 60 ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
         --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --json "$OUT/decode-profile.json" \

@@ -5,7 +5,8 @@ answer stops being right (inside the training lengths, or only past them).
         [--lengths 10,20,40,60,80,100,120,160,256] [--samples 256] [--seed 1] [--checkpoint last|best] [--device cpu]
 
 RUN_FOLDER is the study's ``--out`` folder (``runs/studies/state-tracking-paper``): each run's
-``work/<run id>/checkpoint.pt`` (the last step) or ``best.pt`` (its best evaluation at the report length).
+``work/<run id>/checkpoint.pt`` (a paused run's last step; ``last.pt`` once the run finished) or ``best.pt``
+(its best evaluation at the report length).
 A run's settings (task, depth, width) come from its id, as the study planned it under study.toml. Each
 length gets ``samples`` fresh examples (``seed``: 1, not the study's held-out set, seed 0). Prints a
 markdown table of scaled accuracy (%), (accuracy − chance) ÷ (1 − chance).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,13 @@ from hybridlm.studies.config import find_study_folder, load_config
 from hybridlm.studies.state_tracking_train import Batch, Trainer, accuracy
 from hybridlm.studies.tables import markdown_table
 
-CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
+# The files holding each kind of weights, first found wins: a paused run's checkpoint.pt, a finished one's
+# last.pt (runs finished before last.pt existed kept only best.pt).
+CHECKPOINTS = {"last": ("checkpoint.pt", "last.pt"), "best": ("best.pt",)}
+
+
+def checkpoint_file(run_folder: Path, checkpoint: str) -> Path | None:
+    return next((run_folder / name for name in CHECKPOINTS[checkpoint] if (run_folder / name).is_file()), None)
 
 
 def study_config():
@@ -41,7 +49,7 @@ def trained(cfg, run: str, folder: Path, checkpoint: str, device: str, scratch: 
     model, task, width, lr = cfg.paper.sweep(cfg.tasks)[run]
     settings = state_tracking_paper.run_settings(cfg, model, task, width, lr)
     trainer = Trainer(settings, scratch / run, device=device)
-    state = torch.load(folder / "work" / run / CHECKPOINTS[checkpoint], map_location=trainer.device,
+    state = torch.load(checkpoint_file(folder / "work" / run, checkpoint), map_location=trainer.device,
                        weights_only=False)
     trainer.model.load_state_dict(state["model"])
     return trainer, int(state["step"])
@@ -75,10 +83,16 @@ def find_runs(folder: Path, patterns: list[str], checkpoint: str) -> list[str]:
     work = folder / "work"
     if not work.is_dir():
         raise SystemExit(f"error: {folder} has no work/ folder: give the study's --out folder")
-    found = sorted(p.parent.name for p in work.glob(f"*/{CHECKPOINTS[checkpoint]}"))
-    chosen = [r for r in found if not patterns or any(fnmatch.fnmatchcase(r, p) for p in patterns)]
+    matching = sorted(p.name for p in work.iterdir()
+                      if p.is_dir() and (not patterns or any(fnmatch.fnmatchcase(p.name, q) for q in patterns)))
+    chosen = [r for r in matching if checkpoint_file(work / r, checkpoint)]
+    lacking = [r for r in matching if r not in chosen]
+    files = " or ".join(CHECKPOINTS[checkpoint])
+    if lacking:  # say so rather than leave them out silently
+        print(f"note: left out, without {files} (a run finished before last.pt was kept has only best.pt: "
+              f"--checkpoint best): {', '.join(lacking)}", file=sys.stderr)
     if not chosen:
-        raise SystemExit(f"error: no run under {work} has {CHECKPOINTS[checkpoint]}"
+        raise SystemExit(f"error: no run under {work} has {files}"
                          + (f" and matches {', '.join(patterns)}" if patterns else ""))
     sweep = study_config().paper.sweep(list(state_tracking.TASKS))
     strays = [r for r in chosen if r not in sweep]

@@ -25,7 +25,8 @@ several side by side. What a run does:
 * **Stopping and resuming.** Every ``checkpoint_every`` steps, and when ``--time-limit S`` (or
   ``--stop-after-steps N``) stops the loop, the trainer writes ``checkpoint.pt`` (weights, optimizer,
   step, history) and ``progress.json`` (status ``paused`` at a stop); the same command again
-  resumes from the checkpoint when its ``--run-key`` matches, and starts over when it does not. A finished run writes ``result.json`` (status ``done``).
+  resumes from the checkpoint when its ``--run-key`` matches, and starts over when it does not. A finished run
+  writes ``result.json`` (status ``done``) and ``last.pt`` (its last weights, without the optimizer).
 """
 from __future__ import annotations
 
@@ -465,7 +466,8 @@ class Trainer:
         self.save_checkpoint()
         status = "done" if done else "paused"
         self.write_progress(status)
-        if done:
+        if done:  # the last weights outlive checkpoint.pt (the runner drops it): length profiles of the end
+            self._save("last.pt", {"step": self.step, "model": self.model.state_dict()})
             (self.out / "result.json").write_text(json.dumps(self.result(), indent=1) + "\n")
         return status
 

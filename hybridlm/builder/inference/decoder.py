@@ -3,6 +3,7 @@
     decoder = Decoder(model, batch_size=3, max_len=512)     # owns the HybridCache of the batch
     logits = decoder.prefill([p0, p1, p2])                  # (3, vocab): each prompt's last logits
     logits = decoder.step(next_tokens)                      # (3,) -> (3, vocab), every row advances
+    logits = decoder.extend(more_ids)                       # (3, L): more tokens a row, chunked
 
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
 state and keys/values into its cache row; with ``prefill_chunk=C`` it runs C tokens of every
@@ -147,6 +148,45 @@ class Decoder:
         self.lengths = lengths
         self._prefilled = True
         return self.model.output(last)
+
+    @torch.no_grad()
+    def extend(self, ids: Tensor) -> Tensor:
+        """Append ``ids`` (B, L) to every sequence, as a prefill that continues the cache (a follow-up
+        turn, or a cache filled to a given context); returns each row's last-token logits (B, vocab).
+
+        Rows must hold the same number of tokens (a dense prefill and steps keep them so). It runs in
+        the prefill's chunks and row groups (``prefill_chunk``, ``prefill_rows``: an earlier prefill may
+        have lowered them); unlike :meth:`prefill` it cannot retry smaller after running out of memory,
+        as the cache already holds part of the tokens: the error then names the settings to lower."""
+        if not self._prefilled:
+            raise ShapeError("Decoder.extend before prefill: call decoder.prefill(prompts) first")
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] != self.batch_size:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ShapeError(f"extend takes a ({self.batch_size}, L) tensor of token ids with L >= 1; got {shape}")
+        held = set(self.lengths)
+        if len(held) != 1:
+            raise ShapeError(f"extend needs every row at the same length; rows hold {min(held)}..{max(held)} tokens "
+                             f"(after a prefill of prompts of different lengths, feed them with step)")
+        start, added = self.lengths[0], ids.shape[1]
+        if start + added > self.max_len:
+            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence; {start} + {added} do "
+                             f"not fit: create the Decoder with a larger max_len")
+        ids = ids.to(self.device)
+        rows = self._rows_per_forward()
+        try:
+            last = []
+            for first in range(0, self.batch_size, rows):
+                stop = min(first + rows, self.batch_size)
+                cache = self.cache if rows >= self.batch_size else self.cache.rows(first, stop)
+                cache.set_host_length(start)  # a view of rows starts at 0; these rows hold `start`
+                last.append(self._prefill_group(cache, ids[first:stop], None, [added] * (stop - first)))
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(
+                f"Decoder.extend ran out of memory with prefill_chunk={self.prefill_chunk} and prefill_rows="
+                f"{self.prefill_rows}; the cache is now partly written: prefill again, with smaller values") from e
+        self.lengths = [start + added] * self.batch_size
+        self.cache.set_host_length(start + added)
+        return self.model.output(torch.cat(last))
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
