@@ -7,6 +7,8 @@ for the output and every state tensor.
 import math
 import warnings
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -184,6 +186,29 @@ def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
                         k=torch.zeros(1, 2, 2, 256), v=torch.zeros(1, 2, 192))
     with pytest.raises(ValueError, match="headdim 192"):
         cute.mamba3_decode_step(torch.zeros(1, refused.in_proj.width), state, params, refused)
+
+
+def test_the_probe_overrides_the_cute_steps_update():
+    """benchmarks/cute_step_probe.py times the CuTe step with its update's γ terms left out by overriding
+    one method (the CuTe DSL does not import here, so the check reads the source): the method exists with
+    the probe's arguments and the kernel adds every rank's terms through it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+
+    def methods(path, cls):
+        tree = ast.parse(path.read_text())
+        [node] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls]
+        return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
+
+    step = methods(root / "hybridlm/kernels/mamba3/cute/step.py", "Mamba3DecodeStep")
+    probe = methods(root / "benchmarks/cute_step_probe.py", "Probe")
+    args = lambda f: [a.arg for a in f.args.args]  # noqa: E731
+    assert args(probe["_add_rank_terms"]) == args(step["_add_rank_terms"]) == ["self", "vals", "cg", "k", "cb", "k_prev"]
+    calls = [n for n in ast.walk(step["kernel"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "_add_rank_terms"]
+    assert len(calls) == 1
+    assert "k_prev[s]" not in ast.unparse(step["kernel"])  # no rank term added outside the method
 
 
 def test_kernel_tuning_reads_the_environment_once_and_checks_values():

@@ -15,6 +15,8 @@
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
 #   step      tests/gpu/test_step_kernels_gpu.py, the CuTe and Triton decode-step kernels (TESTS_K: a -k filter)
+#   probe     benchmarks/cute_step_probe.py: the CuTe step kernel with and without this token's γ terms (what the
+#             G-form decode state would gain, before building it), R 1,4, d_state 64,128, batch 1,128; ≈ 1 min
 #   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), d_state 64,128, R 1,4, for
 #             BACKENDS (default "cute"; a knob's A/B: e.g. "cute,cute[cute_max_rows=2]"), the official step too if PEER=1
 source benchmarks/gpu/common.sh
@@ -34,6 +36,9 @@ for part in $parts; do
     generate)
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
+    probe)
+      python3 benchmarks/cute_step_probe.py --json "$OUT/cute-step-probe.json" 2>&1 | grep -v Warning \
+        | tail -n 20 | tee "$OUT/cute-step-probe.log" ;;
     tables)
       # bounded (TABLES_SECONDS, default 540) so that what it measured comes back: the JSON gets each row as it
       # comes. The rows live in runs/ (kept between calls on a warm machine): the next call, right after, goes
@@ -67,7 +72,7 @@ for part in $parts; do
       python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state 64,128 --mimo-rank 1,4 \
         --backends "${BACKENDS:-cute}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
       grep -v Warning "$OUT/layer.log" | tail -n 20 ;;
-    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, tables, profile, choose, step, layer)"; exit 2 ;;
+    *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, tables, probe, profile, choose, step, layer)"; exit 2 ;;
   esac
 done
 # the JSON results come back as they are, every log inside logs.tgz (a call brings back at most 8 files)

@@ -182,6 +182,12 @@ class Mamba3DecodeStep:
             offset //= 2
         return vals, first_row, writer
 
+    def _add_rank_terms(self, vals, cg, k, cb, k_prev):
+        """A row's slots plus one rank's trapezoid terms: this token's (γ x_r k_rᵀ) and the last one's
+        (β x_prev,r k_prev,rᵀ). A method of its own so that benchmarks/cute_step_probe.py can time the
+        step without the first (the G-form state's update, docs/benchmarks.md kernel design notes)."""
+        return [vals[s] + cg * k[s] + cb * k_prev[s] for s in range(VEC)]
+
     def _y(self, sY, sP, r, p, d_skip):
         """y_r[p] = (H q_r)[p] + D x_r[p]."""
         x = sP.x[p]
@@ -376,10 +382,7 @@ class Mamba3DecodeStep:
                 mx = Float32(1.0)
                 if const_expr(self.mimo):
                     mx = sP.mx[r * P + rows[i]]
-                cg = gamma * x[i] * mx
-                cb = beta * x_prev[i] * mx
-                for s in cutlass.range_constexpr(VEC):
-                    state[i][s] = state[i][s] + cg * k[s] + cb * k_prev[s]
+                state[i] = self._add_rank_terms(state[i], gamma * x[i] * mx, k, beta * x_prev[i] * mx, k_prev)
         for i in cutlass.range_constexpr(self.rows):
             for j in cutlass.range_constexpr(VEC // PIECE):
                 frag = frags[i * (VEC // PIECE) + j]
