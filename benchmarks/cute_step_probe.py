@@ -92,7 +92,8 @@ def main() -> None:
                        "copy_bandwidth_TBps": bandwidth / 1e12}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print("\n| R | d_state | batch | step µs | without γ terms µs | gain | state traffic µs |\n|---|---|---|---|---|---|---|")
+    print("\n| R | d_state | batch | step µs | without γ terms µs | gain | state traffic µs |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mimo_rank']} | {r['d_state']} | {r['batch']} | {r['step_us']:.1f} | "
               f"{r['without_gamma_terms_us']:.1f} | {100 * r['gain']:.1f} % | {r['state_traffic_us']:.1f} |")

@@ -26,8 +26,8 @@ chunked prefill), one process. Two kinds of case, each with an id that ``--only`
   generate: the prompt's prefill, then ``Decoder.extend`` on to each later context), and decode s is
   the sum over every generated token of ms/step interpolated linearly between them. A step's cost
   is affine in its context (the KV-cache read grows by one token a step; a Mamba-3 state does not
-  grow), so the estimate is exact up to the timing noise and costs K·SAMPLE_STEPS steps instead of ``ctx``: the 16K Transformer row takes
-  about a minute instead of eight.
+  grow), so the estimate is exact up to the timing noise and costs K·SAMPLE_STEPS steps instead of
+  ``ctx``: the 16K Transformer row takes about a minute instead of eight.
 
 Variants: ``fused`` (the Decoder's default: one fused add + RMSNorm kernel per block boundary and
 one SwiGLU gate kernel; at decode sizes the boundary inside the next block's first GEMV kernel and
