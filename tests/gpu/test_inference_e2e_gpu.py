@@ -112,6 +112,37 @@ def test_chunked_prefill_equals_unchunked(models, chunk):
     assert rel_err(whole, truth) <= bound
 
 
+def extend_logits(model, head, fed, more, after, **kw):
+    """prefill(head), a step per column of fed, extend(more), a step per column of after: the logits
+    after the extend and after each later step (B, 1 + after's columns, vocab)."""
+    with torch.no_grad():
+        decoder = Decoder(model, head.shape[0], sum(t.shape[1] for t in (head, fed, more, after)), **kw)
+        decoder.prefill(head)
+        for t in range(fed.shape[1]):
+            decoder.step(fed[:, t])
+        logits = [decoder.extend(more)] + [decoder.step(after[:, t]) for t in range(after.shape[1])]
+    return torch.stack(logits, 1).float()
+
+
+def test_extend_continues_the_cache(models):
+    """Decoder.extend (benchmarks/generate.py fills its later contexts with it): prefill 100 tokens, 8
+    graph-replayed steps, 150 more tokens in chunks of 64 (across the scan's chunks), 8 more steps; the
+    logits of the full forward over the whole sequence, within the bf16 bound against fp32."""
+    name, model, exact = models
+    vocab = model.spec.vocab_size
+    g = torch.Generator(device="cuda").manual_seed(3)
+    head, fed, more, after = (torch.randint(0, vocab, (3, n), generator=g, device="cuda") for n in (100, 8, 150, 8))
+    got = extend_logits(model, head, fed, more, after, prefill_chunk=64)
+    seq = torch.cat([head, fed, more, after], 1)
+    scored = slice(seq.shape[1] - after.shape[1] - 1, seq.shape[1])  # the last extended token's, then each step's
+    with torch.no_grad():
+        truth = exact(seq)[:, scored].float()
+        err_forward = rel_err(model(seq)[:, scored].float(), truth)
+    err = rel_err(got, truth)
+    RESULTS[f"{name}/extend-vs-fp32"] = dict(extend=err, bf16_forward=err_forward)
+    assert err <= max(BF16_FLOOR, BF16_FACTOR * err_forward), (err, err_forward)
+
+
 def test_cuda_graph_equals_eager(models):
     """Bitwise, as tests/gpu/test_decode_gpu.py explains: the same kernels on the same values."""
     name, model, _ = models
