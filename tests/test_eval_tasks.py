@@ -107,7 +107,9 @@ def test_mqar_queries_ask_for_pairs_in_the_prompt(tokenizer, bpe):
 
 
 def test_state_tracking_answers_are_right():
-    for name, symbols_ok in [("parity", "01"), ("arith", "01234+-*"), ("arith-brackets", "01234+-*()")]:
+    for name, symbols_ok in [("parity", "01"), ("arith", "01234+-*"), ("arith-brackets", "01234+-*()"),
+                             ("arith-sum", "01234+-"), ("arith-brackets-sum", "01234+-()"),
+                             ("arith:operators=*", "01234*-")]:  # '-': an even length's unary minus
         task = make_task(name, BYTE)
         for length in (1, 2, 3, 10, 41, 256):
             for ex in task.examples(length, 6, seed=length):
@@ -119,6 +121,20 @@ def test_state_tracking_answers_are_right():
                 else:  # Python's own evaluator, independent of ours
                     assert int(answer) == eval(expr.replace("--", "- -").replace("--", "- -")) % 5
                 assert ex.answers == [(len(ex) - 1, len(ex))]
+
+
+def test_arithmetic_operator_sets():
+    """The default draws every operator (so arith's examples are those it had before the option), the -sum
+    variants + and - only, and one bad set one clear error."""
+    seen = lambda arg, length: set("".join(BYTE.decode(e.ids)[:-2] for e in make_task(arg, BYTE).examples(  # noqa: E731
+        length, 40)))
+    assert seen("arith", 41) >= set("+-*") and seen("arith-brackets", 41) >= set("+-*()")
+    assert seen("arith-sum", 41) == set("01234+-") and seen("arith-brackets-sum", 41) == set("01234+-()")
+    assert "*" in seen("arith-sum:operators=+*", 41)
+    for bad in ("+/", "", "++"):
+        with pytest.raises(TaskError, match="operators=.*give one or more of"):
+            make_task(f"arith:operators={bad}", BYTE)
+    assert make_task("arith-sum", BYTE).symbols() == make_task("arith", BYTE).symbols()  # one vocabulary
 
 
 def test_random_expressions_have_exact_length_and_match_python():

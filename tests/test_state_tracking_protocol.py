@@ -640,6 +640,8 @@ def test_the_merged_summary_plans_the_tasks_its_records_trained():
     assert record_tasks([record("paper-real-mixer-arith-d32-lr0.00072"),
                          record("paper-mamba3-parity-d64-lr1e-4")]) == ["parity", "arith"]
     assert record_tasks([record("paper-mamba3-arith-brackets-d32-lr0.01")]) == ["arith-brackets"]
+    assert record_tasks([record("paper-mamba3-arith-sum-d32-lr0.01"), record("paper-real-arith-brackets-sum-d64-lr0.01"),
+                         record("paper-real-arith-d64-lr0.01")]) == ["arith", "arith-sum", "arith-brackets-sum"]
     assert record_tasks([record("unrelated")]) == []
 
 

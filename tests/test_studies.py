@@ -40,7 +40,7 @@ def test_the_three_studies_fit_the_issue_budget():
 
 def test_state_tracking_follows_the_paper_protocol():
     _, cfg = config("state-tracking")
-    assert cfg.layers == {"parity": 1, "arith": 3, "arith-brackets": 3}
+    assert cfg.layers == {"parity": 1, "arith": 3, "arith-brackets": 3, "arith-sum": 3, "arith-brackets-sum": 3}
     assert cfg.eval.report_length == 256 and cfg.train.steps == 10_000
     for model in cfg.models.values():
         for layers, spec in model.specs.items():

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folder, spec file or preset")
     p.add_argument("--task", required=True,
                    help="comma-separated tasks with options, e.g. niah-1,niah-2:digits=4,mqar:pairs=8 "
-                        "(niah-1, niah-2, niah-3, mqar, parity, arith, arith-brackets, ppl:file=PATH)")
+                        "(niah-1, niah-2, niah-3, mqar, parity, arith, arith-brackets, arith-sum, arith-brackets-sum, "
+                        "ppl:file=PATH)")
     p.add_argument("--lengths", required=True, help="e.g. 1x,2x,4x,8x (times the training length) or 256,512")
     p.add_argument("--samples", type=positive_int, default=100, help="examples per task and length (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=8)

@@ -211,7 +211,7 @@ def run_state(run: Run, finished: dict[str, dict], work: Path) -> dict | None:
 
 def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
     from hybridlm.studies.driver import Summary
-    from hybridlm.studies.state_tracking import PAPER, TASKS
+    from hybridlm.studies.state_tracking import PAPER, PAPER_TASKS
     from hybridlm.studies.state_tracking_plots import paper_plots
 
     p: PaperProtocol = cfg.paper
@@ -258,7 +258,7 @@ def summarize(cfg, finished: dict[str, dict], out: Path, sessions: list[dict]):
             held_row.append(f"{100 * value:.1f} (d{r.meta['width']}, {r.meta['lr']:g})")
             data["best"].setdefault(f"{model}/{task}", {})["held"] = {"scaled_accuracy": value, "run": r.id}
         held_rows.append(held_row)
-    if set(cfg.tasks) == set(TASKS):
+    if tuple(cfg.tasks) == PAPER_TASKS:  # the paper's values are in its column order
         rows += [[f"paper: {name}"] + [f"{v:.2f}" for v in values] for name, values in PAPER.items()]
     parts.append(markdown_table(["model"] + [f"{t} @ {rep}" for t in cfg.tasks], rows))
     parts.append(f"The same sweep, **held**: the best scaled accuracy (%) at {rep} that every evaluation of "

@@ -16,10 +16,11 @@ from hybridlm.eval.tasks.mqar import MQAR
 from hybridlm.eval.tasks.niah import NIAH1, NIAH2, NIAH3
 from hybridlm.eval.tasks.perplexity import Perplexity, position_buckets
 from hybridlm.eval.tasks.state_tracking import (LengthCurriculum, ModularArithmetic, ModularArithmeticBrackets,
-                                                Parity)
+                                                ModularSum, ModularSumBrackets, Parity)
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NIAH1, NIAH2, NIAH3, MQAR, Parity, ModularArithmetic,
-                                                          ModularArithmeticBrackets, Perplexity)}
+                                                          ModularArithmeticBrackets, ModularSum, ModularSumBrackets,
+                                                          Perplexity)}
 
 
 def parse_task(arg: str) -> tuple[str, dict[str, str]]:

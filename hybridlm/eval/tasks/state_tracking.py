@@ -1,8 +1,16 @@
 """State tracking (paper Table 5b, App. D; tasks of Grazzi et al. 2025 / Deletang et al. 2023).
 
-    parity         0 1 1 0 1 =  1            parity of the number of ones
-    arith          3 + 4 * 2 - 1 =  0        modulo 5, usual precedence, no brackets
-    arith-brackets ( 3 - ( 4 + - 2 ) ) * 1 = 1   modulo 5, brackets and unary minus
+    parity             0 1 1 0 1 =  1                parity of the number of ones
+    arith              3 + 4 * 2 - 1 =  0            modulo 5, usual precedence, no brackets
+    arith-brackets     ( 3 - ( 4 + - 2 ) ) * 1 = 1   modulo 5, brackets and unary minus
+    arith-sum          3 + 4 - 2 - 1 =  4            arith with + and - only: a signed sum mod 5
+    arith-brackets-sum ( 3 - ( 4 + - 2 ) ) - 1 = 0   arith-brackets with + and - only
+
+The arithmetic tasks take an ``operators`` option (``arith:operators=+-``; default ``+-*``, the ``-sum``
+variants ``+-``): which binary operators the expressions draw. Why both exist: Deletang et al.'s
+generator draws ``+ - *``, Grazzi et al.'s bracket generator only ``+ -`` unless asked for ``*``, and the
+Mamba-3 paper does not say which its runs used (docs/results.md §1). A signed sum mod 5 is a rotation by
+2π/5 a unit, as parity is by π; a product by 0 is not invertible.
 
 ``length`` counts input symbols (before ``=``); every symbol is its own token. The answer after
 ``=`` is the scored item. :class:`LengthCurriculum` is the paper's training schedule: lengths
@@ -59,29 +67,52 @@ class Parity(SymbolTask):
         return bits, str(bits.count("1") % 2)
 
 
-class ModularArithmetic(SymbolTask):
-    name = "arith"
+class ArithmeticTask(SymbolTask):
+    """Expressions mod 5 over the ``operators`` option's binary operators (every one of ``+ - *`` stays in
+    the vocabulary, so the variants share one)."""
+
     answers = DIGITS
+    OPTIONS = {"operators": (str, "".join(OPERATORS))}
+
+    def check_options(self) -> None:
+        super().check_options()
+        ops = self.opt["operators"]
+        require(bool(ops) and set(ops) <= set(OPERATORS) and len(set(ops)) == len(ops), self.name,
+                f"operators={ops!r}: give one or more of {''.join(OPERATORS)}, each once")
+        self.operators = tuple(ops)
+
+
+class ModularArithmetic(ArithmeticTask):
+    name = "arith"
 
     def problem(self, length, rng):
         # digit (op digit)*: odd lengths; an even length starts with a unary minus.
         symbols = ["-"] if length % 2 == 0 else []
         symbols.append(rng.choice(DIGITS))
         while len(symbols) < length:
-            symbols += [rng.choice(OPERATORS), rng.choice(DIGITS)]
+            symbols += [rng.choice(self.operators), rng.choice(DIGITS)]
         return symbols, str(evaluate_mod(symbols))
 
 
-class ModularArithmeticBrackets(SymbolTask):
+class ModularArithmeticBrackets(ArithmeticTask):
     name = "arith-brackets"
-    answers = DIGITS
 
     def problem(self, length, rng):
-        symbols = random_expression(length, rng)
+        symbols = random_expression(length, rng, self.operators)
         return symbols, str(evaluate_mod(symbols))
 
 
-def random_expression(length: int, rng: random.Random) -> list[str]:
+class ModularSum(ModularArithmetic):
+    name = "arith-sum"
+    OPTIONS = {"operators": (str, "+-")}
+
+
+class ModularSumBrackets(ModularArithmeticBrackets):
+    name = "arith-brackets-sum"
+    OPTIONS = {"operators": (str, "+-")}
+
+
+def random_expression(length: int, rng: random.Random, operators: tuple[str, ...] = OPERATORS) -> list[str]:
     """A random well-formed expression of exactly ``length`` symbols (iterative: no recursion limit)."""
     out: list[str] = []
     todo: list[int | str] = [length]  # a stack of sub-lengths to expand and literal symbols
@@ -103,7 +134,7 @@ def random_expression(length: int, rng: random.Random) -> list[str]:
                 todo += [n - 1, "-"]
             else:
                 left = rng.randint(1, n - 2)
-                todo += [n - 1 - left, rng.choice(OPERATORS), left]
+                todo += [n - 1 - left, rng.choice(operators), left]
     return out
 
 
