@@ -3,7 +3,7 @@
     decoder = Decoder(model, batch_size=3, max_len=512)     # owns the HybridCache of the batch
     logits = decoder.prefill([p0, p1, p2])                  # (3, vocab): each prompt's last logits
     logits = decoder.step(next_tokens)                      # (3,) -> (3, vocab), every row advances
-    logits = decoder.extend(more_ids)                       # (3, L): more tokens a row, chunked
+    logits = decoder.extend([q0, q1, q2])                   # more tokens a row (any lengths), chunked
 
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
 state and keys/values into its cache row; with ``prefill_chunk=C`` it runs C tokens of every
@@ -150,43 +150,32 @@ class Decoder:
         return self.model.output(last)
 
     @torch.no_grad()
-    def extend(self, ids: Tensor) -> Tensor:
-        """Append ``ids`` (B, L) to every sequence, as a prefill that continues the cache (a follow-up
-        turn, or a cache filled to a given context); returns each row's last-token logits (B, vocab).
+    def extend(self, prompts: Tensor | Sequence[Tensor]) -> Tensor:
+        """Append more tokens to every sequence, as a prefill that continues the cache (a follow-up turn,
+        or a cache filled to a given context); returns each row's last-token logits (B, vocab).
 
-        Rows must hold the same number of tokens (a dense prefill and steps keep them so). It runs in
-        the prefill's chunks and row groups (``prefill_chunk``, ``prefill_rows``: an earlier prefill may
-        have lowered them); unlike :meth:`prefill` it cannot retry smaller after running out of memory,
-        as the cache already holds part of the tokens: the error then names the settings to lower."""
+        ``prompts``: a (B, L) tensor (L more tokens a row) or a list of B non-empty 1-D tensors (any
+        lengths, packed into one forward), whatever each row holds already. It runs in the prefill's
+        chunks and row groups (``prefill_chunk``, ``prefill_rows``: an earlier prefill may have lowered
+        them); unlike :meth:`prefill` it cannot retry smaller after running out of memory, as the cache
+        already holds part of the tokens: the error then names the settings to lower."""
         if not self._prefilled:
             raise ShapeError("Decoder.extend before prefill: call decoder.prefill(prompts) first")
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] != self.batch_size:
-            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-            raise ShapeError(f"extend takes a ({self.batch_size}, L) tensor of token ids with L >= 1; got {shape}")
-        held = set(self.lengths)
-        if len(held) != 1:
-            raise ShapeError(f"extend needs every row at the same length; rows hold {min(held)}..{max(held)} tokens "
-                             f"(after a prefill of prompts of different lengths, feed them with step)")
-        start, added = self.lengths[0], ids.shape[1]
-        if start + added > self.max_len:
-            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence; {start} + {added} do "
-                             f"not fit: create the Decoder with a larger max_len")
-        ids = ids.to(self.device)
-        rows = self._rows_per_forward()
+        ids, cu_seqlens, added = self._pack(prompts)
+        held = self.lengths
+        over = [i for i, (n, a) in enumerate(zip(held, added)) if n + a > self.max_len]
+        if over:
+            i = over[0]
+            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence; row {i} holds {held[i]} "
+                             f"and {added[i]} more do not fit: create the Decoder with a larger max_len")
         try:
-            last = []
-            for first in range(0, self.batch_size, rows):
-                stop = min(first + rows, self.batch_size)
-                cache = self.cache if rows >= self.batch_size else self.cache.rows(first, stop)
-                cache.set_host_length(start)  # a view of rows starts at 0; these rows hold `start`
-                last.append(self._prefill_group(cache, ids[first:stop], None, [added] * (stop - first)))
+            last = self._prefill_last_hidden(ids, cu_seqlens, added, held)
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(
                 f"Decoder.extend ran out of memory with prefill_chunk={self.prefill_chunk} and prefill_rows="
                 f"{self.prefill_rows}; the cache is now partly written: prefill again, with smaller values") from e
-        self.lengths = [start + added] * self.batch_size
-        self.cache.set_host_length(start + added)
-        return self.model.output(torch.cat(last))
+        self.lengths = [n + a for n, a in zip(held, added)]
+        return self.model.output(last)
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
@@ -242,23 +231,31 @@ class Decoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int]) -> Tensor:
-        """Run the prompts into the (empty) cache, ``prefill_rows`` sequences at a time (each group
-        through views of its cache rows); every prompt's last hidden state (B, d_model)."""
+    def _prefill_last_hidden(self, ids: Tensor, cu_seqlens: Tensor | None, lengths: list[int],
+                             held: list[int] | None = None) -> Tensor:
+        """Run the prompts into the cache after the tokens each row ``held`` (None: the cache is empty),
+        ``prefill_rows`` sequences at a time (each group through views of its cache rows); every prompt's
+        last hidden state (B, d_model)."""
+        held = held or [0] * self.batch_size
         rows = self._rows_per_forward()
         if rows >= self.batch_size:
-            return self._prefill_group(self.cache, ids, cu_seqlens, lengths)
-        last = []
-        for start in range(0, self.batch_size, rows):
-            stop = min(start + rows, self.batch_size)
-            if cu_seqlens is None:
-                group_ids, group_cu = ids[start:stop], None
-            else:  # the group's prompts are contiguous in the packed ids
-                first, end = int(cu_seqlens[start]), int(cu_seqlens[stop])
-                group_ids, group_cu = ids[:, first:end], cu_seqlens[start:stop + 1] - first
-            last.append(self._prefill_group(self.cache.rows(start, stop), group_ids, group_cu, lengths[start:stop]))
-        self.cache.set_host_length(max(lengths))  # the groups counted their tokens in their own views
-        return torch.cat(last)
+            last = self._prefill_group(self.cache, ids, cu_seqlens, lengths)
+        else:
+            parts = []
+            for start in range(0, self.batch_size, rows):
+                stop = min(start + rows, self.batch_size)
+                if cu_seqlens is None:
+                    group_ids, group_cu = ids[start:stop], None
+                else:  # the group's prompts are contiguous in the packed ids
+                    first, end = int(cu_seqlens[start]), int(cu_seqlens[stop])
+                    group_ids, group_cu = ids[:, first:end], cu_seqlens[start:stop + 1] - first
+                group = self.cache.rows(start, stop)
+                group.set_host_length(max(held[start:stop]))  # a view's host bound starts at 0
+                parts.append(self._prefill_group(group, group_ids, group_cu, lengths[start:stop]))
+            last = torch.cat(parts)
+        # the groups counted their tokens in their own views, a packed forward its longest prompt's
+        self.cache.set_host_length(max(n + a for n, a in zip(held, lengths)))
+        return last
 
     def _prefill_group(self, cache: "HybridCache", ids: Tensor, cu_seqlens: Tensor | None,
                        lengths: list[int]) -> Tensor:
