@@ -150,6 +150,11 @@ def test_extend_errors():
         decoder.extend([torch.tensor([], dtype=torch.long), torch.tensor([1])])
     with pytest.raises(ShapeError, match="holds 8 tokens per sequence; row 1 holds 5 and 4 more do not fit"):
         decoder.extend(torch.zeros(2, 4, dtype=torch.long))
+    # every row fits (3 + 4, 5 + 1), but the layers' host-side check counts 5 + 4: one clear error, not theirs
+    with pytest.raises(ShapeError, match=r"longest row \(5\) plus the longest addition \(4\): create the Decoder "
+                                         r"with max_len >= 9"):
+        decoder.extend([torch.zeros(4, dtype=torch.long), torch.zeros(1, dtype=torch.long)])
+    assert decoder.lengths == [3, 5]  # nothing was written
 
 
 def test_generate_list_of_prompts_equals_one_prompt_at_a_time():

@@ -168,6 +168,10 @@ class Decoder:
             i = over[0]
             raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence; row {i} holds {held[i]} "
                              f"and {added[i]} more do not fit: create the Decoder with a larger max_len")
+        if max(held) + max(added) > self.max_len:  # the layers' capacity check, a host-side bound, counts this
+            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence; the layers check room "
+                             f"for the longest row ({max(held)}) plus the longest addition ({max(added)}): create "
+                             f"the Decoder with max_len >= {max(held) + max(added)}")
         try:
             last = self._prefill_last_hidden(ids, cu_seqlens, added, held)
         except torch.OutOfMemoryError as e:
