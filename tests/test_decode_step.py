@@ -188,10 +188,10 @@ def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
         cute.mamba3_decode_step(torch.zeros(1, refused.in_proj.width), state, params, refused)
 
 
-def test_the_probe_overrides_the_cute_steps_update():
-    """benchmarks/cute_step_probe.py times the CuTe step with its update's γ terms left out by overriding
-    one method (the CuTe DSL does not import here, so the check reads the source): the method exists with
-    the probe's arguments and the kernel adds every rank's terms through it."""
+def test_the_probe_overrides_the_cute_steps_arithmetic():
+    """benchmarks/cute_step_probe.py times the CuTe step with parts of its arithmetic left out by overriding two
+    methods (the CuTe DSL does not import here, so the check reads the sources): the methods exist with the
+    probe's arguments, and the kernel adds every rank's terms and reads every row out through them alone."""
     import ast
 
     root = Path(__file__).resolve().parents[1]
@@ -204,12 +204,14 @@ def test_the_probe_overrides_the_cute_steps_update():
     step = methods(root / "hybridlm/kernels/mamba3/cute/step.py", "Mamba3DecodeStep")
     probe = methods(root / "benchmarks/cute_step_probe.py", "Probe")
     args = lambda f: [a.arg for a in f.args.args]  # noqa: E731
-    assert args(probe["_add_rank_terms"]) == args(step["_add_rank_terms"])
-    assert args(step["_add_rank_terms"]) == ["self", "vals", "cg", "k", "cb", "k_prev"]
-    calls = [n for n in ast.walk(step["kernel"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and n.func.attr == "_add_rank_terms"]
-    assert len(calls) == 1
-    assert "k_prev[s]" not in ast.unparse(step["kernel"])  # no rank term added outside the method
+    for hook, expected in (("_add_rank_terms", ["self", "vals", "cg", "k", "cb", "k_prev"]),
+                           ("_row_dot", ["self", "vals", "q"])):
+        assert args(probe[hook]) == args(step[hook]) == expected, hook
+        calls = [n for n in ast.walk(step["kernel"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and n.func.attr == hook]
+        assert len(calls) == 1, hook
+    kernel = ast.unparse(step["kernel"])
+    assert "k_prev[s]" not in kernel and "* q[s]" not in kernel  # no rank term or read-out outside the hooks
 
 
 def test_kernel_tuning_reads_the_environment_once_and_checks_values():

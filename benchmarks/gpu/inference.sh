@@ -15,8 +15,9 @@
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
 #   step      tests/gpu/test_step_kernels_gpu.py, the CuTe and Triton decode-step kernels (TESTS_K: a -k filter)
-#   probe     benchmarks/cute_step_probe.py: the CuTe step kernel with and without this token's γ terms (what the
-#             G-form decode state would gain, before building it), R 1,4, d_state 64,128, batch 1,128; ≈ 1 min
+#   probe     benchmarks/cute_step_probe.py: the CuTe step kernel beside probes that leave parts of its arithmetic
+#             out (this token's γ terms: what the G-form state would gain; all rank terms; the read-out; both),
+#             R 1,4, d_state 128, batch 1,128; ≈ 2 min (10 compiles)
 #   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), d_state 64,128, R 1,4, for
 #             BACKENDS (default "cute"; a knob's A/B: e.g. "cute,cute[cute_max_rows=2]"), the official step too if PEER=1
 source benchmarks/gpu/common.sh

@@ -182,11 +182,19 @@ class Mamba3DecodeStep:
             offset //= 2
         return vals, first_row, writer
 
+    # The update's and the read-out's arithmetic, each a method of its own so that benchmarks/cute_step_probe.py
+    # can time the step without parts of it (what each costs beside the state's loads and stores).
     def _add_rank_terms(self, vals, cg, k, cb, k_prev):
         """A row's slots plus one rank's trapezoid terms: this token's (γ x_r k_rᵀ) and the last one's
-        (β x_prev,r k_prev,rᵀ). A method of its own so that benchmarks/cute_step_probe.py can time the
-        step without the first (the G-form state's update, docs/benchmarks.md kernel design notes)."""
+        (β x_prev,r k_prev,rᵀ)."""
         return [vals[s] + cg * k[s] + cb * k_prev[s] for s in range(VEC)]
+
+    def _row_dot(self, vals, q):
+        """A row's slots read out against q_r: this lane's part of (H q_r)[p]."""
+        acc = Float32(0.0)
+        for s in range(VEC):
+            acc = acc + vals[s] * q[s]
+        return acc
 
     def _y(self, sY, sP, r, p, d_skip):
         """y_r[p] = (H q_r)[p] + D x_r[p]."""
@@ -393,12 +401,7 @@ class Mamba3DecodeStep:
         # (H q_r)[p]: each row's sum over its TPR lanes
         for r in cutlass.range_constexpr(R):
             q = self._vector_slots(sVec, (R + r) * N, lane, cos, sin)
-            partial = []
-            for i in cutlass.range_constexpr(self.rows):
-                acc = Float32(0.0)
-                for s in cutlass.range_constexpr(VEC):
-                    acc = acc + state[i][s] * q[s]
-                partial.append(acc)
+            partial = [self._row_dot(state[i], q) for i in range(self.rows)]
             sums, first_row, writer = self._reduce_rows(partial, lane)
             for k in cutlass.range_constexpr(len(sums)):
                 p = group + self.NG * (first_row + k)
