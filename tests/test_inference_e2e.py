@@ -155,6 +155,49 @@ def test_triton_swiglu_gemv_matches_reference(rows, hidden, d_model):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [17, 40])
+def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
+    """MAX_PLAIN_ROWS above one 16-row tile: the plain and gated forms take 17..64 rows as one tile of the next
+    power of two (the MANY_ROWS_* blocks: 64 outputs a program over 128-wide d_model tiles, n and d_model not
+    multiples of them, plain split-K on): fp32 within 1e-6 of the reference, bf16 the exact products summed in
+    fp64 and rounded as the kernel rounds (toward zero under the interpreter; the split plain form one rounding
+    step from it at most, and at under 1 % of the values). The norm forms keep MAX_ROWS:
+    auto sends them to the reference and naming the kernel says why; at the default (MAX_ROWS) 17 rows go to
+    cuBLAS's GEMMs."""
+    from hybridlm.kernels import decode_gemv
+    from hybridlm.kernels.decode_gemv import reference as up_reference
+    from hybridlm.kernels.decode_gemv import triton as kernel
+
+    gen = torch.Generator().manual_seed(rows)
+    x, w1, w3 = (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+                 for shape in ((rows, 300), (72, 300), (72, 300)))
+    assert decode_gemv.backend_for("gemv", x, w1, backend="triton") == "reference"  # default: MAX_ROWS
+    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 64)
+    assert rel_err(decode_gemv.linear(x, w1, backend="triton"), F.linear(x, w1)) <= 1e-6
+    assert rel_err(decode_gemv.silu_mul_gemv(x, w1, w3, backend="triton"),
+                   up_reference.silu_mul_gemv(x, w1, w3)) <= 1e-6
+    # bf16: the plain form's split-K sums its fp32 partials in another order than one fp32 sum, which moves a
+    # value across a rounding boundary now and then (measured: one value of 2,880 at 40 rows, one step)
+    xb, w1b, w3b = x.bfloat16(), w1.bfloat16(), w3.bfloat16()
+    exact = lambda w: round_toward_zero((xb.double() @ w.double().T).float())  # noqa: E731
+    plain = decode_gemv.linear(xb, w1b, backend="triton").float()
+    assert within_steps(plain, exact(w1b), 1) and (plain != exact(w1b)).float().mean() <= 0.01
+    got = decode_gemv.silu_mul_gemv(xb, w1b, w3b, backend="triton")
+    assert torch.equal(got.float(), round_toward_zero(round_toward_zero(F.silu(exact(w1b))) * exact(w3b)))
+    norm = torch.ones(300)
+    assert decode_gemv.backend_for("norm_gemv", x, None, norm, w1, backend="triton") == "reference"
+    assert torch.equal(decode_gemv.norm_gemv(x, None, norm, 1e-6, w1, backend="triton")[0],
+                       up_reference.norm_gemv(x, None, norm, 1e-6, w1)[0])
+    dtypes = (torch.float32,) * 3 + (None,) * 3
+    assert kernel.unsupported_reason(x.device, "norm_gemv", dtypes, rows) == (
+        f"{rows} rows (norm_gemv takes a decode-sized input of at most 16)")
+    assert kernel.unsupported_reason(x.device, "gemv", (torch.float32,) * 2, rows) is None
+    # the pipelined tiles fit: 128 rows, gated, bf16 -> 2 stages of 64 KiB
+    assert kernel._stages(128, 64, 128, True, 2) == 2
+    assert 2 * (128 + 2 * 64) * 128 * 2 <= kernel.SHARED_BYTES
+
+
+@needs_triton
 def test_swiglu_block_takes_the_gemv_only_at_decode_sizes_without_autograd():
     """The block runs w1, w3 and the gate as one kernel for at most 16 rows under no_grad; a longer
     input (a prefill) or autograd keeps the GEMMs (bitwise the plain block), and both paths agree."""
