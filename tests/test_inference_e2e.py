@@ -825,14 +825,22 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     monkeypatch.setattr(gemv, "SWEEP_GRID", [(False, 16, 128, 4, 3, 1), (False, 32, 64, 4, 2, 2)])
     monkeypatch.setattr(gemv, "graph_ms", lambda call, reps: [call(i) for i in range(reps)] and 1.0)
     variants = [(case, variant) for case, variant, _, call in gemv.cases(3, 80) if gemv.graph_ms(call, 2)]
-    assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm_gemv"), ("swiglu", "norm + 2 cuBLAS + gate"),
-                        ("swiglu", "norm + silu_mul_gemv"), ("swiglu", "norm_gemv"), ("qkv", "norm + 3 cuBLAS"),
-                        ("qkv", "norm_gemv"), ("plain", "cuBLAS"), ("plain", "gemv")]
+    assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm + gemv"), ("in_proj", "norm_gemv"),
+                        ("swiglu", "norm + 2 cuBLAS + gate"), ("swiglu", "norm + silu_mul_gemv"), ("swiglu", "norm_gemv"),
+                        ("qkv", "norm + 3 cuBLAS"), ("qkv", "norm_gemv"), ("plain", "cuBLAS"), ("plain", "gemv")]
     rows = gemv.sweep(2, 1e12, 2, 80)
     assert len(rows) == 8 and not any("error" in row for row in rows)  # 4 cases x 2 configs
     assert len(gemv.sweep(2, 1e12, 2, 80, only={"plain"})) == 2
     one_row = gemv.sweep(1, 1e12, 2, 80, None, gemv.ONE_ROW_KNOBS, [(True, 8, 128, 4, 1), (True, 4, 256, 4, 2)])
     assert len(one_row) == 8 and not any("error" in row for row in one_row)
+    # above 16 rows: no fused norm forms; the forms without the norm through the many-row blocks
+    from hybridlm.kernels import decode_gemv
+    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 32)
+    assert [v for _, v, _, _ in gemv.cases(20, 80) if "norm_gemv" in v] == []
+    many = gemv.sweep(20, 1e12, 2, 80, None, gemv.MANY_ROWS_KNOBS, [(64, 64, 4, 1), (32, 128, 8, 2)])
+    assert [(r["case"], r["variant"]) for r in many[::2]] == [("in_proj", "norm + gemv"),
+                                                              ("swiglu", "norm + silu_mul_gemv"), ("plain", "gemv")]
+    assert not any("error" in row for row in many)
 
 
 def test_decode_profile_helpers(monkeypatch):

@@ -3,7 +3,8 @@
 # batch-1 step's time goes. $@: the parts to run (default tests gemv generate, ≈ 5 minutes):
 #   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
 #   attention tests/gpu/test_attention_gpu.py (FA4) and test_decode_attention_gpu.py (the Triton decode kernel)
-#   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep
+#   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep (GEMV_ROWS: its --rows,
+#             default 1,8,16; e.g. 40,128: cuBLAS against the many-row blocks of the forms without the norm, 36 configs)
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   tables    issue 21's two tables in one run: generate.py's every case, fused, the Table 7 decode sampled at
 #             B_SAMPLES contexts (default 3): batch 1 (a), then L 512 and 16K at the Transformer-fit batch and
@@ -31,9 +32,10 @@ for part in $parts; do
       HYBRIDLM_RESULTS_ATTENTION="$OUT/attention-errors.json" HYBRIDLM_RESULTS_DECODE_ATTENTION="$OUT/decode-attention-errors.json" \
         python3 -m pytest -q $PYTEST_PARALLEL -rf --tb=short -p no:warnings tests/gpu/test_attention_gpu.py tests/gpu/test_decode_attention_gpu.py 2>&1 | tail -n 30 | tee "$OUT/attention-tests.log" ;;
     gemv)
-      python3 benchmarks/gemv.py --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
+      python3 benchmarks/gemv.py --rows "${GEMV_ROWS:-1,8,16}" --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
     gemv-sweep)
-      python3 benchmarks/gemv.py --sweep --json "$OUT/gemv.json" 2>&1 | tail -n 40 | tee "$OUT/gemv.log" ;;
+      python3 benchmarks/gemv.py --rows "${GEMV_ROWS:-1,8,16}" --sweep --json "$OUT/gemv.json" 2>&1 | tail -n 40 \
+        | tee "$OUT/gemv.log" ;;
     generate)
       python3 benchmarks/generate.py --only 'a:*' --variants "${VARIANTS:-fused,unfused}" --json "$OUT/generate.json" \
         2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/generate.log" ;;
