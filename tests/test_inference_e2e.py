@@ -192,6 +192,8 @@ def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
     assert kernel.unsupported_reason(x.device, "norm_gemv", dtypes, rows) == (
         f"{rows} rows (norm_gemv takes a decode-sized input of at most 16)")
     assert kernel.unsupported_reason(x.device, "gemv", (torch.float32,) * 2, rows) is None
+    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 1000)
+    assert decode_gemv.max_rows("gemv") == decode_gemv.PLAIN_ROWS_LIMIT == 128
     # the pipelined tiles fit: 128 rows, gated, bf16 -> 2 stages of 64 KiB
     assert kernel._stages(128, 64, 128, True, 2) == 2
     assert 2 * (128 + 2 * 64) * 128 * 2 <= kernel.SHARED_BYTES

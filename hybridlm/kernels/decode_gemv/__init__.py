@@ -35,6 +35,7 @@ MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode step
 # cuBLAS's decode GEMMs read the weights at ≈ 45 % of copy bandwidth (mamba3-1.5b, H100, 2026-12-05:
 # docs/benchmarks.md, session 27); MAX_ROWS (off) until benchmarks/decode_profile.py times this knob.
 MAX_PLAIN_ROWS = MAX_ROWS
+PLAIN_ROWS_LIMIT = 128  # MAX_PLAIN_ROWS past this counts as this: a (256, 64) fp32 sum pair would not fit in registers
 # linear() through the kernel when no backend is named (else cuBLAS: F.linear): alone cuBLAS's split-K pair
 # is about as fast, but in a step the kernel's PDL overlaps each GEMV with the one before (hybrid-1.5b at
 # batch 1, H200, 2026-12-03: 1.269 against 1.325 ms a step; benchmarks/decode_profile.py)
@@ -56,8 +57,9 @@ def _rows(x: Tensor) -> int:
 
 
 def max_rows(op: str) -> int:
-    """The most rows the kernel takes for ``op``: MAX_ROWS for ``norm_gemv``, else MAX_PLAIN_ROWS (never fewer)."""
-    return MAX_ROWS if op == "norm_gemv" else max(MAX_ROWS, MAX_PLAIN_ROWS)
+    """The most rows the kernel takes for ``op``: MAX_ROWS for ``norm_gemv``, else MAX_PLAIN_ROWS (never fewer, at
+    most PLAIN_ROWS_LIMIT)."""
+    return MAX_ROWS if op == "norm_gemv" else max(MAX_ROWS, min(MAX_PLAIN_ROWS, PLAIN_ROWS_LIMIT))
 
 
 def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None = None,
