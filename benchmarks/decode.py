@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def time_peer(peer, batch: int) -> float:
     states = peer.allocate_inference_cache(batch, 1)
     u = torch.randn(batch, peer.d_model, device="cuda", dtype=BF16)
     return time_graph(lambda: peer.step(u, *states))
+
+
+def split_backends(text: str) -> list[str]:
+    """``"cute,cute[cute_max_rows=8,cute_min_blocks=2]"`` -> the two backends: commas inside brackets
+    separate a backend's knobs."""
+    return [b for b in re.split(r",(?![^\[]*\])", text) if b]
 
 
 def backend_and_tuning(backend: str) -> tuple[str, dict]:
@@ -176,7 +183,7 @@ def main() -> None:
     p.add_argument("--mimo-rank", type=ints, default=[1, 4])
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--backends", type=lambda s: s.split(","), default=["cute", "triton"])
+    p.add_argument("--backends", type=split_backends, default=["cute", "triton"])
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-layer", action="store_true", help="skip the layer-step table")
     p.add_argument("--e2e", default=None, help="spec or preset for end-to-end generation")

@@ -845,6 +845,20 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     assert not any("error" in row for row in many)
 
 
+def test_decode_benchmark_splits_backends_outside_brackets(monkeypatch):
+    """benchmarks/decode.py --backends: commas inside a backend's brackets separate its knobs, so
+    ``cute[cute_max_rows=8,cute_min_blocks=2]`` is one column with two tuning changes."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # decode.py imports prefill.py beside it
+    spec = importlib.util.spec_from_file_location("decode_bench", benchmarks / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    assert decode.split_backends("cute,cute[cute_max_rows=8,cute_min_blocks=2],triton") == [
+        "cute", "cute[cute_max_rows=8,cute_min_blocks=2]", "triton"]
+    assert decode.backend_and_tuning("cute[cute_max_rows=8,cute_min_blocks=2]") == (
+        "cute", {"cute_max_rows": 8, "cute_min_blocks": 2})
+
+
 def test_decode_profile_helpers(monkeypatch):
     """benchmarks/decode_profile.py: the GPU busy time is the union of kernel intervals (overlaps
     counted once, gaps not). decode_gemv.knobs.set_knobs sets the kernel's and the package's knobs
