@@ -47,7 +47,7 @@ SWEEP_GRID = list(itertools.product((False,), (16, 32), (256, 512), (4, 8), (3,)
 ONE_ROW_KNOBS = ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N", "ONE_ROW_BLOCK_K", "NUM_WARPS", "SPLIT_K")
 ONE_ROW_GRID = list(itertools.product((True,), (4, 8, 16), (512, 1024), (4, 8), (1, 2)))
 # and above 16 rows (x more than one tensor-core tile: the forms without the norm), the many-row blocks: 36 configs
-MANY_ROWS_KNOBS = ("MANY_ROWS_BLOCK_N", "MANY_ROWS_BLOCK_K", "MANY_ROWS_WARPS", "SPLIT_K")
+MANY_ROWS_KNOBS = ("MANY_ROWS_BLOCK_N", "MANY_ROWS_BLOCK_K", "MANY_ROWS_WARPS", "MANY_ROWS_SPLIT_K")
 MANY_ROWS_GRID = list(itertools.product((32, 64, 128), (64, 128), (4, 8), (1, 2, 4)))
 
 

@@ -159,9 +159,9 @@ def test_triton_swiglu_gemv_matches_reference(rows, hidden, d_model):
 def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
     """MAX_PLAIN_ROWS above one 16-row tile: the plain and gated forms take 17..64 rows as one tile of the next
     power of two (the MANY_ROWS_* blocks: 64 outputs a program over 128-wide d_model tiles, n and d_model not
-    multiples of them, plain split-K on): fp32 within 1e-6 of the reference, bf16 the exact products summed in
-    fp64 and rounded as the kernel rounds (toward zero under the interpreter; the split plain form one rounding
-    step from it at most, and at under 1 % of the values). The norm forms keep MAX_ROWS:
+    multiples of them, split-K: 3 of d_model 300's 128-wide tiles): fp32 within 1e-6 of the reference, bf16 the
+    exact products summed in fp64 and rounded as the kernel rounds (toward zero under the interpreter), up to
+    the split sums' order (below). The norm forms keep MAX_ROWS:
     auto sends them to the reference and naming the kernel says why; at the default (MAX_ROWS) 17 rows go to
     cuBLAS's GEMMs."""
     from hybridlm.kernels import decode_gemv
@@ -176,14 +176,16 @@ def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
     assert rel_err(decode_gemv.linear(x, w1, backend="triton"), F.linear(x, w1)) <= 1e-6
     assert rel_err(decode_gemv.silu_mul_gemv(x, w1, w3, backend="triton"),
                    up_reference.silu_mul_gemv(x, w1, w3)) <= 1e-6
-    # bf16: the plain form's split-K sums its fp32 partials in another order than one fp32 sum, which moves a
-    # value across a rounding boundary now and then (measured: one value of 2,880 at 40 rows, one step)
+    # bf16: split-K sums its fp32 partials in another order than one fp32 sum, which moves a value across a
+    # rounding boundary now and then (measured: one value of 2,880 at 40 rows, one step, plain; none gated), and
+    # silu passes a step of its input on times its condition number (at most 1.1 here): two steps gated
     xb, w1b, w3b = x.bfloat16(), w1.bfloat16(), w3.bfloat16()
     exact = lambda w: round_toward_zero((xb.double() @ w.double().T).float())  # noqa: E731
     plain = decode_gemv.linear(xb, w1b, backend="triton").float()
     assert within_steps(plain, exact(w1b), 1) and (plain != exact(w1b)).float().mean() <= 0.01
-    got = decode_gemv.silu_mul_gemv(xb, w1b, w3b, backend="triton")
-    assert torch.equal(got.float(), round_toward_zero(round_toward_zero(F.silu(exact(w1b))) * exact(w3b)))
+    gated = decode_gemv.silu_mul_gemv(xb, w1b, w3b, backend="triton").float()
+    want = round_toward_zero(round_toward_zero(F.silu(exact(w1b))) * exact(w3b))
+    assert within_steps(gated, want, 2) and (gated != want).float().mean() <= 0.01
     norm = torch.ones(300)
     assert decode_gemv.backend_for("norm_gemv", x, None, norm, w1, backend="triton") == "reference"
     assert torch.equal(decode_gemv.norm_gemv(x, None, norm, 1e-6, w1, backend="triton")[0],
@@ -194,9 +196,9 @@ def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
     assert kernel.unsupported_reason(x.device, "gemv", (torch.float32,) * 2, rows) is None
     monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 1000)
     assert decode_gemv.max_rows("gemv") == decode_gemv.PLAIN_ROWS_LIMIT == 128
-    # the pipelined tiles fit: 128 rows, gated, bf16 -> 2 stages of 64 KiB
+    # the pipelined tiles fit (Triton keeps a stage's more): 128 rows, gated, bf16 -> 2 stages of 64 KiB
     assert kernel._stages(128, 64, 128, True, 2) == 2
-    assert 2 * (128 + 2 * 64) * 128 * 2 <= kernel.SHARED_BYTES
+    assert (2 + 1) * (128 + 2 * 64) * 128 * 2 <= kernel.SHARED_BYTES
 
 
 @needs_triton

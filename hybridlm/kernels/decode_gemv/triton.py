@@ -86,12 +86,18 @@ PRELOAD_TILES = 1
 # More than one 16-row tile of x (batch 17..MAX_PLAIN_ROWS, the forms without the norm): x is ROWS x BLOCK_K a
 # tile, re-read from L2 by every program, so a program owns more output units (BLOCK_N 64: x's rows at batch 40
 # weigh less than the weight rows a program streams), d_model in narrower tiles (the pipeline's stages hold x's
-# tile beside the weights': at most SHARED_BYTES) and more warps for the (ROWS, BLOCK_N) sums. Untimed: chosen to
-# fit, for benchmarks/decode_profile.py --gemv-knobs to time against cuBLAS.
+# tile beside the weights': at most SHARED_BYTES), more warps for the (ROWS, BLOCK_N) sums, and split-K for every
+# form (the gated 2048 -> 4096 is 64 column blocks: split 4 gives 256 programs for 132 SMs). Compiled for sm_90
+# without a GPU (benchmarks/kernel_report.py --decode-gemv): 76-128 registers at 8 warps, no spill, 128-192 KiB of
+# shared memory (one program a SM). Untimed: for benchmarks/gemv.py --rows 40,128 --sweep and
+# decode_profile.py --gemv-knobs to time against cuBLAS.
 MANY_ROWS_BLOCK_N = 64
 MANY_ROWS_BLOCK_K = 128
 MANY_ROWS_WARPS = 8
-SHARED_BYTES = 160 * 1024  # what the pipelined tiles may take of the 227 KiB an H100/H200 program can have
+MANY_ROWS_SPLIT_K = 4
+# what the pipelined tiles may take of the 227 KiB an H100/H200 program can have; Triton keeps one stage's tiles
+# more than its stages (kernel_report.py: 192 KiB at 3 stages of 48 KiB)
+SHARED_BYTES = 224 * 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE_ROWS = 16  # x's rows in one tensor-core tile (tl.dot's least M)
 
@@ -332,7 +338,8 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     rows_tile = max(triton.next_power_of_2(rows), TILE_ROWS if tensor_cores else 1)
     blocks = triton.cdiv(n, block_n)
     plain = norm_weight is None and w_up is None and w2 is None
-    split_k, k_per_split = _split_k(PLAIN_SPLIT_K if plain else SPLIT_K, k, block_k, blocks)
+    split_k, k_per_split = _split_k(MANY_ROWS_SPLIT_K if many_rows else PLAIN_SPLIT_K if plain else SPLIT_K, k,
+                                    block_k, blocks)
     workspace = tickets = out
     if split_k > 1:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
@@ -360,9 +367,10 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
 
 def _stages(rows_tile: int, block_n: int, block_k: int, gated: bool, itemsize: int) -> int:
     """NUM_STAGES for more than one 16-row tile of x, fewer where the pipelined tiles (x's rows_tile x block_k
-    beside one or two block_n x block_k weight tiles a stage) would pass SHARED_BYTES."""
+    beside one or two block_n x block_k weight tiles a stage, one stage's more than the stages) would pass
+    SHARED_BYTES."""
     stage = (rows_tile + block_n * (2 if gated else 1)) * block_k * itemsize
-    return max(1, min(NUM_STAGES, SHARED_BYTES // stage))
+    return max(1, min(NUM_STAGES, SHARED_BYTES // stage - 1))
 
 
 def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:
