@@ -18,7 +18,11 @@ import argparse
 import glob
 import os
 import subprocess
+import sys
 import tempfile
+
+# the project from this checkout: the Python 3.12 venv this runs in does not install it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def find_ptxas(given: str | None) -> str | None:
