@@ -496,6 +496,41 @@ def test_plain_in_proj_takes_the_gemv_kernel_when_asked(monkeypatch):
 
 
 @needs_triton
+def test_decode_step_at_batch_20_takes_the_many_row_gemvs(monkeypatch):
+    """MAX_PLAIN_ROWS 32 and the kernel named for every block: a batch-20 step of hybrid-tiny sends each
+    projection without a norm in front to the kernel's many-row blocks (Mamba-3's in_proj with PLAIN_IN_PROJ and
+    out_proj, SwiGLU's w1/w3 with the gate and w2, attention's wo) while the block boundaries keep the separate
+    norm (their fused forms take at most 16 rows); the logits agree with the modules' GEMMs to fp32 summation
+    order."""
+    from hybridlm.kernels import decode_gemv
+
+    model = family_model("hybrid-tiny")
+    blocks = [m for m in model.modules() if hasattr(m, "gemv_backend")]
+    ids = torch.randint(0, model.spec.vocab_size, (20, 6), generator=torch.Generator().manual_seed(6))
+
+    def step():
+        decoder = Decoder(model, 20, 8)
+        with torch.no_grad():
+            decoder.prefill(ids)
+            with torch.profiler.profile() as prof:
+                logits = decoder.step(ids[:, -1])
+        return logits, collections.Counter(e.name for e in prof.events())
+
+    want, _ = step()
+    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 32)
+    monkeypatch.setattr(decode_gemv, "PLAIN_IN_PROJ", True)
+    for block in blocks:
+        monkeypatch.setattr(block, "gemv_backend", "triton")
+    got, ops = step()
+    kinds = collections.Counter(type(layer.mixer).__name__ for layer in model.layers)
+    ffns = sum(type(layer.mixer).__name__ == "SwiGLU" for layer in model.layers)
+    assert ops["hybridlm::gemv"] == 2 * kinds["Mamba3"] + ffns + kinds["Attention"]
+    assert ops["hybridlm::silu_mul_gemv"] == ffns
+    assert ops["hybridlm::add_rms_norm_gemv"] + ops["hybridlm::rms_norm_gemv"] == 0
+    assert rel_err(got, want) <= TOL[torch.float32]
+
+
+@needs_triton
 def test_fused_decode_step_with_an_fp32_stream():
     """residual_in_fp32 with bf16 weights: the fused GEMVs take the fp32 stream and residual and the
     bf16 weights. The step's logits with the fused GEMVs and with the separate norms, each against
