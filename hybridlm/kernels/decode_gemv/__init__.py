@@ -32,7 +32,7 @@ MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode step
 # Rows the forms without the norm prologue take (gemv, silu_mul_gemv); above MAX_ROWS x is one tile of the next
 # power of two rows with the many-row blocks of triton.py (MANY_ROWS_*). The norm forms stay at MAX_ROWS: each
 # program walks every row's stream for its sum of squares, so their L2 reads grow with the rows. At batch 40
-# cuBLAS's decode GEMMs read the weights at ≈ 45 % of copy bandwidth (mamba3-1.5b, H100, 2026-12-05:
+# cuBLAS's decode GEMMs read the weights at 56 % of copy bandwidth (mamba3-1.5b, H100, 2026-12-05:
 # docs/benchmarks.md, session 27); MAX_ROWS (off) until benchmarks/decode_profile.py times this knob.
 MAX_PLAIN_ROWS = MAX_ROWS
 PLAIN_ROWS_LIMIT = 128  # MAX_PLAIN_ROWS past this counts as this: a (256, 64) fp32 sum pair would not fit in registers
