@@ -8,9 +8,9 @@
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   tables    issue 21's two tables in one run: generate.py's every case, fused, the Table 7 decode sampled at
 #             B_SAMPLES contexts (default 3): batch 1 (a), then L 512 and 16K at the Transformer-fit batch and
-#             128 (b); the Transformer first. H100 2026-12-05 (session 26): 14 of 19 rows in 540 s before the
-#             later contexts were filled by Decoder.extend instead of whole prefills; if one call does not hold
-#             them all, the same command again on the warm machine measures the rest (TABLES_FRESH=1: anew)
+#             128 (b); the Transformer first. H100 2026-12-05: all 19 rows in 331 s (session 27; 14 in 540 s
+#             before Decoder.extend filled the later contexts); if one call does not hold them all, the same
+#             command again on the warm machine measures the rest (TABLES_FRESH=1: anew)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
 #             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
