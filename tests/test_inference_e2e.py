@@ -837,15 +837,22 @@ def test_compiled_step_equals_eager_step():
 
 
 # -- the benchmark's quick run --------------------------------------------------------------------
+def load_benchmark(script: str, monkeypatch):
+    """benchmarks/<script>.py as a module (named <script>_bench), with benchmarks/ on the path for the
+    scripts it imports beside it (decode.py: prefill.py)."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location(f"{script}_bench", benchmarks / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def bench(monkeypatch):
     """benchmarks/generate.py as a module."""
-    path = Path(__file__).parents[1] / "benchmarks" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generate", monkeypatch)
 
 
 @needs_triton
@@ -853,10 +860,7 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     """benchmarks/gemv.py's cases and sweep at tiny shapes on the CPU (the interpreted kernels, a
     wall-clock timer instead of CUDA graphs): every variant and config runs without error, so a
     GPU call does not die of a Python mistake. No timing is asserted."""
-    path = Path(__file__).parents[1] / "benchmarks" / "gemv.py"
-    spec = importlib.util.spec_from_file_location("gemv_bench", path)
-    gemv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gemv)
+    gemv = load_benchmark("gemv", monkeypatch)
     monkeypatch.setattr(gemv, "DEVICE", "cpu")
     monkeypatch.setattr(gemv, "D_MODEL", 64)
     monkeypatch.setattr(gemv, "HIDDEN", 96)
@@ -885,11 +889,7 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
 def test_decode_benchmark_splits_backends_outside_brackets(monkeypatch):
     """benchmarks/decode.py --backends: commas inside a backend's brackets separate its knobs, so
     ``cute[cute_max_rows=8,cute_min_blocks=2]`` is one column with two tuning changes."""
-    benchmarks = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # decode.py imports prefill.py beside it
-    spec = importlib.util.spec_from_file_location("decode_bench", benchmarks / "decode.py")
-    decode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode)
+    decode = load_benchmark("decode", monkeypatch)
     assert decode.split_backends("cute,cute[cute_max_rows=8,cute_min_blocks=2],triton") == [
         "cute", "cute[cute_max_rows=8,cute_min_blocks=2]", "triton"]
     assert decode.backend_and_tuning("cute[cute_max_rows=8,cute_min_blocks=2]") == (
@@ -901,10 +901,7 @@ def test_decode_profile_helpers(monkeypatch):
     counted once, gaps not). decode_gemv.knobs.set_knobs sets the kernel's and the package's knobs
     by name (booleans from 0/1), puts them back before the next set, and refuses a name that is not
     one."""
-    path = Path(__file__).parents[1] / "benchmarks" / "decode_profile.py"
-    spec = importlib.util.spec_from_file_location("decode_profile", path)
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = load_benchmark("decode_profile", monkeypatch)
     assert prof.busy_time([(5, 6), (0, 2), (1, 3), (2.5, 2.7)]) == 4.0
     from hybridlm.kernels import decode_gemv
     from hybridlm.kernels.decode_gemv import triton as kernel
