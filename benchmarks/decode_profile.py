@@ -39,7 +39,18 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(model_name: str, steps: int, prompt: int, attention: str, batch: int = 1) -> dict:
+def next_tokens(decoder, tokens, sampling: str):
+    """One greedy step: ``graph``, as generate() runs it (the choice inside the step's graph, fed back from
+    the device after the first step: Decoder.step_greedy); ``outside``, the logits copied out and the choice
+    after the replay, fed back in."""
+    from hybridlm.builder.inference.generate import greedy
+
+    if sampling == "graph":
+        return decoder.step_greedy(tokens if not decoder.greedy_fed else None)
+    return greedy(decoder.step(tokens))
+
+
+def profile(model_name: str, steps: int, prompt: int, attention: str, batch: int = 1, sampling: str = "graph") -> dict:
     from hybridlm.builder import Decoder, build_model
     from hybridlm.builder.inference.generate import greedy
     from hybridlm.layouts.presets import spec_or_preset
@@ -51,16 +62,16 @@ def profile(model_name: str, steps: int, prompt: int, attention: str, batch: int
     ids = torch.randint(0, model.spec.vocab_size, (batch, prompt), device=device)
     tokens = greedy(decoder.prefill(ids))
     for _ in range(steps):  # capture and warm
-        tokens = greedy(decoder.step(tokens))
+        tokens = next_tokens(decoder, tokens, sampling)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens = greedy(decoder.step(tokens))
+        tokens = next_tokens(decoder, tokens, sampling)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / steps * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens = greedy(decoder.step(tokens))
+            tokens = next_tokens(decoder, tokens, sampling)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list[float]] = defaultdict(list)
@@ -71,7 +82,7 @@ def profile(model_name: str, steps: int, prompt: int, attention: str, batch: int
     busy_us = busy_time(intervals) / steps
     rows = sorted(({"kernel": name[:110], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
                    for name, t in by_name.items()), key=lambda r: -r["us_per_step"])
-    return {"model": model_name, "attention": attention, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+    return {"model": model_name, "attention": attention, "sampling": sampling, "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps": steps, "batch": batch, "prompt": prompt, "wall_ms_per_step": wall_ms,
             "kernels_per_step": len(kernels) / steps, "gpu_busy_ms_per_step": busy_us / 1e3,
             "kernel_sum_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "kernels": rows}
@@ -99,6 +110,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attention", default="auto", help="attention backends of the decode steps to profile (auto, fa4, triton, sdpa)")
     p.add_argument("--gemv-knobs", default="", help="decode GEMV knobs, e.g. CUDA_CORES_AT_ONE_ROW=1,ONE_ROW_BLOCK_N=8; "
                    "';' between sets profiles each (an empty set: the defaults)")
+    p.add_argument("--sampling", default="graph", help="where the greedy choice runs: graph (inside the step's graph, "
+                   "as generate() runs it), outside (after the replay, the logits copied out); comma-separated: each")
     p.add_argument("--json", help="write every model's profile here")
     p.add_argument("--best", type=Path, default=None,
                    help="instead: print the knobs (line 1) and attention backend (line 2) of the fastest profile of "
@@ -117,11 +130,12 @@ def main(argv=None) -> dict:
             knobs, defaults = set_knobs(knob_set, defaults)
         except ValueError as e:
             raise SystemExit(f"--gemv-knobs: {e}")
-        for name, attention in ((m, a) for m in args.model.split(",") for a in args.attention.split(",")):
-            r = profile(name, args.steps, args.prompt, attention, args.batch)
+        for name, attention, sampling in ((m, a, s) for m in args.model.split(",") for a in args.attention.split(",")
+                                          for s in args.sampling.split(",")):
+            r = profile(name, args.steps, args.prompt, attention, args.batch, sampling)
             r["gemv_knobs"] = knobs
             results.append(r)
-            print(f"## {name} at batch {args.batch} (attention {attention}, {knobs or 'default GEMV'}): "
+            print(f"## {name} at batch {args.batch} (attention {attention}, greedy {sampling}, {knobs or 'default GEMV'}): "
                   f"{r['wall_ms_per_step']:.3f} ms a step (wall), {r['kernels_per_step']:.0f} kernels, "
                   f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms, between kernels "
                   f"{r['wall_ms_per_step'] - r['gpu_busy_ms_per_step']:.3f} ms")
@@ -129,7 +143,7 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
     print("## summary: ms a step (wall)")
     for r in results:
-        print(f"{r['model']:20s} attention {r['attention']:7s} {r['gemv_knobs'] or 'default'}: "
+        print(f"{r['model']:20s} attention {r['attention']:7s} greedy {r['sampling']:7s} {r['gemv_knobs'] or 'default'}: "
               f"{r['wall_ms_per_step']:.3f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -179,8 +179,8 @@ def fill_to(decoder, context: int, vocab: int, generator: torch.Generator) -> to
 def timed_steps(decoder, tokens: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, float]:
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens = greedy(decoder.step(tokens))  # hybridlm's greedy sampling, as generate() runs it
+    for _ in range(steps):  # greedy as generate() runs it: the choice inside the step's graph, fed back
+        tokens = decoder.step_greedy(None if decoder.greedy_fed else tokens)
     sync(device)
     return tokens, time.perf_counter() - t0
 

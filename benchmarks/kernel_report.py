@@ -3,6 +3,7 @@
     python benchmarks/kernel_report.py [--d-state 128] [--headdim 64] [--rank 1] [--dtype bf16] [--out-norm none]
     python benchmarks/kernel_report.py --decode-gemv [--dtype bf16]   # the decode GEMV kernel's forms
     python benchmarks/kernel_report.py --decode-attention [--dtype bf16]  # the decode attention kernel
+    python benchmarks/kernel_report.py --greedy [--dtype bf16]        # the greedy (argmax) kernel
     python benchmarks/kernel_report.py --sass [TRIPS] [--d-state 64]  # also SASS instruction counts
     python benchmarks/kernel_report.py --peer-dqkv DIR --sass [--d-state 64]  # the official backward's main kernel
 
@@ -246,6 +247,13 @@ def decode_attention_launches(dtype: torch.dtype) -> list:
         kernel.PDL, kernel.pdl_usable = default
 
 
+def greedy_launches(dtype: torch.dtype) -> list:
+    """The greedy kernel at the 1.5B presets' vocabulary (128,256 logits a row)."""
+    from hybridlm.kernels.greedy import triton as kernel
+
+    return launches(lambda: kernel.argmax(torch.randn(2, 128256, dtype=dtype)))
+
+
 def peer_dqkv_launch(source: str, d_state: int) -> tuple:
     """The official SISO backward's main kernel (``mamba3_siso_bwd_kernel_dqkv``: one program per (sequence,
     head) walking its chunks in reverse), from the mamba_ssm source tree ``source`` (the staged peer, unpacked),
@@ -297,6 +305,7 @@ def main() -> None:
                         help="the scan's output norm (the hybrid presets: pregate_grouped)")
     parser.add_argument("--decode-gemv", action="store_true", help="the decode GEMV kernel instead of the scan's")
     parser.add_argument("--decode-attention", action="store_true", help="the decode attention kernel instead")
+    parser.add_argument("--greedy", action="store_true", help="the greedy (argmax) kernel instead")
     parser.add_argument("--peer-dqkv", metavar="MAMBA_SSM_SOURCE",
                         help="the official backward's dqkv kernel from this unpacked mamba_ssm source instead "
                              "(.gpu/peer/mamba_ssm-*.tar.gz), at its H200 autotune choice and --d-state")
@@ -308,7 +317,7 @@ def main() -> None:
         found = [peer_dqkv_launch(args.peer_dqkv, args.d_state)]
     else:
         found = (decode_gemv_launches(dtype) if args.decode_gemv else decode_attention_launches(dtype)
-                 if args.decode_attention else scan_launches(args.d_state, args.headdim, args.rank, dtype,
+                 if args.decode_attention else greedy_launches(dtype) if args.greedy else scan_launches(args.d_state, args.headdim, args.rank, dtype,
                                                              out_norm=args.out_norm))
     for fn, a, kw in found:
         print(resource_line(fn, a, dict(kw), sass=args.sass))

@@ -72,6 +72,33 @@ def test_packed_prefill_then_steps_equal_full_forward(dtype):
 
 
 @torch.no_grad()
+def test_step_greedy_feeds_its_own_choice_back():
+    """step_greedy's tokens are argmax(step(tokens)), step after step: given once, then fed back on the device
+    (None), each returned as a tensor of its own (all six differ from the last); the rows advance as step's.
+    None is refused where no step_greedy came before it (a prefill, extend or step since)."""
+    model = tiny_model()
+    ps = prompts()
+    ours, plain = (Decoder(model, len(ps), max(PROMPT_LENGTHS) + 9) for _ in range(2))
+    token = ours.prefill(ps).argmax(-1)
+    plain.prefill(ps)
+    with pytest.raises(ShapeError, match="feeds back the last step_greedy's tokens"):
+        ours.step_greedy()
+    got = [ours.step_greedy(token)] + [ours.step_greedy() for _ in range(5)]
+    want = []
+    for _ in range(6):
+        token = plain.step(token).argmax(-1)
+        want.append(token)
+    assert torch.equal(torch.stack(got), torch.stack(want)) and ours.lengths == plain.lengths
+    ours.step(token)
+    with pytest.raises(ShapeError, match="after a prefill, extend or step"):
+        ours.step_greedy()
+    ours.step_greedy(token)
+    ours.extend(prompts([1, 1, 1, 1]))
+    with pytest.raises(ShapeError, match="feeds back"):
+        ours.step_greedy()
+
+
+@torch.no_grad()
 def test_dense_prefill_and_reuse_after_reset():
     """A (B, L) prompt tensor; a second prefill on the same Decoder (stale keys and values in the
     cache) gives what a fresh Decoder gives."""

@@ -68,25 +68,6 @@ def test_generate_greedy_matches_argmax_of_full_forward():
     assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), ids)
 
 
-@pytest.mark.parametrize("vocab", [128256, 50304, 50257])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_stage_greedy_is_argmax_ties_included(vocab, dtype):
-    """The chunked argmax of wide vocabularies (chunks' maxima, then the first chunk holding the
-    row's maximum) returns argmax's index, the first of tied maxima included (integer-valued logits
-    tie often; a maximum planted twice, in two chunks and twice in one); a width no power of two
-    from 16 divides (50257) falls back to argmax itself."""
-    from hybridlm.builder.inference.generate import greedy
-
-    g = torch.Generator().manual_seed(vocab)
-    logits = torch.randint(-50, 50, (6, vocab), generator=g).to(dtype)
-    logits[0, [7, vocab - 3]] = 100  # first chunk and last chunk
-    logits[1, [vocab // 2 + 1, vocab // 2 + 2]] = 100  # within one chunk
-    logits[2] = torch.randn(vocab, generator=g).to(dtype)
-    assert torch.equal(greedy(logits, split=True), logits.argmax(-1))
-    assert int(greedy(logits, split=True)[0]) == 7 and int(greedy(logits, split=True)[1]) == vocab // 2 + 1
-    assert torch.equal(greedy(logits), logits.argmax(-1))  # on the CPU: argmax itself
-
-
 def test_sampling_is_seeded_and_respects_top_k():
     model = hybrid_model()
     prompt = torch.randint(0, 64, (4, 3))

@@ -1,7 +1,7 @@
 """Inference end to end on the GPU (issue 21), bf16, the small presets of every family: prefill +
 64 teacher-forced steps against the full forward, chunked prefill against unchunked, CUDA-graph
-replay against eager steps (also with the step compiled by inductor), and the fused add + RMSNorm
-SwiGLU gate and RoPE kernels against their references at the 1.5B widths. Set
+replay against eager steps (also with the step compiled by inductor, and with the greedy choice
+inside the graph), and the fused add + RMSNorm, SwiGLU gate, RoPE and greedy kernels against their references at the 1.5B widths. Set
 HYBRIDLM_RESULTS_E2E=path.json to write the measured errors."""
 import pytest
 import torch
@@ -151,6 +151,49 @@ def test_cuda_graph_equals_eager(models):
     graphed = teacher_forced(model, prompts, fed, cuda_graph=True)
     RESULTS[f"{name}/graph-vs-eager-max-abs"] = float((graphed - eager).abs().max())
     assert torch.equal(graphed, eager)
+
+
+@torch.no_grad()
+def test_step_greedy_in_the_graph_equals_argmax_of_eager_steps(models):
+    """Greedy generation with the choice inside the graph (step_greedy: the greedy kernel writes the next token
+    into the graph's own input, fed back without a copy) gives the tokens of argmax over eager steps' logits,
+    64 steps, every row; and those of step() + argmax on the same graph. Bitwise: the same kernels on the
+    same values (test_cuda_graph_equals_eager), and argmax is exact."""
+    name, model, _ = models
+    prompts, _ = inputs(model.spec.vocab_size, seed=4)
+    runs = {}
+    for how in ("graph-greedy", "graph-logits", "eager-logits"):
+        decoder = Decoder(model, len(prompts), max(PROMPT_LENGTHS) + STEPS + 1, cuda_graph=how != "eager-logits")
+        token = decoder.prefill(prompts).argmax(-1)
+        got = [token]
+        for i in range(STEPS):
+            if how == "graph-greedy":
+                token = decoder.step_greedy(token if i == 0 else None)
+            else:
+                token = decoder.step(token).argmax(-1)
+            got.append(token)
+        runs[how] = torch.stack(got, 1)
+    RESULTS[f"{name}/step-greedy-differing-tokens"] = int((runs["graph-greedy"] != runs["eager-logits"]).sum())
+    assert torch.equal(runs["graph-greedy"], runs["eager-logits"])
+    assert torch.equal(runs["graph-logits"], runs["eager-logits"])
+
+
+@pytest.mark.parametrize("rows", [1, 40, 1368])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_kernel_at_the_1_5b_vocabulary(rows, dtype):
+    """The greedy kernel against torch's argmax at the 1.5B presets' 128,256 tokens: random rows, rows with a
+    maximum planted twice (the first wins), a NaN row; exact; its counters back at zero."""
+    from hybridlm.kernels.greedy import argmax
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    logits = torch.randn(rows, 128256, generator=g, device="cuda").to(dtype)
+    logits[0, [70000, 90000]] = 50.0
+    if rows > 2:
+        logits[1, [5, 128255]] = 50.0
+        logits[2, [64000, 3]] = float("nan")
+    assert torch.equal(argmax(logits, backend="triton"), logits.argmax(-1))
+    torch.cuda.synchronize()
+    assert int(counters(logits.device, "greedy").abs().sum()) == 0
 
 
 @pytest.mark.parametrize("in_proj", ["with-norm", "plain"])

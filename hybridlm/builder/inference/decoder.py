@@ -3,6 +3,8 @@
     decoder = Decoder(model, batch_size=3, max_len=512)     # owns the HybridCache of the batch
     logits = decoder.prefill([p0, p1, p2])                  # (3, vocab): each prompt's last logits
     logits = decoder.step(next_tokens)                      # (3,) -> (3, vocab), every row advances
+    tokens = decoder.step_greedy(next_tokens)               # (3,) -> (3,): the greedy choice, in the graph
+    tokens = decoder.step_greedy()                          # feeds the last step_greedy's tokens back
     logits = decoder.extend([q0, q1, q2])                   # more tokens a row (any lengths), chunked
 
 The prefill packs the prompts (``cu_seqlens``) into one forward that writes each prompt's Mamba-3
@@ -17,7 +19,8 @@ one token of one sequence. A step feeds one token per row;
 attention reads the preallocated KV cache with per-row lengths, Mamba-3 runs its decode step.
 Every state is updated in place on the device and the step has fixed shapes, so on CUDA it is
 recorded once in a ``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small
-kernels. Prefill and step run the model's inference path (``features(..., fused_norms=True)``:
+kernels. The graph ends with the greedy choice (hybridlm/kernels/greedy/) written into its own token
+input, so greedy generation (``step_greedy``) copies neither logits out nor tokens in. Prefill and step run the model's inference path (``features(..., fused_norms=True)``:
 one fused residual add + RMSNorm per block boundary); ``compile_step`` runs the step through
 ``torch.compile`` (inside the captured graph on CUDA).
 """
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from hybridlm.errors import ShapeError
+from hybridlm.kernels.greedy import argmax as greedy_argmax
 
 if TYPE_CHECKING:
     from hybridlm.builder.inference.cache import HybridCache
@@ -101,7 +105,9 @@ class Decoder:
         self.lengths: list[int] = [0] * batch_size  # tokens per row, kept on the host
         self.uses_cuda_graph = cuda_graph and self.device.type == "cuda"
         self._prefilled = False
-        self._step_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the graph's input
+        # the graph's input, and at its end the greedy choice of its logits (what step_greedy() feeds back)
+        self._step_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._greedy_fed = False  # _step_tokens holds the tokens the last step_greedy returned
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: Tensor | None = None  # the graph's output
         # A plain function of (model, cache, ...), never a bound method: a Decoder that referenced
@@ -120,6 +126,7 @@ class Decoder:
         self.cache.reset()
         self.lengths = [0] * self.batch_size
         self._prefilled = False
+        self._greedy_fed = False
         return self
 
     @torch.no_grad()
@@ -179,31 +186,68 @@ class Decoder:
                 f"Decoder.extend ran out of memory with prefill_chunk={self.prefill_chunk} and prefill_rows="
                 f"{self.prefill_rows}; the cache is now partly written: prefill again, with smaller values") from e
         self.lengths = [n + a for n, a in zip(held, added)]
+        self._greedy_fed = False
         return self.model.output(last)
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (B,); returns the next logits (B, vocab), a fresh tensor."""
-        if not self._prefilled:
-            raise ShapeError("Decoder.step before prefill: call decoder.prefill(prompts) first")
-        if tokens.shape != (self.batch_size,):
-            raise ShapeError(f"step takes one token per row, shape ({self.batch_size},); got {tuple(tokens.shape)}")
-        longest = max(self.lengths)
-        if longest + 1 > self.max_len:
-            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence and a sequence "
-                             f"already has {longest}; create the Decoder with a larger max_len "
-                             f"(longest prompt + max new tokens)")
+        longest = self._check_step(tokens)
         if self._graph is not None:
             self._step_tokens.copy_(tokens)
             self._graph.replay()
             logits = self._graph_logits.clone()  # the next replay overwrites the graph's output
         else:
             logits = self._step_logits(tokens.to(self.device))
-        self.lengths = [n + 1 for n in self.lengths]
-        self.cache.set_host_length(longest + 1)  # a replay ran no Python: keep the host bounds here
+        self._advance(longest)
+        self._greedy_fed = False
         return logits
 
+    @property
+    def greedy_fed(self) -> bool:
+        """Whether ``step_greedy()`` may feed back the tokens the last step_greedy returned (no prefill,
+        extend or step since)."""
+        return self._greedy_fed
+
+    @torch.no_grad()
+    def step_greedy(self, tokens: Tensor | None = None) -> Tensor:
+        """Feed one token per row (B,) and return the greedy next tokens (B,) int64, a fresh tensor: the
+        tokens of ``argmax(step(tokens), -1)``, chosen inside the step's CUDA graph (no logits copied out,
+        the choice one kernel). ``tokens`` None feeds back the tokens the last ``step_greedy`` returned,
+        already on the device (no copy in either)."""
+        if tokens is None and not self._greedy_fed:
+            raise ShapeError("Decoder.step_greedy() feeds back the last step_greedy's tokens; after a prefill, "
+                             "extend or step, pass the tokens to feed (e.g. the greedy choice of its logits)")
+        longest = self._check_step(tokens)
+        if self._graph is not None:
+            if tokens is not None:
+                self._step_tokens.copy_(tokens)
+            self._graph.replay()  # the graph's last kernel writes the choice into _step_tokens
+        else:
+            fed = self._step_tokens if tokens is None else tokens.to(self.device)
+            greedy_argmax(self._step_logits(fed), out=self._step_tokens)
+        self._advance(longest)
+        self._greedy_fed = True
+        return self._step_tokens.clone()  # the next step overwrites it
+
     # -- internals ----------------------------------------------------------------------------------
+    def _check_step(self, tokens: Tensor | None) -> int:
+        """Refuse a step before a prefill, of the wrong shape, or past max_len; the longest row's length."""
+        if not self._prefilled:
+            raise ShapeError("Decoder.step before prefill: call decoder.prefill(prompts) first")
+        if tokens is not None and tokens.shape != (self.batch_size,):
+            raise ShapeError(f"step takes one token per row, shape ({self.batch_size},); got {tuple(tokens.shape)}")
+        longest = max(self.lengths)
+        if longest + 1 > self.max_len:
+            raise ShapeError(f"the Decoder's cache holds {self.max_len} tokens per sequence and a sequence "
+                             f"already has {longest}; create the Decoder with a larger max_len "
+                             f"(longest prompt + max new tokens)")
+        return longest
+
+    def _advance(self, longest: int) -> None:
+        self.lengths = [n + 1 for n in self.lengths]
+        self.cache.set_host_length(longest + 1)  # a replay ran no Python: keep the host bounds here
+
     def _features(self, ids: Tensor, cu_seqlens: Tensor | None, cache: "HybridCache") -> Tensor:
         return self.model.features(ids, cu_seqlens=cu_seqlens, cache=cache, fused_norms=self.fused_norms)
 
@@ -308,12 +352,14 @@ class Decoder:
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):  # the first one compiles, with compile_step
                 self.cache.reset()  # each warm-up step starts empty: max_len = 1 must work too
-                self._step_logits(self._step_tokens)
+                greedy_argmax(self._step_logits(self._step_tokens), out=self._step_tokens)
         current.wait_stream(side)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._graph_logits = self._step_logits(self._step_tokens)
+            # written after the embedding read this token: step() copies its tokens in before each replay
+            greedy_argmax(self._graph_logits, out=self._step_tokens)
         self._graph = graph
         self.reset()
 

@@ -8,31 +8,16 @@ from torch import Tensor
 
 from hybridlm.builder.inference.decoder import Decoder
 from hybridlm.errors import ShapeError
+from hybridlm.kernels.greedy import argmax as greedy_argmax
 
 if TYPE_CHECKING:
     from hybridlm.builder.model.hybrid_lm import HybridLM
 
 
-GREEDY_SPLIT_FROM = 1 << 14  # vocabularies at least this wide take the two-stage argmax on CUDA
-
-
-def greedy(logits: Tensor, *, split: bool | None = None) -> Tensor:
-    """logits (B, V) -> the first index of each row's maximum, as ``argmax(-1)``. A (1, V) argmax is
-    one thread block walking V: 29 µs at V = 128K on an H200 (2026-12-03, benchmarks/decode_profile.py),
-    2 % of a batch-1 step. For wide vocabularies on CUDA (``split`` None) the rows go in up to 256
-    chunks: the chunks' maxima in parallel, then the first chunk holding the row's maximum; the first
-    index within it is the first overall, so the result is argmax's, ties included."""
-    B, V = logits.shape
-    chunks = 256
-    while chunks > 1 and V % chunks:
-        chunks //= 2
-    if split is None:
-        split = logits.is_cuda and V >= GREEDY_SPLIT_FROM
-    if not split or chunks < 16:
-        return logits.argmax(dim=-1)
-    best, within = logits.reshape(B, chunks, V // chunks).max(dim=-1)
-    chunk = best.argmax(dim=-1, keepdim=True)
-    return (chunk * (V // chunks) + within.gather(-1, chunk)).squeeze(-1)
+def greedy(logits: Tensor) -> Tensor:
+    """logits (B, V) -> the first index of each row's maximum, as ``argmax(-1)`` (hybridlm/kernels/greedy/:
+    one Triton kernel on CUDA)."""
+    return greedy_argmax(logits)
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -79,15 +64,18 @@ def generate(model: "HybridLM", prompts: Tensor | Sequence[Tensor], max_new_toke
     logits = decoder.prefill(prompts)
     done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     new_tokens = []
+    token = sample_next(logits, temperature, top_k, generator)
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, generator)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
         new_tokens.append(token)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             break
-        logits = decoder.step(token)
+        if temperature <= 0:  # the choice inside the step's graph; it feeds its own choice back unless EOS replaced some
+            token = decoder.step_greedy(token if i == 0 or eos_token_id is not None else None)
+        else:
+            token = sample_next(decoder.step(token), temperature, top_k, generator)
     generated = torch.stack(new_tokens, dim=1)  # (B, steps)
     if not as_list:
         return torch.cat([prompts, generated.to(prompts.device)], dim=1)

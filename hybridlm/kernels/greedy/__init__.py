@@ -1,0 +1,39 @@
+"""Greedy decoding's choice, the first index of each row's maximum (``argmax(-1)``), as one op.
+
+    tokens = argmax(logits)          # (B, V) -> (B,) int64
+    argmax(logits, out=tokens)       # in place: a decode step's next input, inside its CUDA graph
+
+Backends (kind ``greedy``, op ``argmax``), chosen by :mod:`hybridlm.kernels.registry`: ``reference``
+(``reference.py``: torch's argmax, in two stages for wide vocabularies on CUDA) and ``triton``
+(``triton.py``: one kernel; ``auto`` on CUDA, on the CPU under ``TRITON_INTERPRET=1`` when asked for
+by name). Both give argmax's exact result, ties and NaNs included.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridlm.errors import ShapeError
+from hybridlm.kernels import registry
+from hybridlm.kernels.greedy import reference
+
+KIND = "greedy"
+OP = "argmax"
+
+registry.register_reference_and_triton(KIND, OP, reference.argmax, "hybridlm.kernels.greedy.triton", "argmax")
+
+
+def argmax(logits: Tensor, out: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """logits (B, V) -> the first index of each row's maximum, (B,) int64, written into ``out`` when
+    given (a (B,) int64 tensor on the same device). ``backend``: a registered ``greedy`` backend, None
+    or ``"auto"``."""
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ShapeError(f"greedy argmax takes logits (batch, vocab) with vocab >= 1; got shape {tuple(logits.shape)}")
+    if out is not None and (out.shape != logits.shape[:1] or out.dtype != torch.int64 or out.device != logits.device):
+        raise ShapeError(f"greedy argmax's out must be ({logits.shape[0]},) int64 on {logits.device}; got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    name = registry.choose(KIND, OP, backend, logits.device.type, logits.device.index, logits.dtype, logits.shape[1])
+    return registry.implementation(KIND, name, OP)(logits, out)
+
+
+__all__ = ["argmax", "KIND", "OP"]
