@@ -72,3 +72,18 @@ def test_argmax_refuses_bad_shapes():
         greedy.argmax(torch.randn(5))
     with pytest.raises(ShapeError, match="out must be"):
         greedy.argmax(torch.randn(2, 5), out=torch.zeros(2, dtype=torch.int32))
+
+
+def test_outgrown_counters_stay_allocated():
+    """A larger request replaces a kernel's counters; the old ones stay allocated, since a CUDA graph captured
+    with them keeps writing there (their address is all it holds)."""
+    import weakref
+
+    from hybridlm.kernels.tickets import counters, tickets
+
+    small = tickets(torch.device("cpu"), 3, "test-outgrown")
+    kept = weakref.ref(small)
+    large = tickets(torch.device("cpu"), 5000, "test-outgrown")
+    assert large.numel() == 5000 and counters(torch.device("cpu"), "test-outgrown") is large
+    del small
+    assert kept() is not None and int(kept().abs().sum()) == 0

@@ -12,7 +12,8 @@
 #             before Decoder.extend filled the later contexts); if one call does not hold them all, the same
 #             command again on the warm machine measures the rest (TABLES_FRESH=1: anew)
 #   profile   benchmarks/decode_profile.py: the kernels of graph-replayed steps (PROFILE_MODELS, ATTENTION,
-#             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048)
+#             GEMV_KNOBS: knob sets, ';' between; BATCH, default 1, and PROMPT, default 2048; SAMPLING: where the
+#             greedy choice runs, graph (default, as generate() runs it) or outside, or both: graph,outside)
 #   choose    profile the knob sets GEMV_SETS (and ATTENTION backends) of PROFILE_MODELS, then generate's batch-1
 #             rows with the fastest of the first model
 #   step      tests/gpu/test_step_kernels_gpu.py, the CuTe and Triton decode-step kernels (TESTS_K: a -k filter)
@@ -55,7 +56,8 @@ for part in $parts; do
       grep -v Warning "$OUT/generate-tables.log" | tail -n 60 ;;
     profile)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \
-        --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --json "$OUT/decode-profile.json" \
+        --gemv-knobs "${GEMV_KNOBS:-}" --batch "${BATCH:-1}" --prompt "${PROMPT:-2048}" --sampling "${SAMPLING:-graph}" \
+        --json "$OUT/decode-profile.json" \
         2>&1 | grep -v Warning | tail -n 80 | tee "$OUT/profile.log" ;;
     choose)
       python3 benchmarks/decode_profile.py --model "${PROFILE_MODELS:-hybrid-1.5b}" --attention "${ATTENTION:-auto}" \

@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 _COUNTERS: dict[tuple[torch.device, str], Tensor] = {}
+# Counters a larger request outgrew, kept: a CUDA graph captured with them holds their address, not a
+# reference, and still takes its tickets there (a Decoder of batch 1 beside one of batch 1,368, say).
+_OUTGROWN: list[Tensor] = []
 
 
 def tickets(device: torch.device, count: int, user: str) -> Tensor:
@@ -20,6 +23,8 @@ def tickets(device: torch.device, count: int, user: str) -> Tensor:
         return have
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(count, device=device, dtype=torch.int32)
+    if have is not None:
+        _OUTGROWN.append(have)
     _COUNTERS[(device, user)] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
     return _COUNTERS[(device, user)]
 
