@@ -154,11 +154,15 @@ def test_cuda_graph_equals_eager(models):
 
 
 @torch.no_grad()
-def test_step_greedy_in_the_graph_equals_argmax_of_eager_steps(models):
-    """Greedy generation with the choice inside the graph (step_greedy: the greedy kernel writes the next token
-    into the graph's own input, fed back without a copy) gives the tokens of argmax over eager steps' logits,
-    64 steps, every row; and those of step() + argmax on the same graph. Bitwise: the same kernels on the
-    same values (test_cuda_graph_equals_eager), and argmax is exact."""
+@pytest.mark.parametrize("triton_greedy", [False, True], ids=["torch-greedy", "triton-greedy"])
+def test_step_greedy_in_the_graph_equals_argmax_of_eager_steps(models, triton_greedy, monkeypatch):
+    """Greedy generation with the choice inside the graph (step_greedy: torch's argmax ops, or the greedy
+    kernel, write the next token into the graph's own input, fed back without a copy) gives the tokens of
+    argmax over eager steps' logits, 64 steps, every row; and those of step() + argmax on the same graph.
+    Bitwise: the same kernels on the same values (test_cuda_graph_equals_eager), and argmax is exact."""
+    import hybridlm.kernels.greedy as greedy_kernels
+
+    monkeypatch.setattr(greedy_kernels, "TRITON_BY_DEFAULT", triton_greedy)
     name, model, _ = models
     prompts, _ = inputs(model.spec.vocab_size, seed=4)
     runs = {}
@@ -173,7 +177,7 @@ def test_step_greedy_in_the_graph_equals_argmax_of_eager_steps(models):
                 token = decoder.step(token).argmax(-1)
             got.append(token)
         runs[how] = torch.stack(got, 1)
-    RESULTS[f"{name}/step-greedy-differing-tokens"] = int((runs["graph-greedy"] != runs["eager-logits"]).sum())
+    RESULTS[f"{name}/step-greedy-differing-tokens-{'triton' if triton_greedy else 'torch'}"] = int((runs["graph-greedy"] != runs["eager-logits"]).sum())
     assert torch.equal(runs["graph-greedy"], runs["eager-logits"])
     assert torch.equal(runs["graph-logits"], runs["eager-logits"])
 

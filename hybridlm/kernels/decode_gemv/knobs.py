@@ -6,8 +6,8 @@
 
 Knobs are the upper-case settings of ``hybridlm/kernels/decode_gemv/triton.py`` (the kernel's
 blocks, forms, PDL, prefetch), of the ``decode_gemv`` package (``PLAIN_GEMVS``, ``NORM_IN_PROJ``, ``PLAIN_IN_PROJ``:
-which projections take the kernel), and the other decode kernels' PDL switches (``NORM_PDL``,
-``KV_APPEND_PDL``, ``ATTENTION_PDL``: ``ALIASES``). Values are ints; booleans from 0/1.
+which projections take the kernel), the other decode kernels' PDL switches (``NORM_PDL``,
+``KV_APPEND_PDL``, ``ATTENTION_PDL``: ``ALIASES``) and the greedy kernel's (``GREEDY_TRITON``). Values are ints; booleans from 0/1.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import importlib
 # the other decode kernels' PDL switches, by the names the knobs go by here
 ALIASES = {"NORM_PDL": ("hybridlm.kernels.rmsnorm.triton", "PDL"),
            "KV_APPEND_PDL": ("hybridlm.kernels.kv_append.triton", "PDL"),
-           "ATTENTION_PDL": ("hybridlm.kernels.decode_attention.triton", "PDL")}
+           "ATTENTION_PDL": ("hybridlm.kernels.decode_attention.triton", "PDL"),
+           "GREEDY_TRITON": ("hybridlm.kernels.greedy", "TRITON_BY_DEFAULT")}
 
 
 def _modules() -> tuple:
