@@ -1,7 +1,7 @@
 """Compile the CuTe Mamba-3 decode step for sm_90a without a GPU and report ptxas registers/spills.
 
     CUTE_DSL_ARCH=sm_90a python3 benchmarks/cute_report.py [--d-state 64,128] [--rank 1,4]
-        [--headdim 64] [--nheads 64] [--ptxas PATH]
+        [--headdim 64] [--nheads 64] [--ptxas PATH] [--probe no-rank-terms]
 
 The knobs of KernelTuning come from the environment as everywhere (HYBRIDLM_CUTE_MAX_ROWS=2, ...). Each line
 gives ptxas's registers and spills and the kernel's SASS instructions (static count and the top opcodes).
@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--nheads", type=int, default=64)
     p.add_argument("--out-mode", type=int, default=0, help="0 none, 1 pre-gate grouped, 2 post-gate grouped")
     p.add_argument("--ptxas", default=None)
+    p.add_argument("--probe", default=None, help="compile benchmarks/cute_step_probe.py's probe of this name instead "
+                   "(no-gamma-terms, no-rank-terms, no-readout, state-only): its registers beside the step's")
     args = p.parse_args()
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
     dump = tempfile.mkdtemp(prefix="cute-ptx-")
@@ -62,6 +64,10 @@ def main() -> None:
     dsl.cuda_helpers.get_device_attribute = lambda *a, **k: 233472
 
     ptxas = find_ptxas(args.ptxas)
+    if args.probe:
+        from cute_step_probe import probe_class  # benchmarks/, beside this script
+
+        step.Mamba3DecodeStep = probe_class(step.Mamba3DecodeStep, args.probe)
     for rank in args.rank:
         for N in args.d_state:
             before = set(glob.glob(os.path.join(dump, "*.ptx")))
