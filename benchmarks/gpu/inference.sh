@@ -20,7 +20,7 @@
 #   probe     benchmarks/cute_step_probe.py: the CuTe step kernel beside probes that leave parts of its arithmetic
 #             out (this token's γ terms: what the G-form state would gain; all rank terms; the read-out; both),
 #             R 1,4, d_state 128, batch 1,128; ≈ 2 min (10 compiles)
-#   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), d_state 64,128, R 1,4, for
+#   layer     benchmarks/decode.py's layer-step table at LAYER_BATCH (default 1,128), LAYER_D_STATE (64,128), R 1,4, for
 #             BACKENDS (default "cute"; a knob's A/B: e.g. "cute,cute[cute_max_rows=2]"), the official step too if PEER=1
 source benchmarks/gpu/common.sh
 parts=${*:-tests gemv generate}
@@ -74,7 +74,7 @@ for part in $parts; do
     layer)
       peer=--no-peer
       [ "${PEER:-0}" = 1 ] && peer=""
-      python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state 64,128 --mimo-rank 1,4 \
+      python3 benchmarks/decode.py --batch "${LAYER_BATCH:-1,128}" --d-state "${LAYER_D_STATE:-64,128}" --mimo-rank 1,4 \
         --backends "${BACKENDS:-cute}" $peer --json "$OUT/decode-layer.json" > "$OUT/layer.log" 2>&1
       grep -v Warning "$OUT/layer.log" | tail -n 20 ;;
     *) echo "unknown part $part (tests, attention, gemv, gemv-sweep, generate, tables, probe, profile, choose, step, layer)"; exit 2 ;;
