@@ -20,9 +20,10 @@ attention reads the preallocated KV cache with per-row lengths, Mamba-3 runs its
 Every state is updated in place on the device and the step has fixed shapes, so on CUDA it is
 recorded once in a ``torch.cuda.CUDAGraph`` and replayed: one launch instead of hundreds of small
 kernels. The graph ends with the greedy choice (hybridlm/kernels/greedy/) written into its own token
-input, so greedy generation (``step_greedy``) copies neither logits out nor tokens in. Prefill and step run the model's inference path (``features(..., fused_norms=True)``:
-one fused residual add + RMSNorm per block boundary); ``compile_step`` runs the step through
-``torch.compile`` (inside the captured graph on CUDA).
+input, so greedy generation (``step_greedy``) copies neither logits out nor tokens in. Prefill and
+step run the model's inference path (``features(..., fused_norms=True)``: one fused residual add +
+RMSNorm per block boundary); ``compile_step`` runs the step through ``torch.compile`` (inside the
+captured graph on CUDA).
 """
 from __future__ import annotations
 
@@ -213,8 +214,8 @@ class Decoder:
     def step_greedy(self, tokens: Tensor | None = None) -> Tensor:
         """Feed one token per row (B,) and return the greedy next tokens (B,) int64, a fresh tensor: the
         tokens of ``argmax(step(tokens), -1)``, chosen inside the step's CUDA graph (no logits copied out,
-        the choice one kernel). ``tokens`` None feeds back the tokens the last ``step_greedy`` returned,
-        already on the device (no copy in either)."""
+        no launches after the replay but the returned copy). ``tokens`` None feeds back the tokens the
+        last ``step_greedy`` returned, already on the device (no copy in either)."""
         if tokens is None and not self._greedy_fed:
             raise ShapeError("Decoder.step_greedy() feeds back the last step_greedy's tokens; after a prefill, "
                              "extend or step, pass the tokens to feed (e.g. the greedy choice of its logits)")

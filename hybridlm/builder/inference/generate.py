@@ -15,8 +15,7 @@ if TYPE_CHECKING:
 
 
 def greedy(logits: Tensor) -> Tensor:
-    """logits (B, V) -> the first index of each row's maximum, as ``argmax(-1)`` (hybridlm/kernels/greedy/:
-    one Triton kernel on CUDA)."""
+    """logits (B, V) -> the first index of each row's maximum, as ``argmax(-1)`` (hybridlm/kernels/greedy/)."""
     return greedy_argmax(logits)
 
 
