@@ -124,7 +124,7 @@ def test_cute_step_refuses_cpu_and_splits_rows_sensibly():
 # MIMO with headdim 192/256 and d_state 256: no split of the state rows keeps a thread at the 4
 # rows MIMO allows (SISO, at 8 rows a thread, fits). The CuTe check once ran the split at rank 1
 # and passed these, then the compile (at the layer's rank) failed instead of falling back.
-CUTE_UNSPLITTABLE = [(192, 256, 2), (256, 256, 4)]
+CUTE_UNSPLITTABLE = [(384, 256, 2), (512, 256, 4)]  # 8 rows a thread at most: more than 1,024 threads
 
 
 def cute_layout(headdim, d_state, rank):
@@ -134,15 +134,15 @@ def cute_layout(headdim, d_state, rank):
 
 @pytest.mark.parametrize("headdim,d_state,rank", CUTE_UNSPLITTABLE)
 def test_cute_check_refuses_what_its_compile_cannot_build(monkeypatch, headdim, d_state, rank):
-    """The check and the compile read one kernel_config: these MIMO shapes are refused with a
-    reason (so the dispatcher falls back), the same shapes at rank 1 are taken."""
+    """The check and the compile read one kernel_config: these shapes are refused with a reason (so the
+    dispatcher falls back); with more rows a thread (cute_max_rows) the same shapes are taken."""
     from hybridlm.kernels.mamba3 import cute
 
     layout = cute_layout(headdim, d_state, rank)
     config = cute.kernel_config(layout, torch.bfloat16, torch.bfloat16)
     assert isinstance(config, str) and f"headdim {headdim}" in config and f"rank {rank}" in config
-    siso = cute.kernel_config(cute_layout(headdim, d_state, 1), torch.bfloat16, torch.bfloat16)
-    assert isinstance(siso, cute.StepConfig) and headdim // siso.row_groups <= 8
+    wider = cute.kernel_config(layout, torch.bfloat16, torch.bfloat16, KernelTuning(cute_max_rows=16))
+    assert isinstance(wider, cute.StepConfig) and headdim // wider.row_groups <= 16
 
     # unsupported_reason, past its device and import checks, gives the same reason
     monkeypatch.setattr(cute, "hopper_reason", lambda *a: None)
@@ -182,9 +182,9 @@ def test_cute_step_compiles_the_config_its_check_accepted(monkeypatch):
     assert cute.kernel_config(siso, torch.float32, torch.float32, KernelTuning(cute_prerotate=1)).prerotate
 
     refused = cute_layout(*CUTE_UNSPLITTABLE[0])
-    state = Mamba3State(angle=torch.zeros(1, 2, refused.n_angles), ssm=torch.zeros(1, 2, 192, 256),
-                        k=torch.zeros(1, 2, 2, 256), v=torch.zeros(1, 2, 192))
-    with pytest.raises(ValueError, match="headdim 192"):
+    state = Mamba3State(angle=torch.zeros(1, 2, refused.n_angles), ssm=torch.zeros(1, 2, 384, 256),
+                        k=torch.zeros(1, 2, 2, 256), v=torch.zeros(1, 2, 384))
+    with pytest.raises(ValueError, match="headdim 384"):
         cute.mamba3_decode_step(torch.zeros(1, refused.in_proj.width), state, params, refused)
 
 

@@ -89,15 +89,16 @@ def test_outgrown_counters_stay_allocated():
     assert kept() is not None and int(kept().abs().sum()) == 0
 
 
-def test_the_kernel_runs_by_default_only_once_switched_on(monkeypatch):
-    """Until TRITON_BY_DEFAULT (knob GREEDY_TRITON), a call naming no backend asks the registry for the reference;
-    then for ``auto``, which is the kernel on CUDA."""
+def test_the_kernel_runs_by_default_only_while_switched_on(monkeypatch):
+    """With TRITON_BY_DEFAULT off (knob GREEDY_TRITON), a call naming no backend asks the registry for the
+    reference; on (the default), for ``auto``, which is the kernel on CUDA."""
     from hybridlm.kernels import registry
 
     asked = []
     real = registry.choose
     monkeypatch.setattr(registry, "choose", lambda kind, op, requested, *rest: asked.append(requested) or real(
         kind, op, requested, *rest))
+    monkeypatch.setattr(greedy, "TRITON_BY_DEFAULT", False)
     greedy.argmax(torch.randn(2, 9))
     monkeypatch.setattr(greedy, "TRITON_BY_DEFAULT", True)
     greedy.argmax(torch.randn(2, 9))
