@@ -18,10 +18,8 @@ its own copy of the weights, so that the weights read exceed the 50 MB L2 cache 
 memory as in a model step. ``GB/s`` counts the weight bytes; ``of copy`` divides that by the
 device-to-device copy bandwidth measured in the same run. ``--sweep`` times the kernel's form of
 every case at each (BLOCK_N, BLOCK_K, num_warps, num_stages, split-K) of a grid of 24 on tensor
-cores (SWEEP_GRID), at 1 and the most rows up to 16, then at one row 24 configs of the CUDA-core form
-(ONE_ROW_GRID), and at each batch above 16 (``--rows 40,128``: the forms without the norm, the norm
-kernel in front) 12 configs of the many-row blocks (MANY_ROWS_GRID), to pin its configs (a few
-minutes each, most of it compiling).
+cores (SWEEP_GRID), at 1 and the most rows, then at one row 24 configs of the CUDA-core form
+(ONE_ROW_GRID), to pin its configs (a few minutes, most of it compiling).
 """
 from __future__ import annotations
 
@@ -46,10 +44,6 @@ SWEEP_GRID = list(itertools.product((False,), (16, 32), (256, 512), (4, 8), (3,)
 # and at one row, the CUDA-core form with its own blocks (CUDA_CORES_AT_ONE_ROW): 24 more configs
 ONE_ROW_KNOBS = ("CUDA_CORES_AT_ONE_ROW", "ONE_ROW_BLOCK_N", "ONE_ROW_BLOCK_K", "NUM_WARPS", "SPLIT_K")
 ONE_ROW_GRID = list(itertools.product((True,), (4, 8, 16), (512, 1024), (4, 8), (1, 2)))
-# and above 16 rows (x more than one tensor-core tile: the forms without the norm), the many-row blocks: 12 configs
-# (8 warps: at 4 the (128, 64) sum pair of the gated form alone would take 128 registers a thread)
-MANY_ROWS_KNOBS = ("MANY_ROWS_BLOCK_N", "MANY_ROWS_BLOCK_K", "MANY_ROWS_WARPS", "MANY_ROWS_SPLIT_K")
-MANY_ROWS_GRID = list(itertools.product((32, 64, 128), (64, 128), (8,), (2, 4)))
 
 
 def copy_bandwidth() -> float:
@@ -92,8 +86,7 @@ def copies_for(weight_bytes: int) -> int:
 
 def cases(rows: int, in_proj_width: int):
     """(case, variant, weight bytes per call, call(i)) for every variant of every case."""
-    from hybridlm.kernels.decode_gemv import MAX_ROWS, norm_gemv, silu_mul_gemv
-    from hybridlm.kernels.decode_gemv.triton import gemv
+    from hybridlm.kernels.decode_gemv import norm_gemv, silu_mul_gemv
     from hybridlm.kernels.rmsnorm import add_rms_norm
     from hybridlm.kernels.swiglu_gate import silu_mul_
 
@@ -107,11 +100,8 @@ def cases(rows: int, in_proj_width: int):
     n = copies_for(in_proj_width * D_MODEL * 2)
     w = weight_copies(in_proj_width, D_MODEL, n)
     nbytes = in_proj_width * D_MODEL * 2
-    fused_norm = rows <= MAX_ROWS  # the norm forms take at most MAX_ROWS rows (more: the norm kernel in front)
     yield "in_proj", "norm + cuBLAS", nbytes, lambda i: F.linear(norm(), w[i % n])
-    yield "in_proj", "norm + gemv", nbytes, lambda i: gemv(norm(), w[i % n])
-    if fused_norm:
-        yield "in_proj", "norm_gemv", nbytes, lambda i: norm_gemv(h, residual, g, 1e-5, w[i % n], **triton)
+    yield "in_proj", "norm_gemv", nbytes, lambda i: norm_gemv(h, residual, g, 1e-5, w[i % n], **triton)
 
     n = copies_for(2 * HIDDEN * D_MODEL * 2)
     w1, w3 = weight_copies(HIDDEN, D_MODEL, n), weight_copies(HIDDEN, D_MODEL, n)
@@ -123,8 +113,7 @@ def cases(rows: int, in_proj_width: int):
 
     yield "swiglu", "norm + 2 cuBLAS + gate", nbytes, unfused_swiglu
     yield "swiglu", "norm + silu_mul_gemv", nbytes, lambda i: silu_mul_gemv(norm(), w1[i % n], w3[i % n], **triton)
-    if fused_norm:
-        yield "swiglu", "norm_gemv", nbytes, lambda i: norm_gemv(h, residual, g, 1e-5, w1[i % n], w3[i % n], **triton)
+    yield "swiglu", "norm_gemv", nbytes, lambda i: norm_gemv(h, residual, g, 1e-5, w1[i % n], w3[i % n], **triton)
 
     n = copies_for(3 * D_MODEL * D_MODEL)  # q (2048 rows), k and v (512 each): 3,072 rows of 2,048
     wq, wk, wv = (weight_copies(rows_, D_MODEL, n) for rows_ in (D_MODEL, D_MODEL // 4, D_MODEL // 4))
@@ -135,9 +124,8 @@ def cases(rows: int, in_proj_width: int):
         return F.linear(x, wq[i % n]), F.linear(x, wk[i % n]), F.linear(x, wv[i % n])
 
     yield "qkv", "norm + 3 cuBLAS", nbytes, unfused_qkv
-    if fused_norm:
-        yield "qkv", "norm_gemv", nbytes, \
-            lambda i: norm_gemv(h, residual, g, 1e-5, wq[i % n], stacked=(wk[i % n], wv[i % n]), **triton)
+    yield "qkv", "norm_gemv", nbytes, \
+        lambda i: norm_gemv(h, residual, g, 1e-5, wq[i % n], stacked=(wk[i % n], wv[i % n]), **triton)
 
     yield from plain_cases(rows)
 
@@ -164,16 +152,15 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
     rows_out = []
     try:
         # one case at a time, as cases() yields it: its calls close over variables the next case rebinds
-        kernel_variants = ("norm_gemv", "gemv") if rows <= 16 else ("norm + gemv", "norm + silu_mul_gemv", "gemv")
         for case, variant, nbytes, call in cases(rows, in_proj_width):
-            if variant not in kernel_variants or (only and case not in only):
+            if variant not in ("norm_gemv", "gemv") or (only and case not in only):
                 continue
             for config in grid:
                 for knob, value in zip(knobs, config):
                     setattr(kernel, knob, value)
                     if knob == "SPLIT_K":  # the plain form has its own
                         kernel.PLAIN_SPLIT_K = value
-                row = dict(rows=rows, case=case, variant=variant, **{knob.lower(): v for knob, v in zip(knobs, config)})
+                row = dict(rows=rows, case=case, **{knob.lower(): v for knob, v in zip(knobs, config)})
                 try:
                     ms = graph_ms(call, reps)
                 except Exception as e:  # a config that does not compile or launch: say so, go on
@@ -191,8 +178,7 @@ def sweep(rows: int, bandwidth: float, reps: int, in_proj_width: int, only: set[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1,8,16", help="decode batch sizes (rows of x); above 16 (e.g. 40,128: Table 7's "
-                   "batches) the forms without the norm only, as many rows as asked (MAX_PLAIN_ROWS)")
+    p.add_argument("--rows", default="1,8,16", help="decode batch sizes (rows of x), at most 16")
     p.add_argument("--reps", type=int, default=48, help="calls per CUDA graph")
     p.add_argument("--sweep", action="store_true", help="also time the kernel's configs (a few minutes)")
     p.add_argument("--sweep-cases", default="", help="only these cases in the sweep (in_proj,swiglu,qkv,plain)")
@@ -203,15 +189,12 @@ def main() -> None:
     from hybridlm import build_model, get_preset
 
     in_proj_width = build_model(get_preset("mamba3-1.5b"), device="meta").layers[0].mixer.in_proj.weight.shape[0]
-    rows_list = [int(r) for r in args.rows.split(",")]
-    from hybridlm.kernels import decode_gemv
-    decode_gemv.MAX_PLAIN_ROWS = max(decode_gemv.MAX_PLAIN_ROWS, *rows_list)  # silu_mul_gemv's auto takes them
     bandwidth = copy_bandwidth()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
                 copy_bandwidth_TBps=bandwidth / 1e12, in_proj_width=in_proj_width)
     print(json.dumps(meta), flush=True)
     results = []
-    for rows in rows_list:
+    for rows in (int(r) for r in args.rows.split(",")):
         for case, variant, nbytes, call in cases(rows, in_proj_width):
             row = dict(rows=rows, case=case, variant=variant)
             try:
@@ -225,13 +208,12 @@ def main() -> None:
             results.append(row)
     swept = []
     if args.sweep:
-        only = set(args.sweep_cases.split(",")) if args.sweep_cases else None
-        for rows in sorted({1, max(r for r in rows_list if r <= 16)} if min(rows_list) <= 16 else set()):
-            swept += sweep(rows, bandwidth, args.reps, in_proj_width, only)
-        for rows in (r for r in rows_list if r > 16):  # the many-row blocks at each such batch
-            swept += sweep(rows, bandwidth, args.reps, in_proj_width, only, MANY_ROWS_KNOBS, MANY_ROWS_GRID)
-        if 1 in rows_list:
-            swept += sweep(1, bandwidth, args.reps, in_proj_width, only, ONE_ROW_KNOBS, ONE_ROW_GRID)
+        for rows in sorted({1, max(int(r) for r in args.rows.split(","))}):
+            swept += sweep(rows, bandwidth, args.reps, in_proj_width,
+                           set(args.sweep_cases.split(",")) if args.sweep_cases else None)
+        if 1 in {int(r) for r in args.rows.split(",")}:
+            swept += sweep(1, bandwidth, args.reps, in_proj_width,
+                           set(args.sweep_cases.split(",")) if args.sweep_cases else None, ONE_ROW_KNOBS, ONE_ROW_GRID)
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, results=results, sweep=swept), indent=1) + "\n")
 

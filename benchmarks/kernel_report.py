@@ -180,7 +180,7 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
     CUDA-core form (gated and plain); then PREFETCH_L2 and PDL on the tensor-core form (the Hopper
     instructions through ptxas: griddepcontrol, cp.async.bulk.prefetch.L2); then the one-row default
     with PDL (gated, plain) and its first tile before the wait (PRELOAD_TILES 1), then all four
-    (PRELOAD_TILES 4); then the many-row blocks at 40 and 128 rows (gated 2048 -> 4096, plain 4096 -> 2048)."""
+    (PRELOAD_TILES 4)."""
     from hybridlm.kernels.decode_gemv import triton as kernel
 
     def run():
@@ -211,10 +211,6 @@ def decode_gemv_launches(dtype: torch.dtype) -> list:
         kernel.norm_gemv(h, residual, g, 1e-5, w1, w3)
         kernel.gemv(h, w1)
         kernel.PRELOAD_TILES = default["PRELOAD_TILES"]
-        for rows in (40, 128):  # more than one 16-row tile: the many-row blocks (gated, and plain at out_proj's shape)
-            x, x_wide = torch.randn(rows, 2048, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
-            kernel.silu_mul_gemv(x, w1, w3)
-            kernel.gemv(x_wide, w1.view(2048, 4096))
 
     names = "TENSOR_CORES", "SPLIT_K", "CUDA_CORES_AT_ONE_ROW", "PREFETCH_L2", "PDL", "PRELOAD_TILES", "pdl_usable"
     default = {name: getattr(kernel, name) for name in names}

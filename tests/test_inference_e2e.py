@@ -155,53 +155,6 @@ def test_triton_swiglu_gemv_matches_reference(rows, hidden, d_model):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows", [17, 40])
-def test_triton_gemv_many_rows_matches_reference(rows, monkeypatch):
-    """MAX_PLAIN_ROWS above one 16-row tile: the plain and gated forms take 17..64 rows as one tile of the next
-    power of two (the MANY_ROWS_* blocks: 64 outputs a program over 128-wide d_model tiles, n and d_model not
-    multiples of them, split-K: 3 of d_model 300's 128-wide tiles): fp32 within 1e-6 of the reference, bf16 the
-    exact products summed in fp64 and rounded as the kernel rounds (toward zero under the interpreter), up to
-    the split sums' order (below). The norm forms keep MAX_ROWS:
-    auto sends them to the reference and naming the kernel says why; at the default (MAX_ROWS) 17 rows go to
-    cuBLAS's GEMMs."""
-    from hybridlm.kernels import decode_gemv
-    from hybridlm.kernels.decode_gemv import reference as up_reference
-    from hybridlm.kernels.decode_gemv import triton as kernel
-
-    gen = torch.Generator().manual_seed(rows)
-    x, w1, w3 = (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
-                 for shape in ((rows, 300), (72, 300), (72, 300)))
-    assert decode_gemv.backend_for("gemv", x, w1, backend="triton") == "reference"  # default: MAX_ROWS
-    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 64)
-    assert rel_err(decode_gemv.linear(x, w1, backend="triton"), F.linear(x, w1)) <= 1e-6
-    assert rel_err(decode_gemv.silu_mul_gemv(x, w1, w3, backend="triton"),
-                   up_reference.silu_mul_gemv(x, w1, w3)) <= 1e-6
-    # bf16: split-K sums its fp32 partials in another order than one fp32 sum, which moves a value across a
-    # rounding boundary now and then (measured: one value of 2,880 at 40 rows, one step, plain; none gated), and
-    # silu passes a step of its input on times its condition number (at most 1.1 here): two steps gated
-    xb, w1b, w3b = x.bfloat16(), w1.bfloat16(), w3.bfloat16()
-    exact = lambda w: round_toward_zero((xb.double() @ w.double().T).float())  # noqa: E731
-    plain = decode_gemv.linear(xb, w1b, backend="triton").float()
-    assert within_steps(plain, exact(w1b), 1) and (plain != exact(w1b)).float().mean() <= 0.01
-    gated = decode_gemv.silu_mul_gemv(xb, w1b, w3b, backend="triton").float()
-    want = round_toward_zero(round_toward_zero(F.silu(exact(w1b))) * exact(w3b))
-    assert within_steps(gated, want, 2) and (gated != want).float().mean() <= 0.01
-    norm = torch.ones(300)
-    assert decode_gemv.backend_for("norm_gemv", x, None, norm, w1, backend="triton") == "reference"
-    assert torch.equal(decode_gemv.norm_gemv(x, None, norm, 1e-6, w1, backend="triton")[0],
-                       up_reference.norm_gemv(x, None, norm, 1e-6, w1)[0])
-    dtypes = (torch.float32,) * 3 + (None,) * 3
-    assert kernel.unsupported_reason(x.device, "norm_gemv", dtypes, rows) == (
-        f"{rows} rows (norm_gemv takes a decode-sized input of at most 16)")
-    assert kernel.unsupported_reason(x.device, "gemv", (torch.float32,) * 2, rows) is None
-    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 1000)
-    assert decode_gemv.max_rows("gemv") == decode_gemv.PLAIN_ROWS_LIMIT == 128
-    # the pipelined tiles fit (Triton keeps a stage's more): 128 rows, gated, bf16 -> 2 stages of 64 KiB
-    assert kernel._stages(128, 64, 128, True, 2) == 2
-    assert (2 + 1) * (128 + 2 * 64) * 128 * 2 <= kernel.SHARED_BYTES
-
-
-@needs_triton
 def test_swiglu_block_takes_the_gemv_only_at_decode_sizes_without_autograd():
     """The block runs w1, w3 and the gate as one kernel for at most 16 rows under no_grad; a longer
     input (a prefill) or autograd keeps the GEMMs (bitwise the plain block), and both paths agree."""
@@ -493,41 +446,6 @@ def test_plain_in_proj_takes_the_gemv_kernel_when_asked(monkeypatch):
     assert (out_proj_only, both) == (len(mixers), 2 * len(mixers))
     assert rel_err(kernel, module_in_proj) <= TOL[torch.float32]
     assert rel_err(cublas, module_in_proj) <= TOL[torch.float32]
-
-
-@needs_triton
-def test_decode_step_at_batch_20_takes_the_many_row_gemvs(monkeypatch):
-    """MAX_PLAIN_ROWS 32 and the kernel named for every block: a batch-20 step of hybrid-tiny sends each
-    projection without a norm in front to the kernel's many-row blocks (Mamba-3's in_proj with PLAIN_IN_PROJ and
-    out_proj, SwiGLU's w1/w3 with the gate and w2, attention's wo) while the block boundaries keep the separate
-    norm (their fused forms take at most 16 rows); the logits agree with the modules' GEMMs to fp32 summation
-    order."""
-    from hybridlm.kernels import decode_gemv
-
-    model = family_model("hybrid-tiny")
-    blocks = [m for m in model.modules() if hasattr(m, "gemv_backend")]
-    ids = torch.randint(0, model.spec.vocab_size, (20, 6), generator=torch.Generator().manual_seed(6))
-
-    def step():
-        decoder = Decoder(model, 20, 8)
-        with torch.no_grad():
-            decoder.prefill(ids)
-            with torch.profiler.profile() as prof:
-                logits = decoder.step(ids[:, -1])
-        return logits, collections.Counter(e.name for e in prof.events())
-
-    want, _ = step()
-    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 32)
-    monkeypatch.setattr(decode_gemv, "PLAIN_IN_PROJ", True)
-    for block in blocks:
-        monkeypatch.setattr(block, "gemv_backend", "triton")
-    got, ops = step()
-    kinds = collections.Counter(type(layer.mixer).__name__ for layer in model.layers)
-    ffns = sum(type(layer.mixer).__name__ == "SwiGLU" for layer in model.layers)
-    assert ops["hybridlm::gemv"] == 2 * kinds["Mamba3"] + ffns + kinds["Attention"]
-    assert ops["hybridlm::silu_mul_gemv"] == ffns
-    assert ops["hybridlm::add_rms_norm_gemv"] + ops["hybridlm::rms_norm_gemv"] == 0
-    assert rel_err(got, want) <= TOL[torch.float32]
 
 
 @needs_triton
@@ -868,22 +786,14 @@ def test_gemv_benchmark_runs_every_case_and_config(monkeypatch):
     monkeypatch.setattr(gemv, "SWEEP_GRID", [(False, 16, 128, 4, 3, 1), (False, 32, 64, 4, 2, 2)])
     monkeypatch.setattr(gemv, "graph_ms", lambda call, reps: [call(i) for i in range(reps)] and 1.0)
     variants = [(case, variant) for case, variant, _, call in gemv.cases(3, 80) if gemv.graph_ms(call, 2)]
-    assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm + gemv"), ("in_proj", "norm_gemv"),
-                        ("swiglu", "norm + 2 cuBLAS + gate"), ("swiglu", "norm + silu_mul_gemv"), ("swiglu", "norm_gemv"),
-                        ("qkv", "norm + 3 cuBLAS"), ("qkv", "norm_gemv"), ("plain", "cuBLAS"), ("plain", "gemv")]
+    assert variants == [("in_proj", "norm + cuBLAS"), ("in_proj", "norm_gemv"), ("swiglu", "norm + 2 cuBLAS + gate"),
+                        ("swiglu", "norm + silu_mul_gemv"), ("swiglu", "norm_gemv"), ("qkv", "norm + 3 cuBLAS"),
+                        ("qkv", "norm_gemv"), ("plain", "cuBLAS"), ("plain", "gemv")]
     rows = gemv.sweep(2, 1e12, 2, 80)
     assert len(rows) == 8 and not any("error" in row for row in rows)  # 4 cases x 2 configs
     assert len(gemv.sweep(2, 1e12, 2, 80, only={"plain"})) == 2
     one_row = gemv.sweep(1, 1e12, 2, 80, None, gemv.ONE_ROW_KNOBS, [(True, 8, 128, 4, 1), (True, 4, 256, 4, 2)])
     assert len(one_row) == 8 and not any("error" in row for row in one_row)
-    # above 16 rows: no fused norm forms; the forms without the norm through the many-row blocks
-    from hybridlm.kernels import decode_gemv
-    monkeypatch.setattr(decode_gemv, "MAX_PLAIN_ROWS", 32)
-    assert [v for _, v, _, _ in gemv.cases(20, 80) if "norm_gemv" in v] == []
-    many = gemv.sweep(20, 1e12, 2, 80, None, gemv.MANY_ROWS_KNOBS, [(64, 64, 4, 1), (32, 128, 8, 2)])
-    assert [(r["case"], r["variant"]) for r in many[::2]] == [("in_proj", "norm + gemv"),
-                                                              ("swiglu", "norm + silu_mul_gemv"), ("plain", "gemv")]
-    assert not any("error" in row for row in many)
 
 
 def test_decode_benchmark_splits_backends_outside_brackets(monkeypatch):

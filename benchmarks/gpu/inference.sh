@@ -4,7 +4,7 @@
 #   tests     tests/gpu/test_inference_e2e_gpu.py (TESTS_K: a pytest -k filter)
 #   attention tests/gpu/test_attention_gpu.py (FA4) and test_decode_attention_gpu.py (the Triton decode kernel)
 #   gemv      benchmarks/gemv.py at the kernel's defaults; gemv-sweep adds its 24-config sweep (GEMV_ROWS: its --rows,
-#             default 1,8,16; e.g. 40,128: cuBLAS against the many-row blocks of the forms without the norm, 12 configs)
+#             default 1,8,16)
 #   generate  benchmarks/generate.py's batch-1 rows (VARIANTS, default fused,unfused)
 #   tables    issue 21's two tables in one run: generate.py's every case, fused, the Table 7 decode sampled at
 #             B_SAMPLES contexts (default 3): batch 1 (a), then L 512 and 16K at the Transformer-fit batch and

@@ -16,7 +16,7 @@ with the kernel's PDL, a chain of GEMVs overlaps each one's start with the end o
 Backends (kind ``decode_gemv``, ops ``silu_mul_gemv``, ``norm_gemv`` and ``gemv``), chosen by
 :mod:`hybridlm.kernels.registry`: ``reference`` (``reference.py``: the norm, GEMMs and gate as
 plain ops, every device, dtype and size) and ``triton`` (``triton.py``: one kernel for inputs of at
-most :func:`max_rows` rows; ``auto`` on CUDA, on the CPU under ``TRITON_INTERPRET=1`` when asked for by
+most ``MAX_ROWS`` rows; ``auto`` on CUDA, on the CPU under ``TRITON_INTERPRET=1`` when asked for by
 name). No autograd: the blocks call these only while autograd does not record, and only for
 decode-sized inputs (:func:`backend_for`).
 """
@@ -29,13 +29,6 @@ from hybridlm.kernels.decode_gemv import reference
 
 KIND = "decode_gemv"
 MAX_ROWS = 16  # rows the fused kernel takes (one tensor-core tile): decode steps up to batch 16
-# Rows the forms without the norm prologue take (gemv, silu_mul_gemv); above MAX_ROWS x is one tile of the next
-# power of two rows with the many-row blocks of triton.py (MANY_ROWS_*). The norm forms stay at MAX_ROWS: each
-# program walks every row's stream for its sum of squares, so their L2 reads grow with the rows. At batch 40
-# cuBLAS's decode GEMMs read the weights at 56 % of copy bandwidth (mamba3-1.5b, H100, 2026-12-05:
-# docs/benchmarks.md, session 27); MAX_ROWS (off) until benchmarks/decode_profile.py times this knob.
-MAX_PLAIN_ROWS = MAX_ROWS
-PLAIN_ROWS_LIMIT = 128  # MAX_PLAIN_ROWS past this counts as this: a (256, 64) fp32 sum pair would not fit in registers
 # linear() through the kernel when no backend is named (else cuBLAS: F.linear): alone cuBLAS's split-K pair
 # is about as fast, but in a step the kernel's PDL overlaps each GEMV with the one before (hybrid-1.5b at
 # batch 1, H200, 2026-12-03: 1.269 against 1.325 ms a step; benchmarks/decode_profile.py)
@@ -56,19 +49,13 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def max_rows(op: str) -> int:
-    """The most rows the kernel takes for ``op``: MAX_ROWS for ``norm_gemv``, else MAX_PLAIN_ROWS (never fewer, at
-    most PLAIN_ROWS_LIMIT)."""
-    return MAX_ROWS if op == "norm_gemv" else max(MAX_ROWS, min(MAX_PLAIN_ROWS, PLAIN_ROWS_LIMIT))
-
-
 def backend_for(op: str, x: Tensor, *tensors: Tensor | None, backend: str | None = None,
                 stacked_rows: tuple[int, ...] = ()) -> str:
     """The backend that would run ``op`` on these inputs (x, then the op's other tensors in order;
     ``stacked_rows``: the rows of w and w2 when three weights are stacked): ``reference`` for more than
-    :func:`max_rows` rows (a prefill or training batch: cuBLAS GEMMs are the right tool there, no warning),
+    ``MAX_ROWS`` rows (a prefill or training batch: cuBLAS GEMMs are the right tool there, no warning),
     else the registry's."""
-    if _rows(x) > max_rows(op):
+    if _rows(x) > MAX_ROWS:
         return "reference"
     dtypes = (x.dtype, *(None if t is None else t.dtype for t in tensors))
     # the op again among the checked values: the kernel module's one support check serves both ops
@@ -121,4 +108,4 @@ def linear(x: Tensor, w: Tensor, *, backend: str | None = None) -> Tensor:
     return registry.implementation(KIND, name, "gemv")(x, w)
 
 
-__all__ = ["silu_mul_gemv", "norm_gemv", "linear", "backend_for", "max_rows", "KIND", "MAX_ROWS", "MAX_PLAIN_ROWS"]
+__all__ = ["silu_mul_gemv", "norm_gemv", "linear", "backend_for", "KIND", "MAX_ROWS"]

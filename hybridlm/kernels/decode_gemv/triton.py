@@ -12,8 +12,7 @@ weights once and does the rest around them:
 - ``STACKED``: three weights one after another along the output (attention's q, k and v).
 
 Each program owns ``BLOCK_N`` output units and streams its weight rows over d_model, each tile used
-by every row of x (at most ``MAX_ROWS``; ``MAX_PLAIN_ROWS`` for the forms without the norm, with the
-``MANY_ROWS_*`` blocks above one 16-row tile). Roundings are the reference's
+by every row of x (at most ``MAX_ROWS``). Roundings are the reference's
 (hybridlm/kernels/decode_gemv/reference.py): the stream in its dtype, the normed row in the stream's
 dtype then the weights', each projection accumulated in fp32 and rounded to the dtype, silu in fp32
 rounded, then the product; only the sums are ordered differently. ``torch.library`` custom ops
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridlm.kernels.decode_gemv import max_rows
+from hybridlm.kernels.decode_gemv import MAX_ROWS
 from hybridlm.kernels.pdl import launch_options, let_next_launch, wait_for_previous
 from hybridlm.kernels.pdl import usable as pdl_usable
 from hybridlm.kernels.tickets import tickets as kernel_tickets
@@ -83,23 +82,7 @@ PDL = True
 # choose, H200, 2026-12-05): the step's GEMV time 1,028 -> 968 us, hybrid-1.5b at batch 1 1.22 -> 1.174 ms a
 # step. More (a 2,048-wide row block is 4 tiles: all of a program's weights before the wait) not yet timed.
 PRELOAD_TILES = 1
-# More than one 16-row tile of x (batch 17..MAX_PLAIN_ROWS, the forms without the norm): x is ROWS x BLOCK_K a
-# tile, re-read from L2 by every program, so a program owns more output units (BLOCK_N 64: x's rows at batch 40
-# weigh less than the weight rows a program streams), d_model in narrower tiles (the pipeline's stages hold x's
-# tile beside the weights': at most SHARED_BYTES), more warps for the (ROWS, BLOCK_N) sums, and split-K for every
-# form (the gated 2048 -> 4096 is 64 column blocks: split 4 gives 256 programs for 132 SMs). Compiled for sm_90
-# without a GPU (benchmarks/kernel_report.py --decode-gemv): 76-128 registers at 8 warps, no spill, 128-192 KiB of
-# shared memory (one program a SM). Untimed: for benchmarks/gemv.py --rows 40,128 --sweep and
-# decode_profile.py --gemv-knobs to time against cuBLAS.
-MANY_ROWS_BLOCK_N = 64
-MANY_ROWS_BLOCK_K = 128
-MANY_ROWS_WARPS = 8
-MANY_ROWS_SPLIT_K = 4
-# what the pipelined tiles may take of the 227 KiB an H100/H200 program can have; Triton keeps one stage's tiles
-# more than its stages (kernel_report.py: 192 KiB at 3 stages of 48 KiB)
-SHARED_BYTES = 224 * 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TILE_ROWS = 16  # x's rows in one tensor-core tile (tl.dot's least M)
 
 
 @triton.jit
@@ -330,16 +313,12 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
     n = n1 + n2 + (0 if w3 is None else w3.shape[0])
     out = torch.empty(rows, n, device=h.device, dtype=w.dtype)
     one_row = rows == 1 and (CUDA_CORES_AT_ONE_ROW or not TENSOR_CORES)  # a row on CUDA cores: its own blocks
-    many_rows = rows > TILE_ROWS  # x is more than one tensor-core tile: the forms without the norm only
-    tensor_cores = (TENSOR_CORES or many_rows) and not one_row
-    block_k = ONE_ROW_BLOCK_K if one_row else MANY_ROWS_BLOCK_K if many_rows else BLOCK_K
-    block_n = _block_n((n1, n2) if w2 is not None else (),
-                       ONE_ROW_BLOCK_N if one_row else MANY_ROWS_BLOCK_N if many_rows else BLOCK_N)
-    rows_tile = max(triton.next_power_of_2(rows), TILE_ROWS if tensor_cores else 1)
+    tensor_cores = TENSOR_CORES and not one_row
+    block_k = ONE_ROW_BLOCK_K if one_row else BLOCK_K
+    block_n = _block_n((n1, n2) if w2 is not None else (), ONE_ROW_BLOCK_N if one_row else BLOCK_N)
     blocks = triton.cdiv(n, block_n)
     plain = norm_weight is None and w_up is None and w2 is None
-    split_k, k_per_split = _split_k(MANY_ROWS_SPLIT_K if many_rows else PLAIN_SPLIT_K if plain else SPLIT_K, k,
-                                    block_k, blocks)
+    split_k, k_per_split = _split_k(PLAIN_SPLIT_K if plain else SPLIT_K, k, block_k, blocks)
     workspace = tickets = out
     if split_k > 1:
         workspace = torch.empty((2 if w_up is not None else 1) * split_k * rows * n, device=h.device,
@@ -352,25 +331,15 @@ def _launch(h: Tensor, residual: Tensor | None, norm_weight: Tensor | None, eps:
             h if stream is None else stream, w, w if w_up is None else w_up, w if w2 is None else w2,
             w if w3 is None else w3, out, rows, n, n1, n2, k, eps,
             NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=w_up is not None,
-            STACKED=w2 is not None, ROWS=rows_tile,
+            STACKED=w2 is not None, ROWS=max(triton.next_power_of_2(rows), 16 if tensor_cores else 1),
             BLOCK_N=block_n, BLOCK_K=block_k, TENSOR_CORES=tensor_cores,
             DOT_FP32=w.dtype == torch.float32 or interpreting(), SPLIT_K=split_k, WS=workspace, TICKETS=tickets,
             K_PER_SPLIT=k_per_split, NORM_ROW=_norm_row(rows, k),
             PREFETCH_L2=PREFETCH_L2 and hopper and _prefetchable(k, k_per_split, w, w_up, w2, w3),
-            PDL=PDL and hopper, PRELOAD=min(PRELOAD_TILES, triton.cdiv(k_per_split, block_k)),
-            num_warps=MANY_ROWS_WARPS if many_rows else NUM_WARPS,
-            num_stages=_stages(rows_tile, block_n, block_k, w_up is not None, w.element_size()) if many_rows
-            else NUM_STAGES,
+            PDL=PDL and hopper, PRELOAD=min(PRELOAD_TILES, triton.cdiv(k_per_split, block_k)), num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
             **launch_options(PDL and hopper))
     return out
-
-
-def _stages(rows_tile: int, block_n: int, block_k: int, gated: bool, itemsize: int) -> int:
-    """NUM_STAGES for more than one 16-row tile of x, fewer where the pipelined tiles (x's rows_tile x block_k
-    beside one or two block_n x block_k weight tiles a stage, one stage's more than the stages) would pass
-    SHARED_BYTES."""
-    stage = (rows_tile + block_n * (2 if gated else 1)) * block_k * itemsize
-    return max(1, min(NUM_STAGES, SHARED_BYTES // stage - 1))
 
 
 def _prefetchable(k: int, k_per_split: int, *weights: Tensor | None) -> bool:
@@ -386,7 +355,7 @@ def _norm_row(rows: int, k: int) -> int:
 
 @torch.library.custom_op("hybridlm::silu_mul_gemv", mutates_args=())
 def silu_mul_gemv_op(x: Tensor, w1: Tensor, w3: Tensor) -> Tensor:
-    """x (rows <= MAX_PLAIN_ROWS, K), w1 and w3 (N, K), all contiguous and of one dtype -> (rows, N)."""
+    """x (rows <= MAX_ROWS, K), w1 and w3 (N, K), all contiguous and of one dtype -> (rows, N)."""
     return _launch(x, None, None, 0.0, w1, w3, None)
 
 
@@ -449,7 +418,7 @@ def norm_gemv(h: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: floa
 
 @torch.library.custom_op("hybridlm::gemv", mutates_args=())
 def gemv_op(x: Tensor, w: Tensor) -> Tensor:
-    """x (rows <= MAX_PLAIN_ROWS, K), w (N, K), contiguous, of one dtype -> x wᵀ (rows, N)."""
+    """x (rows <= MAX_ROWS, K), w (N, K), contiguous, of one dtype -> x wᵀ (rows, N)."""
     return _launch(x, None, None, 0.0, w, None, None)
 
 
@@ -481,5 +450,4 @@ def unsupported_reason(device: torch.device, op: str, dtypes: tuple[torch.dtype 
         return problem
     if any(n % _block_n(stacked_rows) for n in stacked_rows):
         return f"stacked weights of {', '.join(map(str, stacked_rows))} rows (multiples of {MIN_BLOCK_N})"
-    most = max_rows(op)
-    return None if rows <= most else f"{rows} rows ({op} takes a decode-sized input of at most {most})"
+    return None if rows <= MAX_ROWS else f"{rows} rows (a decode-sized input takes at most {MAX_ROWS})"
