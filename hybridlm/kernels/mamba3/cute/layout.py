@@ -6,9 +6,9 @@ VEC = 8  # state values per thread per row: two 16-byte pieces
 
 
 def default_max_rows(rank: int) -> int:
-    """Most state rows a thread owns: 8 (MIMO too: the k and k_prev slots and per-rank scalars read once for 8
-    rows, 3-4 CTAs a SM; its step 0.231 -> 0.212 ms at d_state 128, batch 128, against 4 rows: H100, 2026-12-05,
-    docs/benchmarks.md session 28)."""
+    """Most state rows a thread owns, whatever the rank: 8 (MIMO too: the k and k_prev slots and per-rank scalars
+    are read once for 8 rows, and 4 CTAs fit a SM; its step 0.231 -> 0.212 ms at d_state 128, batch 128, against 4
+    rows: H100, 2026-12-05, docs/benchmarks.md session 28)."""
     return 8
 
 
