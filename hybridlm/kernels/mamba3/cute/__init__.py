@@ -60,7 +60,7 @@ def _kernel_config(layout: DecodeLayout, proj_dtype: torch.dtype, kv_dtype: torc
         return f"d_state {N}; the CuTe step takes 8·2^k up to 256"
     if layout.out_norm not in OUT_MODES:
         return f"out_norm {layout.out_norm!r}"
-    groups = row_groups(layout.headdim, N, layout.rank, tuning.cute_max_rows)
+    groups = row_groups(layout.headdim, N, tuning.cute_max_rows)
     if groups is None:
         return (f"headdim {layout.headdim} with d_state {N} at rank {layout.rank}; "
                 "no split of the state rows fits")

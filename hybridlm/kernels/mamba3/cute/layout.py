@@ -5,18 +5,17 @@ from __future__ import annotations
 VEC = 8  # state values per thread per row: two 16-byte pieces
 
 
-def default_max_rows(rank: int) -> int:
-    """Most state rows a thread owns, whatever the rank: 8 (MIMO too: the k and k_prev slots and per-rank scalars
-    are read once for 8 rows, and 4 CTAs fit a SM; its step 0.231 -> 0.212 ms at d_state 128, batch 128, against 4
-    rows: H100, 2026-12-05, docs/benchmarks.md session 28)."""
-    return 8
+# Most state rows a thread owns, whatever the rank (MIMO too: the k and k_prev slots and per-rank scalars are read
+# once for 8 rows, and 4 CTAs fit a SM; its step 0.231 -> 0.212 ms at d_state 128, batch 128, against 4 rows: H100,
+# 2026-12-05, docs/benchmarks.md session 28).
+DEFAULT_MAX_ROWS = 8
 
 
-def row_groups(headdim: int, d_state: int, rank: int = 1, max_rows: int | None = None) -> int | None:
+def row_groups(headdim: int, d_state: int, max_rows: int | None = None) -> int | None:
     """Rows of the state worked on side by side: a divisor of headdim that gives whole warps, at
-    most ``max_rows`` rows per thread (default :func:`default_max_rows`), and at least 128
+    most ``max_rows`` rows per thread (default DEFAULT_MAX_ROWS), and at least 128
     threads where it can. None: no such split."""
-    max_rows = default_max_rows(rank) if max_rows is None else max_rows
+    max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     lanes = d_state // VEC
     fits = [ng for ng in range(1, headdim + 1)
             if headdim % ng == 0 and (ng * lanes) % 32 == 0 and headdim // ng <= max_rows and ng * lanes <= 1024]
